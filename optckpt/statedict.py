@@ -1,0 +1,287 @@
+"""torch's optimizer state-dict rules, reimplemented as pure functions.
+
+The reference is ``torch/optim/optimizer.py`` (``Optimizer.state_dict`` and
+``Optimizer.load_state_dict``) of the installed torch; ``tests/test_statedict.py`` checks
+these functions against it on random layouts.
+
+* :func:`pack` is ``Optimizer.state_dict()``: parameters become integer IDs.
+* :func:`check_groups`, :func:`map_ids` and :func:`cast_state` are the steps of
+  ``load_state_dict``; :func:`unpack` runs them in torch's order.
+
+None of these functions mutate their arguments. Like torch, they do not copy tensors that
+need no cast: the unpacked state may share tensors with the state dict it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from itertools import chain
+from typing import Any
+
+import torch
+
+from optckpt.errors import GroupCountMismatchError, GroupSizeMismatchError, IncompatibleStateError
+
+StateDict = dict[str, Any]
+"""An ``Optimizer.state_dict()``: ``{"state": {id: {key: value}}, "param_groups": [...]}``."""
+
+REMAP_HINT = (
+    "run `optckpt remap CHECKPOINT --to NEW_LAYOUT --dry-run` to carry the state over by name"
+)
+
+
+def is_optimizer_state_dict(obj: object) -> bool:
+    """Tell whether ``obj`` has the shape of an optimizer state dict.
+
+    That is a mapping with a ``state`` mapping and a ``param_groups`` list of mappings that
+    each have a ``params`` list.
+    """
+    if not isinstance(obj, Mapping):
+        return False
+    state, groups = obj.get("state"), obj.get("param_groups")
+    return (
+        isinstance(state, Mapping)
+        and isinstance(groups, (list, tuple))
+        and all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups)
+    )
+
+
+def pack(param_groups: Sequence[Mapping[str, Any]], state: Mapping[Any, Any]) -> StateDict:
+    """Build the state dict ``torch.optim.Optimizer.state_dict()`` returns.
+
+    Each parameter gets an integer ID, its position in the concatenated ``params`` lists: a
+    parameter listed in an earlier group keeps that group's ID, and one listed twice in the
+    same group takes its later position. The running start index advances by the full length
+    of every group's ``params``, so duplicates leave holes in the numbering.
+    Every group key but ``params`` is copied (shallowly, as torch does); ``state`` is re-keyed
+    by ID, and keys that are not tensors are kept as they are.
+
+    Args:
+        param_groups: the live groups, each with ``params`` holding tensors.
+        state: per-parameter state keyed by the parameter tensors.
+
+    Returns:
+        ``{"state": {id: state}, "param_groups": [{..., "params": [id, ...]}]}``.
+
+    Raises:
+        IncompatibleStateError: ``state`` holds a tensor key that is in no group (torch raises
+            ``KeyError`` there).
+    """
+    mapping: dict[int, int] = {}
+    start = 0
+    packed_groups = []
+    for group in param_groups:
+        packed = {k: v for k, v in group.items() if k != "params"}
+        # torch builds each group's new IDs in one dict comprehension checked against the
+        # earlier groups only: a parameter repeated *within* a group takes its last position,
+        # one repeated in a *later* group keeps the ID of the earlier group.
+        mapping.update(
+            {id(p): i for i, p in enumerate(group["params"], start) if id(p) not in mapping}
+        )
+        packed["params"] = [mapping[id(p)] for p in group["params"]]
+        start += len(packed["params"])
+        packed_groups.append(packed)
+
+    packed_state = {}
+    for key, value in state.items():
+        if isinstance(key, torch.Tensor):
+            if id(key) not in mapping:
+                raise IncompatibleStateError(
+                    f"state holds a tensor of shape {list(key.shape)} that is in no param group"
+                )
+            key = mapping[id(key)]
+        packed_state[key] = value
+    return {"state": packed_state, "param_groups": packed_groups}
+
+
+def _names(group: Mapping[str, Any]) -> list[str] | None:
+    names = group.get("param_names")
+    if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
+        return [str(n) for n in names]
+    return None
+
+
+def _describe_size_mismatch(index: int, saved: Mapping[str, Any], live: Mapping[str, Any]) -> str:
+    n_saved, n_live = len(saved["params"]), len(live["params"])
+    text = f"param group {index} has {n_saved} parameters in the checkpoint but {n_live} in the optimizer"
+    saved_names, live_names = _names(saved), _names(live)
+    if saved_names is not None and live_names is not None:
+        missing = [n for n in saved_names if n not in live_names]
+        added = [n for n in live_names if n not in saved_names]
+        parts = []
+        if added:
+            parts.append("only in the optimizer: " + ", ".join(added[:5]) + (" ..." if len(added) > 5 else ""))
+        if missing:
+            parts.append("only in the checkpoint: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if parts:
+            text += " (" + "; ".join(parts) + ")"
+    elif saved_names is not None or live_names is not None:
+        which, names = ("checkpoint", saved_names) if saved_names is not None else ("optimizer", live_names)
+        assert names is not None
+        text += f" ({which} has " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") + ")"
+    return text
+
+
+def check_groups(saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]) -> None:
+    """Check that saved groups fit the live ones, as ``load_state_dict`` does.
+
+    Raises:
+        GroupCountMismatchError: the number of groups differs.
+        GroupSizeMismatchError: some group has a different number of ``params``; the message
+            names every such group, both sizes and the parameter names where known.
+    """
+    if len(saved_groups) != len(live_groups):
+        raise GroupCountMismatchError(
+            f"the checkpoint has {len(saved_groups)} param groups but the optimizer has "
+            f"{len(live_groups)}; {REMAP_HINT}"
+        )
+    problems = [
+        _describe_size_mismatch(i, s, g)
+        for i, (s, g) in enumerate(zip(saved_groups, live_groups))
+        if len(s["params"]) != len(g["params"])
+    ]
+    if problems:
+        raise GroupSizeMismatchError("; ".join(problems) + f"; {REMAP_HINT}")
+
+
+def map_ids(saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]) -> dict[Any, Any]:
+    """Map saved IDs to live parameters by zipping the flattened ``params`` lists.
+
+    Call :func:`check_groups` first. An ID listed twice maps to the later parameter, as in
+    torch's ``dict(zip(...))``.
+    """
+    return dict(
+        zip(
+            chain.from_iterable(g["params"] for g in saved_groups),
+            chain.from_iterable(g["params"] for g in live_groups),
+        )
+    )
+
+
+def _step_placement(param_id: Any, saved_groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the first saved group listing ``param_id`` is ``fused`` or ``capturable``."""
+    for group in saved_groups:
+        if param_id in group["params"]:
+            return bool(group.get("fused", False) or group.get("capturable", False))
+    return False
+
+
+def cast_value(param: torch.Tensor, value: torch.Tensor, *, key: Hashable, fused_or_capturable: bool) -> torch.Tensor:
+    """Cast one state tensor for ``param`` (torch's ``_process_value_according_to_param_policy``).
+
+    ``step`` is left alone (https://github.com/pytorch/pytorch/issues/74424) unless the group
+    is fused or capturable, where the kernels want it as float32 on the parameter's device.
+    Other tensors take the parameter's dtype and device if the parameter is floating point,
+    else only its device. Like ``Tensor.to``, a tensor that needs no change is returned as is.
+    """
+    if key == "step":
+        if fused_or_capturable:
+            return value.to(dtype=torch.float32, device=param.device)
+        return value
+    if param.is_floating_point():
+        return value.to(dtype=param.dtype, device=param.device)
+    return value.to(device=param.device)
+
+
+def _cast(param: torch.Tensor, value: Any, key: Hashable, placed: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return cast_value(param, value, key=key, fused_or_capturable=placed)
+    if isinstance(value, Mapping):
+        return {k: _cast(param, v, k, placed) for k, v in value.items()}
+    # torch rebuilds every other iterable with ``type(value)(generator)``; that garbles str
+    # and bytes and fails on namedtuples, so those are the two places optckpt differs.
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_cast(param, v, None, placed) for v in value))
+    if isinstance(value, Iterable):
+        return type(value)(_cast(param, v, None, placed) for v in value)  # type: ignore[call-arg]
+    return value
+
+
+def cast_state(
+    param: torch.Tensor,
+    value: Any,
+    *,
+    param_id: Any,
+    saved_groups: Sequence[Mapping[str, Any]],
+) -> Any:
+    """Cast a parameter's saved state to fit ``param``, recursing through dicts and iterables.
+
+    Keys of nested dicts are passed down, so a ``step`` key at any depth is treated as a step;
+    items of lists and tuples are cast with no key. Python numbers (such as ``step`` in
+    checkpoints from torch < 1.12) are returned unchanged.
+
+    Args:
+        param: the live parameter the state belongs to.
+        value: its saved state, usually ``{"step": ..., "exp_avg": ...}``.
+        param_id: the saved ID, used to find the saved group's ``fused``/``capturable`` flags.
+        saved_groups: the saved ``param_groups``.
+    """
+    return _cast(param, value, None, _step_placement(param_id, saved_groups))
+
+
+def unpack(
+    state_dict: Mapping[str, Any], live_groups: Sequence[Mapping[str, Any]]
+) -> tuple[defaultdict[Any, dict[Any, Any]], list[dict[str, Any]]]:
+    """Apply a saved state dict to live groups, as ``Optimizer.load_state_dict`` does.
+
+    Args:
+        state_dict: a saved optimizer state dict.
+        live_groups: the optimizer's groups, each with ``params`` holding tensors.
+
+    Returns:
+        ``(state, param_groups)``: the state keyed by live parameters (state under IDs that map
+        to no parameter is kept under its ID, uncast), and deep copies of the saved groups with
+        the live ``params``; the live ``param_names`` are kept only where the saved group has
+        none.
+
+    Raises:
+        GroupCountMismatchError, GroupSizeMismatchError: see :func:`check_groups`.
+    """
+    saved_groups = copy.deepcopy(list(state_dict["param_groups"]))
+    check_groups(saved_groups, live_groups)
+    id_to_param = map_ids(saved_groups, live_groups)
+
+    state: defaultdict[Any, dict[Any, Any]] = defaultdict(dict)
+    for key, value in state_dict["state"].items():
+        if key in id_to_param:
+            param = id_to_param[key]
+            state[param] = cast_state(param, value, param_id=key, saved_groups=state_dict["param_groups"])
+        else:
+            state[key] = value
+
+    groups = []
+    for live, saved in zip(live_groups, saved_groups):
+        saved["params"] = live["params"]
+        if "param_names" in live and "param_names" not in saved:
+            saved["param_names"] = live["param_names"]
+        groups.append(saved)
+    return state, groups
+
+
+def param_ids(state_dict: Mapping[str, Any]) -> list[Any]:
+    """Every ID listed in the groups, in order, each once."""
+    return list(dict.fromkeys(chain.from_iterable(g["params"] for g in state_dict["param_groups"])))
+
+
+def group_of(state_dict: Mapping[str, Any]) -> dict[Any, int]:
+    """Map each ID to the index of the first group that lists it."""
+    found: dict[Any, int] = {}
+    for index, group in enumerate(state_dict["param_groups"]):
+        for pid in group["params"]:
+            found.setdefault(pid, index)
+    return found
+
+
+def names_of(state_dict: Mapping[str, Any]) -> dict[Any, str]:
+    """Map IDs to names from the groups' ``param_names`` (empty where they are absent)."""
+    names: dict[Any, str] = {}
+    for group in state_dict["param_groups"]:
+        group_names = _names(group)
+        if group_names is not None:
+            for pid, name in zip(group["params"], group_names):
+                names.setdefault(pid, name)
+    return names
