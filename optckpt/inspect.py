@@ -1,0 +1,442 @@
+"""What an optimizer checkpoint holds: groups, per-parameter state, totals, warnings, stats.
+
+:func:`inspect_checkpoint` returns an :class:`InspectReport`; the CLI renders it, and
+:meth:`InspectReport.to_json` gives the object DESIGN.md specifies for ``inspect --json``.
+Without ``stats`` only shapes and dtypes are read, never tensor values, so a memory-mapped
+multi-GB checkpoint is inspected without paging its data in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.locate import Located, select_optimizers
+from optckpt.optim.guess import Guess, guess_optimizer
+from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, names_of, param_ids
+
+# Quantities worth a picture, by state key, most telling first: the square root of a second
+# moment is the scale of the recent gradients, the others are RMS of the buffer itself.
+_PICTURE_KEYS: tuple[tuple[str, str], ...] = (
+    ("exp_avg_sq", "sqrt(mean(exp_avg_sq))"),
+    ("square_avg", "sqrt(mean(square_avg))"),
+    ("sum", "sqrt(mean(sum))"),
+    ("exp_inf", "rms(exp_inf)"),
+    ("momentum_buffer", "rms(momentum_buffer)"),
+    ("exp_avg", "rms(exp_avg)"),
+    ("ax", "rms(ax)"),
+)
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "square_avg", "sum"})
+_CHUNK = 1 << 22  # elements per chunk when reading values, so memory stays flat
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype and device of one state tensor (the device it was saved from)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    numel: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Values of one state tensor: L2 norm, finite min/max, non-finite count, RMS, mean."""
+
+    norm: float
+    min: float | None
+    max: float | None
+    nonfinite: int
+    rms: float
+    mean: float
+
+
+@dataclass
+class ParamReport:
+    """One parameter ID: its group, name and state."""
+
+    id: Any
+    name: str | None
+    group: int | None
+    state: dict[str, TensorInfo | Any]
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(v.numel for v in self.state.values() if isinstance(v, TensorInfo))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.state.values() if isinstance(v, TensorInfo))
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One param group: its size, how many of its parameters have state, its hyperparameters."""
+
+    index: int
+    num_params: int
+    params_with_state: int
+    hyperparams: dict[str, Any]
+
+
+@dataclass
+class OptimizerReport:
+    """One optimizer state dict found in the checkpoint."""
+
+    key: str
+    guess: Guess
+    groups: list[GroupReport]
+    params: list[ParamReport]
+    steps: dict[Any, float]
+    names_source: str | None
+    warnings: list[str]
+    picture: str | None = None
+
+    @property
+    def varying_hyperparams(self) -> set[str]:
+        """Hyperparameters whose value differs between groups."""
+        keys = {k for g in self.groups for k in g.hyperparams}
+        return {
+            k
+            for k in keys
+            if len({repr(g.hyperparams.get(k, "<missing>")) for g in self.groups}) > 1
+        }
+
+    def totals(self) -> dict[str, int]:
+        """Counts and sizes over every parameter's state."""
+        grouped = [p for p in self.params if p.group is not None]
+        return {
+            "params": len(grouped),
+            "params_with_state": sum(1 for p in grouped if p.state),
+            "numel": sum(p.numel for p in self.params),
+            "bytes": sum(p.nbytes for p in self.params),
+        }
+
+    def by_dtype(self) -> dict[str, dict[str, int]]:
+        """Elements and bytes of state tensors per dtype."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: {"numel": 0, "bytes": 0})
+        for p in self.params:
+            for v in p.state.values():
+                if isinstance(v, TensorInfo):
+                    out[v.dtype]["numel"] += v.numel
+                    out[v.dtype]["bytes"] += v.nbytes
+        return dict(sorted(out.items()))
+
+
+@dataclass
+class InspectReport:
+    """Everything ``optckpt inspect`` shows."""
+
+    path: Path
+    format: str
+    size: int
+    top_level_keys: list[str]
+    optimizers: list[OptimizerReport]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``inspect --json`` object of DESIGN.md."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "optimizers": [_optimizer_json(o) for o in self.optimizers],
+        }
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe form of a hyperparameter or state value.
+
+    Tuples become lists, 0-dim tensors numbers, other tensors their shape/dtype/device, and
+    non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.device.type != "meta":
+            return jsonable(value.item())
+        return {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "device": str(value.device)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return repr(value)
+
+
+def _optimizer_json(report: OptimizerReport) -> dict[str, Any]:
+    params = []
+    for p in report.params:
+        entry: dict[str, Any] = {
+            "id": jsonable(p.id),
+            "name": p.name,
+            "group": p.group,
+            "state": {
+                str(k): (
+                    {"shape": list(v.shape), "dtype": v.dtype, "device": v.device}
+                    if isinstance(v, TensorInfo)
+                    else jsonable(v)
+                )
+                for k, v in p.state.items()
+            },
+        }
+        if p.id in report.steps:
+            entry["step"] = report.steps[p.id]
+        if p.stats:
+            entry["stats"] = {k: jsonable(vars(s)) for k, s in p.stats.items()}
+        params.append(entry)
+    return {
+        "key": report.key,
+        "optimizer": report.guess.name,
+        "optimizer_guess": {
+            "confidence": report.guess.confidence,
+            "candidates": list(report.guess.candidates),
+            "reason": report.guess.reason,
+        },
+        "names_source": report.names_source,
+        "param_groups": [
+            {
+                "index": g.index,
+                "num_params": g.num_params,
+                "params_with_state": g.params_with_state,
+                "hyperparams": jsonable(g.hyperparams),
+            }
+            for g in report.groups
+        ],
+        "params": params,
+        "totals": {**report.totals(), "by_dtype": report.by_dtype()},
+        "warnings": report.warnings,
+    }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _info(tensor: torch.Tensor, checkpoint: Checkpoint) -> TensorInfo:
+    return TensorInfo(
+        shape=tuple(tensor.shape),
+        dtype=_dtype_name(tensor.dtype),
+        device=checkpoint.saved_device(tensor),
+        numel=tensor.numel(),
+        nbytes=tensor.numel() * tensor.element_size(),
+    )
+
+
+def tensor_stats(tensor: torch.Tensor) -> TensorStats:
+    """Norm, finite min/max, non-finite count, RMS and mean of a tensor, read in chunks.
+
+    Chunks keep the float64 working copy small, so a memory-mapped tensor is streamed
+    through rather than copied whole.
+    """
+    flat = tensor.detach().reshape(-1)
+    total_sq = total = 0.0
+    nonfinite = 0
+    low = high = None
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        if chunk.is_complex():
+            chunk = chunk.abs()
+        finite = torch.isfinite(chunk)
+        nonfinite += int((~finite).sum())
+        values = chunk[finite] if not bool(finite.all()) else chunk
+        if values.numel():
+            total_sq += float(values.square().sum())
+            total += float(values.sum())
+            lo, hi = float(values.min()), float(values.max())
+            low = lo if low is None else min(low, lo)
+            high = hi if high is None else max(high, hi)
+    n = max(flat.numel() - nonfinite, 1)
+    return TensorStats(
+        norm=math.sqrt(total_sq), min=low, max=high, nonfinite=nonfinite,
+        rms=math.sqrt(total_sq / n), mean=total / n,
+    )
+
+
+def _step_value(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+        return float(value.reshape(()).item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _state_entry(value: Any, checkpoint: Checkpoint) -> TensorInfo | Any:
+    if isinstance(value, torch.Tensor):
+        return _info(value, checkpoint)
+    if isinstance(value, (list, tuple)):
+        return [_state_entry(v, checkpoint) for v in value]
+    return value
+
+
+def _warnings(
+    state_dict: Mapping[str, Any], params: list[ParamReport], steps: dict[Any, float]
+) -> list[str]:
+    found: list[str] = []
+    label = {p.id: (p.name or f"ID {p.id}") for p in params}
+    orphans = [p for p in params if p.group is None]
+    if orphans:
+        found.append(
+            "state under IDs in no param group (torch keeps it, but no parameter gets it): "
+            + ", ".join(str(p.id) for p in orphans[:8])
+        )
+    stateless = [p for p in params if p.group is not None and not p.state]
+    if stateless:
+        shown = ", ".join(label[p.id] for p in stateless[:5]) + (" ..." if len(stateless) > 5 else "")
+        found.append(
+            f"{len(stateless)} of {sum(p.group is not None for p in params)} parameters have no "
+            f"state (not stepped yet, frozen, or never given a gradient): {shown}"
+        )
+    by_group: dict[int, Counter[float]] = defaultdict(Counter)
+    for p in params:
+        if p.group is not None and p.id in steps:
+            by_group[p.group][steps[p.id]] += 1
+    for index, counts in sorted(by_group.items()):
+        if len(counts) > 1:
+            listed = ", ".join(f"{_fmt_step(s)} ({n} params)" for s, n in counts.most_common())
+            found.append(f"group {index}: step counts disagree: {listed}")
+    for p in params:
+        shapes = {
+            k: v.shape for k, v in p.state.items() if k in PARAM_SHAPED_KEYS and isinstance(v, TensorInfo)
+        }
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
+            found.append(f"{label[p.id]}: state tensors disagree in shape: {listed}")
+    legacy = [p for p in params if isinstance(p.state.get("step"), (int, float))]
+    if legacy:
+        found.append(
+            f"{len(legacy)} parameters store step as a Python number (saved by torch < 1.12); "
+            "torch still loads it and turns it into a tensor"
+        )
+    return found
+
+
+def _fmt_step(step: float) -> str:
+    return str(int(step)) if step.is_integer() else repr(step)
+
+
+def _picture_key(params: Iterable[ParamReport]) -> tuple[str, str] | None:
+    keys = {k for p in params for k in p.stats}
+    for key, label in _PICTURE_KEYS:
+        if key in keys:
+            return key, label
+    return None
+
+
+def picture_value(report: ParamReport, key: str) -> float | None:
+    """The number the ``--stats`` bar view plots for one parameter."""
+    stats = report.stats.get(key)
+    if stats is None:
+        return None
+    if key in _SECOND_MOMENTS:
+        return math.sqrt(max(stats.mean, 0.0))
+    return stats.rms
+
+
+def inspect_optimizer(located: Located, checkpoint: Checkpoint, *, stats: bool = False) -> OptimizerReport:
+    """Describe one optimizer state dict.
+
+    Args:
+        located: the state dict and its key path.
+        checkpoint: the checkpoint it came from (for saved devices).
+        stats: also read the values: per-tensor norms, min/max and non-finite counts.
+    """
+    sd = located.state_dict
+    groups_of = group_of(sd)
+    names = names_of(sd)
+    state = sd["state"]
+    ids = param_ids(sd) + [k for k in state if k not in groups_of]
+    params: list[ParamReport] = []
+    steps: dict[Any, float] = {}
+    for pid in ids:
+        raw = state.get(pid, {})
+        raw = raw if isinstance(raw, Mapping) else {"<value>": raw}
+        report = ParamReport(
+            id=pid,
+            name=names.get(pid),
+            group=groups_of.get(pid),
+            state={str(k): _state_entry(v, checkpoint) for k, v in raw.items()},
+        )
+        step = _step_value(raw.get("step"))
+        if step is not None:
+            steps[pid] = step
+        if stats:
+            report.stats = {
+                str(k): tensor_stats(v)
+                for k, v in raw.items()
+                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.device.type != "meta"
+            }
+        params.append(report)
+
+    groups = []
+    for index, group in enumerate(sd["param_groups"]):
+        unique = list(dict.fromkeys(group["params"]))
+        groups.append(
+            GroupReport(
+                index=index,
+                num_params=len(group["params"]),
+                params_with_state=sum(1 for pid in unique if state.get(pid)),
+                hyperparams={k: v for k, v in group.items() if k not in ("params", "param_names")},
+            )
+        )
+    picture = _picture_key(params) if stats else None
+    return OptimizerReport(
+        key=located.key,
+        guess=guess_optimizer(sd),
+        groups=groups,
+        params=params,
+        steps=steps,
+        names_source="param_names" if names else None,
+        warnings=_warnings(sd, params, steps),
+        picture=picture[0] if picture else None,
+    )
+
+
+def picture_label(key: str) -> str:
+    """How the bar view names the quantity it plots for state key ``key``."""
+    return dict(_PICTURE_KEYS).get(key, f"rms({key})")
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    stats: bool = False,
+    allow_globals: Iterable[str] = (),
+) -> InspectReport:
+    """Read a checkpoint and describe every optimizer state dict in it (or the one at ``key``).
+
+    Args:
+        path: a checkpoint file or folder (see :func:`optckpt.io.load_checkpoint`).
+        key: key path of one optimizer state dict; ``None`` for all of them.
+        stats: read tensor values for per-parameter statistics.
+        allow_globals: globals to allow while unpickling (``module.Name``).
+
+    Raises:
+        UnreadableCheckpointError: the input cannot be read, or holds no optimizer state.
+        UsageError: ``key`` names nothing, or no optimizer state dict.
+    """
+    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    located = select_optimizers(checkpoint.root, key)
+    if checkpoint.members:
+        top = checkpoint.members
+    elif isinstance(checkpoint.root, Mapping):
+        top = [str(k) for k in checkpoint.root]
+    else:
+        top = []
+    return InspectReport(
+        path=checkpoint.path,
+        format=checkpoint.format,
+        size=checkpoint.size,
+        top_level_keys=top,
+        optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
+    )

@@ -1,0 +1,92 @@
+"""Finding optimizer state dicts inside nested checkpoints, by shape, named by key path.
+
+A key path joins the keys from the root with dots: ``optimizer`` in ``{"model": ...,
+"optimizer": ...}``, ``optimizer_states.0`` in a Lightning checkpoint, ``optimizer.pt`` in a
+Trainer folder, and ``""`` for a bare state dict. Keys that contain dots themselves still
+resolve: at each level the longest key that fits the path wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from optckpt.errors import NoOptimizerStateError, UsageError
+from optckpt.statedict import StateDict, is_optimizer_state_dict
+
+
+@dataclass(frozen=True)
+class Located:
+    """An optimizer state dict and where it sits in the checkpoint."""
+
+    key: str
+    state_dict: StateDict
+
+
+def _join(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _walk(node: Any, prefix: str) -> Iterator[Located]:
+    if is_optimizer_state_dict(node):
+        yield Located(prefix, node)
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _walk(value, _join(prefix, key))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from _walk(value, _join(prefix, index))
+
+
+def locate_optimizers(root: Any) -> list[Located]:
+    """Every optimizer state dict in ``root``, in the order the checkpoint holds them."""
+    return list(_walk(root, ""))
+
+
+def _children(node: Any) -> list[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        return [(str(k), v) for k, v in node.items()]
+    if isinstance(node, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(node)]
+    return []
+
+
+def resolve(root: Any, key: str) -> Any:
+    """The object at key path ``key`` (``""`` is the root).
+
+    Raises:
+        KeyError: nothing is at that path.
+    """
+    node, rest = root, key
+    while rest:
+        fits = [(k, v) for k, v in _children(node) if rest == k or rest.startswith(k + ".")]
+        if not fits:
+            raise KeyError(key)
+        k, node = max(fits, key=lambda kv: len(kv[0]))
+        rest = rest[len(k) + 1 :]
+    return node
+
+
+def select_optimizers(root: Any, key: str | None) -> list[Located]:
+    """The optimizer state dict at ``key``, or every one in ``root`` when ``key`` is ``None``.
+
+    Raises:
+        UsageError: ``key`` names nothing, or something that is not an optimizer state dict;
+            the message lists the key paths that hold one.
+        NoOptimizerStateError: ``key`` is ``None`` and ``root`` holds no optimizer state dict.
+    """
+    found = locate_optimizers(root)
+    if key is None:
+        if not found:
+            top = ", ".join(str(k) for k, _ in _children(root)[:12]) or "none"
+            raise NoOptimizerStateError(f"no optimizer state dict found (top-level keys: {top})")
+        return found
+    listed = ", ".join(repr(f.key) for f in found) or "none"
+    try:
+        node = resolve(root, key)
+    except KeyError:
+        raise UsageError(f"--key {key!r}: no such key; optimizer state dicts are at: {listed}") from None
+    if not is_optimizer_state_dict(node):
+        raise UsageError(f"--key {key!r} is not an optimizer state dict; they are at: {listed}")
+    return [Located(key, node)]

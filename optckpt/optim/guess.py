@@ -1,0 +1,181 @@
+"""Guess which torch optimizer class wrote a state dict, from its state keys and group keys.
+
+A state dict does not record its optimizer class, but every class leaves its fingerprint: the
+hyperparameters in ``param_groups`` (``rho`` is Adadelta's, ``etas`` Rprop's, ...) and the
+per-parameter state keys (``exp_inf`` is Adamax's, ``acc_delta`` Adadelta's). The table below is
+torch 2.13's; ``tests/optim/test_guess.py`` checks it against the installed ``torch.optim``.
+Older torch versions lack some group keys (``decoupled_weight_decay``, ``fused``,
+``differentiable``), which is why the score is a similarity, not an equality test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Group keys of each class (torch 2.13 ``defaults``), and its per-parameter state keys:
+# ``required`` ones every stepped parameter has, ``optional`` ones that depend on options.
+_GROUP_KEYS: dict[str, frozenset[str]] = {
+    "ASGD": frozenset(
+        "lr lambd alpha t0 weight_decay foreach maximize differentiable capturable".split()
+    ),
+    "Adadelta": frozenset(
+        "lr rho eps weight_decay maximize capturable foreach differentiable".split()
+    ),
+    "Adafactor": frozenset("lr beta2_decay eps d weight_decay foreach maximize".split()),
+    "Adagrad": frozenset(
+        "lr lr_decay eps weight_decay initial_accumulator_value foreach maximize differentiable "
+        "fused".split()
+    ),
+    "Adam": frozenset(
+        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused "
+        "decoupled_weight_decay".split()
+    ),
+    "AdamW": frozenset(
+        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused "
+        "decoupled_weight_decay".split()
+    ),
+    "Adamax": frozenset(
+        "lr betas eps weight_decay foreach maximize differentiable capturable".split()
+    ),
+    "LBFGS": frozenset(
+        "lr max_iter max_eval tolerance_grad tolerance_change history_size line_search_fn".split()
+    ),
+    "Muon": frozenset(
+        "lr weight_decay momentum nesterov ns_coefficients eps ns_steps adjust_lr_fn".split()
+    ),
+    "NAdam": frozenset(
+        "lr betas eps weight_decay momentum_decay decoupled_weight_decay maximize foreach "
+        "capturable differentiable".split()
+    ),
+    "RAdam": frozenset(
+        "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay "
+        "differentiable".split()
+    ),
+    "RMSprop": frozenset(
+        "lr momentum alpha eps centered weight_decay capturable foreach maximize "
+        "differentiable".split()
+    ),
+    "Rprop": frozenset(
+        "lr etas step_sizes foreach maximize differentiable capturable".split()
+    ),
+    "SGD": frozenset(
+        "lr momentum dampening weight_decay nesterov maximize foreach differentiable fused".split()
+    ),
+    "SparseAdam": frozenset("lr betas eps maximize".split()),
+}
+
+_STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "ASGD": (frozenset({"step", "eta", "mu", "ax"}), frozenset()),
+    "Adadelta": (frozenset({"step", "square_avg", "acc_delta"}), frozenset()),
+    "Adafactor": (frozenset({"step"}), frozenset({"row_var", "col_var", "variance"})),
+    "Adagrad": (frozenset({"step", "sum"}), frozenset()),
+    "Adam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset({"max_exp_avg_sq"})),
+    "AdamW": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset({"max_exp_avg_sq"})),
+    "Adamax": (frozenset({"step", "exp_avg", "exp_inf"}), frozenset()),
+    "LBFGS": (
+        frozenset({"func_evals", "n_iter"}),
+        frozenset({"d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"}),
+    ),
+    "Muon": (frozenset({"momentum_buffer"}), frozenset()),
+    "NAdam": (frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"}), frozenset()),
+    "RAdam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset()),
+    "RMSprop": (frozenset({"step", "square_avg"}), frozenset({"momentum_buffer", "grad_avg"})),
+    "Rprop": (frozenset({"step", "prev", "step_size"}), frozenset()),
+    "SGD": (frozenset(), frozenset({"momentum_buffer"})),
+    "SparseAdam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset()),
+}
+
+# Keys that something other than the optimizer puts into groups (LR schedulers, SWA, ...).
+_FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "swa_lr", "name"})
+
+CANDIDATES: tuple[str, ...] = tuple(_GROUP_KEYS)
+"""The torch optimizer class names the guesser knows."""
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The guessed optimizer class.
+
+    Attributes:
+        name: the best class name, or ``None`` when nothing fits.
+        confidence: 0 to 1; 1 means the fingerprint matches exactly one class.
+        candidates: every class that fits about as well as ``name``, best first.
+        reason: a few words on what decided.
+    """
+
+    name: str | None
+    confidence: float
+    candidates: tuple[str, ...]
+    reason: str
+
+    @property
+    def sure(self) -> bool:
+        """Whether the guess is safe to act on without asking the user."""
+        return self.name is not None and len(self.candidates) == 1 and self.confidence >= 0.75
+
+
+def _score(name: str, group_keys: set[str], state_keys: set[str]) -> float:
+    expected = _GROUP_KEYS[name]
+    group_score = len(group_keys & expected) / len(group_keys | expected) if group_keys else 0.0
+    required, optional = _STATE_KEYS[name]
+    if not state_keys:
+        state_score = 0.5  # nothing stepped yet: state says nothing
+    elif state_keys <= required | optional and required <= state_keys:
+        state_score = 1.0
+    elif state_keys <= required | optional:
+        state_score = 0.6
+    else:
+        state_score = 0.0
+    return 0.6 * group_score + 0.4 * state_score
+
+
+def _adam_family(groups: list[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Decide Adam against AdamW, which share every key; ``None`` when undecidable."""
+    flags = {g.get("decoupled_weight_decay") for g in groups}
+    if flags == {True}:
+        return "AdamW", "decoupled_weight_decay=True"
+    if flags == {False}:
+        return "Adam", "decoupled_weight_decay=False"
+    return None
+
+
+def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
+    """Name the torch optimizer class that most likely produced ``state_dict``.
+
+    Args:
+        state_dict: an optimizer state dict (``state`` and ``param_groups``).
+
+    Returns:
+        A :class:`Guess`. Checkpoints older than the ``decoupled_weight_decay`` group key
+        cannot tell Adam from AdamW; the guess then leans on ``weight_decay`` and says so
+        with two candidates.
+    """
+    groups = list(state_dict.get("param_groups", []))
+    group_keys = {str(k) for g in groups for k in g} - _FOREIGN_GROUP_KEYS
+    state_keys: set[str] = set()
+    for value in state_dict.get("state", {}).values():
+        if isinstance(value, Mapping):
+            state_keys.update(str(k) for k in value)
+    if not group_keys and not state_keys:
+        return Guess(None, 0.0, (), "no hyperparameters and no state")
+
+    scores = {name: _score(name, group_keys, state_keys) for name in CANDIDATES}
+    ranked = sorted(scores, key=lambda n: -scores[n])
+    best = scores[ranked[0]]
+    if best < 0.5:
+        return Guess(None, round(best, 2), tuple(ranked[:3]), "no known optimizer fits")
+    close = tuple(n for n in ranked if best - scores[n] < 0.05)
+
+    if set(close) == {"Adam", "AdamW"}:
+        decided = _adam_family(groups)
+        if decided is not None:
+            return Guess(decided[0], round(best, 2), (decided[0],), decided[1])
+        lean = "AdamW" if any(g.get("weight_decay", 0) for g in groups) else "Adam"
+        other = "Adam" if lean == "AdamW" else "AdamW"
+        return Guess(lean, 0.5, (lean, other), "no decoupled_weight_decay key; guessed from weight_decay")
+    if len(close) > 1:
+        return Guess(close[0], round(best / 2, 2), close, "several optimizers fit equally")
+    exact = group_keys == _GROUP_KEYS[close[0]]
+    return Guess(close[0], 1.0 if exact else round(best, 2), close, "group and state keys")
