@@ -1,0 +1,6 @@
+"""``python -m optckpt``."""
+
+from optckpt.cli.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The Typer app and its single exit point.
+
+Every command raises :class:`~optckpt.errors.OptckptError` for bad input; :class:`_Group`
+turns it into one ``error: ...`` line on stderr and the error's exit code (the traceback too
+when ``OPTCKPT_DEBUG=1``). Any other exception is a bug and propagates with its traceback.
+Commands import torch lazily, so ``optckpt --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from optckpt import __version__
+from optckpt.cli import inspect_cmd
+from optckpt.errors import OptckptError
+
+
+class _Group(TyperGroup):
+    """The app's group: reports :class:`OptckptError` as one line and its exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OptckptError as e:
+            if os.environ.get("OPTCKPT_DEBUG") == "1":
+                traceback.print_exc(file=sys.stderr)
+            message = " ".join(str(e).split())  # one line, whatever the message holds
+            sys.stderr.write(f"error: {message}\n")
+            raise typer.Exit(int(e.exit_code)) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="optckpt",
+    help="Inspect, diff, remap, move and convert PyTorch optimizer checkpoints.",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"optckpt {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Inspect, diff, remap, move and convert PyTorch optimizer checkpoints."""
+
+
+app.command("inspect")(inspect_cmd.inspect)
+
+
+def main() -> None:
+    """Run the command line (the ``optckpt`` console script and ``python -m optckpt``)."""
+    app()

@@ -1,0 +1,201 @@
+"""``optckpt inspect``: check the flags, call :func:`optckpt.inspect.inspect_checkpoint`, render."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from optckpt.cli.render import console, human_bytes, short_dtype
+
+if TYPE_CHECKING:
+    from optckpt.inspect import InspectReport, OptimizerReport, ParamReport
+
+_ROWS = 50  # parameters shown without --all
+_BAR = 28
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint file or folder.", show_default=False)],
+    key: Annotated[
+        str | None, typer.Option("--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Read the values: norms, min/max, non-finite counts, a bar view.")
+    ] = False,
+    show_all: Annotated[bool, typer.Option("--all", help=f"List every parameter, not the first {_ROWS}.")] = False,
+    allow_global: Annotated[
+        list[str] | None,
+        typer.Option("--allow-global", metavar="MODULE.NAME", help="Let this pickle global load (repeatable)."),
+    ] = None,
+) -> None:
+    """Show what an optimizer checkpoint holds: groups, per-parameter state, totals, warnings."""
+    from optckpt.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(path, key=key, stats=stats, allow_globals=allow_global or ())
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        return
+    render(report, show_all=show_all)
+
+
+def render(report: InspectReport, *, show_all: bool = False) -> None:
+    """Print the report as rich tables."""
+    out = console()
+    out.print(f"[bold]{report.path}[/]  {report.format}, {human_bytes(report.size)}")
+    if report.top_level_keys:
+        keys = report.top_level_keys
+        shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+        out.print(f"top-level keys: {shown}")
+    for optimizer in report.optimizers:
+        out.print()
+        _render_optimizer(optimizer, show_all)
+
+
+def _fmt(value: Any) -> str:
+    from optckpt.inspect import jsonable
+
+    plain = jsonable(value)
+    if isinstance(plain, float):
+        return f"{plain:g}"
+    if isinstance(plain, list):
+        return "(" + ", ".join(_fmt(v) for v in plain) + ")"
+    if isinstance(plain, dict) and "shape" in plain:
+        return f"tensor{plain['shape']}"
+    return str(plain)
+
+
+def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
+    from rich.table import Table
+
+    out = console()
+    where = repr(opt.key) if opt.key else "the top level (bare state dict)"
+    guess = opt.guess
+    if guess.name is None:
+        named = "unknown optimizer"
+    elif guess.sure:
+        named = guess.name
+    else:
+        named = f"{guess.name}? (or {', '.join(c for c in guess.candidates if c != guess.name)}; {guess.reason})"
+    out.print(f"[bold]optimizer at {where}[/]: {named}")
+
+    varying = sorted(opt.varying_hyperparams)
+    groups = Table(title="param groups", title_justify="left", show_edge=False)
+    groups.add_column("group", justify="right")
+    groups.add_column("params", justify="right")
+    groups.add_column("with state", justify="right")
+    for name in varying:
+        groups.add_column(name, style="bold yellow")
+    for g in opt.groups:
+        groups.add_row(
+            str(g.index), str(g.num_params), str(g.params_with_state),
+            *(_fmt(g.hyperparams.get(k, "-")) for k in varying),
+        )
+    out.print(groups)
+    if opt.groups:
+        shared = {k: v for k, v in opt.groups[0].hyperparams.items() if k not in varying}
+        if shared:
+            out.print("shared: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items()), soft_wrap=True)
+        if varying:
+            out.print("[yellow]highlighted: hyperparameters that differ between groups[/]")
+
+    rows = opt.params if show_all else opt.params[:_ROWS]
+    params = Table(
+        title=f"parameters (names from {opt.names_source})" if opt.names_source else "parameters",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("id", "name", "group", "state", "device", "step", "bytes"):
+        params.add_column(column, justify="right" if column in ("id", "group", "step", "bytes") else "left")
+    for p in rows:
+        params.add_row(
+            str(p.id),
+            p.name or "-",
+            "-" if p.group is None else str(p.group),
+            _state_summary(p),
+            ", ".join(sorted(_devices(p))) or "-",
+            _fmt(opt.steps[p.id]) if p.id in opt.steps else "-",
+            human_bytes(p.nbytes),
+        )
+    out.print(params)
+    if len(rows) < len(opt.params):
+        out.print(f"... {len(opt.params) - len(rows)} more parameters (--all lists them, --json gives all)")
+
+    totals = opt.totals()
+    out.print(
+        f"totals: {totals['params']} params, {totals['params_with_state']} with state, "
+        f"{totals['numel']:,} elements, {human_bytes(totals['bytes'])}"
+        + "".join(
+            f"; {dtype}: {v['numel']:,} elements, {human_bytes(v['bytes'])}" for dtype, v in opt.by_dtype().items()
+        )
+    )
+    if any(p.stats for p in opt.params):
+        _render_stats(opt, rows)
+    for warning in opt.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _state_summary(p: ParamReport) -> str:
+    from optckpt.inspect import TensorInfo
+
+    parts = []
+    for key, value in p.state.items():
+        if key == "step":
+            continue
+        if isinstance(value, TensorInfo):
+            shape = ",".join(str(d) for d in value.shape)
+            parts.append(f"{key} {short_dtype(value.dtype)}[{shape}]")
+        elif isinstance(value, list):
+            parts.append(f"{key} list[{len(value)}]")
+        else:
+            parts.append(f"{key}={_fmt(value)}")
+    return " ".join(parts) or ("-" if not p.state else "")
+
+
+def _devices(p: ParamReport) -> set[str]:
+    from optckpt.inspect import TensorInfo
+
+    return {v.device for v in p.state.values() if isinstance(v, TensorInfo)}
+
+
+def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:
+    from rich.table import Table
+
+    from optckpt.inspect import picture_label, picture_value
+
+    out = console()
+    table = Table(title="state values", title_justify="left", show_edge=False)
+    for column in ("param", "key", "norm", "min", "max", "non-finite"):
+        table.add_column(column, justify="left" if column in ("param", "key") else "right")
+    for p in rows:
+        for key, s in p.stats.items():
+            bad = f"[bold red]{s.nonfinite}[/]" if s.nonfinite else "0"
+            table.add_row(
+                p.name or str(p.id), key, f"{s.norm:.4g}",
+                "-" if s.min is None else f"{s.min:.4g}", "-" if s.max is None else f"{s.max:.4g}", bad,
+            )
+    out.print(table)
+    if opt.picture is None:
+        return
+    values = [(p.name or str(p.id), picture_value(p, opt.picture)) for p in rows]
+    plotted = [(label, v) for label, v in values if v is not None and v > 0 and math.isfinite(v)]
+    if not plotted:
+        return
+    out.print(f"[bold]{picture_label(opt.picture)}[/] per parameter (log scale)")
+    logs = [math.log10(v) for _, v in plotted]
+    low, high = min(logs), max(logs)
+    span = (high - low) or 1.0
+    width = max(len(label) for label, _ in plotted)
+    for (label, value), lg in zip(plotted, logs):
+        out.print(f"{label:<{width}}  {_bar(1 + (_BAR - 1) * (lg - low) / span):<{_BAR}}  {value:.3e}", highlight=False)
+
+
+def _bar(length: float) -> str:
+    blocks = " ▏▎▍▌▋▊▉█"
+    full, frac = int(length), length - int(length)
+    return "█" * full + (blocks[int(frac * 8)] if frac >= 0.125 else "")

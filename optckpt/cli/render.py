@@ -1,0 +1,38 @@
+"""Rendering helpers shared by the commands."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+_SHORT_DTYPES = {
+    "float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
+    "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "bool",
+}
+
+
+@cache
+def console() -> Console:
+    """The stdout console; wide when piped, so tables are not squeezed to 80 columns."""
+    from rich.console import Console
+
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else 160)
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def short_dtype(dtype: str) -> str:
+    """``"float32"`` -> ``"f32"``."""
+    return _SHORT_DTYPES.get(dtype, dtype)
