@@ -161,7 +161,11 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and value.device.type != "meta":
             return jsonable(value.item())
-        return {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "device": str(value.device)}
+        return {
+            "shape": list(value.shape),
+            "dtype": _dtype_name(value.dtype),
+            "device": str(value.device),
+        }
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, (bool, int, float, str)) or value is None:
@@ -257,8 +261,12 @@ def tensor_stats(tensor: torch.Tensor) -> TensorStats:
             high = hi if high is None else max(high, hi)
     n = max(flat.numel() - nonfinite, 1)
     return TensorStats(
-        norm=math.sqrt(total_sq), min=low, max=high, nonfinite=nonfinite,
-        rms=math.sqrt(total_sq / n), mean=total / n,
+        norm=math.sqrt(total_sq),
+        min=low,
+        max=high,
+        nonfinite=nonfinite,
+        rms=math.sqrt(total_sq / n),
+        mean=total / n,
     )
 
 
@@ -291,7 +299,9 @@ def _warnings(
         )
     stateless = [p for p in params if p.group is not None and not p.state]
     if stateless:
-        shown = ", ".join(label[p.id] for p in stateless[:5]) + (" ..." if len(stateless) > 5 else "")
+        shown = ", ".join(label[p.id] for p in stateless[:5]) + (
+            " ..." if len(stateless) > 5 else ""
+        )
         found.append(
             f"{len(stateless)} of {sum(p.group is not None for p in params)} parameters have no "
             f"state (not stepped yet, frozen, or never given a gradient): {shown}"
@@ -306,7 +316,9 @@ def _warnings(
             found.append(f"group {index}: step counts disagree: {listed}")
     for p in params:
         shapes = {
-            k: v.shape for k, v in p.state.items() if k in PARAM_SHAPED_KEYS and isinstance(v, TensorInfo)
+            k: v.shape
+            for k, v in p.state.items()
+            if k in PARAM_SHAPED_KEYS and isinstance(v, TensorInfo)
         }
         if len(set(shapes.values())) > 1:
             listed = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
@@ -342,7 +354,9 @@ def picture_value(report: ParamReport, key: str) -> float | None:
     return stats.rms
 
 
-def inspect_optimizer(located: Located, checkpoint: Checkpoint, *, stats: bool = False) -> OptimizerReport:
+def inspect_optimizer(
+    located: Located, checkpoint: Checkpoint, *, stats: bool = False
+) -> OptimizerReport:
     """Describe one optimizer state dict.
 
     Args:

@@ -86,7 +86,9 @@ def select_optimizers(root: Any, key: str | None) -> list[Located]:
     try:
         node = resolve(root, key)
     except KeyError:
-        raise UsageError(f"--key {key!r}: no such key; optimizer state dicts are at: {listed}") from None
+        raise UsageError(
+            f"--key {key!r}: no such key; optimizer state dicts are at: {listed}"
+        ) from None
     if not is_optimizer_state_dict(node):
         raise UsageError(f"--key {key!r} is not an optimizer state dict; they are at: {listed}")
     return [Located(key, node)]

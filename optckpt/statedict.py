@@ -30,8 +30,18 @@ StateDict = dict[str, Any]
 # State keys of the torch optimizers whose tensors have the parameter's shape.
 PARAM_SHAPED_KEYS = frozenset(
     {
-        "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg",
-        "acc_delta", "exp_inf", "ax", "prev", "step_size", "grad_avg",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "sum",
+        "square_avg",
+        "acc_delta",
+        "exp_inf",
+        "ax",
+        "prev",
+        "step_size",
+        "grad_avg",
     }
 )
 
@@ -52,7 +62,9 @@ def is_optimizer_state_dict(obj: object) -> bool:
     return (
         isinstance(state, Mapping)
         and isinstance(groups, (list, tuple))
-        and all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups)
+        and all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups
+        )
     )
 
 
@@ -120,19 +132,31 @@ def _describe_size_mismatch(index: int, saved: Mapping[str, Any], live: Mapping[
         added = [n for n in live_names if n not in saved_names]
         parts = []
         if added:
-            parts.append("only in the optimizer: " + ", ".join(added[:5]) + (" ..." if len(added) > 5 else ""))
+            parts.append(
+                "only in the optimizer: "
+                + ", ".join(added[:5])
+                + (" ..." if len(added) > 5 else "")
+            )
         if missing:
-            parts.append("only in the checkpoint: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            parts.append(
+                "only in the checkpoint: "
+                + ", ".join(missing[:5])
+                + (" ..." if len(missing) > 5 else "")
+            )
         if parts:
             text += " (" + "; ".join(parts) + ")"
     elif saved_names is not None or live_names is not None:
-        which, names = ("checkpoint", saved_names) if saved_names is not None else ("optimizer", live_names)
+        which, names = (
+            ("checkpoint", saved_names) if saved_names is not None else ("optimizer", live_names)
+        )
         assert names is not None
         text += f" ({which} has " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") + ")"
     return text
 
 
-def check_groups(saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]) -> None:
+def check_groups(
+    saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]
+) -> None:
     """Check that saved groups fit the live ones, as ``load_state_dict`` does.
 
     Raises:
@@ -154,7 +178,9 @@ def check_groups(saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequenc
         raise GroupSizeMismatchError("; ".join(problems) + f"; {REMAP_HINT}")
 
 
-def map_ids(saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]) -> dict[Any, Any]:
+def map_ids(
+    saved_groups: Sequence[Mapping[str, Any]], live_groups: Sequence[Mapping[str, Any]]
+) -> dict[Any, Any]:
     """Map saved IDs to live parameters by zipping the flattened ``params`` lists.
 
     Call :func:`check_groups` first. An ID listed twice maps to the later parameter, as in
@@ -176,7 +202,9 @@ def _step_placement(param_id: Any, saved_groups: Sequence[Mapping[str, Any]]) ->
     return False
 
 
-def cast_value(param: torch.Tensor, value: torch.Tensor, *, key: Hashable, fused_or_capturable: bool) -> torch.Tensor:
+def cast_value(
+    param: torch.Tensor, value: torch.Tensor, *, key: Hashable, fused_or_capturable: bool
+) -> torch.Tensor:
     """Cast one state tensor for ``param`` (torch's ``_process_value_according_to_param_policy``).
 
     ``step`` is left alone (https://github.com/pytorch/pytorch/issues/74424) unless the group
@@ -257,7 +285,9 @@ def unpack(
     for key, value in state_dict["state"].items():
         if key in id_to_param:
             param = id_to_param[key]
-            state[param] = cast_state(param, value, param_id=key, saved_groups=state_dict["param_groups"])
+            state[param] = cast_state(
+                param, value, param_id=key, saved_groups=state_dict["param_groups"]
+            )
         else:
             state[key] = value
 

@@ -24,7 +24,7 @@ from optckpt.errors import OptckptError
 class _Group(TyperGroup):
     """The app's group: reports :class:`OptckptError` as one line and its exit code."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # click.Context, vendored by typer
         try:
             return super().invoke(ctx)
         except OptckptError as e:
@@ -56,7 +56,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Inspect, diff, remap, move and convert PyTorch optimizer checkpoints."""

@@ -22,16 +22,30 @@ _BAR = 28
 def inspect(
     path: Annotated[Path, typer.Argument(help="Checkpoint file or folder.", show_default=False)],
     key: Annotated[
-        str | None, typer.Option("--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0.")
+        str | None,
+        typer.Option(
+            "--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0."
+        ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    stats: Annotated[
-        bool, typer.Option("--stats", help="Read the values: norms, min/max, non-finite counts, a bar view.")
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
     ] = False,
-    show_all: Annotated[bool, typer.Option("--all", help=f"List every parameter, not the first {_ROWS}.")] = False,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            "--stats", help="Read the values: norms, min/max, non-finite counts, a bar view."
+        ),
+    ] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help=f"List every parameter, not the first {_ROWS}.")
+    ] = False,
     allow_global: Annotated[
         list[str] | None,
-        typer.Option("--allow-global", metavar="MODULE.NAME", help="Let this pickle global load (repeatable)."),
+        typer.Option(
+            "--allow-global",
+            metavar="MODULE.NAME",
+            help="Let this pickle global load (repeatable).",
+        ),
     ] = None,
 ) -> None:
     """Show what an optimizer checkpoint holds: groups, per-parameter state, totals, warnings."""
@@ -93,14 +107,18 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         groups.add_column(name, style="bold yellow")
     for g in opt.groups:
         groups.add_row(
-            str(g.index), str(g.num_params), str(g.params_with_state),
+            str(g.index),
+            str(g.num_params),
+            str(g.params_with_state),
             *(_fmt(g.hyperparams.get(k, "-")) for k in varying),
         )
     out.print(groups)
     if opt.groups:
         shared = {k: v for k, v in opt.groups[0].hyperparams.items() if k not in varying}
         if shared:
-            out.print("shared: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items()), soft_wrap=True)
+            out.print(
+                "shared: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items()), soft_wrap=True
+            )
         if varying:
             out.print("[yellow]highlighted: hyperparameters that differ between groups[/]")
 
@@ -111,7 +129,9 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         show_edge=False,
     )
     for column in ("id", "name", "group", "state", "device", "step", "bytes"):
-        params.add_column(column, justify="right" if column in ("id", "group", "step", "bytes") else "left")
+        params.add_column(
+            column, justify="right" if column in ("id", "group", "step", "bytes") else "left"
+        )
     for p in rows:
         params.add_row(
             str(p.id),
@@ -124,14 +144,17 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         )
     out.print(params)
     if len(rows) < len(opt.params):
-        out.print(f"... {len(opt.params) - len(rows)} more parameters (--all lists them, --json gives all)")
+        out.print(
+            f"... {len(opt.params) - len(rows)} more parameters (--all lists them, --json gives all)"
+        )
 
     totals = opt.totals()
     out.print(
         f"totals: {totals['params']} params, {totals['params_with_state']} with state, "
         f"{totals['numel']:,} elements, {human_bytes(totals['bytes'])}"
         + "".join(
-            f"; {dtype}: {v['numel']:,} elements, {human_bytes(v['bytes'])}" for dtype, v in opt.by_dtype().items()
+            f"; {dtype}: {v['numel']:,} elements, {human_bytes(v['bytes'])}"
+            for dtype, v in opt.by_dtype().items()
         )
     )
     if any(p.stats for p in opt.params):
@@ -176,8 +199,12 @@ def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:
         for key, s in p.stats.items():
             bad = f"[bold red]{s.nonfinite}[/]" if s.nonfinite else "0"
             table.add_row(
-                p.name or str(p.id), key, f"{s.norm:.4g}",
-                "-" if s.min is None else f"{s.min:.4g}", "-" if s.max is None else f"{s.max:.4g}", bad,
+                p.name or str(p.id),
+                key,
+                f"{s.norm:.4g}",
+                "-" if s.min is None else f"{s.min:.4g}",
+                "-" if s.max is None else f"{s.max:.4g}",
+                bad,
             )
     out.print(table)
     if opt.picture is None:
@@ -192,7 +219,10 @@ def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:
     span = (high - low) or 1.0
     width = max(len(label) for label, _ in plotted)
     for (label, value), lg in zip(plotted, logs):
-        out.print(f"{label:<{width}}  {_bar(1 + (_BAR - 1) * (lg - low) / span):<{_BAR}}  {value:.3e}", highlight=False)
+        out.print(
+            f"{label:<{width}}  {_bar(1 + (_BAR - 1) * (lg - low) / span):<{_BAR}}  {value:.3e}",
+            highlight=False,
+        )
 
 
 def _bar(length: float) -> str:

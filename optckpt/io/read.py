@@ -136,9 +136,13 @@ def _torch_load(
     except RuntimeError as e:
         message = _first_line(e)
         if "central directory" in message or "zip archive" in message:
-            raise UnreadableCheckpointError(f"{path}: truncated or corrupt torch zip file ({message})") from e
+            raise UnreadableCheckpointError(
+                f"{path}: truncated or corrupt torch zip file ({message})"
+            ) from e
         if "cuda" in message.lower() or "device" in message.lower():
-            raise UnreadableCheckpointError(f"{path}: cannot map tensors to {map_location} ({message})") from e
+            raise UnreadableCheckpointError(
+                f"{path}: cannot map tensors to {map_location} ({message})"
+            ) from e
         raise UnreadableCheckpointError(f"{path}: cannot read torch file ({message})") from e
     except (EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as e:
         raise UnreadableCheckpointError(
@@ -249,4 +253,6 @@ def load_checkpoint(
         return _read_folder(path, map_location, allowed)
     seen: dict[int, str] = {}
     kind, root = _read_file(path, map_location, allowed, seen)
-    return Checkpoint(path=path, format=kind, size=path.stat().st_size, root=root, saved_devices=seen)
+    return Checkpoint(
+        path=path, format=kind, size=path.stat().st_size, root=root, saved_devices=seen
+    )

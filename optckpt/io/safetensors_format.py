@@ -80,7 +80,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
             raise UnreadableCheckpointError(f"{path}: truncated safetensors file")
         (length,) = struct.unpack("<Q", head)
         if length > min(_MAX_HEADER, size - 8):
-            raise UnreadableCheckpointError(f"{path}: truncated safetensors file (header runs past the end)")
+            raise UnreadableCheckpointError(
+                f"{path}: truncated safetensors file (header runs past the end)"
+            )
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -96,7 +98,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         except (KeyError, TypeError, ValueError) as e:
             raise UnreadableCheckpointError(f"{path}: corrupt safetensors entry {name!r}") from e
         if dtype not in _DTYPES:
-            raise UnreadableCheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            raise UnreadableCheckpointError(
+                f"{path}: tensor {name!r} has unsupported dtype {dtype}"
+            )
         if start + end > size:
             raise UnreadableCheckpointError(
                 f"{path}: truncated safetensors file (tensor {name!r} ends at byte {start + end}, "
@@ -104,7 +108,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
             )
         expected = math.prod(shape) * _DTYPES[dtype].itemsize
         if end - begin != expected:
-            raise UnreadableCheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
+            raise UnreadableCheckpointError(
+                f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}"
+            )
     return header, metadata, start
 
 
@@ -126,7 +132,9 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if end == begin:
             tensors[name] = torch.empty(entry["shape"], dtype=dtype)
             continue
-        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        flat = torch.frombuffer(
+            mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+        )
         tensors[name] = flat.view(entry["shape"])
     return tensors, metadata
 
@@ -214,7 +222,9 @@ class _Encoder:
             if is_optimizer_state_dict(node):
                 return self.optimizer(node, name)
             return self.mapping(node, name, {})
-        raise UsageError(f"cannot store a {type(node).__name__} at {name or 'the top level'} in safetensors")
+        raise UsageError(
+            f"cannot store a {type(node).__name__} at {name or 'the top level'} in safetensors"
+        )
 
     def mapping(self, node: Mapping[Any, Any], name: str, labels: Mapping[Any, str]) -> Any:
         prefix = f"{name}." if name else ""
@@ -248,5 +258,9 @@ def write_safetensors(tree: Any, path: Path) -> None:
 
     encoder = _Encoder()
     encoded = encoder.encode(tree, "")
-    metadata = {"format": "pt", VERSION_KEY: VERSION, TREE_KEY: json.dumps(encoded, allow_nan=False)}
+    metadata = {
+        "format": "pt",
+        VERSION_KEY: VERSION,
+        TREE_KEY: json.dumps(encoded, allow_nan=False),
+    }
     save_file(encoder.tensors, str(path), metadata=metadata)

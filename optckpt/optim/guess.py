@@ -18,52 +18,192 @@ from typing import Any
 # ``required`` ones every stepped parameter has, ``optional`` ones that depend on options.
 _GROUP_KEYS: dict[str, frozenset[str]] = {
     "ASGD": frozenset(
-        "lr lambd alpha t0 weight_decay foreach maximize differentiable capturable".split()
+        {
+            "lr",
+            "lambd",
+            "alpha",
+            "t0",
+            "weight_decay",
+            "foreach",
+            "maximize",
+            "differentiable",
+            "capturable",
+        }
     ),
     "Adadelta": frozenset(
-        "lr rho eps weight_decay maximize capturable foreach differentiable".split()
+        {
+            "lr",
+            "rho",
+            "eps",
+            "weight_decay",
+            "maximize",
+            "capturable",
+            "foreach",
+            "differentiable",
+        }
     ),
-    "Adafactor": frozenset("lr beta2_decay eps d weight_decay foreach maximize".split()),
+    "Adafactor": frozenset(
+        {
+            "lr",
+            "beta2_decay",
+            "eps",
+            "d",
+            "weight_decay",
+            "foreach",
+            "maximize",
+        }
+    ),
     "Adagrad": frozenset(
-        "lr lr_decay eps weight_decay initial_accumulator_value foreach maximize differentiable "
-        "fused".split()
+        {
+            "lr",
+            "lr_decay",
+            "eps",
+            "weight_decay",
+            "initial_accumulator_value",
+            "foreach",
+            "maximize",
+            "differentiable",
+            "fused",
+        }
     ),
     "Adam": frozenset(
-        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused "
-        "decoupled_weight_decay".split()
+        {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "amsgrad",
+            "maximize",
+            "foreach",
+            "capturable",
+            "differentiable",
+            "fused",
+            "decoupled_weight_decay",
+        }
     ),
     "AdamW": frozenset(
-        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused "
-        "decoupled_weight_decay".split()
+        {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "amsgrad",
+            "maximize",
+            "foreach",
+            "capturable",
+            "differentiable",
+            "fused",
+            "decoupled_weight_decay",
+        }
     ),
     "Adamax": frozenset(
-        "lr betas eps weight_decay foreach maximize differentiable capturable".split()
+        {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "foreach",
+            "maximize",
+            "differentiable",
+            "capturable",
+        }
     ),
     "LBFGS": frozenset(
-        "lr max_iter max_eval tolerance_grad tolerance_change history_size line_search_fn".split()
+        {
+            "lr",
+            "max_iter",
+            "max_eval",
+            "tolerance_grad",
+            "tolerance_change",
+            "history_size",
+            "line_search_fn",
+        }
     ),
     "Muon": frozenset(
-        "lr weight_decay momentum nesterov ns_coefficients eps ns_steps adjust_lr_fn".split()
+        {
+            "lr",
+            "weight_decay",
+            "momentum",
+            "nesterov",
+            "ns_coefficients",
+            "eps",
+            "ns_steps",
+            "adjust_lr_fn",
+        }
     ),
     "NAdam": frozenset(
-        "lr betas eps weight_decay momentum_decay decoupled_weight_decay maximize foreach "
-        "capturable differentiable".split()
+        {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "momentum_decay",
+            "decoupled_weight_decay",
+            "maximize",
+            "foreach",
+            "capturable",
+            "differentiable",
+        }
     ),
     "RAdam": frozenset(
-        "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay "
-        "differentiable".split()
+        {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "maximize",
+            "foreach",
+            "capturable",
+            "decoupled_weight_decay",
+            "differentiable",
+        }
     ),
     "RMSprop": frozenset(
-        "lr momentum alpha eps centered weight_decay capturable foreach maximize "
-        "differentiable".split()
+        {
+            "lr",
+            "momentum",
+            "alpha",
+            "eps",
+            "centered",
+            "weight_decay",
+            "capturable",
+            "foreach",
+            "maximize",
+            "differentiable",
+        }
     ),
     "Rprop": frozenset(
-        "lr etas step_sizes foreach maximize differentiable capturable".split()
+        {
+            "lr",
+            "etas",
+            "step_sizes",
+            "foreach",
+            "maximize",
+            "differentiable",
+            "capturable",
+        }
     ),
     "SGD": frozenset(
-        "lr momentum dampening weight_decay nesterov maximize foreach differentiable fused".split()
+        {
+            "lr",
+            "momentum",
+            "dampening",
+            "weight_decay",
+            "nesterov",
+            "maximize",
+            "foreach",
+            "differentiable",
+            "fused",
+        }
     ),
-    "SparseAdam": frozenset("lr betas eps maximize".split()),
+    "SparseAdam": frozenset(
+        {
+            "lr",
+            "betas",
+            "eps",
+            "maximize",
+        }
+    ),
 }
 
 _STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -76,7 +216,9 @@ _STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "Adamax": (frozenset({"step", "exp_avg", "exp_inf"}), frozenset()),
     "LBFGS": (
         frozenset({"func_evals", "n_iter"}),
-        frozenset({"d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"}),
+        frozenset(
+            {"d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"}
+        ),
     ),
     "Muon": (frozenset({"momentum_buffer"}), frozenset()),
     "NAdam": (frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"}), frozenset()),
@@ -174,7 +316,9 @@ def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
             return Guess(decided[0], round(best, 2), (decided[0],), decided[1])
         lean = "AdamW" if any(g.get("weight_decay", 0) for g in groups) else "Adam"
         other = "Adam" if lean == "AdamW" else "AdamW"
-        return Guess(lean, 0.5, (lean, other), "no decoupled_weight_decay key; guessed from weight_decay")
+        return Guess(
+            lean, 0.5, (lean, other), "no decoupled_weight_decay key; guessed from weight_decay"
+        )
     if len(close) > 1:
         return Guess(close[0], round(best / 2, 2), close, "several optimizers fit equally")
     exact = group_keys == _GROUP_KEYS[close[0]]
