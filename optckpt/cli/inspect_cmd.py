@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from optckpt.cli.options import AllowGlobal, Key
 from optckpt.cli.render import console, human_bytes, short_dtype
 
 if TYPE_CHECKING:
@@ -21,12 +22,7 @@ _BAR = 28
 
 def inspect(
     path: Annotated[Path, typer.Argument(help="Checkpoint file or folder.", show_default=False)],
-    key: Annotated[
-        str | None,
-        typer.Option(
-            "--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0."
-        ),
-    ] = None,
+    key: Key = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of tables.")
     ] = False,
@@ -39,14 +35,7 @@ def inspect(
     show_all: Annotated[
         bool, typer.Option("--all", help=f"List every parameter, not the first {_ROWS}.")
     ] = False,
-    allow_global: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-global",
-            metavar="MODULE.NAME",
-            help="Let this pickle global load (repeatable).",
-        ),
-    ] = None,
+    allow_global: AllowGlobal = None,
 ) -> None:
     """Show what an optimizer checkpoint holds: groups, per-parameter state, totals, warnings."""
     from optckpt.inspect import inspect_checkpoint

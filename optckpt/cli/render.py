@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -43,3 +46,32 @@ def human_bytes(n: int) -> str:
 def short_dtype(dtype: str) -> str:
     """``"float32"`` -> ``"f32"``."""
     return _SHORT_DTYPES.get(dtype, dtype)
+
+
+LARGE = 256 * 1024 * 1024  # bytes of work worth a progress bar
+
+
+@contextmanager
+def byte_progress(
+    label: str, total: int, *, quiet: bool = False
+) -> Iterator[Callable[[int], None] | None]:
+    """A byte-count callback drawing a rich progress bar on stderr, or ``None``.
+
+    The bar shows only when stderr is a terminal, the work is large and ``quiet`` is off
+    (``--json``), so piped output and CI logs stay clean.
+    """
+    if quiet or total < LARGE or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -1,0 +1,23 @@
+"""Options several commands share, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Output = Annotated[
+    Path, typer.Option("-o", "--output", help="Output file (never the input).", show_default=False)
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]
+AllowGlobal = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-global", metavar="MODULE.NAME", help="Let this pickle global load (repeatable)."
+    ),
+]
+Key = Annotated[
+    str | None,
+    typer.Option("--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0."),
+]

@@ -1,0 +1,128 @@
+"""Convert a checkpoint between torch and safetensors files, and between Adam and AdamW.
+
+The whole checkpoint is kept: model weights, epoch, scheduler state, every optimizer
+hyperparameter, ``param_names``, Python-number ``step``s. The round trip
+``.pt -> .safetensors -> .pt`` gives back equal objects, tensors bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.io import load_checkpoint
+from optckpt.io.write import check_output, format_for, save_checkpoint
+from optckpt.locate import select_optimizers
+from optckpt.optim.guess import guess_optimizer
+
+# Optimizers whose state dicts differ only in group flags, and the flags that make one the
+# other. In torch >= 2.6 AdamW is Adam with decoupled_weight_decay=True: same state keys,
+# same update, so flipping the flag is the whole conversion. The weight_decay value is kept;
+# note that it means L2 regularisation for Adam and decoupled decay for AdamW.
+COMPATIBLE: dict[str, dict[str, dict[str, Any]]] = {
+    "Adam": {"AdamW": {"decoupled_weight_decay": True}},
+    "AdamW": {"Adam": {"decoupled_weight_decay": False}},
+}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert_checkpoint` did."""
+
+    source: Path
+    out: Path
+    source_format: str
+    target_format: str
+    rewritten: list[str]  # key paths of optimizer state dicts given a new optimizer class
+
+
+def _canonical(name: str) -> str:
+    for known in COMPATIBLE:
+        if known.lower() == name.lower():
+            return known
+    return name
+
+
+def retarget(state_dict: dict[str, Any], target: str) -> dict[str, Any]:
+    """A copy of ``state_dict`` whose groups make ``torch.optim.<target>`` load it unchanged.
+
+    Raises:
+        IncompatibleStateError: the state dict's optimizer cannot become ``target``; the
+            message lists the targets it can become.
+    """
+    target = _canonical(target)
+    guess = guess_optimizer(state_dict)
+    source = guess.name
+    if source == target:
+        return state_dict
+    flags = COMPATIBLE.get(source or "", {}).get(target)
+    if flags is None:
+        targets = ", ".join(COMPATIBLE.get(source or "", {})) or "none"
+        raise IncompatibleStateError(
+            f"cannot convert {source or 'unrecognised optimizer'} state to {target}; "
+            f"compatible targets: {targets}"
+        )
+    groups = [{**g, **flags} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
+
+
+def convert_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    to: str | None = None,
+    optimizer: str | None = None,
+    key: str | None = None,
+    force: bool = False,
+    allow_globals: Iterable[str] = (),
+    progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
+
+    Args:
+        path: the checkpoint file.
+        out: the output file; its extension picks the format unless ``to`` is given.
+        to: ``"pt"`` or ``"safetensors"``.
+        optimizer: rewrite the optimizer state dicts (all, or the one at ``key``) for this
+            torch optimizer class (Adam <-> AdamW).
+        key: key path of the optimizer state dict ``optimizer`` applies to.
+        force: replace ``out`` if it exists.
+        allow_globals: globals to allow while unpickling.
+        progress: byte-count callback while writing.
+
+    Raises:
+        UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``.
+        IncompatibleStateError: an optimizer that cannot become ``optimizer``.
+        UnreadableCheckpointError: the input cannot be read.
+    """
+    path, out = Path(path), Path(out)
+    target = format_for(out, to)
+    check_output(out, [path], force=force)
+    if path.is_dir():
+        raise UsageError(
+            f"{path} is a folder; convert the optimizer file in it (e.g. {path}/optimizer.pt)"
+        )
+    if key is not None and optimizer is None:
+        raise UsageError(
+            "--key only picks the state dict --optimizer rewrites; give --optimizer too"
+        )
+    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    rewritten = []
+    if optimizer is not None:
+        for located in select_optimizers(checkpoint.root, key):
+            new = retarget(located.state_dict, optimizer)
+            if new is not located.state_dict:
+                # The loaded tree is ours (the file is mapped copy-on-write): edit it in place.
+                located.state_dict["param_groups"] = new["param_groups"]
+                rewritten.append(located.key)
+    save_checkpoint(checkpoint.root, out, target, progress=progress)
+    return ConvertResult(
+        source=path,
+        out=out,
+        source_format=checkpoint.format,
+        target_format=target,
+        rewritten=rewritten,
+    )

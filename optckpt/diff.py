@@ -1,0 +1,343 @@
+"""Compare two optimizer state dicts: structure first, then every state tensor's values.
+
+Parameters are matched by name when both sides carry ``param_names``, else by ID. Values are
+compared bitwise by default (two NaNs with the same bits are equal); with a tolerance, as
+``torch.isclose(a, b, rtol, atol, equal_nan=True)``. Tensors are read one pair at a time in
+chunks, so comparing memory-mapped checkpoints costs little more than the chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.inspect import jsonable
+from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.locate import Located, select_optimizers
+from optckpt.statedict import group_of, names_of, param_ids
+
+_CHUNK = 1 << 22  # elements compared at a time
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One difference.
+
+    Attributes:
+        kind: ``group_count``, ``group_size``, ``hyperparam``, ``param_added``,
+            ``param_removed``, ``state_key_added``, ``state_key_removed``, ``shape``,
+            ``dtype``, ``device``, ``step``, ``values`` or ``value``.
+        where: what differs, e.g. ``group 1`` or ``encoder.weight.exp_avg``.
+        a: the value in A (shape, dtype, ...), or ``None``.
+        b: the value in B, or ``None``.
+        detail: for ``values``: ``differing``, ``numel``, ``max_abs``, ``max_rel``.
+    """
+
+    kind: str
+    where: str
+    a: Any = None
+    b: Any = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairDiff:
+    """The differences between one optimizer state dict of A and one of B."""
+
+    key_a: str
+    key_b: str
+    match_by: str
+    differences: list[Difference]
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """The result of :func:`diff_checkpoints`."""
+
+    path_a: Path
+    path_b: Path
+    pairs: list[PairDiff]
+    tolerance: tuple[float, float] | None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing differs."""
+        return not any(p.differences for p in self.pairs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``diff --json`` object."""
+        return {
+            "ok": self.ok,
+            "a": str(self.path_a),
+            "b": str(self.path_b),
+            "tolerance": None
+            if self.tolerance is None
+            else {"rtol": self.tolerance[0], "atol": self.tolerance[1]},
+            "pairs": [
+                {
+                    "key_a": p.key_a,
+                    "key_b": p.key_b,
+                    "match_by": p.match_by,
+                    "differences": [
+                        {
+                            "kind": d.kind,
+                            "where": d.where,
+                            "a": jsonable(d.a),
+                            "b": jsonable(d.b),
+                            **jsonable(d.detail),
+                        }
+                        for d in p.differences
+                    ],
+                }
+                for p in self.pairs
+            ],
+        }
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality for hyperparameters and other plain values (NaN equals NaN, tensors by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and _count_differing(a, b, None)[0] == 0
+        )
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(type(a) is type(b) and a == b)
+
+
+def _count_differing(
+    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float] | None
+) -> tuple[int, float, float]:
+    """``(differing elements, max abs difference, max relative difference)`` of two tensors
+    of the same shape and dtype, read in chunks."""
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    differing, max_abs, max_rel = 0, 0.0, 0.0
+    bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
+    for start in range(0, fa.numel(), _CHUNK):
+        ca, cb = fa[start : start + _CHUNK], fb[start : start + _CHUNK]
+        if tolerance is None:
+            if bits is not None:  # bitwise: equal NaNs are equal, -0.0 differs from 0.0
+                mask = ca.contiguous().view(bits) != cb.contiguous().view(bits)
+            else:
+                mask = ca != cb
+        else:
+            rtol, atol = tolerance
+            mask = ~torch.isclose(ca, cb, rtol=rtol, atol=atol, equal_nan=True)
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        differing += n
+        wide = torch.complex128 if ca.is_complex() else torch.float64
+        da, db = ca[mask].to(wide), cb[mask].to(wide)
+        diff = (da - db).abs()
+        finite = torch.isfinite(diff)
+        if bool(finite.any()):
+            diff = diff[finite]
+            max_abs = max(max_abs, float(diff.max()))
+            rel = diff / db[finite].abs().clamp_min(torch.finfo(torch.float64).tiny)
+            max_rel = max(max_rel, float(rel.max()))
+        if not bool(finite.all()):
+            max_abs = max_rel = math.inf
+    return differing, max_abs, max_rel
+
+
+def _compare(
+    a: Any,
+    b: Any,
+    where: str,
+    tolerance: tuple[float, float] | None,
+    ca: Checkpoint,
+    cb: Checkpoint,
+    out: list[Difference],
+) -> None:
+    key = where.rsplit(".", 1)[-1]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            out.append(Difference("shape", where, list(a.shape), list(b.shape)))
+            return
+        if a.dtype != b.dtype:
+            out.append(
+                Difference(
+                    "dtype",
+                    where,
+                    str(a.dtype).removeprefix("torch."),
+                    str(b.dtype).removeprefix("torch."),
+                )
+            )
+            return
+        dev_a, dev_b = ca.saved_device(a), cb.saved_device(b)
+        if dev_a != dev_b:
+            out.append(Difference("device", where, dev_a, dev_b))
+        if a.device.type == "meta" or b.device.type == "meta":
+            return
+        differing, max_abs, max_rel = _count_differing(a, b, tolerance)
+        if differing:
+            if key == "step" and a.numel() == 1:
+                out.append(Difference("step", where, a.item(), b.item()))
+            else:
+                detail = {
+                    "differing": differing,
+                    "numel": a.numel(),
+                    "max_abs": max_abs,
+                    "max_rel": max_rel,
+                }
+                out.append(Difference("values", where, None, None, detail))
+        return
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in a:
+            if k not in b:
+                out.append(Difference("state_key_removed", f"{where}.{k}", jsonable(a[k]), None))
+        for k in b:
+            if k not in a:
+                out.append(Difference("state_key_added", f"{where}.{k}", None, jsonable(b[k])))
+        for k in a:
+            if k in b:
+                _compare(a[k], b[k], f"{where}.{k}", tolerance, ca, cb, out)
+        return
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _compare(x, y, f"{where}.{i}", tolerance, ca, cb, out)
+        return
+    if key == "step" and _is_number(a) and _is_number(b):
+        if _tensor_free_number(a) != _tensor_free_number(b) or type(a) is not type(b):
+            out.append(Difference("step", where, jsonable(a), jsonable(b)))
+        return
+    if not _same(a, b):
+        out.append(Difference("value", where, jsonable(a), jsonable(b)))
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) or (
+        isinstance(x, torch.Tensor) and x.numel() == 1
+    )
+
+
+def _tensor_free_number(x: Any) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def diff_state_dicts(
+    a: Located,
+    b: Located,
+    *,
+    tolerance: tuple[float, float] | None = None,
+    checkpoints: tuple[Checkpoint, Checkpoint] | None = None,
+) -> PairDiff:
+    """Every difference between two optimizer state dicts.
+
+    Args:
+        a, b: the state dicts and their key paths.
+        tolerance: ``(rtol, atol)`` for ``torch.isclose``; ``None`` compares bits.
+        checkpoints: the checkpoints they came from, to compare saved devices.
+    """
+    sa, sb = a.state_dict, b.state_dict
+    if checkpoints is None:
+        dummy = Checkpoint(path=Path(), format="", size=0, root=None)
+        checkpoints = (dummy, dummy)
+    ca, cb = checkpoints
+    out: list[Difference] = []
+    ga, gb = sa["param_groups"], sb["param_groups"]
+    if len(ga) != len(gb):
+        out.append(Difference("group_count", "param_groups", len(ga), len(gb)))
+    for index, (x, y) in enumerate(zip(ga, gb)):
+        if len(x["params"]) != len(y["params"]):
+            out.append(
+                Difference("group_size", f"group {index}", len(x["params"]), len(y["params"]))
+            )
+        for k in sorted({*x, *y} - {"params", "param_names"}, key=str):
+            if k not in x or k not in y or not _same(x[k], y[k]):
+                out.append(
+                    Difference(
+                        "hyperparam", f"group {index}.{k}", jsonable(x.get(k)), jsonable(y.get(k))
+                    )
+                )
+
+    names_a, names_b = names_of(sa), names_of(sb)
+    ids_a, ids_b = param_ids(sa), param_ids(sb)
+    by_name = (
+        bool(ids_a) and bool(ids_b) and len(names_a) == len(ids_a) and len(names_b) == len(ids_b)
+    )
+    if by_name:
+        label_a = {pid: names_a[pid] for pid in ids_a}
+        label_b = {pid: names_b[pid] for pid in ids_b}
+    else:
+        label_a = {pid: f"ID {pid}" for pid in ids_a}
+        label_b = {pid: f"ID {pid}" for pid in ids_b}
+    id_of_b = {label: pid for pid, label in label_b.items()}
+    group_a, group_b = group_of(sa), group_of(sb)
+    for pid in ids_a:
+        label = label_a[pid]
+        if label not in id_of_b:
+            out.append(Difference("param_removed", label, group_a.get(pid), None))
+            continue
+        other = id_of_b[label]
+        if by_name and group_a.get(pid) != group_b.get(other) and len(ga) == len(gb):
+            out.append(Difference("value", f"{label} group", group_a.get(pid), group_b.get(other)))
+        state_a, state_b = sa["state"].get(pid, {}), sb["state"].get(other, {})
+        _compare(state_a, state_b, label, tolerance, ca, cb, out)
+    known_a = set(label_a.values())
+    for pid in ids_b:
+        if label_b[pid] not in known_a:
+            out.append(Difference("param_added", label_b[pid], None, group_b.get(pid)))
+    return PairDiff(a.key, b.key, "name" if by_name else "id", out)
+
+
+def _pairs(found_a: list[Located], found_b: list[Located]) -> list[tuple[Located, Located]]:
+    if len(found_a) == 1 and len(found_b) == 1:
+        return [(found_a[0], found_b[0])]
+    keys_a, keys_b = [f.key for f in found_a], [f.key for f in found_b]
+    if keys_a == keys_b:
+        return list(zip(found_a, found_b))
+    raise UsageError(
+        f"cannot pair the optimizer state dicts (A has {', '.join(map(repr, keys_a))}; "
+        f"B has {', '.join(map(repr, keys_b))}); pick them with --key-a and --key-b"
+    )
+
+
+def diff_checkpoints(
+    path_a: str | Path,
+    path_b: str | Path,
+    *,
+    key_a: str | None = None,
+    key_b: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    allow_globals: Iterable[str] = (),
+) -> DiffReport:
+    """Compare the optimizer state dicts of two checkpoints (any formats).
+
+    Without keys, a file holding one state dict is paired with the other's one, and files
+    holding several are paired key by key. With ``rtol`` or ``atol`` (the other defaults to
+    0), values are compared with ``torch.isclose``; otherwise bitwise.
+
+    Raises:
+        UsageError: unpairable state dicts, a bad key or a negative tolerance.
+        UnreadableCheckpointError: either input cannot be read.
+    """
+    tolerance = None
+    if rtol is not None or atol is not None:
+        tolerance = (rtol or 0.0, atol or 0.0)
+        if min(tolerance) < 0:
+            raise UsageError("--rtol and --atol must not be negative")
+    ca = load_checkpoint(path_a, allow_globals=allow_globals)
+    cb = load_checkpoint(path_b, allow_globals=allow_globals)
+    pairs = _pairs(select_optimizers(ca.root, key_a), select_optimizers(cb.root, key_b))
+    return DiffReport(
+        path_a=Path(path_a),
+        path_b=Path(path_b),
+        pairs=[diff_state_dicts(x, y, tolerance=tolerance, checkpoints=(ca, cb)) for x, y in pairs],
+        tolerance=tolerance,
+    )

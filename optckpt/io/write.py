@@ -1,0 +1,125 @@
+"""Writing checkpoints: atomically, never over the input, never half a file.
+
+Every writing command goes through :func:`atomic_output`: the data goes to a temporary file
+in the target folder, is flushed and fsynced, then renamed over the target with
+``os.replace`` (atomic on POSIX), and the folder is fsynced so the rename survives a crash.
+On any exception, Ctrl-C included, the temporary file is removed and nothing appears at the
+target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.io.safetensors_format import write_safetensors
+
+FORMATS = ("pt", "safetensors")
+
+
+def format_for(path: Path, requested: str | None = None) -> str:
+    """The output format: ``requested`` if given, else from the extension (``pt`` by default).
+
+    Raises:
+        UsageError: an unknown ``requested`` format.
+    """
+    if requested is not None:
+        if requested not in FORMATS:
+            raise UsageError(f"unknown format {requested!r}; choose one of: {', '.join(FORMATS)}")
+        return requested
+    return "safetensors" if path.suffix == ".safetensors" else "pt"
+
+
+def check_output(out: Path, inputs: Iterable[Path], *, force: bool) -> None:
+    """Refuse an output that is one of the inputs, or that exists without ``force``.
+
+    Raises:
+        UsageError: the output would overwrite an input or an existing file.
+    """
+    for source in inputs:
+        if out.resolve() == source.resolve() or (out.exists() and out.samefile(source)):
+            raise UsageError(f"-o {out} is the input; write to a new file")
+        if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+            raise UsageError(f"-o {out} is inside the input folder {source}")
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a folder; give a file name")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: folder {out.parent} does not exist")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; on success move it to ``out``, else delete it."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a new file gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _CountingFile:
+    """A binary file that reports the bytes written through it (torch.save writes in chunks)."""
+
+    def __init__(self, f: Any, progress: Callable[[int], None]) -> None:
+        self._f = f
+        self._progress = progress
+
+    def write(self, data: bytes) -> int:
+        n = self._f.write(data)
+        self._progress(len(data))
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def save_checkpoint(
+    tree: Any, out: Path, fmt: str, *, progress: Callable[[int], None] | None = None
+) -> None:
+    """Write ``tree`` to ``out`` atomically, as a torch zip file (``pt``) or safetensors.
+
+    Call :func:`check_output` first; this function does not ask whether ``out`` may be
+    replaced.
+
+    Args:
+        tree: the checkpoint.
+        out: the target file.
+        fmt: ``"pt"`` or ``"safetensors"``.
+        progress: called with the number of bytes of each write (torch files only;
+            safetensors writes in one call).
+    """
+    with atomic_output(out) as tmp:
+        if fmt == "safetensors":
+            write_safetensors(tree, tmp)
+            return
+        with tmp.open("wb") as f:
+            torch.save(tree, _CountingFile(f, progress) if progress else f)
+            f.flush()

@@ -1,0 +1,175 @@
+"""Move optimizer state to another device and dtype, following torch's casting policy.
+
+``step`` stays where it is (a CPU float tensor, or a Python number) unless its group is
+``fused`` or ``capturable``, whose kernels want it as float32 on the parameter's device —
+the rule of ``Optimizer._process_value_according_to_param_policy``. ``dtype`` casts floating
+state tensors, never ``step`` and never integer or bool tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.io import load_checkpoint
+from optckpt.io.write import check_output, format_for, save_checkpoint
+from optckpt.locate import select_optimizers
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_device(text: str) -> torch.device:
+    """Parse and check a device: it must exist on this machine (``meta`` always does).
+
+    Raises:
+        UsageError: not a device name, or a device this machine does not have.
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise UsageError(f"--device {text!r} is not a device ({e})") from e
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        raise UsageError(
+            f"--device {text}: no such device on this machine ({str(e).splitlines()[0]})"
+        ) from e
+    return device
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; only floating dtypes.
+
+    Raises:
+        UsageError: any other name.
+    """
+    try:
+        return DTYPES[text.removeprefix("torch.")]
+    except KeyError:
+        raise UsageError(f"--dtype {text!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def _move(
+    value: Any, key: Any, device: torch.device, dtype: torch.dtype | None, placed: bool
+) -> Any:
+    if isinstance(value, torch.Tensor):
+        if key == "step":
+            return value.to(device=device, dtype=torch.float32) if placed else value
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device=device)
+    if isinstance(value, Mapping):
+        return {k: _move(v, k, device, dtype, placed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_move(v, None, device, dtype, placed) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_move(v, None, device, dtype, placed) for v in value)
+    return value
+
+
+def move_state(
+    state_dict: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``).
+
+    Hyperparameters are left as they are (a Tensor ``lr`` stays where it was).
+    """
+    placed = {}
+    for group in state_dict["param_groups"]:
+        flag = bool(group.get("fused") or group.get("capturable"))
+        for pid in group["params"]:
+            placed.setdefault(pid, flag)
+    state = {
+        pid: _move(value, None, device, dtype, placed.get(pid, False))
+        for pid, value in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def move_all(node: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Every tensor of a tree (outside optimizer state) to ``device``; floating ones to ``dtype``."""
+    return _move(node, None, device, dtype, False)
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    """What :func:`move_checkpoint` did."""
+
+    out: Path
+    device: str
+    dtype: str | None
+    optimizers: list[str]
+    all_tensors: bool
+
+
+def move_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    device: str,
+    dtype: str | None = None,
+    key: str | None = None,
+    all_tensors: bool = False,
+    force: bool = False,
+    allow_globals: Iterable[str] = (),
+    progress: Callable[[int], None] | None = None,
+) -> MoveResult:
+    """Write ``path`` to ``out`` with its optimizer state moved to ``device`` / ``dtype``.
+
+    Everything else in the file is kept as it was, unless ``all_tensors``: then every tensor
+    moves too (model weights take ``dtype`` as well, when floating).
+
+    Raises:
+        UsageError: a bad device, dtype or output path.
+        UnreadableCheckpointError: the input cannot be read or holds no optimizer state.
+    """
+    path, out = Path(path), Path(out)
+    target = format_for(out)
+    torch_device = parse_device(device)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    check_output(out, [path], force=force)
+    if path.is_dir():
+        raise UsageError(
+            f"{path} is a folder; move the optimizer file in it (e.g. {path}/optimizer.pt)"
+        )
+    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    found = select_optimizers(checkpoint.root, key)
+    moved = {id(f.state_dict): move_state(f.state_dict, torch_device, torch_dtype) for f in found}
+    # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
+    for f in found:
+        f.state_dict["state"] = moved[id(f.state_dict)]["state"]
+    root = checkpoint.root
+    if all_tensors:
+        root = _move_outside(root, torch_device, torch_dtype, set(moved))
+    save_checkpoint(root, out, target, progress=progress)
+    return MoveResult(
+        out=out,
+        device=str(torch_device),
+        dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
+        optimizers=[f.key for f in found],
+        all_tensors=all_tensors,
+    )
+
+
+def _move_outside(
+    node: Any, device: torch.device, dtype: torch.dtype | None, done: set[int]
+) -> Any:
+    """Move every tensor but the optimizer states already moved (their dicts' ids in ``done``)."""
+    if id(node) in done:
+        return node
+    if isinstance(node, Mapping):
+        return {k: _move_outside(v, device, dtype, done) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        items = [_move_outside(v, device, dtype, done) for v in node]
+        return items if isinstance(node, list) else tuple(items)
+    return move_all(node, device, dtype)
