@@ -44,7 +44,8 @@ def check_output(out: Path, inputs: Iterable[Path], *, force: bool) -> None:
         UsageError: the output would overwrite an input or an existing file.
     """
     for source in inputs:
-        if out.resolve() == source.resolve() or (out.exists() and out.samefile(source)):
+        same_file = out.exists() and source.exists() and out.samefile(source)
+        if out.resolve() == source.resolve() or same_file:
             raise UsageError(f"-o {out} is the input; write to a new file")
         if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
             raise UsageError(f"-o {out} is inside the input folder {source}")
@@ -80,8 +81,12 @@ def atomic_output(out: Path) -> Iterator[Path]:
         tmp.chmod(0o666 & ~umask)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # torch's zip writer turns an interrupt raised inside a write into a RuntimeError when
+        # it closes the archive; report it as the Ctrl-C it was.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
         raise
 
 

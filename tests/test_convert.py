@@ -1,0 +1,155 @@
+"""convert: .pt <-> .safetensors round trips are exact; Adam <-> AdamW loads into torch unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from optckpt.convert import convert_checkpoint, retarget
+from optckpt.diff import diff_checkpoints
+from optckpt.errors import IncompatibleStateError, UsageError
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FILES = [
+    "adamw_train.pt",
+    "adamw_train.safetensors",
+    "sgd_momentum_bare.pt",
+    "lightning.ckpt",
+    "legacy_adam.pt",
+    "cuda_adam.pt",
+    "hf_trainer/checkpoint-2/optimizer.pt",
+]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact equality: same container types, same keys in order, tensors bitwise with dtype."""
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+        )
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _load(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from optckpt.io import load_checkpoint
+
+        return load_checkpoint(path).root
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
+    source = FIXTURES / name
+    before = _digest(source)
+    there = tmp_path / ("there.pt" if source.suffix == ".safetensors" else "there.safetensors")
+    back = tmp_path / ("back.safetensors" if source.suffix == ".safetensors" else "back.pt")
+    convert_checkpoint(source, there)
+    convert_checkpoint(there, back)
+    assert same(_load(source), _load(back))
+    for other in (there, back):
+        report = diff_checkpoints(source, other)
+        # converted files hold CPU tensors: a CUDA checkpoint differs only in saved devices
+        kinds = {d.kind for p in report.pairs for d in p.differences}
+        assert kinds == ({"device"} if name == "cuda_adam.pt" else set())
+    assert _digest(source) == before
+
+
+def test_exotic_values_survive(tmp_path: Path) -> None:
+    w = torch.randn(4, 6)
+    tree = {
+        "model": {"w": w, "w_t": w.t(), "tied": w, "half": torch.randn(3).half(), "bf": torch.randn(3).bfloat16()},
+        "optimizer": {
+            "state": {
+                0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(4, 6), "count": torch.arange(3)},
+                2: {"step": 5, "note": "kept", "nested": [torch.ones(2), (1, 2.5)]},
+            },
+            "param_groups": [
+                {"params": [0, 1], "lr": torch.tensor(0.01), "betas": (0.9, 0.95), "eps": float("inf"), "x": None},
+                {"params": [2], "lr": 1e-3, "betas": (0.8, 0.9), "eps": float("nan"), "x": True},
+            ],
+        },
+        "epoch": 4,
+        "scheduler": {"last_epoch": 3, "_last_lr": [0.1, 0.2], "dtype": torch.float16},
+    }
+    src = tmp_path / "src.pt"
+    torch.save(tree, src)
+    convert_checkpoint(src, tmp_path / "x.safetensors")
+    convert_checkpoint(tmp_path / "x.safetensors", tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    nan = back["optimizer"]["param_groups"][1].pop("eps")
+    tree["optimizer"]["param_groups"][1].pop("eps")
+    assert nan != nan
+    assert same(tree, back)
+    # the same tensor twice stays one tensor; a view of it becomes its own tensor
+    assert back["model"]["w"] is back["model"]["tied"]
+    assert torch.equal(back["model"]["w_t"], w.t())
+
+
+def _adam_pair() -> tuple[nn.Module, torch.optim.Adam]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+    return model, opt
+
+
+def test_adam_to_adamw_loads_into_torch_adamw_with_identical_state(tmp_path: Path) -> None:
+    model, adam = _adam_pair()
+    src = tmp_path / "adam.pt"
+    torch.save({"optimizer": adam.state_dict()}, src)
+    result = convert_checkpoint(src, tmp_path / "adamw.pt", optimizer="adamw")
+    assert result.rewritten == ["optimizer"]
+    converted = torch.load(tmp_path / "adamw.pt", weights_only=True)["optimizer"]
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.load_state_dict(converted)
+    assert adamw.param_groups[0]["decoupled_weight_decay"] is True
+    for p in model.parameters():
+        for k, v in adam.state[p].items():
+            assert torch.equal(adamw.state[p][k], v)
+    # a step now decays the weights the AdamW way: same as a reference AdamW built that way
+    reference = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    reference.load_state_dict(adam.state_dict())
+    reference.param_groups[0]["decoupled_weight_decay"] = True
+    assert {k: v for k, v in adamw.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in reference.param_groups[0].items() if k != "params"
+    }
+
+
+def test_adamw_back_to_adam(tmp_path: Path) -> None:
+    converted = retarget(torch.load(FIXTURES / "adamw_train.pt", weights_only=True)["optimizer"], "Adam")
+    assert all(g["decoupled_weight_decay"] is False for g in converted["param_groups"])
+
+
+def test_incompatible_target_lists_compatible_ones(tmp_path: Path) -> None:
+    with pytest.raises(IncompatibleStateError, match="compatible targets: AdamW"):
+        convert_checkpoint(FIXTURES / "legacy_adam.pt", tmp_path / "x.pt", optimizer="sgd")
+    with pytest.raises(IncompatibleStateError, match="compatible targets: none"):
+        convert_checkpoint(FIXTURES / "sgd_momentum_bare.pt", tmp_path / "x.pt", optimizer="adam")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_folder_and_key_without_optimizer(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="folder"):
+        convert_checkpoint(FIXTURES / "hf_trainer" / "checkpoint-2", tmp_path / "x.pt")
+    with pytest.raises(UsageError, match="--optimizer"):
+        convert_checkpoint(FIXTURES / "adamw_train.pt", tmp_path / "x.pt", key="optimizer")
