@@ -239,24 +239,28 @@ def _info(tensor: torch.Tensor, checkpoint: Checkpoint) -> TensorInfo:
 def tensor_stats(tensor: torch.Tensor) -> TensorStats:
     """Norm, finite min/max, non-finite count, RMS and mean of a tensor, read in chunks.
 
-    Chunks keep the float64 working copy small, so a memory-mapped tensor is streamed
-    through rather than copied whole.
+    Floating chunks are reduced in their own dtype with float64 accumulation (no float64
+    copy), so a memory-mapped tensor is streamed through rather than copied whole.
     """
     flat = tensor.detach().reshape(-1)
     total_sq = total = 0.0
     nonfinite = 0
     low = high = None
     for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        chunk = flat[start : start + _CHUNK]
         if chunk.is_complex():
             chunk = chunk.abs()
+        elif not chunk.is_floating_point():
+            chunk = chunk.to(torch.float64)
         finite = torch.isfinite(chunk)
-        nonfinite += int((~finite).sum())
-        values = chunk[finite] if not bool(finite.all()) else chunk
-        if values.numel():
-            total_sq += float(values.square().sum())
-            total += float(values.sum())
-            lo, hi = float(values.min()), float(values.max())
+        bad = chunk.numel() - int(finite.sum())
+        if bad:
+            nonfinite += bad
+            chunk = chunk[finite]
+        if chunk.numel():
+            total_sq += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
+            total += float(chunk.sum(dtype=torch.float64))
+            lo, hi = (float(x) for x in torch.aminmax(chunk))
             low = lo if low is None else min(low, lo)
             high = hi if high is None else max(high, hi)
     n = max(flat.numel() - nonfinite, 1)

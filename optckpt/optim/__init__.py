@@ -1,5 +1,45 @@
-"""optckpt's own reimplementations of the torch optimizers, and the optimizer guesser."""
+"""optckpt's own reimplementations of the torch optimizers, and the optimizer guesser.
 
+Every bundled optimizer matches its ``torch.optim`` class of the installed torch: constructor
+signature, defaults, validation (same exception types), param-group keys, state keys and
+dtypes, ``state_dict()`` output, and steps bit for bit on the CPU (float32 and float64, with
+``foreach`` on or off; ``fused=True`` runs torch's own fused ATen kernel).
+
+Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``step`` state):
+
+1. ``optckpt/optim/<name>.py`` with a subclass of :class:`~optckpt.optim.base.Optimizer`:
+   ``__init__`` validates in torch's order, builds ``defaults`` with torch's keys in torch's
+   order and calls ``super().__init__``; ``__setstate__`` calls ``super().__setstate__`` and
+   then does what torch's ``__setstate__`` does (``setdefault`` of newer group keys, a Python
+   number ``step`` made a tensor with :func:`~optckpt.optim.base.scalar_tensor`);
+   ``_init_group`` creates state lazily as torch does; ``step`` is decorated with
+   :func:`~optckpt.optim.base.use_grad_for_differentiable` (or ``torch.no_grad()`` where torch
+   uses that) and gets the step hooks from the base class automatically.
+2. Private ``_<name>_for_loop``, ``_<name>_foreach`` (and ``_<name>_fused``) functions that run
+   torch's ops in torch's order, and a ``_<name>`` function that picks one as torch's
+   functional API does. Never call ``torch.optim`` code; the helpers in ``base`` mirror
+   torch's private ones (``group_tensors_by_device_and_dtype``, ``to_scalar``, ...).
+3. Register the class in ``registry._BUNDLED`` and export it here.
+4. Add a ``Row`` to ``ROWS`` in ``tests/optim/test_parity.py``: the torch class, ours, option
+   sets, hyperparameters for two extra groups, the arguments torch rejects, and which
+   implementations it has.
+"""
+
+from optckpt.optim.adam import Adam
+from optckpt.optim.adamw import AdamW
+from optckpt.optim.base import Optimizer
 from optckpt.optim.guess import Guess, guess_optimizer
+from optckpt.optim.registry import UnknownOptimizerError, by_name, names
+from optckpt.optim.sgd import SGD
 
-__all__ = ["Guess", "guess_optimizer"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Guess",
+    "Optimizer",
+    "UnknownOptimizerError",
+    "by_name",
+    "guess_optimizer",
+    "names",
+]
