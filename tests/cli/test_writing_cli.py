@@ -1,0 +1,182 @@
+"""CLI paths of diff, move and convert: exit codes, stdout, the one-line stderr, nothing left behind."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from optckpt.cli.app import app
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
+runner = CliRunner()
+
+
+def _one_line_error(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# diff -------------------------------------------------------------------------------------
+
+
+def test_diff_identical_exits_0_with_one_line() -> None:
+    result = runner.invoke(app, ["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "adamw_train.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == "identical (bitwise)"
+
+
+def test_diff_different_exits_1_with_a_table(tmp_path: Path) -> None:
+    sd = torch.load(FIXTURES / "sgd_momentum_bare.pt", weights_only=True)
+    other = copy.deepcopy(sd)
+    other["param_groups"][0]["lr"] = 0.5
+    other["state"][0]["momentum_buffer"] += 1
+    torch.save(other, tmp_path / "b.pt")
+    result = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt")])
+    assert result.exit_code == 1
+    assert "hyperparam" in result.stdout and "group 0.lr" in result.stdout
+    assert "ID 0.momentum_buffer" in result.stdout
+    assert "2 differences" in result.stdout
+
+    as_json = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--json"])
+    assert as_json.exit_code == 1
+    data = json.loads(as_json.stdout)
+    assert data["ok"] is False
+    assert {d["kind"] for d in data["pairs"][0]["differences"]} == {"hyperparam", "values"}
+
+    close = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--atol", "2"])
+    assert close.exit_code == 1  # lr still differs
+    assert "values" not in close.stdout
+
+
+def test_diff_json_ok_when_identical() -> None:
+    path = str(FIXTURES / "lightning.ckpt")
+    result = runner.invoke(app, ["diff", path, path, "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["diff", "missing.pt", str(FIXTURES / "adamw_train.pt")], 3, "no such file"),
+        (["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "unsafe_namespace.pt")], 3, "argparse.Namespace"),
+        (["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "lightning.ckpt"), "--key-b", "x"], 2, "'optimizer_states.0'"),
+    ],
+)
+def test_diff_errors(args: list[str], code: int, needle: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == code
+    _one_line_error(result.stderr, needle)
+
+
+# convert ----------------------------------------------------------------------------------
+
+
+def test_convert_there_and_back(tmp_path: Path) -> None:
+    source = FIXTURES / "lightning.ckpt"
+    before = _sha(source)
+    result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "l.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    assert "safetensors" in result.stdout
+    back = runner.invoke(app, ["convert", str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "l.ckpt"), "--to", "pt"])
+    assert back.exit_code == 0, back.stderr
+    assert runner.invoke(app, ["diff", str(source), str(tmp_path / "l.ckpt")]).exit_code == 0
+    loaded = torch.load(tmp_path / "l.ckpt", weights_only=True)
+    assert loaded["pytorch-lightning_version"] == "2.4.0" and loaded["global_step"] == 2
+    assert _sha(source) == before
+
+
+def test_convert_refuses_input_and_existing_output(tmp_path: Path) -> None:
+    source = tmp_path / "a.pt"
+    source.write_bytes((FIXTURES / "adamw_train.pt").read_bytes())
+    same = runner.invoke(app, ["convert", str(source), "-o", str(source)])
+    assert same.exit_code == 2
+    _one_line_error(same.stderr, "is the input")
+    existing = tmp_path / "b.safetensors"
+    existing.write_bytes(b"precious")
+    refused = runner.invoke(app, ["convert", str(source), "-o", str(existing)])
+    assert refused.exit_code == 2
+    _one_line_error(refused.stderr, "--force")
+    assert existing.read_bytes() == b"precious"
+    forced = runner.invoke(app, ["convert", str(source), "-o", str(existing), "--force"])
+    assert forced.exit_code == 0
+    assert existing.read_bytes() != b"precious"
+
+
+def test_convert_incompatible_optimizer_exits_4(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["convert", str(FIXTURES / "sgd_momentum_bare.pt"), "-o", str(tmp_path / "x.pt"), "--optimizer", "adamw"])
+    assert result.exit_code == 4
+    _one_line_error(result.stderr, "compatible targets")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((FIXTURES / "adamw_train.pt").read_bytes()[:500])
+    result = runner.invoke(app, ["convert", str(bad), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 3
+    _one_line_error(result.stderr, "truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_convert_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        Path(str(args[1])).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        runner.invoke(app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(tmp_path / "o.safetensors")], catch_exceptions=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# move -------------------------------------------------------------------------------------
+
+
+def test_move_to_bfloat16(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["move", str(FIXTURES / "cuda_adam.pt"), "--device", "cpu", "--dtype", "bfloat16", "-o", str(tmp_path / "m.pt")])
+    assert result.exit_code == 0, result.stderr
+    assert "bfloat16" in result.stdout
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["optimizer"]["state"]
+    assert all(s["exp_avg"].dtype == torch.bfloat16 and s["step"].dtype == torch.float32 for s in state.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "nowhere"], "not a device"),
+        (["--device", "cpu", "--dtype", "int8"], "bfloat16"),
+    ],
+)
+def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), *args, "-o", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2
+    _one_line_error(result.stderr, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), "--device", "cuda:0", "-o", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2
+    _one_line_error(result.stderr, "no such device")
+
+
+def test_move_needs_output() -> None:
+    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), "--device", "cpu"])
+    assert result.exit_code == 2
