@@ -19,6 +19,7 @@ import torch
 from optckpt.errors import UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.io.pages import Releaser, release
 from optckpt.locate import Located, select_optimizers
 from optckpt.statedict import group_of, names_of, param_ids
 
@@ -154,69 +155,68 @@ def _count_differing(
     return differing, max_abs, max_rel
 
 
-def _compare(
-    a: Any,
-    b: Any,
-    where: str,
-    tolerance: tuple[float, float] | None,
-    ca: Checkpoint,
-    cb: Checkpoint,
-    out: list[Difference],
-) -> None:
-    key = where.rsplit(".", 1)[-1]
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+@dataclass
+class _Comparer:
+    """Compares state values recursively, collecting :class:`Difference` s in ``found``."""
+
+    tolerance: tuple[float, float] | None
+    checkpoints: tuple[Checkpoint, Checkpoint]
+    releaser: Releaser
+    found: list[Difference] = field(default_factory=list)
+
+    def tensors(self, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
         if a.shape != b.shape:
-            out.append(Difference("shape", where, list(a.shape), list(b.shape)))
+            self.found.append(Difference("shape", where, list(a.shape), list(b.shape)))
             return
         if a.dtype != b.dtype:
-            out.append(
-                Difference(
-                    "dtype",
-                    where,
-                    str(a.dtype).removeprefix("torch."),
-                    str(b.dtype).removeprefix("torch."),
-                )
-            )
+            names = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
+            self.found.append(Difference("dtype", where, *names))
             return
-        dev_a, dev_b = ca.saved_device(a), cb.saved_device(b)
+        dev_a, dev_b = self.checkpoints[0].saved_device(a), self.checkpoints[1].saved_device(b)
         if dev_a != dev_b:
-            out.append(Difference("device", where, dev_a, dev_b))
+            self.found.append(Difference("device", where, dev_a, dev_b))
         if a.device.type == "meta" or b.device.type == "meta":
             return
-        differing, max_abs, max_rel = _count_differing(a, b, tolerance)
-        if differing:
-            if key == "step" and a.numel() == 1:
-                out.append(Difference("step", where, a.item(), b.item()))
-            else:
-                detail = {
-                    "differing": differing,
-                    "numel": a.numel(),
-                    "max_abs": max_abs,
-                    "max_rel": max_rel,
-                }
-                out.append(Difference("values", where, None, None, detail))
-        return
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for k in a:
-            if k not in b:
-                out.append(Difference("state_key_removed", f"{where}.{k}", jsonable(a[k]), None))
-        for k in b:
-            if k not in a:
-                out.append(Difference("state_key_added", f"{where}.{k}", None, jsonable(b[k])))
-        for k in a:
-            if k in b:
-                _compare(a[k], b[k], f"{where}.{k}", tolerance, ca, cb, out)
-        return
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _compare(x, y, f"{where}.{i}", tolerance, ca, cb, out)
-        return
-    if key == "step" and _is_number(a) and _is_number(b):
-        if _tensor_free_number(a) != _tensor_free_number(b) or type(a) is not type(b):
-            out.append(Difference("step", where, jsonable(a), jsonable(b)))
-        return
-    if not _same(a, b):
-        out.append(Difference("value", where, jsonable(a), jsonable(b)))
+        differing, max_abs, max_rel = _count_differing(a, b, self.tolerance)
+        self.releaser.read(a.numel() * a.element_size() + b.numel() * b.element_size())
+        if not differing:
+            return
+        if where.endswith(".step") and a.numel() == 1:
+            self.found.append(Difference("step", where, a.item(), b.item()))
+            return
+        detail = {
+            "differing": differing,
+            "numel": a.numel(),
+            "max_abs": max_abs,
+            "max_rel": max_rel,
+        }
+        self.found.append(Difference("values", where, None, None, detail))
+
+    def compare(self, a: Any, b: Any, where: str) -> None:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            self.tensors(a, b, where)
+        elif isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in a:
+                if k not in b:
+                    self.found.append(
+                        Difference("state_key_removed", f"{where}.{k}", jsonable(a[k]), None)
+                    )
+            for k in b:
+                if k not in a:
+                    self.found.append(
+                        Difference("state_key_added", f"{where}.{k}", None, jsonable(b[k]))
+                    )
+            for k in a:
+                if k in b:
+                    self.compare(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                self.compare(x, y, f"{where}.{i}")
+        elif where.endswith(".step") and _is_number(a) and _is_number(b):
+            if _tensor_free_number(a) != _tensor_free_number(b) or type(a) is not type(b):
+                self.found.append(Difference("step", where, jsonable(a), jsonable(b)))
+        elif not _same(a, b):
+            self.found.append(Difference("value", where, jsonable(a), jsonable(b)))
 
 
 def _is_number(x: Any) -> bool:
@@ -247,8 +247,9 @@ def diff_state_dicts(
     if checkpoints is None:
         dummy = Checkpoint(path=Path(), format="", size=0, root=None)
         checkpoints = (dummy, dummy)
-    ca, cb = checkpoints
-    out: list[Difference] = []
+    sources = [*checkpoints[0].sources, *checkpoints[1].sources]
+    comparer = _Comparer(tolerance, checkpoints, Releaser(sources))
+    out = comparer.found
     ga, gb = sa["param_groups"], sb["param_groups"]
     if len(ga) != len(gb):
         out.append(Difference("group_count", "param_groups", len(ga), len(gb)))
@@ -287,11 +288,12 @@ def diff_state_dicts(
         if by_name and group_a.get(pid) != group_b.get(other) and len(ga) == len(gb):
             out.append(Difference("value", f"{label} group", group_a.get(pid), group_b.get(other)))
         state_a, state_b = sa["state"].get(pid, {}), sb["state"].get(other, {})
-        _compare(state_a, state_b, label, tolerance, ca, cb, out)
+        comparer.compare(state_a, state_b, label)
     known_a = set(label_a.values())
     for pid in ids_b:
         if label_b[pid] not in known_a:
             out.append(Difference("param_added", label_b[pid], None, group_b.get(pid)))
+    release(sources)
     return PairDiff(a.key, b.key, "name" if by_name else "id", out)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.io.pages import Releaser
 from optckpt.locate import Located, select_optimizers
 from optckpt.optim.guess import Guess, guess_optimizer
 from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, names_of, param_ids
@@ -70,13 +71,25 @@ class ParamReport:
     state: dict[str, TensorInfo | Any]
     stats: dict[str, TensorStats] = field(default_factory=dict)
 
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every state tensor, including those inside lists (LBFGS keeps its history so)."""
+        return list(_tensor_infos(self.state.values()))
+
     @property
     def numel(self) -> int:
-        return sum(v.numel for v in self.state.values() if isinstance(v, TensorInfo))
+        return sum(v.numel for v in self.tensor_infos())
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.state.values() if isinstance(v, TensorInfo))
+        return sum(v.nbytes for v in self.tensor_infos())
+
+
+def _tensor_infos(values: Iterable[Any]) -> Iterator[TensorInfo]:
+    for value in values:
+        if isinstance(value, TensorInfo):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensor_infos(value)
 
 
 @dataclass(frozen=True)
@@ -126,10 +139,9 @@ class OptimizerReport:
         """Elements and bytes of state tensors per dtype."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"numel": 0, "bytes": 0})
         for p in self.params:
-            for v in p.state.values():
-                if isinstance(v, TensorInfo):
-                    out[v.dtype]["numel"] += v.numel
-                    out[v.dtype]["bytes"] += v.nbytes
+            for v in p.tensor_infos():
+                out[v.dtype]["numel"] += v.numel
+                out[v.dtype]["bytes"] += v.nbytes
         return dict(sorted(out.items()))
 
 
@@ -184,17 +196,10 @@ def _optimizer_json(report: OptimizerReport) -> dict[str, Any]:
             "id": jsonable(p.id),
             "name": p.name,
             "group": p.group,
-            "state": {
-                str(k): (
-                    {"shape": list(v.shape), "dtype": v.dtype, "device": v.device}
-                    if isinstance(v, TensorInfo)
-                    else jsonable(v)
-                )
-                for k, v in p.state.items()
-            },
+            "state": {str(k): _state_json(v) for k, v in p.state.items()},
         }
         if p.id in report.steps:
-            entry["step"] = report.steps[p.id]
+            entry["step"] = jsonable(report.steps[p.id])  # nan in a damaged checkpoint
         if p.stats:
             entry["stats"] = {k: jsonable(vars(s)) for k, s in p.stats.items()}
         params.append(entry)
@@ -220,6 +225,14 @@ def _optimizer_json(report: OptimizerReport) -> dict[str, Any]:
         "totals": {**report.totals(), "by_dtype": report.by_dtype()},
         "warnings": report.warnings,
     }
+
+
+def _state_json(value: Any) -> Any:
+    if isinstance(value, TensorInfo):
+        return {"shape": list(value.shape), "dtype": value.dtype, "device": value.device}
+    if isinstance(value, (list, tuple)):
+        return [_state_json(v) for v in value]
+    return jsonable(value)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -375,6 +388,7 @@ def inspect_optimizer(
     ids = param_ids(sd) + [k for k in state if k not in groups_of]
     params: list[ParamReport] = []
     steps: dict[Any, float] = {}
+    releaser = Releaser(checkpoint.sources)
     for pid in ids:
         raw = state.get(pid, {})
         raw = raw if isinstance(raw, Mapping) else {"<value>": raw}
@@ -388,11 +402,10 @@ def inspect_optimizer(
         if step is not None:
             steps[pid] = step
         if stats:
-            report.stats = {
-                str(k): tensor_stats(v)
-                for k, v in raw.items()
-                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.device.type != "meta"
-            }
+            for k, v in raw.items():
+                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.device.type != "meta":
+                    report.stats[str(k)] = tensor_stats(v)
+                    releaser.read(v.numel() * v.element_size())
         params.append(report)
 
     groups = []

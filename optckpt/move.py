@@ -17,6 +17,7 @@ import torch
 
 from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
+from optckpt.io.pages import Releaser
 from optckpt.io.write import check_output, format_for, save_checkpoint
 from optckpt.locate import select_optimizers
 
@@ -60,37 +61,51 @@ def parse_dtype(text: str) -> torch.dtype:
 
 
 def _move(
-    value: Any, key: Any, device: torch.device, dtype: torch.dtype | None, placed: bool
+    value: Any,
+    key: Any,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    placed: bool,
+    on_read: Callable[[int], None] | None = None,
 ) -> Any:
     if isinstance(value, torch.Tensor):
         if key == "step":
             return value.to(device=device, dtype=torch.float32) if placed else value
         if dtype is not None and value.is_floating_point():
-            return value.to(device=device, dtype=dtype)
-        return value.to(device=device)
+            moved = value.to(device=device, dtype=dtype)
+        else:
+            moved = value.to(device=device)
+        if on_read is not None and moved is not value:
+            on_read(value.numel() * value.element_size())
+        return moved
     if isinstance(value, Mapping):
-        return {k: _move(v, k, device, dtype, placed) for k, v in value.items()}
+        return {k: _move(v, k, device, dtype, placed, on_read) for k, v in value.items()}
     if isinstance(value, list):
-        return [_move(v, None, device, dtype, placed) for v in value]
+        return [_move(v, None, device, dtype, placed, on_read) for v in value]
     if isinstance(value, tuple):
-        return tuple(_move(v, None, device, dtype, placed) for v in value)
+        return tuple(_move(v, None, device, dtype, placed, on_read) for v in value)
     return value
 
 
 def move_state(
-    state_dict: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None
+    state_dict: Mapping[str, Any],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    on_read: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``).
 
-    Hyperparameters are left as they are (a Tensor ``lr`` stays where it was).
+    Hyperparameters are left as they are (a Tensor ``lr`` stays where it was). ``on_read``
+    is told the bytes of every tensor copied (to release memory-mapped input as it goes).
     """
-    placed = {}
+    placed: dict[Any, bool] = {}
     for group in state_dict["param_groups"]:
         flag = bool(group.get("fused") or group.get("capturable"))
         for pid in group["params"]:
             placed.setdefault(pid, flag)
     state = {
-        pid: _move(value, None, device, dtype, placed.get(pid, False))
+        pid: _move(value, None, device, dtype, placed.get(pid, False), on_read)
         for pid, value in state_dict["state"].items()
     }
     return {**state_dict, "state": state}
@@ -144,14 +159,18 @@ def move_checkpoint(
         )
     checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     found = select_optimizers(checkpoint.root, key)
-    moved = {id(f.state_dict): move_state(f.state_dict, torch_device, torch_dtype) for f in found}
+    releaser = Releaser(checkpoint.sources)
+    moved = {
+        id(f.state_dict): move_state(f.state_dict, torch_device, torch_dtype, on_read=releaser.read)
+        for f in found
+    }
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
     for f in found:
         f.state_dict["state"] = moved[id(f.state_dict)]["state"]
     root = checkpoint.root
     if all_tensors:
         root = _move_outside(root, torch_device, torch_dtype, set(moved))
-    save_checkpoint(root, out, target, progress=progress)
+    save_checkpoint(root, out, target, progress=progress, sources=checkpoint.sources)
     return MoveResult(
         out=out,
         device=str(torch_device),

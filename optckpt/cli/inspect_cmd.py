@@ -170,9 +170,7 @@ def _state_summary(p: ParamReport) -> str:
 
 
 def _devices(p: ParamReport) -> set[str]:
-    from optckpt.inspect import TensorInfo
-
-    return {v.device for v in p.state.values() if isinstance(v, TensorInfo)}
+    return {v.device for v in p.tensor_infos()}
 
 
 def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:

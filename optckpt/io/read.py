@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Checkpoint:
         members: for a folder, the names of all its files; empty for a file.
         saved_devices: the device each storage was saved from, by storage address, for
             torch files read to the CPU (see :meth:`saved_device`).
+        sources: the files read (memory-mapped where the format allows).
     """
 
     path: Path
@@ -60,6 +62,7 @@ class Checkpoint:
     root: Any
     members: list[str] = field(default_factory=list)
     saved_devices: dict[int, str] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
 
     def saved_device(self, tensor: torch.Tensor) -> str:
         """The device ``tensor`` was saved from (``cuda:0`` for a CUDA checkpoint read to CPU)."""
@@ -96,10 +99,31 @@ def _importable(name: str) -> bool:
     return True
 
 
+# What torch's weights-only unpickler and its rebuild functions raise on mangled bytes, besides
+# the UnpicklingError and RuntimeError handled on their own: a pickle cut mid-opcode fails in
+# struct.unpack or indexes past the end; a changed byte can reach a rebuild function with
+# arguments of the wrong type, or name a storage that the file does not hold (AssertionError).
+_CORRUPT = (
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    AssertionError,
+    struct.error,
+    zipfile.BadZipFile,
+    OSError,
+)
+
+
 def _unsafe_globals(path: Path, legacy: bool, error: Exception) -> list[str]:
     """The globals a pickle needs that torch does not allow, or ``[]`` if it is corrupt."""
     if not legacy:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        try:
+            return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (pickle.UnpicklingError, RuntimeError, *_CORRUPT):
+            return []  # torch cannot even list the pickle's globals: it is corrupt
     # torch can only disassemble zip pickles; for legacy ones, read the unpickler's message.
     # A truncated legacy pickle also ends in "Unsupported global", naming a cut-off global.
     names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
@@ -144,7 +168,7 @@ def _torch_load(
                 f"{path}: cannot map tensors to {map_location} ({message})"
             ) from e
         raise UnreadableCheckpointError(f"{path}: cannot read torch file ({message})") from e
-    except (EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as e:
+    except _CORRUPT as e:
         raise UnreadableCheckpointError(
             f"{path}: truncated or corrupt torch file ({_first_line(e) or type(e).__name__})"
         ) from e
@@ -219,6 +243,7 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
         root=root,
         members=members,
         saved_devices=seen,
+        sources=optimizer_files,
     )
 
 
@@ -254,5 +279,10 @@ def load_checkpoint(
     seen: dict[int, str] = {}
     kind, root = _read_file(path, map_location, allowed, seen)
     return Checkpoint(
-        path=path, format=kind, size=path.stat().st_size, root=root, saved_devices=seen
+        path=path,
+        format=kind,
+        size=path.stat().st_size,
+        root=root,
+        saved_devices=seen,
+        sources=[path],
     )

@@ -24,13 +24,14 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from optckpt.errors import UnreadableCheckpointError, UsageError
+from optckpt.io.pages import release
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
 TREE_KEY = "optckpt.tree"
@@ -56,15 +57,22 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_SLICE = 16 * 1024 * 1024  # bytes per write call
+_RELEASE_EVERY = 256 * 1024 * 1024  # bytes written between releases of source pages
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
-    """Whether the first bytes of a file of ``size`` bytes are a safetensors header."""
-    if len(head) < 9:
+    """Whether the first bytes of a file of ``size`` bytes are a safetensors header.
+
+    A header longer than the file still counts, so that a truncated safetensors file is
+    reported as truncated by :func:`read_header` rather than as an unknown format.
+    """
+    if len(head) < 9 or size < 9:
         return False
     (length,) = struct.unpack("<Q", head[:8])
-    return 0 < length <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
+    return 0 < length <= _MAX_HEADER and head[8:9] == b"{"
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -183,7 +191,6 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self._by_object: dict[int, str] = {}
-        self._storages: set[int] = set()
 
     def tensor(self, value: torch.Tensor, name: str) -> dict[str, str]:
         if id(value) in self._by_object:  # the same tensor twice stays one tensor
@@ -192,13 +199,11 @@ class _Encoder:
         while unique in self.tensors:
             n += 1
             unique = f"{name}#{n}"
-        stored = value.detach().to("cpu")
-        storage = stored.untyped_storage().data_ptr() if stored.numel() else None
-        # safetensors refuses tensors that share memory and needs contiguous data.
-        if not stored.is_contiguous() or (storage is not None and storage in self._storages):
-            stored = stored.contiguous().clone()
-        if stored.numel():
-            self._storages.add(stored.untyped_storage().data_ptr())
+        if value.device.type == "meta":
+            raise UsageError(f"cannot store {name}: a meta tensor has no data")
+        if value.dtype not in _NAMES:
+            raise UsageError(f"cannot store {name}: safetensors has no {value.dtype}")
+        stored = value.detach().to("cpu").contiguous()
         self.tensors[unique] = stored
         self._by_object[id(value)] = unique
         return {"__tensor__": unique}
@@ -248,19 +253,66 @@ class _Encoder:
         return out
 
 
-def write_safetensors(tree: Any, path: Path) -> None:
+def write_safetensors(
+    tree: Any,
+    path: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    sources: Iterable[str | Path] = (),
+) -> None:
     """Write a checkpoint tree as one safetensors file in optckpt's layout (see module doc).
 
-    Raises:
-        UsageError: the tree holds a value safetensors metadata cannot represent.
-    """
-    from safetensors.torch import save_file
+    The file is written tensor by tensor, in slices, so memory stays flat: pages of the
+    memory-mapped ``sources`` that have been copied are released as the writing goes
+    (:func:`optckpt.io.pages.release`). Tensors that share storage are stored separately;
+    the same tensor object twice is stored once.
 
+    Args:
+        tree: the checkpoint.
+        path: the file to write (the caller makes it atomic).
+        progress: called with the number of bytes of each slice written.
+        sources: memory-mapped input files whose pages may be dropped.
+
+    Raises:
+        UsageError: the tree holds a value safetensors cannot represent.
+    """
     encoder = _Encoder()
     encoded = encoder.encode(tree, "")
-    metadata = {
-        "format": "pt",
-        VERSION_KEY: VERSION,
-        TREE_KEY: json.dumps(encoded, allow_nan=False),
+    header: dict[str, Any] = {
+        "__metadata__": {
+            "format": "pt",
+            VERSION_KEY: VERSION,
+            TREE_KEY: json.dumps(encoded, allow_nan=False),
+        }
     }
-    save_file(encoder.tensors, str(path), metadata=metadata)
+    offset = 0
+    for name, tensor in encoder.tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    sources = list(sources)
+    since_release = 0
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for tensor in encoder.tensors.values():
+            if not tensor.numel():
+                continue
+            data = tensor.reshape(-1).view(torch.uint8).numpy().data
+            for start in range(0, len(data), _SLICE):
+                piece = data[start : start + _SLICE]
+                f.write(piece)
+                since_release += len(piece)
+                if progress is not None:
+                    progress(len(piece))
+            if since_release >= _RELEASE_EVERY:
+                release(sources)
+                since_release = 0
+        f.flush()
+    release(sources)

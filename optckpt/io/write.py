@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from optckpt.errors import UsageError
+from optckpt.io.pages import release
 from optckpt.io.safetensors_format import write_safetensors
 
 FORMATS = ("pt", "safetensors")
+_RELEASE_EVERY = 256 * 1024 * 1024  # bytes written between releases of source pages
 
 
 def format_for(path: Path, requested: str | None = None) -> str:
@@ -90,16 +92,30 @@ def atomic_output(out: Path) -> Iterator[Path]:
         raise
 
 
-class _CountingFile:
-    """A binary file that reports the bytes written through it (torch.save writes in chunks)."""
+class _StreamingFile:
+    """A binary file that reports bytes written and releases source pages as it goes.
 
-    def __init__(self, f: Any, progress: Callable[[int], None]) -> None:
+    ``torch.save`` writes a zip archive in chunks through ``write``; every
+    ``_RELEASE_EVERY`` bytes the pages of the memory-mapped sources already copied are
+    dropped (:func:`optckpt.io.pages.release`), so memory does not grow with the file.
+    """
+
+    def __init__(
+        self, f: Any, progress: Callable[[int], None] | None, sources: list[str | Path]
+    ) -> None:
         self._f = f
         self._progress = progress
+        self._sources = sources
+        self._since_release = 0
 
     def write(self, data: bytes) -> int:
         n = self._f.write(data)
-        self._progress(len(data))
+        if self._progress is not None:
+            self._progress(len(data))
+        self._since_release += len(data)
+        if self._since_release >= _RELEASE_EVERY:
+            release(self._sources)
+            self._since_release = 0
         return n
 
     def __getattr__(self, name: str) -> Any:
@@ -107,7 +123,12 @@ class _CountingFile:
 
 
 def save_checkpoint(
-    tree: Any, out: Path, fmt: str, *, progress: Callable[[int], None] | None = None
+    tree: Any,
+    out: Path,
+    fmt: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    sources: Iterable[str | Path] = (),
 ) -> None:
     """Write ``tree`` to ``out`` atomically, as a torch zip file (``pt``) or safetensors.
 
@@ -118,13 +139,16 @@ def save_checkpoint(
         tree: the checkpoint.
         out: the target file.
         fmt: ``"pt"`` or ``"safetensors"``.
-        progress: called with the number of bytes of each write (torch files only;
-            safetensors writes in one call).
+        progress: called with the number of bytes of each write.
+        sources: the memory-mapped files ``tree`` was read from; their pages are released
+            as they are copied, so memory stays flat.
     """
+    sources = list(sources)
     with atomic_output(out) as tmp:
         if fmt == "safetensors":
-            write_safetensors(tree, tmp)
+            write_safetensors(tree, tmp, progress=progress, sources=sources)
             return
         with tmp.open("wb") as f:
-            torch.save(tree, _CountingFile(f, progress) if progress else f)
+            torch.save(tree, _StreamingFile(f, progress, sources))
             f.flush()
+        release(sources)

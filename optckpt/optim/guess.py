@@ -229,6 +229,13 @@ _STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "SparseAdam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset()),
 }
 
+# Group keys torch added to many classes over the releases (maximize in 1.11, foreach and
+# capturable in 1.12, differentiable in 1.13, fused in 2.0, decoupled_weight_decay in 2.1 to
+# 2.6): a group without them may simply be older, so their absence is no evidence.
+_VERSIONED_GROUP_KEYS = frozenset(
+    {"maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+)
+
 # Keys that something other than the optimizer puts into groups (LR schedulers, SWA, ...).
 _FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "swa_lr", "name"})
 
@@ -259,7 +266,10 @@ class Guess:
 
 
 def _score(name: str, group_keys: set[str], state_keys: set[str]) -> float:
-    expected = _GROUP_KEYS[name]
+    # Versioned keys the group lacks are left out of the comparison, so an older torch's
+    # group matches its class as well as a current one; keys it has that the class never
+    # had still count against the class.
+    expected = _GROUP_KEYS[name] - (_VERSIONED_GROUP_KEYS - group_keys)
     group_score = len(group_keys & expected) / len(group_keys | expected) if group_keys else 0.0
     required, optional = _STATE_KEYS[name]
     if not state_keys:
@@ -309,6 +319,11 @@ def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
     if best < 0.5:
         return Guess(None, round(best, 2), tuple(ranked[:3]), "no known optimizer fits")
     close = tuple(n for n in ranked if best - scores[n] < 0.05)
+    current = tuple(n for n in close if group_keys == _GROUP_KEYS[n])
+    if current:
+        # The group keys of the installed torch's class, exactly: another class that fits as
+        # well only does so as an older version of itself (Adamax's keys are an older RAdam's).
+        close = current
 
     if set(close) == {"Adam", "AdamW"}:
         decided = _adam_family(groups)

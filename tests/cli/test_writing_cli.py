@@ -133,15 +133,20 @@ def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_convert_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+    import optckpt.io.safetensors_format as fmt
 
-    def disk_full(*args: object, **kwargs: object) -> None:
-        Path(str(args[1])).write_bytes(b"half a file")
+    written: list[int] = []
+
+    def disk_full(sources: object) -> None:
+        written.append(sum(p.stat().st_size for p in tmp_path.iterdir()))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    # release() runs between slices once enough bytes are written: fail there, mid-file
+    monkeypatch.setattr(fmt, "_RELEASE_EVERY", 1)
+    monkeypatch.setattr(fmt, "release", disk_full)
     with pytest.raises(OSError):
         runner.invoke(app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(tmp_path / "o.safetensors")], catch_exceptions=False)
+    assert written and written[0] > 0, "the failure must come after part of the file was written"
     assert list(tmp_path.iterdir()) == []
 
 
