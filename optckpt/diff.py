@@ -123,7 +123,7 @@ def _count_differing(
     a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float] | None
 ) -> tuple[int, float, float]:
     """``(differing elements, max abs difference, max relative difference)`` of two tensors
-    of the same shape and dtype, read in chunks."""
+    of the same shape, read in chunks; of the same dtype too unless a tolerance is given."""
     fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
     differing, max_abs, max_rel = 0, 0.0, 0.0
     bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
@@ -136,6 +136,8 @@ def _count_differing(
                 mask = ca != cb
         else:
             rtol, atol = tolerance
+            if ca.dtype != cb.dtype:
+                ca, cb = ca.to(torch.float64), cb.to(torch.float64)
             mask = ~torch.isclose(ca, cb, rtol=rtol, atol=atol, equal_nan=True)
         n = int(mask.sum())
         if n == 0:
@@ -171,7 +173,8 @@ class _Comparer:
         if a.dtype != b.dtype:
             names = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
             self.found.append(Difference("dtype", where, *names))
-            return
+            if self.tolerance is None or a.is_complex() or b.is_complex():
+                return  # with a tolerance, values of different dtypes are compared too
         dev_a, dev_b = self.checkpoints[0].saved_device(a), self.checkpoints[1].saved_device(b)
         if dev_a != dev_b:
             self.found.append(Difference("device", where, dev_a, dev_b))

@@ -149,3 +149,13 @@ def test_pairing(tmp_path: Path) -> None:
 def test_negative_tolerance_is_refused() -> None:
     with pytest.raises(UsageError):
         diff_checkpoints(FIXTURES / "adamw_train.pt", FIXTURES / "adamw_train.pt", atol=-1.0)
+
+
+def test_with_a_tolerance_values_of_different_dtypes_are_compared(tmp_path: Path) -> None:
+    a = _state_dict()
+    b = copy.deepcopy(a)
+    b["state"][0]["exp_avg"] = b["state"][0]["exp_avg"].bfloat16()
+    assert _kinds(a, b, tmp_path) == [("dtype", "0.weight.exp_avg")]
+    # bfloat16 keeps 8 bits of mantissa: within rtol 1e-2, but not within 1e-5
+    assert _kinds(a, b, tmp_path, rtol=1e-2) == [("dtype", "0.weight.exp_avg")]
+    assert _kinds(a, b, tmp_path, rtol=1e-5) == [("dtype", "0.weight.exp_avg"), ("values", "0.weight.exp_avg")]

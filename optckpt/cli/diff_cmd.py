@@ -84,11 +84,8 @@ def render(report: DiffReport) -> None:
         title = (
             f"{report.path_a}:{pair.key_a or '<bare>'} vs {report.path_b}:{pair.key_b or '<bare>'}"
         )
-        table = Table(
-            title=f"{title} (params matched by {pair.match_by}; {how})",
-            title_justify="left",
-            show_edge=False,
-        )
+        out.print(f"[bold]{title}[/] (params matched by {pair.match_by}; {how})", soft_wrap=True)
+        table = Table(show_edge=False)
         for column in ("what", "where", "A", "B", "detail"):
             table.add_column(column)
         for d in pair.differences:
