@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from optckpt import __version__
-from optckpt.cli import convert_cmd, diff_cmd, inspect_cmd, move_cmd
+from optckpt.cli import convert_cmd, diff_cmd, inspect_cmd, move_cmd, remap_cmd
 from optckpt.errors import OptckptError
 
 
@@ -68,6 +68,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("diff")(diff_cmd.diff)
 app.command("move")(move_cmd.move)
 app.command("convert")(convert_cmd.convert)
+app.command("remap")(remap_cmd.remap)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from optckpt.cli.render import byte_progress, human_bytes
 
 
 def convert(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+    ],
     out: Output,
     to: Annotated[
         str | None,

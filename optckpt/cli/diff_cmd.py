@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def diff(
-    a: Annotated[Path, typer.Argument(help="First checkpoint.", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint.", show_default=False)],
+    a: Annotated[Path, typer.Argument(help="First checkpoint.", metavar="A", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Second checkpoint.", metavar="B", show_default=False)],
     key_a: Annotated[
         str | None, typer.Option("--key-a", help="Key path of the state dict in A.")
     ] = None,

@@ -21,7 +21,9 @@ _BAR = 28
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file or folder.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint file or folder.", metavar="PATH", show_default=False)
+    ],
     key: Key = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of tables.")

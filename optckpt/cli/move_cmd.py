@@ -13,7 +13,9 @@ from optckpt.cli.render import byte_progress, human_bytes
 
 
 def move(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+    ],
     device: Annotated[
         str, typer.Option("--device", help="cpu, cuda, cuda:1, meta, ...", show_default=False)
     ],

@@ -1,0 +1,142 @@
+"""``optckpt remap``: check the flags, call :func:`optckpt.remapping.remap_checkpoint`, render the plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from optckpt.cli.options import AllowGlobal, Force, Key
+from optckpt.cli.render import console
+
+if TYPE_CHECKING:
+    from optckpt.remapping import RemapPlan
+
+
+def remap(
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to",
+            help="Target layout: JSON, or a model state dict file (.pt/.safetensors).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output file (never the input); not with --dry-run."),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="Layout the checkpoint was saved with, if its groups carry no names."
+        ),
+    ] = None,
+    rename: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rename",
+            metavar="REGEX=REPL",
+            help="Rename source parameters (repeatable, in order).",
+        ),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group",
+            metavar="REGEX:KEY=VALUE,...",
+            help="Split a --to model state dict into groups (repeatable; first match wins).",
+        ),
+    ] = None,
+    reset_mismatched: Annotated[
+        bool,
+        typer.Option(
+            "--reset-mismatched", help="Drop the state of parameters whose shape changed."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    key: Key = None,
+    force: Force = False,
+    allow_global: AllowGlobal = None,
+) -> None:
+    """Carry optimizer state to a new model layout or new param groups, matching by name."""
+    from optckpt.remapping import remap_checkpoint
+
+    if dry_run and out is not None:
+        raise typer.BadParameter("--dry-run writes nothing; drop -o", param_hint="-o")
+    if not dry_run and out is None:
+        raise typer.BadParameter("give -o OUT, or --dry-run to see the plan", param_hint="-o")
+    result = remap_checkpoint(
+        path,
+        to,
+        out,
+        source=source,
+        rename=rename or (),
+        group_rules=group or (),
+        reset_mismatched=reset_mismatched,
+        key=key,
+        force=force,
+        allow_globals=allow_global or (),
+    )
+    if as_json:
+        data = {
+            "key": result.key,
+            "out": None if result.out is None else str(result.out),
+            **result.plan.to_json(),
+        }
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    render(result.plan)
+    if result.out is not None:
+        console().print(f"wrote {result.out}")
+
+
+def _names(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def render(plan: RemapPlan) -> None:
+    """Print the plan: a table per target group, then dropped parameters and warnings."""
+    from rich.table import Table
+
+    out = console()
+    out.print(f"source names from {plan.names_source}")
+    table = Table(show_edge=False)
+    for column in ("group", "carried", "renamed", "new", "reset", "hyperparameters from"):
+        table.add_column(
+            column, justify="right" if column not in ("hyperparameters from",) else "left"
+        )
+    for g in plan.groups:
+        table.add_row(
+            str(g.index),
+            str(len(g.carried)),
+            str(len(g.renamed)),
+            str(len(g.new)),
+            str(len(g.reset)),
+            g.hyperparams_from,
+        )
+    out.print(table)
+    for g in plan.groups:
+        if g.renamed:
+            out.print(
+                f"group {g.index} renamed: " + _names([f"{a} -> {b}" for a, b in g.renamed]),
+                soft_wrap=True,
+            )
+        if g.new:
+            out.print(f"group {g.index} new (no state): " + _names(g.new), soft_wrap=True)
+        if g.reset:
+            out.print(f"group {g.index} reset (shape changed): " + _names(g.reset), soft_wrap=True)
+    if plan.dropped:
+        out.print(f"dropped: {_names(plan.dropped)}", soft_wrap=True)
+    for warning in plan.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)

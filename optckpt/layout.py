@@ -1,0 +1,369 @@
+"""Layouts: which named parameters exist, their shapes and dtypes, and how they are grouped.
+
+A layout is what ``remap --to`` (and ``regenerate --layout``) take. It comes from
+
+* a JSON file: ``{"params": {name: {"shape": [...], "dtype": "float32"}},
+  "groups": [{"params": [name, ...], "lr": ..., ...}]}``;
+* a model state dict file (``.pt``/``.safetensors``, bare or inside a training checkpoint):
+  names and shapes in one group, split by ``--group 'REGEX:key=value,...'`` rules;
+* a live model and optimizer: :func:`layout_of` / :func:`save_layout`.
+
+This module also recovers the names of an id-only optimizer state dict
+(:func:`recover_names`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.statedict import PARAM_SHAPED_KEYS, names_of, param_ids
+
+# Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+# Keys under which training checkpoints keep the model's weights.
+_MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter's shape and dtype (``"float32"``, ...)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass
+class Layout:
+    """Named parameters and their groups (each group's ``params`` lists names)."""
+
+    params: dict[str, ParamSpec]
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        """Every grouped name, in group order."""
+        return [n for g in self.groups for n in g["params"]]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (see module doc)."""
+        return {
+            "params": {
+                n: {"shape": list(p.shape), "dtype": p.dtype} for n, p in self.params.items()
+            },
+            "groups": [
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                for g in self.groups
+            ],
+        }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A group's hyperparameters as torch keeps them: JSON lists become tuples (``betas``)."""
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in group.items()
+        if k not in ("params", "param_names")
+    }
+
+
+def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
+    """Build a layout from its JSON form, checking that every grouped name is declared.
+
+    Raises:
+        UsageError: a malformed layout (the message says what is wrong where).
+    """
+    try:
+        params = {
+            str(name): ParamSpec(
+                tuple(int(d) for d in spec["shape"]), str(spec.get("dtype", "float32"))
+            )
+            for name, spec in data["params"].items()
+        }
+        raw_groups = data.get("groups") or [{"params": list(params)}]
+        groups = [{**_hyperparams(g), "params": [str(n) for n in g["params"]]} for g in raw_groups]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UsageError(
+            f"{source}: not a layout ({type(e).__name__}: {e}); see README, Layouts"
+        ) from e
+    seen: set[str] = set()
+    for index, group in enumerate(groups):
+        for name in group["params"]:
+            if name not in params:
+                raise UsageError(f"{source}: group {index} lists {name!r}, which is not in params")
+            if name in seen:
+                raise UsageError(f"{source}: {name!r} is in more than one group")
+            seen.add(name)
+    return Layout(params, groups)
+
+
+def is_buffer(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a model state dict entry is a buffer rather than a trainable parameter."""
+    return name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES or not tensor.is_floating_point()
+
+
+def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters of a model state dict, in order, as ``model.named_parameters()`` has them.
+
+    Known buffers and non-floating tensors are left out, and so is the second name of a tied
+    weight (an entry sharing storage, offset and shape with an earlier one), which
+    ``named_parameters()`` also yields only once.
+    """
+    found: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor) or is_buffer(name, tensor):
+            continue
+        identity = (
+            tensor.untyped_storage().data_ptr(),
+            int(tensor.storage_offset()),
+            tuple(tensor.shape),
+        )
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        found[name] = tensor
+    return found
+
+
+def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
+    """The model state dict of a checkpoint: the root if it is one, or under a usual key."""
+
+    def is_state(node: Any) -> bool:
+        return (
+            isinstance(node, Mapping)
+            and bool(node)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items())
+        )
+
+    if is_state(root):
+        return root
+    if isinstance(root, Mapping):
+        for key in _MODEL_KEYS:
+            if is_state(root.get(key)):
+                return root[key]
+    return None
+
+
+def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
+    """Parse ``'REGEX:key=value,key=value'``; values are JSON where they parse (numbers, ...).
+
+    Raises:
+        UsageError: no ``:``, a bad regex, or a ``key=value`` without ``=``.
+    """
+    pattern, sep, settings = rule.rpartition(":")
+    if not sep or not pattern:
+        raise UsageError(f"--group {rule!r}: expected 'REGEX:key=value,...'")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--group {rule!r}: bad regex ({e})") from e
+    values: dict[str, Any] = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise UsageError(f"--group {rule!r}: expected key=value, got {item!r}")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return regex, values
+
+
+def layout_from_model_state(
+    model_state: Mapping[str, torch.Tensor], rules: Sequence[str] = ()
+) -> Layout:
+    """A layout from a model state dict: one group, or split by ``--group`` rules.
+
+    Parameters matching no rule form the first group (no hyperparameters of its own); each
+    rule, first match wins, forms the next group with its values. Empty groups are dropped.
+    """
+    params = model_parameters(model_state)
+    parsed = [parse_group_rule(r) for r in rules]
+    members: list[list[str]] = [[] for _ in range(len(parsed) + 1)]
+    for name in params:
+        index = next((i + 1 for i, (regex, _) in enumerate(parsed) if regex.search(name)), 0)
+        members[index].append(name)
+    groups = [{"params": members[0]}] + [
+        {**values, "params": members[i + 1]} for i, (_, values) in enumerate(parsed)
+    ]
+    return Layout(
+        {n: ParamSpec(tuple(t.shape), _dtype_name(t.dtype)) for n, t in params.items()},
+        [g for g in groups if g["params"]],
+    )
+
+
+def load_layout(
+    path: str | Path, rules: Sequence[str] = (), allow_globals: Iterable[str] = ()
+) -> Layout:
+    """Read a layout from a JSON file or a model state dict file (see module doc).
+
+    Raises:
+        UsageError: not a layout, or ``rules`` given for a JSON layout.
+        UnreadableCheckpointError: the file cannot be read.
+    """
+    from optckpt.io import load_checkpoint
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        if rules:
+            raise UsageError("--group splits a model state dict; a JSON layout has its own groups")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: cannot read the layout ({e})") from e
+        return layout_from_json(data, str(path))
+    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    model_state = find_model_state(checkpoint.root)
+    if model_state is None:
+        raise UsageError(f"{path}: neither a JSON layout nor a model state dict")
+    return layout_from_model_state(model_state, rules)
+
+
+def layout_of(model: torch.nn.Module, optimizer: Any | None = None) -> Layout:
+    """The layout of a live model, grouped as ``optimizer`` groups it.
+
+    Without an optimizer: one group of the parameters that require grad. With one: its groups
+    and hyperparameters; parameters it does not hold (frozen ones) are left out, as the
+    optimizer leaves them out.
+
+    Raises:
+        UsageError: the optimizer holds a tensor that is not a parameter of ``model``.
+    """
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    if optimizer is None:
+        chosen = [n for n, p in named.items() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": chosen}]
+    else:
+        groups = []
+        for index, group in enumerate(optimizer.param_groups):
+            names = []
+            for p in group["params"]:
+                if id(p) not in by_id:
+                    raise UsageError(
+                        f"optimizer group {index} holds a tensor that is not a parameter of the model"
+                    )
+                names.append(by_id[id(p)])
+            groups.append({**_hyperparams(group), "params": names})
+        chosen = [n for g in groups for n in g["params"]]
+    params = {n: ParamSpec(tuple(named[n].shape), _dtype_name(named[n].dtype)) for n in chosen}
+    return Layout(params, groups)
+
+
+def save_layout(model: torch.nn.Module, optimizer: Any | None, path: str | Path) -> Layout:
+    """Write :func:`layout_of` ``(model, optimizer)`` to ``path`` as JSON and return it.
+
+    Hyperparameters JSON cannot hold (a Tensor ``lr``) are written as numbers.
+    """
+    layout = layout_of(model, optimizer)
+    data = layout.to_json()
+    for group in data["groups"]:
+        for key, value in list(group.items()):
+            if isinstance(value, torch.Tensor):
+                group[key] = value.item()
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    return layout
+
+
+def _state_shape(state: Any) -> tuple[int, ...] | None:
+    if not isinstance(state, Mapping):
+        return None
+    for key, value in state.items():
+        if key in PARAM_SHAPED_KEYS and isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None
+
+
+def _alignments(
+    shapes: list[tuple[int, ...] | None], candidates: list[tuple[int, ...]]
+) -> list[list[int]]:
+    """``ways[i][j]``: order-keeping assignments of IDs ``i..`` to candidates ``j..`` whose
+    shapes fit (an ID without state fits any), counted up to 2."""
+    n, m = len(shapes), len(candidates)
+    ways = [[0] * (m + 1) for _ in range(n + 1)]
+    ways[n] = [1] * (m + 1)
+    for i in range(n - 1, -1, -1):
+        row, below = ways[i], ways[i + 1]
+        for j in range(m - 1, -1, -1):
+            fits = shapes[i] is None or shapes[i] == candidates[j]
+            row[j] = min(2, row[j + 1] + (below[j + 1] if fits else 0))
+    return ways
+
+
+def recover_names(
+    state_dict: Mapping[str, Any],
+    *,
+    source: Layout | None = None,
+    model_state: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[Any, str], str]:
+    """Names for every ID of an optimizer state dict, and where they came from.
+
+    Tried in order: ``param_names`` in the groups; the ``source`` layout (its groups must have
+    the same sizes); the model state dict of the same checkpoint. A default
+    ``Optimizer(model.parameters())`` numbers parameters in the order of the model's
+    parameters, so the IDs are aligned, in order, with the model state dict's parameters
+    (buffers and tied duplicates left out), using the shapes of each ID's state; only an
+    alignment that is the only one possible is accepted.
+
+    Returns:
+        ``({id: name}, "param_names" | "--from layout" | "model state dict")``.
+
+    Raises:
+        UsageError: no source of names, or none that fits; the message says why.
+    """
+    ids = param_ids(state_dict)
+    names = names_of(state_dict)
+    if ids and all(pid in names for pid in ids):
+        return {pid: names[pid] for pid in ids}, "param_names"
+    if source is not None:
+        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        wanted = [len(g["params"]) for g in source.groups]
+        if sizes != wanted:
+            raise UsageError(
+                f"--from layout has groups of {wanted} parameters, the checkpoint {sizes}"
+            )
+        flat_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        return dict(zip(flat_ids, source.names())), "--from layout"
+    if model_state is None:
+        raise UsageError(
+            "the checkpoint's groups carry no param_names and it holds no model state dict; "
+            "pass --from OLD_LAYOUT to name its parameters"
+        )
+    params = model_parameters(model_state)
+    candidates = list(params)
+    shapes = [_state_shape(state_dict["state"].get(pid)) for pid in ids]
+    fits_in = [tuple(params[n].shape) for n in candidates]
+    ways = _alignments(shapes, fits_in)
+    if ways[0][0] == 0:
+        raise UsageError(
+            f"cannot align the checkpoint's {len(ids)} parameter IDs with the "
+            f"{len(candidates)} parameters of its model state dict by shape "
+            "(was the optimizer built from a different model, or with custom groups?); "
+            "pass --from OLD_LAYOUT"
+        )
+    if ways[0][0] > 1:
+        raise UsageError(
+            f"the checkpoint's {len(ids)} parameter IDs fit the {len(candidates)} parameters "
+            "of its model state dict in more than one way (parameters without state, or "
+            "frozen ones of equal shapes); pass --from OLD_LAYOUT"
+        )
+    found: dict[Any, str] = {}
+    j = 0
+    for i, pid in enumerate(ids):
+        # the one assignment: the first candidate that fits and leaves a way for the rest
+        while not ((shapes[i] is None or shapes[i] == fits_in[j]) and ways[i + 1][j + 1]):
+            j += 1
+        found[pid] = candidates[j]
+        j += 1
+    return found, "model state dict"
