@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from optckpt.errors import UsageError
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import Releaser
+from optckpt.layout import model_state_of, recover_names
 from optckpt.locate import Located, select_optimizers
 from optckpt.optim.guess import Guess, guess_optimizer
 from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, names_of, param_ids
@@ -371,6 +373,23 @@ def picture_value(report: ParamReport, key: str) -> float | None:
     return stats.rms
 
 
+def _names(
+    state_dict: Mapping[str, Any], checkpoint: Checkpoint
+) -> tuple[dict[Any, str], str | None]:
+    """Names from ``param_names``, else recovered from the checkpoint's model weights."""
+    names = names_of(state_dict)
+    if names:
+        return names, "param_names"
+    model_state = model_state_of(checkpoint)
+    if model_state is None:
+        return {}, None
+    try:
+        recovered, source = recover_names(state_dict, model_state=model_state)
+    except UsageError:
+        return {}, None  # no unique alignment: inspect shows IDs only
+    return recovered, source
+
+
 def inspect_optimizer(
     located: Located, checkpoint: Checkpoint, *, stats: bool = False
 ) -> OptimizerReport:
@@ -383,7 +402,7 @@ def inspect_optimizer(
     """
     sd = located.state_dict
     groups_of = group_of(sd)
-    names = names_of(sd)
+    names, names_source = _names(sd, checkpoint)
     state = sd["state"]
     ids = param_ids(sd) + [k for k in state if k not in groups_of]
     params: list[ParamReport] = []
@@ -426,7 +445,7 @@ def inspect_optimizer(
         groups=groups,
         params=params,
         steps=steps,
-        names_source="param_names" if names else None,
+        names_source=names_source,
         warnings=_warnings(sd, params, steps),
         picture=picture[0] if picture else None,
     )

@@ -155,6 +155,15 @@ def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
     return None
 
 
+def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:
+    """The model weights stored in a :class:`~optckpt.io.Checkpoint`, if any.
+
+    A training folder's ``model.safetensors`` is not used: safetensors files keep their
+    tensors sorted by name, not in the model's order, so IDs cannot be aligned with them.
+    """
+    return find_model_state(checkpoint.root)
+
+
 def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
     """Parse ``'REGEX:key=value,key=value'``; values are JSON where they parse (numbers, ...).
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.layout import Layout, ParamSpec, find_model_state, load_layout, recover_names
+from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of, recover_names
 from optckpt.statedict import PARAM_SHAPED_KEYS, StateDict, group_of, param_ids
 
 
@@ -286,16 +286,6 @@ class RemapResult:
     out: Path | None
 
 
-def _model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:
-    from optckpt.io.safetensors_format import read_safetensors
-
-    found = find_model_state(checkpoint.root)
-    if found is None and "model.safetensors" in checkpoint.members:
-        weights = read_safetensors(checkpoint.path / "model.safetensors")
-        found = find_model_state(weights)
-    return found
-
-
 def remap_checkpoint(
     path: str | Path,
     to: str | Path | Layout,
@@ -353,7 +343,7 @@ def remap_checkpoint(
         source=old,
         rename=rename,
         reset_mismatched=reset_mismatched,
-        model_state=_model_state_of(checkpoint),
+        model_state=model_state_of(checkpoint),
     )
     if out is None:
         return RemapResult(located.key, plan, None)

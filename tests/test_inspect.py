@@ -251,8 +251,15 @@ def test_report_matches_the_torch_state_dict(tmp_path: Path, case: str) -> None:
     }
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     assert [p.id for p in opt.params] == ids
-    assert [p.name for p in opt.params] == [names.get(i) for i in ids]
-    assert opt.names_source == ("param_names" if names else None)
+    if names:
+        assert [p.name for p in opt.params] == [names.get(i) for i in ids]
+        assert opt.names_source == "param_names"
+    else:
+        # no param_names: recovered from the model weights saved beside the optimizer; the
+        # optimizer was built from model.parameters(), so ID i is the i-th named parameter
+        model_names = [n for n, _ in model.named_parameters()]
+        assert [p.name for p in opt.params] == [model_names[i] for i in ids]
+        assert opt.names_source == "model state dict"
     for p in opt.params:
         assert set(p.state) == {str(k) for k in sd["state"].get(p.id, {})}
         for key, value in sd["state"].get(p.id, {}).items():
