@@ -5,7 +5,9 @@ A layout is what ``remap --to`` (and ``regenerate --layout``) take. It comes fro
 * a JSON file: ``{"params": {name: {"shape": [...], "dtype": "float32"}},
   "groups": [{"params": [name, ...], "lr": ..., ...}]}``;
 * a model state dict file (``.pt``/``.safetensors``, bare or inside a training checkpoint):
-  names and shapes in one group, split by ``--group 'REGEX:key=value,...'`` rules;
+  names and shapes in one group, split by ``--group 'REGEX:key=value,...'`` rules (a plain
+  safetensors file, whose tensors are sorted by name rather than in the model's order, is
+  refused; one optckpt wrote keeps the order);
 * a live model and optimizer: :func:`layout_of` / :func:`save_layout`.
 
 This module also recovers the names of an id-only optimizer state dict
@@ -164,8 +166,30 @@ def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:
     return find_model_state(checkpoint.root)
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside JSON brackets and strings (``betas=[0.9,0.95],lr=1``)."""
+    items: list[str] = []
+    depth, start, quoted, escaped = 0, 0, False, False
+    for i, char in enumerate(text):
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            quoted = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
     """Parse ``'REGEX:key=value,key=value'``; values are JSON where they parse (numbers, ...).
+
+    Commas inside JSON brackets or strings do not split (``betas=[0.9,0.95]``).
 
     Raises:
         UsageError: no ``:``, a bad regex, or a ``key=value`` without ``=``.
@@ -178,7 +202,7 @@ def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
     except re.error as e:
         raise UsageError(f"--group {rule!r}: bad regex ({e})") from e
     values: dict[str, Any] = {}
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, _split_top_level(settings)):
         key, eq, text = item.partition("=")
         if not eq:
             raise UsageError(f"--group {rule!r}: expected key=value, got {item!r}")
@@ -204,7 +228,7 @@ def layout_from_model_state(
         index = next((i + 1 for i, (regex, _) in enumerate(parsed) if regex.search(name)), 0)
         members[index].append(name)
     groups = [{"params": members[0]}] + [
-        {**values, "params": members[i + 1]} for i, (_, values) in enumerate(parsed)
+        {**_hyperparams(values), "params": members[i + 1]} for i, (_, values) in enumerate(parsed)
     ]
     return Layout(
         {n: ParamSpec(tuple(t.shape), _dtype_name(t.dtype)) for n, t in params.items()},
@@ -218,10 +242,12 @@ def load_layout(
     """Read a layout from a JSON file or a model state dict file (see module doc).
 
     Raises:
-        UsageError: not a layout, or ``rules`` given for a JSON layout.
+        UsageError: not a layout, ``rules`` given for a JSON layout, or a plain safetensors
+            file (sorted by name, it cannot give the model's parameter order).
         UnreadableCheckpointError: the file cannot be read.
     """
     from optckpt.io import load_checkpoint
+    from optckpt.io.safetensors_format import TREE_KEY, read_header
 
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
@@ -236,6 +262,15 @@ def load_layout(
     model_state = find_model_state(checkpoint.root)
     if model_state is None:
         raise UsageError(f"{path}: neither a JSON layout nor a model state dict")
+    if checkpoint.format == "safetensors" and TREE_KEY not in read_header(path)[1]:
+        # torch numbers an optimizer's parameters in the model's order; a plain safetensors
+        # file keeps its tensors sorted by name, so a layout read from it would put state on
+        # the wrong parameters when torch loads the result.
+        raise UsageError(
+            f"{path}: a plain safetensors file keeps its tensors sorted by name, not in the "
+            "model's order, so it cannot give the order torch numbers parameters in; use "
+            "torch.save(model.state_dict(), PATH) or optckpt.save_layout(model, optimizer, PATH)"
+        )
     return layout_from_model_state(model_state, rules)
 
 
@@ -319,7 +354,7 @@ def recover_names(
     """Names for every ID of an optimizer state dict, and where they came from.
 
     Tried in order: ``param_names`` in the groups; the ``source`` layout (its groups must have
-    the same sizes); the model state dict of the same checkpoint. A default
+    the same sizes, and its shapes those of the IDs' state); the model state dict of the same checkpoint. A default
     ``Optimizer(model.parameters())`` numbers parameters in the order of the model's
     parameters, so the IDs are aligned, in order, with the model state dict's parameters
     (buffers and tied duplicates left out), using the shapes of each ID's state; only an
@@ -343,7 +378,21 @@ def recover_names(
                 f"--from layout has groups of {wanted} parameters, the checkpoint {sizes}"
             )
         flat_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        return dict(zip(flat_ids, source.names())), "--from layout"
+        found: dict[Any, str] = dict(zip(flat_ids, source.names()))
+        wrong = [
+            f"{name} is {list(source.params[name].shape)} there, the state of ID {pid} "
+            f"{list(shape)}"
+            for pid, name in found.items()
+            if (shape := _state_shape(state_dict["state"].get(pid))) is not None
+            and shape != source.params[name].shape
+        ]
+        if wrong:
+            raise UsageError(
+                "--from layout does not fit the checkpoint: "
+                + "; ".join(wrong[:5])
+                + (f" ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
+            )
+        return found, "--from layout"
     if model_state is None:
         raise UsageError(
             "the checkpoint's groups carry no param_names and it holds no model state dict; "
@@ -367,7 +416,7 @@ def recover_names(
             "of its model state dict in more than one way (parameters without state, or "
             "frozen ones of equal shapes); pass --from OLD_LAYOUT"
         )
-    found: dict[Any, str] = {}
+    found = {}
     j = 0
     for i, pid in enumerate(ids):
         # the one assignment: the first candidate that fits and leaves a way for the rest

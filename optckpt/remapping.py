@@ -266,6 +266,20 @@ def remap(
             + "; pass --reset-mismatched to drop their state"
         )
     dropped = [by_target_name[n][0] for n in by_target_name if n not in used]
+    if dropped and not used:
+        warnings.append(
+            "no parameter kept its state: no checkpoint name matches a layout name "
+            f"(checkpoint {dropped[0]!r}, layout {to.names()[0]!r}); a prefix such as "
+            "'module.' or '_orig_mod.' can be removed with --rename '^module\\.='"
+            if to.names()
+            else "no parameter kept its state: the layout names no parameters"
+        )
+    if names_source == "model state dict" and len(saved_groups) > 1:
+        warnings.append(
+            f"names were recovered assuming the checkpoint's {len(saved_groups)} param groups "
+            "list the parameters in the model's order; if the optimizer was built otherwise "
+            "(e.g. the head's group first), pass --from OLD_LAYOUT"
+        )
     orphans = [k for k in saved_state if k not in set(param_ids(state_dict))]
     if orphans:
         warnings.append(

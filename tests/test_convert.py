@@ -33,7 +33,10 @@ def same(a: Any, b: Any) -> bool:
             isinstance(b, torch.Tensor)
             and a.dtype == b.dtype
             and a.shape == b.shape
-            and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+            and torch.equal(
+                a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                b.view(torch.uint8) if b.dtype.itemsize == 1 else b,
+            )
         )
     if isinstance(a, dict):
         return type(b) is dict and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
@@ -74,14 +77,30 @@ def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
 def test_exotic_values_survive(tmp_path: Path) -> None:
     w = torch.randn(4, 6)
     tree = {
-        "model": {"w": w, "w_t": w.t(), "tied": w, "half": torch.randn(3).half(), "bf": torch.randn(3).bfloat16()},
+        "model": {
+            "w": w,
+            "w_t": w.t(),
+            "tied": w,
+            "half": torch.randn(3).half(),
+            "bf": torch.randn(3).bfloat16(),
+        },
         "optimizer": {
             "state": {
-                0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(4, 6), "count": torch.arange(3)},
+                0: {
+                    "step": torch.tensor(7.0),
+                    "exp_avg": torch.randn(4, 6),
+                    "count": torch.arange(3),
+                },
                 2: {"step": 5, "note": "kept", "nested": [torch.ones(2), (1, 2.5)]},
             },
             "param_groups": [
-                {"params": [0, 1], "lr": torch.tensor(0.01), "betas": (0.9, 0.95), "eps": float("inf"), "x": None},
+                {
+                    "params": [0, 1],
+                    "lr": torch.tensor(0.01),
+                    "betas": (0.9, 0.95),
+                    "eps": float("inf"),
+                    "x": None,
+                },
                 {"params": [2], "lr": 1e-3, "betas": (0.8, 0.9), "eps": float("nan"), "x": True},
             ],
         },
@@ -127,7 +146,9 @@ def test_adam_to_adamw_loads_into_torch_adamw_with_identical_state(tmp_path: Pat
         for k, v in adam.state[p].items():
             assert torch.equal(adamw.state[p][k], v)
     # a step now decays the weights the AdamW way: same as a reference AdamW built that way
-    reference = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    reference = torch.optim.Adam(
+        model.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True
+    )
     reference.load_state_dict(adam.state_dict())
     reference.param_groups[0]["decoupled_weight_decay"] = True
     assert {k: v for k, v in adamw.param_groups[0].items() if k != "params"} == {
@@ -136,7 +157,9 @@ def test_adam_to_adamw_loads_into_torch_adamw_with_identical_state(tmp_path: Pat
 
 
 def test_adamw_back_to_adam(tmp_path: Path) -> None:
-    converted = retarget(torch.load(FIXTURES / "adamw_train.pt", weights_only=True)["optimizer"], "Adam")
+    converted = retarget(
+        torch.load(FIXTURES / "adamw_train.pt", weights_only=True)["optimizer"], "Adam"
+    )
     assert all(g["decoupled_weight_decay"] is False for g in converted["param_groups"])
 
 

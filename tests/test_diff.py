@@ -30,7 +30,9 @@ def _state_dict(named: bool = True) -> dict[str, Any]:
     return opt.state_dict()
 
 
-def _kinds(a: dict[str, Any], b: dict[str, Any], tmp_path: Path, **kwargs: Any) -> list[tuple[str, str]]:
+def _kinds(
+    a: dict[str, Any], b: dict[str, Any], tmp_path: Path, **kwargs: Any
+) -> list[tuple[str, str]]:
     torch.save(a, tmp_path / "a.pt")
     torch.save(b, tmp_path / "b.pt")
     report = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", **kwargs)
@@ -106,7 +108,10 @@ def test_params_added_and_removed_by_name(tmp_path: Path) -> None:
     a = _state_dict()
     b = copy.deepcopy(a)
     b["param_groups"][0]["param_names"][5] = "head.bias"
-    assert sorted(_kinds(a, b, tmp_path)) == [("param_added", "head.bias"), ("param_removed", "2.bias")]
+    assert sorted(_kinds(a, b, tmp_path)) == [
+        ("param_added", "head.bias"),
+        ("param_removed", "2.bias"),
+    ]
 
 
 def test_without_names_params_match_by_id(tmp_path: Path) -> None:
@@ -158,4 +163,7 @@ def test_with_a_tolerance_values_of_different_dtypes_are_compared(tmp_path: Path
     assert _kinds(a, b, tmp_path) == [("dtype", "0.weight.exp_avg")]
     # bfloat16 keeps 8 bits of mantissa: within rtol 1e-2, but not within 1e-5
     assert _kinds(a, b, tmp_path, rtol=1e-2) == [("dtype", "0.weight.exp_avg")]
-    assert _kinds(a, b, tmp_path, rtol=1e-5) == [("dtype", "0.weight.exp_avg"), ("values", "0.weight.exp_avg")]
+    assert _kinds(a, b, tmp_path, rtol=1e-5) == [
+        ("dtype", "0.weight.exp_avg"),
+        ("values", "0.weight.exp_avg"),
+    ]

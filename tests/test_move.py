@@ -41,7 +41,10 @@ def test_dtype_casts_floating_state_but_never_step(tmp_path: Path) -> None:
             assert torch.equal(state[key], original["optimizer"]["state"][pid][key].bfloat16())
     # the rest of the file is untouched
     assert out["epoch"] == 2
-    assert all(torch.equal(out["model"][k], v) and v.dtype == torch.float32 for k, v in original["model"].items())
+    assert all(
+        torch.equal(out["model"][k], v) and v.dtype == torch.float32
+        for k, v in original["model"].items()
+    )
     assert out["optimizer"]["param_groups"] == original["optimizer"]["param_groups"]
 
 
@@ -62,7 +65,9 @@ def test_moved_state_loads_into_torch_like_the_original(tmp_path: Path) -> None:
 def test_all_tensors_moves_model_weights_too(tmp_path: Path) -> None:
     model, opt = _trained()
     src = tmp_path / "in.pt"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "ids": torch.arange(3)}, src)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "ids": torch.arange(3)}, src
+    )
     move_checkpoint(src, tmp_path / "out.pt", device="cpu", dtype="float16", all_tensors=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in out["model"].values())
@@ -90,7 +95,10 @@ def test_matches_torch_load_state_dict_casting_on_meta() -> None:
     _, opt = _trained()
     sd = opt.state_dict()
     sd["param_groups"][0]["capturable"] = True
-    meta_params = [torch.empty(p.shape, device="meta", requires_grad=True) for p in opt.param_groups[0]["params"]]
+    meta_params = [
+        torch.empty(p.shape, device="meta", requires_grad=True)
+        for p in opt.param_groups[0]["params"]
+    ]
     target = torch.optim.Adam(meta_params, capturable=True)
     target.load_state_dict(sd)
     moved = move_state(sd, torch.device("meta"))

@@ -66,7 +66,9 @@ def test_save_is_loadable_and_leaves_no_temporary(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
-def test_an_error_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+def test_an_error_midway_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
     out = tmp_path / "out.pt"
     calls = {"n": 0}
     real_save = torch.save
@@ -87,7 +89,9 @@ def test_an_error_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(torch, "save", failing_save)
     # torch's zip writer reports a failed write as a RuntimeError when it closes the archive;
     # Ctrl-C must still surface as KeyboardInterrupt.
-    expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else (OSError, RuntimeError)
+    expected = (
+        KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else (OSError, RuntimeError)
+    )
     with pytest.raises(expected):
         save_checkpoint({"w": torch.randn(1000)}, out, "pt")
     assert calls["n"] > 2, "the write must have started before it failed"

@@ -69,12 +69,13 @@ def remap(
     allow_global: AllowGlobal = None,
 ) -> None:
     """Carry optimizer state to a new model layout or new param groups, matching by name."""
+    from optckpt.errors import UsageError
     from optckpt.remapping import remap_checkpoint
 
     if dry_run and out is not None:
-        raise typer.BadParameter("--dry-run writes nothing; drop -o", param_hint="-o")
+        raise UsageError("--dry-run writes nothing; drop -o")
     if not dry_run and out is None:
-        raise typer.BadParameter("give -o OUT, or --dry-run to see the plan", param_hint="-o")
+        raise UsageError("give -o OUT, or --dry-run to see the plan")
     result = remap_checkpoint(
         path,
         to,
@@ -97,16 +98,22 @@ def remap(
         return
     render(result.plan)
     if result.out is not None:
-        console().print(f"wrote {result.out}")
+        from rich.markup import escape
+
+        console().print(f"wrote {escape(str(result.out))}", soft_wrap=True)
 
 
 def _names(items: list[str], limit: int = 6) -> str:
+    """The first ``limit`` names, escaped for rich (a name or path may hold ``[...]``)."""
+    from rich.markup import escape
+
     shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+    return escape(shown) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def render(plan: RemapPlan) -> None:
     """Print the plan: a table per target group, then dropped parameters and warnings."""
+    from rich.markup import escape
     from rich.table import Table
 
     out = console()
@@ -139,4 +146,4 @@ def render(plan: RemapPlan) -> None:
     if plan.dropped:
         out.print(f"dropped: {_names(plan.dropped)}", soft_wrap=True)
     for warning in plan.warnings:
-        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        out.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)

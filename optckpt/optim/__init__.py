@@ -25,19 +25,43 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
    implementations it has.
 """
 
+from optckpt.optim.adadelta import Adadelta
+from optckpt.optim.adafactor import Adafactor
+from optckpt.optim.adagrad import Adagrad
 from optckpt.optim.adam import Adam
+from optckpt.optim.adamax import Adamax
 from optckpt.optim.adamw import AdamW
+from optckpt.optim.asgd import ASGD
 from optckpt.optim.base import Optimizer
 from optckpt.optim.guess import Guess, guess_optimizer
+from optckpt.optim.lbfgs import LBFGS
+from optckpt.optim.muon import Muon
+from optckpt.optim.nadam import NAdam
+from optckpt.optim.radam import RAdam
 from optckpt.optim.registry import UnknownOptimizerError, by_name, names
+from optckpt.optim.rmsprop import RMSprop
+from optckpt.optim.rprop import Rprop
 from optckpt.optim.sgd import SGD
+from optckpt.optim.sparse_adam import SparseAdam
 
 __all__ = [
+    "ASGD",
+    "LBFGS",
     "SGD",
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "Guess",
+    "Muon",
+    "NAdam",
     "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SparseAdam",
     "UnknownOptimizerError",
     "by_name",
     "guess_optimizer",

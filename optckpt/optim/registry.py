@@ -9,15 +9,43 @@ from __future__ import annotations
 import difflib
 
 from optckpt.errors import IncompatibleStateError
+from optckpt.optim.adadelta import Adadelta
+from optckpt.optim.adafactor import Adafactor
+from optckpt.optim.adagrad import Adagrad
 from optckpt.optim.adam import Adam
+from optckpt.optim.adamax import Adamax
 from optckpt.optim.adamw import AdamW
+from optckpt.optim.asgd import ASGD
 from optckpt.optim.base import Optimizer
+from optckpt.optim.lbfgs import LBFGS
+from optckpt.optim.muon import Muon
+from optckpt.optim.nadam import NAdam
+from optckpt.optim.radam import RAdam
+from optckpt.optim.rmsprop import RMSprop
+from optckpt.optim.rprop import Rprop
 from optckpt.optim.sgd import SGD
+from optckpt.optim.sparse_adam import SparseAdam
 
 __all__ = ["UnknownOptimizerError", "by_name", "names"]
 
 # In the order of DESIGN.md's list of bundled optimizers.
-_BUNDLED: tuple[type[Optimizer], ...] = (SGD, Adam, AdamW)
+_BUNDLED: tuple[type[Optimizer], ...] = (
+    SGD,
+    Adam,
+    AdamW,
+    Adagrad,
+    Adadelta,
+    Adamax,
+    ASGD,
+    NAdam,
+    RAdam,
+    RMSprop,
+    Rprop,
+    SparseAdam,
+    Adafactor,
+    LBFGS,
+    Muon,
+)
 _BY_LOWER_NAME: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in _BUNDLED}
 
 

@@ -33,7 +33,9 @@ def _sha(path: Path) -> str:
 
 
 def test_diff_identical_exits_0_with_one_line() -> None:
-    result = runner.invoke(app, ["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "adamw_train.safetensors")])
+    result = runner.invoke(
+        app, ["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "adamw_train.safetensors")]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == "identical (bitwise)"
 
@@ -44,19 +46,25 @@ def test_diff_different_exits_1_with_a_table(tmp_path: Path) -> None:
     other["param_groups"][0]["lr"] = 0.5
     other["state"][0]["momentum_buffer"] += 1
     torch.save(other, tmp_path / "b.pt")
-    result = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt")])
+    result = runner.invoke(
+        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt")]
+    )
     assert result.exit_code == 1
     assert "hyperparam" in result.stdout and "group 0.lr" in result.stdout
     assert "ID 0.momentum_buffer" in result.stdout
     assert "2 differences" in result.stdout
 
-    as_json = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--json"])
+    as_json = runner.invoke(
+        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--json"]
+    )
     assert as_json.exit_code == 1
     data = json.loads(as_json.stdout)
     assert data["ok"] is False
     assert {d["kind"] for d in data["pairs"][0]["differences"]} == {"hyperparam", "values"}
 
-    close = runner.invoke(app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--atol", "2"])
+    close = runner.invoke(
+        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--atol", "2"]
+    )
     assert close.exit_code == 1  # lr still differs
     assert "values" not in close.stdout
 
@@ -72,8 +80,22 @@ def test_diff_json_ok_when_identical() -> None:
     ("args", "code", "needle"),
     [
         (["diff", "missing.pt", str(FIXTURES / "adamw_train.pt")], 3, "no such file"),
-        (["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "unsafe_namespace.pt")], 3, "argparse.Namespace"),
-        (["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "lightning.ckpt"), "--key-b", "x"], 2, "'optimizer_states.0'"),
+        (
+            ["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "unsafe_namespace.pt")],
+            3,
+            "argparse.Namespace",
+        ),
+        (
+            [
+                "diff",
+                str(FIXTURES / "adamw_train.pt"),
+                str(FIXTURES / "lightning.ckpt"),
+                "--key-b",
+                "x",
+            ],
+            2,
+            "'optimizer_states.0'",
+        ),
     ],
 )
 def test_diff_errors(args: list[str], code: int, needle: str) -> None:
@@ -91,7 +113,10 @@ def test_convert_there_and_back(tmp_path: Path) -> None:
     result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "l.safetensors")])
     assert result.exit_code == 0, result.stderr
     assert "safetensors" in result.stdout
-    back = runner.invoke(app, ["convert", str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "l.ckpt"), "--to", "pt"])
+    back = runner.invoke(
+        app,
+        ["convert", str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "l.ckpt"), "--to", "pt"],
+    )
     assert back.exit_code == 0, back.stderr
     assert runner.invoke(app, ["diff", str(source), str(tmp_path / "l.ckpt")]).exit_code == 0
     loaded = torch.load(tmp_path / "l.ckpt", weights_only=True)
@@ -117,7 +142,17 @@ def test_convert_refuses_input_and_existing_output(tmp_path: Path) -> None:
 
 
 def test_convert_incompatible_optimizer_exits_4(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["convert", str(FIXTURES / "sgd_momentum_bare.pt"), "-o", str(tmp_path / "x.pt"), "--optimizer", "adamw"])
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            str(FIXTURES / "sgd_momentum_bare.pt"),
+            "-o",
+            str(tmp_path / "x.pt"),
+            "--optimizer",
+            "adamw",
+        ],
+    )
     assert result.exit_code == 4
     _one_line_error(result.stderr, "compatible targets")
     assert list(tmp_path.iterdir()) == []
@@ -132,7 +167,9 @@ def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
-def test_convert_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_convert_failing_midway_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import optckpt.io.safetensors_format as fmt
 
     written: list[int] = []
@@ -145,7 +182,11 @@ def test_convert_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(fmt, "_RELEASE_EVERY", 1)
     monkeypatch.setattr(fmt, "release", disk_full)
     with pytest.raises(OSError):
-        runner.invoke(app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(tmp_path / "o.safetensors")], catch_exceptions=False)
+        runner.invoke(
+            app,
+            ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(tmp_path / "o.safetensors")],
+            catch_exceptions=False,
+        )
     assert written and written[0] > 0, "the failure must come after part of the file was written"
     assert list(tmp_path.iterdir()) == []
 
@@ -154,11 +195,26 @@ def test_convert_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pyte
 
 
 def test_move_to_bfloat16(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["move", str(FIXTURES / "cuda_adam.pt"), "--device", "cpu", "--dtype", "bfloat16", "-o", str(tmp_path / "m.pt")])
+    result = runner.invoke(
+        app,
+        [
+            "move",
+            str(FIXTURES / "cuda_adam.pt"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "-o",
+            str(tmp_path / "m.pt"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "bfloat16" in result.stdout
     state = torch.load(tmp_path / "m.pt", weights_only=True)["optimizer"]["state"]
-    assert all(s["exp_avg"].dtype == torch.bfloat16 and s["step"].dtype == torch.float32 for s in state.values())
+    assert all(
+        s["exp_avg"].dtype == torch.bfloat16 and s["step"].dtype == torch.float32
+        for s in state.values()
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,7 +225,9 @@ def test_move_to_bfloat16(tmp_path: Path) -> None:
     ],
 )
 def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
-    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), *args, "-o", str(tmp_path / "m.pt")])
+    result = runner.invoke(
+        app, ["move", str(FIXTURES / "adamw_train.pt"), *args, "-o", str(tmp_path / "m.pt")]
+    )
     assert result.exit_code == 2
     _one_line_error(result.stderr, needle)
     assert list(tmp_path.iterdir()) == []
@@ -177,7 +235,17 @@ def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), "--device", "cuda:0", "-o", str(tmp_path / "m.pt")])
+    result = runner.invoke(
+        app,
+        [
+            "move",
+            str(FIXTURES / "adamw_train.pt"),
+            "--device",
+            "cuda:0",
+            "-o",
+            str(tmp_path / "m.pt"),
+        ],
+    )
     assert result.exit_code == 2
     _one_line_error(result.stderr, "no such device")
 

@@ -3,7 +3,8 @@
 The table ``ROWS`` drives everything: one row per bundled optimizer, naming the torch class,
 ours, the option sets to run (``configs``), the hyperparameters of the extra param groups, and
 the constructor arguments torch rejects. Every config runs with each implementation
-(``for-loop``, ``foreach``, ``fused``) on float32, float64 and complex64 parameters, and once
+(``for-loop``, ``foreach``, ``fused``; ``only`` for an optimizer that has just one and no
+``foreach`` argument) on float32, float64 and complex64 parameters, and once
 more on float32 with no gaps in the gradients and also torch's default choice (``default``). A
 combination torch refuses (a tensor ``lr`` with ``foreach``, ``capturable`` on the CPU, complex
 parameters with ``fused``, ...) must be refused by ours with the same exception type, at the
@@ -13,6 +14,8 @@ same point (constructor or step). To cover a new optimizer, add a row.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ IMPLS: dict[str, dict[str, Any]] = {
     "for-loop": {"foreach": False},
     "foreach": {"foreach": True},
     "fused": {"fused": True},
+    "only": {},  # no foreach or fused argument: the optimizer's one implementation
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "complex64": torch.complex64}
 
@@ -41,19 +45,42 @@ class Row:
     ``groups`` holds the hyperparameters that groups 1 and 2 set for themselves. ``invalid``
     maps a test id to constructor arguments torch rejects. ``impls`` are the keys of ``IMPLS``
     the optimizer accepts. ``number_step``: the state has a ``step`` that torch < 1.12 saved
-    as a Python number. ``autograd``: arguments for a ``differentiable=True`` run whose tensor
-    hyperparameters get gradients. Tensor values are copied for each optimizer built from them.
+    as a Python number. ``number_state``: the state keys torch < 1.12 saved as Python numbers
+    (``step``, and ASGD's ``eta`` and ``mu``). ``autograd``: arguments for a
+    ``differentiable=True`` run whose tensor hyperparameters get gradients. Tensor values are
+    copied for each optimizer built from them. ``load_casts_state``: torch's
+    ``load_state_dict`` changes the state's dtypes (ASGD's ``eta`` and ``mu`` take the
+    parameter's), so a cross-loaded optimizer is compared with torch's cross-loaded one, not
+    with the live one. ``autograd_steps``: how many steps the ``autograd`` run takes (torch's
+    differentiable Adamax cannot backpropagate through more than one). Rows may live in sibling
+    modules, taken in with :func:`rows_from`. For optimizers that need more: ``groups=()``
+    builds a single group (LBFGS takes no more); ``params(dtype)`` replaces
+    :func:`make_params` (Muon takes 2-D parameters only); ``grad(dense, index, step)`` turns
+    each seeded gradient into the one to set (SparseAdam's sparse ones); ``closure(params,
+    step, gaps)`` gives the closure each step is called with (LBFGS needs one).
     """
 
     name: str
     torch_cls: type[torch.optim.Optimizer]
     ours: type[Optimizer]
     configs: dict[str, dict[str, Any]]
-    groups: tuple[dict[str, Any], dict[str, Any]]
+    groups: tuple[dict[str, Any], ...]
     invalid: dict[str, dict[str, Any]] = field(default_factory=dict)
-    impls: tuple[str, ...] = tuple(IMPLS)
+    impls: tuple[str, ...] = ("default", "for-loop", "foreach", "fused")
     number_step: bool = False
     autograd: dict[str, Any] = field(default_factory=dict)
+    number_state: tuple[str, ...] = ("step",)
+    load_casts_state: bool = False
+    autograd_steps: int = 3
+    params: Callable[[torch.dtype], list[torch.Tensor]] | None = None
+    grad: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+    closure: Callable[[list[torch.Tensor], int, bool], Callable[[], Any]] | None = None
+
+
+def rows_from(module: str) -> list[Row]:
+    """The ``ROWS`` of a sibling module, which imports ``Row`` from here (defined above)."""
+    rows: list[Row] = importlib.import_module(module).ROWS
+    return rows
 
 
 ROWS = [
@@ -158,6 +185,9 @@ ROWS = [
         number_step=True,
         autograd={"lr": torch.tensor(0.01), "betas": (torch.tensor(0.8), torch.tensor(0.9))},
     ),
+    *rows_from("rows_adagrad_family"),
+    *rows_from("rows_adam_variants"),
+    *rows_from("rows_special"),
 ]
 
 
@@ -182,7 +212,12 @@ def make_params(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def grouped(row: Row, params: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """Three groups: the first takes the defaults, the others set hyperparameters of their own."""
+    """Three groups: the first takes the defaults, the others set hyperparameters of their own.
+
+    One group for a row with ``groups=()``.
+    """
+    if not row.groups:
+        return [{"params": params}]
     extra1, extra2 = fresh(row.groups)
     return [
         {"params": params[:4]},
@@ -191,17 +226,33 @@ def grouped(row: Row, params: list[torch.Tensor]) -> list[dict[str, Any]]:
     ]
 
 
-def set_grads(params: list[torch.Tensor], step: int, *, gaps: bool = True) -> None:
+def set_grads(
+    params: list[torch.Tensor],
+    step: int,
+    *,
+    gaps: bool = True,
+    to_grad: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+) -> None:
     """Seeded gradients for ``step``, the same for every list of equal parameters.
 
     With ``gaps``, some parameters get no grad on some steps (so some start their state late)
-    and the last never gets one; without, every parameter gets one every step.
+    and the last never gets one; without, every parameter gets one every step. ``to_grad``
+    (a row's ``grad``) turns each into the gradient to set, given its index and the step.
     """
     generator = torch.Generator().manual_seed(1000 + step)
     for i, p in enumerate(params):
         grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
         skip = gaps and ((step + i) % 3 == 0 or i == len(params) - 1)
+        if to_grad is not None and not skip:
+            grad = to_grad(grad, i, step)
         p.grad = None if skip else grad
+
+
+def take_step(row: Row, optimizer: Any, step: int, *, gaps: bool) -> Any:
+    """``optimizer.step()``, with the row's closure for ``step`` if it has one."""
+    if row.closure is None:
+        return optimizer.step()
+    return optimizer.step(row.closure(all_params(optimizer), step, gaps))
 
 
 def assert_bitwise_equal(ours: Any, theirs: Any, path: str = "") -> None:
@@ -285,7 +336,7 @@ def run_against_torch(row: Row, kwargs: dict[str, Any], dtype: torch.dtype, *, g
     After every step the parameters and state dicts of each pair must be bit-identical. If
     torch refuses the construction or a step, ours must refuse it with the same exception type.
     """
-    theirs_params = make_params(dtype)
+    theirs_params = (row.params or make_params)(dtype)
     ours_params = [p.clone() for p in theirs_params]
     built: dict[str, Any] = {}
     if not same_outcome(
@@ -305,19 +356,25 @@ def run_against_torch(row: Row, kwargs: dict[str, Any], dtype: torch.dtype, *, g
             ours2.load_state_dict(copy.deepcopy(theirs.state_dict()))
             theirs2 = build(row.torch_cls, clone_params(ours), row, kwargs)
             theirs2.load_state_dict(copy.deepcopy(ours.state_dict()))
-            pairs += [(ours2, theirs), (ours, theirs2)]
+            # Both loaded the same state (ours and theirs are bit-identical here).
+            pairs += (
+                [(ours2, theirs2)] if row.load_casts_state else [(ours2, theirs), (ours, theirs2)]
+            )
             extras += [ours2, theirs2]
             for a, b in pairs:
                 assert_same_run(a, b, "after cross-loading")
 
         for optimizer in (ours, theirs, *extras):
-            set_grads(all_params(optimizer), step, gaps=gaps)
+            set_grads(all_params(optimizer), step, gaps=gaps, to_grad=row.grad)
         # A step torch refuses (capturable on the CPU, ...) must be refused by ours too.
-        if not same_outcome(ours.step, theirs.step):
+        if not same_outcome(
+            functools.partial(take_step, row, ours, step, gaps=gaps),
+            functools.partial(take_step, row, theirs, step, gaps=gaps),
+        ):
             assert_same_run(ours, theirs, f"after the refused step {step}")
             return
         for optimizer in extras:
-            optimizer.step()
+            take_step(row, optimizer, step, gaps=gaps)
         for a, b in pairs:
             assert_same_run(a, b, f"after step {step}")
 
@@ -332,7 +389,7 @@ def test_table_covers_the_registry() -> None:
 
 
 @pytest.mark.parametrize(
-    ("row", "config", "impl", "dtype"), cases(impls=("for-loop", "foreach", "fused"))
+    ("row", "config", "impl", "dtype"), cases(impls=("for-loop", "foreach", "fused", "only"))
 )
 def test_steps_and_cross_loading_match_torch(row: Row, config: str, impl: str, dtype: str) -> None:
     run_against_torch(row, {**row.configs[config], **IMPLS[impl]}, DTYPES[dtype], gaps=True)
@@ -366,7 +423,9 @@ def test_old_checkpoint_with_number_steps_loads_like_torch(
         source.step()
     old = copy.deepcopy(source.state_dict())
     for param_state in old["state"].values():
-        param_state["step"] = int(param_state["step"].item())
+        for key in row.number_state:
+            value = param_state[key].item()
+            param_state[key] = int(value) if key == "step" else value
 
     kwargs = {**row.configs[config], **IMPLS[impl]}
     built: dict[str, Any] = {}
@@ -398,9 +457,9 @@ def test_old_checkpoint_with_number_steps_loads_like_torch(
 )
 def test_invalid_arguments_raise_like_torch(row: Row, kwargs: dict[str, Any]) -> None:
     with pytest.raises(Exception) as expected:
-        row.torch_cls([torch.zeros(2)], **fresh(kwargs))
+        row.torch_cls([torch.zeros(2, 2)], **fresh(kwargs))  # 2-D, the only shape Muon takes
     with pytest.raises(type(expected.value)):
-        row.ours([torch.zeros(2)], **fresh(kwargs))
+        row.ours([torch.zeros(2, 2)], **fresh(kwargs))
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
@@ -415,7 +474,7 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.name) for row in ROWS if row.autograd])
 def test_differentiable_steps_give_torchs_gradients(row: Row) -> None:
-    """With ``differentiable=True``, gradients through three steps reach the same bits."""
+    """With ``differentiable=True``, gradients through the steps (3 by default) match torch's."""
     results = []
     for cls in (row.ours, row.torch_cls):
         torch.manual_seed(0)
@@ -429,7 +488,7 @@ def test_differentiable_steps_give_torchs_gradients(row: Row) -> None:
             t.requires_grad_(True)
         params = [leaf.clone() for leaf in leaves]  # non-leaves, allowed when differentiable
         optimizer = cls(params, differentiable=True, **kwargs)
-        for step in (1, 2, 3):
+        for step in range(1, row.autograd_steps + 1):
             set_grads(params, step, gaps=False)
             optimizer.step()
         loss = sum((p * p).sum() for p in params)

@@ -1,0 +1,364 @@
+"""Adadelta, reimplemented to match ``torch.optim.Adadelta`` (``torch/optim/adadelta.py``) bit for bit.
+
+Two implementations, picked per param group as torch picks them: a for-loop over tensors
+(``foreach=False``, and the default on the CPU) and ``torch._foreach_*`` ops per device and
+dtype (``foreach=True``). torch has no fused Adadelta. Each runs torch's ops in torch's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optckpt.optim.base import (
+    Hyper,
+    Optimizer,
+    ParamsT,
+    capturable_supported_devices,
+    default_to_fused_or_foreach,
+    group_tensors_by_device_and_dtype,
+    scalar_tensor,
+    to_scalar,
+    use_grad_for_differentiable,
+    view_as_real,
+)
+
+__all__ = ["Adadelta"]
+
+
+class Adadelta(Optimizer):
+    """Adadelta; ``torch.optim.Adadelta``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``,
+    ``square_avg`` and ``acc_delta``) as torch's. ``step`` is a 0-dim float32 tensor (float64
+    under a float64 default dtype) on the CPU, or on the parameter's device when the group is
+    ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: coefficient that scales the delta before it is applied, a float or a 1-element
+            tensor.
+        rho: coefficient of the running averages of squared gradients and deltas.
+        eps: term added to the denominator.
+        weight_decay: L2 penalty.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, ``rho`` outside [0, 1], or
+            a tensor ``lr`` with more than one element.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+        defaults = {
+            "lr": lr,
+            "rho": rho,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "capturable": capturable,
+            "foreach": foreach,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
+
+        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
+        the tensor a fresh step would be, and so do we.
+        """
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = _new_step(float(p_state["step"]), p, group)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        acc_deltas: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params_with_grad.append(p)
+            if p.grad.is_sparse:
+                raise RuntimeError("Adadelta does not support sparse gradients")
+            grads.append(p.grad)
+
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = _new_step(0.0, p, group)
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            square_avgs.append(state["square_avg"])
+            acc_deltas.append(state["acc_delta"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    @use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one Adadelta step over every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        self._accelerator_graph_capture_health_check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            square_avgs: list[Tensor] = []
+            acc_deltas: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(
+                group, params_with_grad, grads, square_avgs, acc_deltas, state_steps
+            )
+            _adadelta(
+                params_with_grad,
+                grads,
+                square_avgs,
+                acc_deltas,
+                state_steps,
+                lr=group["lr"],
+                rho=group["rho"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                foreach=group["foreach"],
+                maximize=group["maximize"],
+                differentiable=group["differentiable"],
+                capturable=group["capturable"],
+                has_complex=has_complex,
+            )
+        return loss
+
+
+def _new_step(value: float, p: Tensor, group: dict[str, Any]) -> Tensor:
+    # torch's note [special device hosting for step]: on the CPU unless capturable.
+    if group["capturable"]:
+        return scalar_tensor(value, device=p.device)
+    return scalar_tensor(value)
+
+
+def _adadelta(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    differentiable: bool,
+    **hyper: Any,
+) -> None:
+    """Pick the implementation as torch's functional ``adadelta`` does, and run it.
+
+    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
+    CPU).
+    """
+    if not all(isinstance(t, Tensor) for t in state_steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+    if foreach is None:
+        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    impl = _adadelta_foreach if foreach else _adadelta_for_loop
+    impl(
+        params,
+        grads,
+        square_avgs,
+        acc_deltas,
+        state_steps,
+        differentiable=differentiable,
+        **hyper,
+    )
+
+
+def _check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -> None:
+    """Refuse capturable steps off a capturable device, as both of torch's paths do."""
+    supported = capturable_supported_devices(supports_xla=False)
+    if not all(
+        p.device.type == step.device.type and p.device.type in supported
+        for p, step in zip(params, state_steps, strict=True)
+    ):
+        raise AssertionError(
+            f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+        )
+
+
+def _adadelta_for_loop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Hyper,
+    rho: Hyper,
+    eps: Hyper,
+    weight_decay: Hyper,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """One tensor at a time (torch's ``_single_tensor_adadelta``)."""
+    if capturable:
+        _check_capturable_devices(params, state_steps)
+    lr = to_scalar(lr)
+
+    for param, grad, square_avg, acc_delta, step in zip(
+        params, grads, square_avgs, acc_deltas, state_steps, strict=True
+    ):
+        step += 1
+        grad = grad if not maximize else -grad
+
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+
+        is_complex = torch.is_complex(param)
+        if is_complex:
+            square_avg = torch.view_as_real(square_avg)
+            acc_delta = torch.view_as_real(acc_delta)
+            grad = torch.view_as_real(grad)
+
+        square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+        std = square_avg.add(eps).sqrt_()
+        delta = acc_delta.add(eps).sqrt_()
+        if differentiable:
+            # sqrt_'s output is needed by autograd; the in-place div_ below goes to a copy.
+            delta = delta.clone()
+        delta.div_(std).mul_(grad)
+        acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+
+        if is_complex:
+            delta = torch.view_as_complex(delta)
+        param.add_(delta, alpha=-lr)
+
+
+def _adadelta_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Hyper,
+    rho: Hyper,
+    eps: Hyper,
+    weight_decay: Hyper,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_adadelta``)."""
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if capturable:
+        _check_capturable_devices(params, state_steps)
+    if not params:
+        return
+    lr = to_scalar(lr)
+
+    buckets = group_tensors_by_device_and_dtype(
+        [params, grads, square_avgs, acc_deltas, state_steps]
+    )
+    for bucket, _ in buckets.values():
+        device_params, device_grads, device_square_avgs, device_acc_deltas = bucket[:4]
+        device_state_steps = bucket[4]
+        if has_complex:
+            view_as_real(device_params, device_grads, device_square_avgs, device_acc_deltas)
+
+        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
+        # rather than letting foreach wrap 1 for every tensor.
+        if device_state_steps[0].is_cpu:
+            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(device_state_steps, 1)
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        if weight_decay != 0:
+            if maximize:
+                # Reuses the negated copy made above, as torch does.
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+        torch._foreach_mul_(device_square_avgs, rho)
+        torch._foreach_addcmul_(device_square_avgs, device_grads, device_grads, value=1 - rho)
+
+        std = torch._foreach_add(device_square_avgs, eps)
+        torch._foreach_sqrt_(std)
+
+        deltas = torch._foreach_add(device_acc_deltas, eps)
+        torch._foreach_sqrt_(deltas)
+        torch._foreach_div_(deltas, std)
+        torch._foreach_mul_(deltas, device_grads)
+
+        torch._foreach_mul_(device_acc_deltas, rho)
+        torch._foreach_addcmul_(device_acc_deltas, deltas, deltas, value=1 - rho)
+
+        # A tensor lr as alpha would be read on the host (item()), wrong under graph capture.
+        if capturable and isinstance(lr, Tensor):
+            torch._foreach_mul_(deltas, -lr)
+            torch._foreach_add_(device_params, deltas)
+        else:
+            torch._foreach_add_(device_params, deltas, alpha=-lr)

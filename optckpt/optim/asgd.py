@@ -1,0 +1,420 @@
+"""ASGD, reimplemented to match ``torch.optim.ASGD`` (``torch/optim/asgd.py``) bit for bit.
+
+Two implementations, picked per param group as torch picks them: a for-loop over tensors
+(``foreach=False``, and the default on the CPU) and ``torch._foreach_*`` ops per device and
+dtype (``foreach=True``). torch has no fused ASGD. Each runs torch's ops in torch's order.
+
+The two do not agree with each other in the last bits, because torch's do not: the for-loop
+decays the parameter and then subtracts ``eta * grad``, while foreach subtracts
+``eta * (grad + lambd * param)`` in one ``addcmul``. Each matches its torch counterpart.
+
+The state holds three 0-dim tensors on the parameter's device (``step``, ``eta`` and ``mu``,
+of torch's scalar dtype) besides the average ``ax``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optckpt.optim.base import (
+    Hyper,
+    Optimizer,
+    ParamsT,
+    capturable_supported_devices,
+    default_to_fused_or_foreach,
+    get_value,
+    group_tensors_by_device_and_dtype,
+    scalar_dtype,
+    to_scalar,
+    use_grad_for_differentiable,
+    view_as_real,
+)
+
+__all__ = ["ASGD"]
+
+
+class ASGD(Optimizer):
+    """Averaged stochastic gradient descent; ``torch.optim.ASGD``'s twin.
+
+    Same arguments (``foreach``, ``maximize``, ``differentiable`` and ``capturable`` are
+    positional too, as in torch), defaults, validation, param-group keys and state (``step``,
+    ``eta``, ``mu`` and ``ax``) as torch's. ``step``, ``eta`` and ``mu`` are 0-dim float32
+    tensors (float64 under a float64 default dtype) on the parameter's device, whether or not
+    the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        lambd: decay term.
+        alpha: power for the ``eta`` update.
+        t0: the step at which averaging starts.
+        weight_decay: L2 penalty.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+        capturable: compute ``eta`` and ``mu`` on the device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+
+    Raises:
+        ValueError: a negative ``lr`` or ``weight_decay``, or a tensor ``lr`` with more than
+            one element (``lambd``, ``alpha`` and ``t0`` are not checked, as in torch).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lambd: float = 1e-4,
+        alpha: float = 0.75,
+        t0: float = 1e6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+        defaults = {
+            "lr": lr,
+            "lambd": lambd,
+            "alpha": alpha,
+            "t0": t0,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Install loaded state; fill missing group keys and turn number scalars into tensors.
+
+        Checkpoints from torch < 1.12 hold ``step``, ``eta`` and ``mu`` as Python numbers;
+        torch makes each a tensor of its scalar dtype on the parameter's device, and so do we.
+        """
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) != 0:
+                    if not torch.is_tensor(p_state["step"]):
+                        p_state["step"] = torch.tensor(
+                            float(p_state["step"]), dtype=scalar_dtype(), device=p.device
+                        )
+                    # eta and mu are converted as they are (no float()), as torch does.
+                    if not torch.is_tensor(p_state["eta"]):
+                        p_state["eta"] = torch.tensor(
+                            p_state["eta"], dtype=scalar_dtype(), device=p.device
+                        )
+                    if not torch.is_tensor(p_state["mu"]):
+                        p_state["mu"] = torch.tensor(
+                            p_state["mu"], dtype=scalar_dtype(), device=p.device
+                        )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        mus: list[Tensor],
+        axs: list[Tensor],
+        etas: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params_with_grad.append(p)
+            if p.grad.is_sparse:
+                raise RuntimeError("ASGD does not support sparse gradients")
+            grads.append(p.grad)
+
+            state = self.state[p]
+            if len(state) == 0:
+                # Unlike most optimizers, torch puts the scalar state on the parameter's
+                # device even without capturable; eta starts at the group's lr.
+                state["step"] = torch.zeros((), device=p.device, dtype=scalar_dtype())
+                state["eta"] = (
+                    torch.as_tensor(to_scalar(group["lr"]), device=p.device, dtype=scalar_dtype())
+                    .clone()
+                    .detach()
+                )
+                state["mu"] = torch.ones((), device=p.device, dtype=scalar_dtype())
+                state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            mus.append(state["mu"])
+            axs.append(state["ax"])
+            etas.append(state["eta"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    @use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one ASGD step over every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        self._accelerator_graph_capture_health_check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            mus: list[Tensor] = []
+            axs: list[Tensor] = []
+            etas: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(
+                group, params_with_grad, grads, mus, axs, etas, state_steps
+            )
+            _asgd(
+                params_with_grad,
+                grads,
+                axs,
+                mus,
+                etas,
+                state_steps,
+                lambd=group["lambd"],
+                lr=group["lr"],
+                t0=group["t0"],
+                alpha=group["alpha"],
+                weight_decay=group["weight_decay"],
+                foreach=group["foreach"],
+                maximize=group["maximize"],
+                differentiable=group["differentiable"],
+                capturable=group["capturable"],
+                has_complex=has_complex,
+            )
+        return loss
+
+
+def _asgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    axs: list[Tensor],
+    mus: list[Tensor],
+    etas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    differentiable: bool,
+    **hyper: Any,
+) -> None:
+    """Pick the implementation as torch's functional ``asgd`` does, and run it.
+
+    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
+    CPU). Unlike its siblings, torch's ``asgd`` does not check that the steps are tensors.
+    """
+    if foreach is None:
+        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    impl = _asgd_foreach if foreach else _asgd_for_loop
+    impl(params, grads, axs, mus, etas, state_steps, differentiable=differentiable, **hyper)
+
+
+def _asgd_for_loop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    axs: list[Tensor],
+    mus: list[Tensor],
+    etas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lambd: Hyper,
+    lr: Hyper,
+    t0: Hyper,
+    alpha: Hyper,
+    weight_decay: Hyper,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """One tensor at a time (torch's ``_single_tensor_asgd``)."""
+    lr = to_scalar(lr)
+
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        mu = mus[i]
+        ax = axs[i]
+        eta = etas[i]
+        step_t = state_steps[i]
+
+        if capturable:
+            supported = capturable_supported_devices()
+            if not (
+                param.device.type == mu.device.type == eta.device.type == step_t.device.type
+                and param.device.type in supported
+            ):
+                raise AssertionError(
+                    "If capturable=True, params, mus, etas, and state_steps must be "
+                    f"on supported devices: {supported}."
+                )
+
+        if torch.is_complex(param):
+            grad = torch.view_as_real(grad)
+            param = torch.view_as_real(param)
+            ax = torch.view_as_real(ax)
+
+        step_t += 1
+
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+
+        if capturable:
+            param.mul_(1 - lambd * eta)
+            param.addcmul_(grad, eta, value=-1)
+        else:
+            eta_value = get_value(eta)
+            param.mul_(1 - lambd * eta_value)  # the decay term
+            param.add_(grad, alpha=-eta_value)
+
+        # Averaging; before t0 (mu == 1) the average is the parameter itself.
+        if capturable or mu.item() != 1:
+            ax.add_(param.sub(ax).mul_(mu))
+        else:
+            ax.copy_(param)
+
+        if capturable:
+            eta.copy_(lr / ((1 + lambd * lr * step_t) ** alpha))
+            mu.copy_(1 / torch.maximum(step_t - t0, torch.ones_like(step_t)))
+        else:
+            # New eta and mu from Python floats, copied into the state tensors.
+            step = get_value(step_t)
+            eta.copy_(torch.as_tensor(lr / ((1 + lambd * lr * step) ** alpha)))
+            mu.copy_(torch.as_tensor(1 / max(1, step - t0)))
+
+
+def _asgd_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    axs: list[Tensor],
+    mus: list[Tensor],
+    etas: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lambd: Hyper,
+    lr: Hyper,
+    t0: Hyper,
+    alpha: Hyper,
+    weight_decay: Hyper,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_asgd``)."""
+    if not params:
+        return
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if capturable:
+        supported = capturable_supported_devices(supports_xla=False)
+        if not all(
+            p.device.type == mu.device.type == eta.device.type == step.device.type
+            and p.device.type in supported
+            for p, mu, eta, step in zip(params, mus, etas, state_steps, strict=True)
+        ):
+            raise AssertionError(
+                "If capturable=True, params, mus, etas, and state_steps must be on "
+                f"supported devices: {supported}."
+            )
+    lr = to_scalar(lr)
+
+    buckets = group_tensors_by_device_and_dtype([params, grads, axs, mus, etas, state_steps])
+    for (device, _), (bucket, _) in buckets.items():
+        grouped_params, grouped_grads, grouped_axs = bucket[:3]
+        grouped_mus, grouped_etas, grouped_state_steps = bucket[3:]
+
+        if has_complex:
+            view_as_real(grouped_params, grouped_grads, grouped_axs)
+
+        if maximize:
+            grouped_grads = torch._foreach_neg(grouped_grads)
+
+        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
+        # rather than letting foreach wrap 1 for every tensor.
+        if grouped_state_steps[0].is_cpu:
+            torch._foreach_add_(grouped_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(grouped_state_steps, 1)
+
+        # intermediate = grad (+ weight_decay * param) + lambd * param, so that
+        # param * (1 - lambd * eta) - eta * grad becomes param - eta * intermediate.
+        if weight_decay != 0:
+            if maximize:
+                # Reuses the negated copy made above, as torch does.
+                torch._foreach_add_(grouped_grads, grouped_params, alpha=weight_decay)
+                intermediate = grouped_grads
+            else:
+                intermediate = torch._foreach_add(grouped_grads, grouped_params, alpha=weight_decay)
+            torch._foreach_add_(intermediate, grouped_params, alpha=lambd)
+        else:
+            intermediate = torch._foreach_add(grouped_grads, grouped_params, alpha=lambd)
+
+        torch._foreach_addcmul_(grouped_params, intermediate, grouped_etas, value=-1)
+        del intermediate
+
+        # Averaging: ax += mu * (param - ax). torch uses no lerp here (its weight would have to
+        # match the bucket's dtype).
+        intermediate = torch._foreach_sub(grouped_params, grouped_axs)
+        torch._foreach_addcmul_(grouped_axs, intermediate, grouped_mus)
+        del intermediate
+
+        if capturable:
+            # mu = 1 / max(step - t0, 1)
+            new_mus = torch._foreach_sub(grouped_state_steps, t0)
+            torch._foreach_maximum_(new_mus, 1.0)
+            torch._foreach_reciprocal_(new_mus)
+            torch._foreach_copy_(grouped_mus, new_mus)
+            del new_mus
+
+            # eta = lr / ((1 + lambd * lr * step) ^ alpha)
+            new_etas = torch._foreach_mul(grouped_state_steps, lambd)
+            torch._foreach_mul_(new_etas, lr)
+            torch._foreach_add_(new_etas, 1)
+            torch._foreach_pow_(new_etas, alpha)
+            torch._foreach_reciprocal_(new_etas)
+            torch._foreach_mul_(new_etas, lr)
+            torch._foreach_copy_(grouped_etas, new_etas)
+        else:
+            # eta from tensor arithmetic on the step (its dtype), mu from a Python float.
+            new_eta_list = [
+                torch.as_tensor(lr / ((1 + lambd * lr * step) ** alpha), device=device)
+                for step in grouped_state_steps
+            ]
+            new_mu_list = [
+                torch.as_tensor(1 / max(1, get_value(step) - t0), device=device)
+                for step in grouped_state_steps
+            ]
+            torch._foreach_copy_(grouped_etas, new_eta_list)
+            torch._foreach_copy_(grouped_mus, new_mu_list)

@@ -1,0 +1,434 @@
+"""RMSprop, reimplemented to match ``torch.optim.RMSprop`` (``torch/optim/rmsprop.py``) bit for bit.
+
+Two implementations, picked per param group as torch picks them: a for-loop over tensors
+(``foreach=False``, and the default on the CPU) and ``torch._foreach_*`` ops per device and
+dtype (``foreach=True``). torch has no fused RMSprop. Each runs torch's ops in torch's order.
+``step`` is counted in the state but never enters the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optckpt.optim.base import (
+    Hyper,
+    Optimizer,
+    ParamsT,
+    capturable_supported_devices,
+    default_to_fused_or_foreach,
+    group_tensors_by_device_and_dtype,
+    scalar_tensor,
+    to_scalar,
+    use_grad_for_differentiable,
+    view_as_real,
+)
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(Optimizer):
+    """RMSprop, optionally centered and with momentum; ``torch.optim.RMSprop``'s twin.
+
+    Same arguments (all positional-or-keyword, as in torch), defaults, validation,
+    param-group keys and state (``step``, ``square_avg``, ``momentum_buffer`` when
+    ``momentum > 0`` and ``grad_avg`` when ``centered``) as torch's. ``step`` is a 0-dim
+    float32 tensor (float64 under a float64 default dtype) on the CPU, or on the parameter's
+    device when the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        alpha: smoothing constant of the squared-gradient average.
+        eps: term added to the denominator.
+        weight_decay: L2 penalty.
+        momentum: momentum factor.
+        centered: normalize by the estimated variance of the gradient instead of its second
+            moment.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps``, ``momentum``, ``weight_decay`` or ``alpha``,
+            or a tensor ``lr`` with more than one element.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types (alpha is only checked
+        # for being non-negative, as in torch).
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not momentum >= 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not alpha >= 0.0:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
+
+        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
+        the tensor a fresh step would be, and so do we.
+        """
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = _new_step(float(p_state["step"]), p, group)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        momentum_buffer_list: list[Tensor],
+        grad_avgs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params_with_grad.append(p)
+            if p.grad.is_sparse:
+                raise RuntimeError("RMSprop does not support sparse gradients")
+            grads.append(p.grad)
+
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = _new_step(0.0, p, group)
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            square_avgs.append(state["square_avg"])
+            state_steps.append(state["step"])
+            # Like torch, a group whose momentum or centered changed after the state was made
+            # fails here with a KeyError.
+            if group["momentum"] > 0:
+                momentum_buffer_list.append(state["momentum_buffer"])
+            if group["centered"]:
+                grad_avgs.append(state["grad_avg"])
+        return has_complex
+
+    @use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one RMSprop step over every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        self._accelerator_graph_capture_health_check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            square_avgs: list[Tensor] = []
+            grad_avgs: list[Tensor] = []
+            momentum_buffer_list: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(
+                group,
+                params_with_grad,
+                grads,
+                square_avgs,
+                momentum_buffer_list,
+                grad_avgs,
+                state_steps,
+            )
+            _rmsprop(
+                params_with_grad,
+                grads,
+                square_avgs,
+                grad_avgs,
+                momentum_buffer_list,
+                state_steps,
+                lr=group["lr"],
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                centered=group["centered"],
+                foreach=group["foreach"],
+                maximize=group["maximize"],
+                differentiable=group["differentiable"],
+                capturable=group["capturable"],
+                has_complex=has_complex,
+            )
+        return loss
+
+
+def _new_step(value: float, p: Tensor, group: dict[str, Any]) -> Tensor:
+    # torch's note [special device hosting for step]: on the CPU unless capturable.
+    if group["capturable"]:
+        return scalar_tensor(value, device=p.device)
+    return scalar_tensor(value)
+
+
+def _rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    differentiable: bool,
+    **hyper: Any,
+) -> None:
+    """Pick the implementation as torch's functional ``rmsprop`` does, and run it.
+
+    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
+    CPU).
+    """
+    if not all(isinstance(t, Tensor) for t in state_steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+    if foreach is None:
+        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    impl = _rmsprop_foreach if foreach else _rmsprop_for_loop
+    impl(
+        params,
+        grads,
+        square_avgs,
+        grad_avgs,
+        momentum_buffer_list,
+        state_steps,
+        differentiable=differentiable,
+        **hyper,
+    )
+
+
+def _rmsprop_for_loop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Hyper,
+    alpha: Hyper,
+    eps: Hyper,
+    weight_decay: Hyper,
+    momentum: Hyper,
+    centered: bool,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """One tensor at a time (torch's ``_single_tensor_rmsprop``)."""
+    lr = to_scalar(lr)
+
+    for i, param in enumerate(params):
+        step = state_steps[i]
+
+        if capturable:
+            supported = capturable_supported_devices()
+            if not (param.device.type == step.device.type and param.device.type in supported):
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported "
+                    f"devices: {supported}."
+                )
+
+        grad = grads[i]
+        grad = grad if not maximize else -grad
+        square_avg = square_avgs[i]
+
+        step += 1
+
+        # Weight decay before the complex view, as in torch.
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+
+        is_complex_param = torch.is_complex(param)
+        if is_complex_param:
+            param = torch.view_as_real(param)
+            grad = torch.view_as_real(grad)
+            square_avg = torch.view_as_real(square_avg)
+
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+
+        if centered:
+            grad_avg = grad_avgs[i]
+            if is_complex_param:
+                grad_avg = torch.view_as_real(grad_avg)
+            grad_avg.lerp_(grad, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+
+        avg = avg.add(eps) if differentiable else avg.add_(eps)
+
+        if momentum > 0:
+            buf = momentum_buffer_list[i]
+            if is_complex_param:
+                buf = torch.view_as_real(buf)
+            buf.mul_(momentum).addcdiv_(grad, avg)
+            param.add_(buf, alpha=-lr)
+        else:
+            param.addcdiv_(grad, avg, value=-lr)
+
+
+def _rmsprop_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Hyper,
+    alpha: Hyper,
+    eps: Hyper,
+    weight_decay: Hyper,
+    momentum: Hyper,
+    centered: bool,
+    maximize: bool,
+    differentiable: bool,
+    capturable: bool,
+    has_complex: bool,
+) -> None:
+    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_rmsprop``)."""
+    if not params:
+        return
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if capturable:
+        # torch's RMSprop lists XLA here, unlike its other foreach optimizers.
+        supported = capturable_supported_devices()
+        if not all(
+            p.device.type == s.device.type and p.device.type in supported
+            for p, s in zip(params, state_steps, strict=True)
+        ):
+            raise AssertionError(
+                "If capturable=True, params and state_steps must be on supported "
+                f"devices: {supported}."
+            )
+
+    lr = to_scalar(lr)
+    buckets = group_tensors_by_device_and_dtype(
+        [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
+    )
+    for bucket, _ in buckets.values():
+        device_params, device_grads, device_square_avgs = bucket[:3]
+        device_grad_avgs, device_momentum_buffers, device_state_steps = bucket[3:]
+
+        if has_complex:
+            state_and_grads = [device_grads, device_square_avgs]
+            if momentum > 0:
+                state_and_grads.append(device_momentum_buffers)
+            if centered:
+                state_and_grads.append(device_grad_avgs)
+            view_as_real(device_params, *state_and_grads)
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload).
+        if device_state_steps[0].is_cpu:
+            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(device_state_steps, 1)
+
+        if weight_decay != 0:
+            if maximize:
+                # Reuses the negated copy made above, as torch does.
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+        torch._foreach_mul_(device_square_avgs, alpha)
+        torch._foreach_addcmul_(device_square_avgs, device_grads, device_grads, value=1 - alpha)
+
+        if centered:
+            torch._foreach_lerp_(device_grad_avgs, device_grads, 1 - alpha)
+            avg = torch._foreach_addcmul(
+                device_square_avgs, device_grad_avgs, device_grad_avgs, value=-1
+            )
+            torch._foreach_sqrt_(avg)
+            torch._foreach_add_(avg, eps)
+        else:
+            avg = torch._foreach_sqrt(device_square_avgs)
+            torch._foreach_add_(avg, eps)
+
+        # A tensor lr under capture multiplies as a tensor: a number ``alpha``/``value`` would
+        # read it with .item() once, at capture time.
+        if momentum > 0:
+            torch._foreach_mul_(device_momentum_buffers, momentum)
+            torch._foreach_addcdiv_(device_momentum_buffers, device_grads, avg)
+            if capturable and isinstance(lr, Tensor):
+                momentum_lr = torch._foreach_mul(device_momentum_buffers, -lr)
+                torch._foreach_add_(device_params, momentum_lr)
+            else:
+                torch._foreach_add_(device_params, device_momentum_buffers, alpha=-lr)
+        elif capturable and isinstance(lr, Tensor):
+            torch._foreach_div_(avg, -lr)
+            torch._foreach_addcdiv_(device_params, device_grads, avg)
+        else:
+            torch._foreach_addcdiv_(device_params, device_grads, avg, value=-lr)
