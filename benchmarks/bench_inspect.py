@@ -29,214 +29,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from _common import (
+    Command,
+    drop_caches,
+    layout,
+    machine,
+    make_checkpoint,
+    mb,
+    optckpt_argv,
+    run_once,
+    warm_read,
+)
 
 WALL_TARGET = 1.3  # inspect wall <= this x mmap-load wall
 RSS_TARGET = 400e6  # bytes
-
-# GPT-2-like layout: token + position embeddings, N blocks of 12 tensors, final LayerNorm.
-VOCAB = 50257
-CONTEXT = 1024
-LAYERS = 20
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def layout(params: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a GPT-2-like model with about ``params`` parameters.
-
-    The depth is fixed at ``LAYERS`` blocks (12 tensors each, 244 tensors in all); the width
-    is solved for from ``params`` (12 L d^2 + (V + C) d ~ params), rounded to a multiple of 16.
-    """
-    a, b = 12 * LAYERS, VOCAB + CONTEXT
-    d = (-b + math.sqrt(b * b + 4 * a * params)) / (2 * a)
-    d = max(16, round(d / 16) * 16)
-    shapes: list[tuple[str, tuple[int, ...]]] = [
-        ("transformer.wte.weight", (VOCAB, d)),
-        ("transformer.wpe.weight", (CONTEXT, d)),
-    ]
-    for i in range(LAYERS):
-        h = f"transformer.h.{i}"
-        shapes += [
-            (f"{h}.ln_1.weight", (d,)),
-            (f"{h}.ln_1.bias", (d,)),
-            (f"{h}.attn.c_attn.weight", (3 * d, d)),
-            (f"{h}.attn.c_attn.bias", (3 * d,)),
-            (f"{h}.attn.c_proj.weight", (d, d)),
-            (f"{h}.attn.c_proj.bias", (d,)),
-            (f"{h}.ln_2.weight", (d,)),
-            (f"{h}.ln_2.bias", (d,)),
-            (f"{h}.mlp.c_fc.weight", (4 * d, d)),
-            (f"{h}.mlp.c_fc.bias", (4 * d,)),
-            (f"{h}.mlp.c_proj.weight", (d, 4 * d)),
-            (f"{h}.mlp.c_proj.bias", (d,)),
-        ]
-    shapes += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
-    return shapes
-
-
-def _group_templates(decay: float) -> tuple[dict, dict]:
-    """Hyperparameter dicts of a genuine two-group ``torch.optim.AdamW`` (without params)."""
-    import torch
-
-    w = torch.nn.Parameter(torch.zeros(2, 2))
-    b = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW(
-        [
-            {"params": [("w", w)], "weight_decay": decay},
-            {"params": [("b", b)], "weight_decay": 0.0},
-        ],
-        lr=3e-4,
-        betas=(0.9, 0.95),
-    )
-    decay_group, no_decay_group = (
-        {k: v for k, v in g.items() if k not in ("params", "param_names")}
-        for g in opt.state_dict()["param_groups"]
-    )
-    return decay_group, no_decay_group
-
-
-def make_checkpoint(path: Path, params: float, *, step: int = 12_000, epoch: int = 3) -> int:
-    """Write the training checkpoint to ``path``; return its number of model parameters.
-
-    The optimizer state dict has the exact structure ``torch.optim.AdamW.state_dict()``
-    gives (0-dim float32 ``step``, ``exp_avg``, ``exp_avg_sq``; group keys copied from a real
-    AdamW), built directly rather than by running a step on 300M parameters. Values are
-    random: weights ~ N(0, 0.02^2), exp_avg ~ N(0, 1e-3^2), exp_avg_sq = (1e-3 N(0, 1))^2.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = layout(params)
-    decay_hp, no_decay_hp = _group_templates(0.1)
-
-    def randn(shape: tuple[int, ...], scale: float, square: bool = False) -> torch.Tensor:
-        t = torch.empty(shape)
-        flat = t.view(-1)
-        for start in range(0, flat.numel(), 1 << 24):
-            chunk = flat[start : start + (1 << 24)]
-            chunk.normal_(0.0, scale, generator=gen)
-            if square:
-                chunk.square_()
-        return t
-
-    model = {name: randn(shape, 0.02) for name, shape in shapes}
-    decay = [name for name, shape in shapes if len(shape) > 1]
-    no_decay = [name for name, shape in shapes if len(shape) <= 1]
-    order = decay + no_decay  # torch numbers params group by group
-    index = {name: i for i, name in enumerate(order)}
-    state = {}
-    for name in order:
-        shape = model[name].shape
-        state[index[name]] = {
-            "step": torch.tensor(float(step)),
-            "exp_avg": randn(tuple(shape), 1e-3),
-            "exp_avg_sq": randn(tuple(shape), 1e-3, square=True),
-        }
-    param_groups = [
-        {"param_names": decay, **decay_hp, "params": [index[n] for n in decay]},
-        {"param_names": no_decay, **no_decay_hp, "params": [index[n] for n in no_decay]},
-    ]
-    ckpt = {
-        "model": model,
-        "optimizer": {"state": state, "param_groups": param_groups},
-        "epoch": epoch,
-    }
-    torch.save(ckpt, path)
-    return sum(t.numel() for t in model.values())
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-@dataclass
-class Command:
-    label: str
-    argv: list[str]
-    target: bool = False  # the wall/RSS targets apply
-    walls: list[float] = field(default_factory=list)
-    rss: list[int] = field(default_factory=list)  # bytes
-    cpu: list[float] = field(default_factory=list)  # user + sys seconds
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(self.walls)
-
-    @property
-    def peak(self) -> int:
-        return max(self.rss)
-
-
-# Runs argv[2:] with stdout on /dev/null and writes "wall maxrss_kib cpu_s exit_code" to
-# argv[1]. A separate small process, because a child's ru_maxrss starts from the RSS of the
-# process it was forked from (Linux carries the pre-exec high-water mark over exec): forked
-# from this script, which has imported torch, every command would report this script's RSS.
-LAUNCHER = """
-import os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-null = os.open(os.devnull, os.O_WRONLY)
-start = time.perf_counter()
-pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, null, 1)])
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(out, "w") as f:
-    f.write(f"{wall} {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime} {os.waitstatus_to_exitcode(status)}")
-"""
-
-
-def run_once(argv: list[str]) -> tuple[float, int, float]:
-    """Run ``argv`` in a fresh process; return wall seconds, its peak RSS (bytes), CPU seconds.
-
-    A tiny launcher process spawns the command and reads its rusage with ``os.wait4``, so the
-    peak RSS is that one command's own, and the wall time excludes the launcher's start-up.
-    """
-    with tempfile.NamedTemporaryFile("r", suffix=".txt") as result:
-        done = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", LAUNCHER, result.name, *argv],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            check=False,
-        )
-        fields = result.read().split()
-    if done.returncode != 0 or len(fields) != 4 or fields[3] != "0":
-        raise SystemExit(
-            f"command failed: {' '.join(argv)}\n{done.stderr.decode(errors='replace')}"
-        )
-    wall, rss_kib, cpu = float(fields[0]), int(fields[1]), float(fields[2])
-    return wall, rss_kib * 1024, cpu
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def warm_read(path: Path) -> None:
-    with path.open("rb") as f:
-        while f.read(1 << 24):
-            pass
-
-
-def optckpt_argv() -> list[str]:
-    script = Path(sys.executable).parent / "optckpt"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("optckpt")
-    return [found] if found else [sys.executable, "-m", "optckpt"]
 
 
 def commands(path: Path, stats: bool) -> list[Command]:
@@ -258,28 +70,6 @@ def commands(path: Path, stats: bool) -> list[Command]:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), {ram:.1f} GiB RAM, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
-    )
-
-
-def mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB"
 
 
 def table(cmds: list[Command]) -> str:
