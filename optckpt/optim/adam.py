@@ -25,7 +25,7 @@ from optckpt.optim.base import (
     device_dtype_check_for_fused,
     get_value,
     group_tensors_by_device_and_dtype,
-    scalar_tensor,
+    new_step,
     to_scalar,
     use_grad_for_differentiable,
     view_as_real,
@@ -155,7 +155,7 @@ class Adam(Optimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = _new_step(float(p_state["step"]), p, group)
+                    p_state["step"] = new_step(float(p_state["step"]), p, group)
 
     def _init_group(
         self,
@@ -187,7 +187,7 @@ class Adam(Optimizer):
             if len(state) == 0:
                 if group["fused"]:
                     device_dtype_check_for_fused(p)
-                state["step"] = _new_step(0.0, p, group)
+                state["step"] = new_step(0.0, p, group)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
@@ -263,13 +263,6 @@ class Adam(Optimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
             )
         return loss
-
-
-def _new_step(value: float, p: Tensor, group: dict[str, Any]) -> Tensor:
-    # torch's note [special device hosting for step]: on the CPU unless capturable or fused.
-    if group["capturable"] or group["fused"]:
-        return scalar_tensor(value, device=p.device, is_fused=group["fused"])
-    return scalar_tensor(value)
 
 
 def _adam(

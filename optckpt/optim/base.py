@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -134,6 +134,19 @@ def scalar_tensor(
     is ``capturable`` or ``fused``; callers pass ``device=p.device`` in those cases.
     """
     return torch.tensor(float(value), dtype=scalar_dtype(is_fused), device=device)
+
+
+def new_step(value: float, p: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+    """A new scalar state tensor (``step``, NAdam's ``mu_product``) for parameter ``p``.
+
+    torch's note [special device hosting for step]: it stays on the CPU unless the group is
+    ``capturable`` or ``fused``, whose kernels want it on the parameter's device (float32
+    when fused).
+    """
+    fused = bool(group.get("fused"))
+    if group.get("capturable") or fused:
+        return scalar_tensor(value, device=p.device, is_fused=fused)
+    return scalar_tensor(value)
 
 
 def to_scalar(x: Any) -> Any:

@@ -24,7 +24,7 @@ from optckpt.optim.base import (
     default_to_fused_or_foreach,
     get_value,
     group_tensors_by_device_and_dtype,
-    scalar_tensor,
+    new_step,
     to_scalar,
     use_grad_for_differentiable,
     view_as_real,
@@ -124,9 +124,9 @@ class NAdam(Optimizer):
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0:
                     if not torch.is_tensor(p_state["step"]):
-                        p_state["step"] = _new_scalar(float(p_state["step"]), p, group)
+                        p_state["step"] = new_step(float(p_state["step"]), p, group)
                     if not torch.is_tensor(p_state["mu_product"]):
-                        p_state["mu_product"] = _new_scalar(p_state["mu_product"], p, group)
+                        p_state["mu_product"] = new_step(p_state["mu_product"], p, group)
 
     def _init_group(
         self,
@@ -155,8 +155,8 @@ class NAdam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 # torch's key order: step, mu_product, exp_avg, exp_avg_sq.
-                state["step"] = _new_scalar(0.0, p, group)
-                state["mu_product"] = _new_scalar(1.0, p, group)
+                state["step"] = new_step(0.0, p, group)
+                state["mu_product"] = new_step(1.0, p, group)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -215,14 +215,6 @@ class NAdam(Optimizer):
                 has_complex=has_complex,
             )
         return loss
-
-
-def _new_scalar(value: float, p: Tensor, group: dict[str, Any]) -> Tensor:
-    # torch's note [special device hosting for step]: ``step`` and ``mu_product`` stay on the
-    # CPU unless the group is capturable.
-    if group["capturable"]:
-        return scalar_tensor(value, device=p.device)
-    return scalar_tensor(value)
 
 
 def _nadam(

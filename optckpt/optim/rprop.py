@@ -22,7 +22,7 @@ from optckpt.optim.base import (
     capturable_supported_devices,
     default_to_fused_or_foreach,
     group_tensors_by_device_and_dtype,
-    scalar_tensor,
+    new_step,
     to_scalar,
     use_grad_for_differentiable,
     view_as_real,
@@ -100,7 +100,7 @@ class Rprop(Optimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = _new_step(float(p_state["step"]), p, group)
+                    p_state["step"] = new_step(float(p_state["step"]), p, group)
 
     def _init_group(
         self,
@@ -128,7 +128,7 @@ class Rprop(Optimizer):
 
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = _new_step(0.0, p, group)
+                state["step"] = new_step(0.0, p, group)
                 state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # Shaped like the grad, as in torch. A complex parameter is two independent
                 # real numbers, so its imaginary step size starts at lr too.
@@ -185,13 +185,6 @@ class Rprop(Optimizer):
                 has_complex=has_complex,
             )
         return loss
-
-
-def _new_step(value: float, p: Tensor, group: dict[str, Any]) -> Tensor:
-    # torch's note [special device hosting for step]: on the CPU unless capturable.
-    if group["capturable"]:
-        return scalar_tensor(value, device=p.device)
-    return scalar_tensor(value)
 
 
 def _rprop(
