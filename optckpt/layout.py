@@ -166,7 +166,7 @@ def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:
     return find_model_state(checkpoint.root)
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split at the commas outside JSON brackets and strings (``betas=[0.9,0.95],lr=1``)."""
     items: list[str] = []
     depth, start, quoted, escaped = 0, 0, False, False
@@ -202,7 +202,7 @@ def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
     except re.error as e:
         raise UsageError(f"--group {rule!r}: bad regex ({e})") from e
     values: dict[str, Any] = {}
-    for item in filter(None, _split_top_level(settings)):
+    for item in filter(None, split_top_level(settings)):
         key, eq, text = item.partition("=")
         if not eq:
             raise UsageError(f"--group {rule!r}: expected key=value, got {item!r}")

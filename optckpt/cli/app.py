@@ -17,7 +17,15 @@ import typer
 from typer.core import TyperGroup
 
 from optckpt import __version__
-from optckpt.cli import convert_cmd, diff_cmd, inspect_cmd, move_cmd, remap_cmd
+from optckpt.cli import (
+    convert_cmd,
+    diff_cmd,
+    inspect_cmd,
+    move_cmd,
+    regenerate_cmd,
+    remap_cmd,
+    resume_cmd,
+)
 from optckpt.errors import OptckptError
 
 
@@ -38,7 +46,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="optckpt",
-    help="Inspect, diff, remap, move and convert PyTorch optimizer checkpoints.",
+    help="Inspect, diff, remap, move, convert, regenerate and resume-step PyTorch optimizer checkpoints.",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     add_completion=False,
@@ -61,7 +69,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Inspect, diff, remap, move and convert PyTorch optimizer checkpoints."""
+    """Inspect, diff, remap, move, convert, regenerate and resume-step PyTorch optimizer checkpoints."""
 
 
 app.command("inspect")(inspect_cmd.inspect)
@@ -69,6 +77,8 @@ app.command("diff")(diff_cmd.diff)
 app.command("move")(move_cmd.move)
 app.command("convert")(convert_cmd.convert)
 app.command("remap")(remap_cmd.remap)
+app.command("regenerate")(regenerate_cmd.regenerate)
+app.command("resume-step")(resume_cmd.resume_step)
 
 
 def main() -> None:

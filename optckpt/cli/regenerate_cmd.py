@@ -1,0 +1,98 @@
+"""``optckpt regenerate``: check the flags, call :func:`optckpt.regenerate.regenerate_checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from optckpt.cli.options import AllowGlobal, Force, Output
+
+
+def regenerate(
+    optimizer: Annotated[
+        str,
+        typer.Option("--optimizer", help="Bundled optimizer: adamw, sgd, ...", show_default=False),
+    ],
+    layout: Annotated[
+        Path,
+        typer.Option(
+            "--layout",
+            help="Layout JSON, or a model state dict file whose values start the run.",
+            show_default=False,
+        ),
+    ],
+    out: Output,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="Optimizer steps to take.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds parameters and gradients.")] = 0,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="[GROUP.]KEY=VALUE",
+            help="Set a hyperparameter for every group, or for one (1.lr=1e-5); repeatable.",
+        ),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group",
+            metavar="REGEX:KEY=VALUE,...",
+            help="Split a model state dict layout into groups (repeatable; first match wins).",
+        ),
+    ] = None,
+    bare: Annotated[
+        bool, typer.Option("--bare", help="Write the optimizer state dict alone.")
+    ] = False,
+    names: Annotated[
+        bool,
+        typer.Option("--names/--no-names", help="Store param_names in the groups."),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    force: Force = False,
+    allow_global: AllowGlobal = None,
+) -> None:
+    """Write a checkpoint made by N seeded steps of a bundled optimizer on a layout."""
+    from optckpt.regenerate import regenerate_checkpoint
+
+    result = regenerate_checkpoint(
+        optimizer,
+        layout,
+        out,
+        steps=steps,
+        seed=seed,
+        settings=setting or (),
+        group_rules=group or (),
+        bare=bare,
+        names=names,
+        force=force,
+        allow_globals=allow_global or (),
+    )
+    if as_json:
+        data = {
+            "out": str(result.out),
+            "optimizer": result.optimizer,
+            "steps": result.steps,
+            "seed": result.seed,
+            "params_from": result.params_from,
+            "num_params": result.num_params,
+            "groups": result.groups,
+            "dropped": result.dropped,
+            "bare": result.bare,
+        }
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    what = "optimizer state dict" if result.bare else "model and optimizer"
+    sys.stdout.write(
+        f"wrote {result.out}: {what}, {result.optimizer}, {result.num_params} parameters in "
+        f"{len(result.groups)} group(s), {result.steps} step(s), seed {result.seed}, "
+        f"parameters {result.params_from}\n"
+    )
+    if result.dropped:
+        sys.stderr.write(
+            f"note: layout hyperparameters {result.optimizer} does not have were left out: "
+            f"{', '.join(result.dropped)}\n"
+        )

@@ -1,0 +1,123 @@
+"""``optckpt resume-step``: call :func:`optckpt.resume.resume_step`, render the checklist."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from optckpt.cli.options import AllowGlobal, Force, Key
+from optckpt.cli.render import console
+
+if TYPE_CHECKING:
+    from optckpt.resume import ResumeReport
+
+
+def resume_step(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint file or training folder.", metavar="PATH", show_default=False
+        ),
+    ],
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            "--optimizer", help="Bundled optimizer name; guessed from the state if not given."
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Model weights file, when PATH holds none."),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Steps to take.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the gradients.")] = 0,
+    check_torch: Annotated[
+        bool,
+        typer.Option("--check-torch", help="Take the same steps with torch.optim and compare."),
+    ] = False,
+    atol: Annotated[
+        float | None,
+        typer.Option("--atol", help="With --check-torch: tolerance instead of bitwise."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Write the checkpoint after the steps (if all pass)."),
+    ] = None,
+    key: Key = None,
+    force: Force = False,
+    allow_global: AllowGlobal = None,
+) -> None:
+    """Load the optimizer state, take N seeded steps, and check that it resumes (exit 1 if not)."""
+    from optckpt.resume import resume_step as run
+
+    report = run(
+        path,
+        key=key,
+        optimizer=optimizer,
+        model=model,
+        steps=steps,
+        seed=seed,
+        check_torch=check_torch,
+        atol=atol,
+        out=out,
+        force=force,
+        allow_globals=allow_global or (),
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        render(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def render(report: ResumeReport) -> None:
+    """Print the checklist, then the update size per group and the notes."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = console()
+    where = f" at {report.key!r}" if report.key else ""
+    out.print(
+        escape(
+            f"{report.path}{where}: {report.optimizer} ({report.optimizer_from}); "
+            f"parameters from {report.params_from}; {report.steps} step(s), seed {report.seed}"
+        ),
+        soft_wrap=True,
+    )
+    marks = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip[/]"}
+    checks = Table(show_edge=False, show_header=False)
+    checks.add_column("result")
+    checks.add_column("check")
+    checks.add_column("detail")
+    for c in report.checks:
+        checks.add_row(marks[c.ok], c.name, escape(c.detail))
+    out.print(checks)
+    if report.groups:
+        table = Table(show_edge=False)
+        for column in ("group", "params", "lr", "update rms", "update max", "effective lr"):
+            table.add_column(column, justify="right")
+        for g in report.groups:
+            table.add_row(
+                str(g.index),
+                str(g.num_params),
+                _number(g.lr),
+                _number(g.update_rms),
+                _number(g.update_max),
+                _number(g.effective_lr),
+            )
+        out.print(table)
+    for note in report.notes:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
+    if report.out is not None:
+        out.print(f"wrote {escape(str(report.out))}", soft_wrap=True)
+    out.print("[green]ok[/]" if report.ok else "[red]resume-step failed[/]")

@@ -1,0 +1,718 @@
+"""Take a verified resume step: load a checkpoint's optimizer state, step it, check it.
+
+:func:`resume_step` rebuilds the parameters (from the model weights in the checkpoint or a
+``--model`` file, matched by name, or in ID order when the groups carry no names; seeded
+stand-ins with the state's shapes when there are no weights), loads the state into the
+bundled optimizer through optckpt's core, takes N steps on seeded synthetic gradients
+(:mod:`optckpt.synthetic`), and reports each check. With ``check_torch`` the same steps are
+taken by the matching ``torch.optim`` class from a fresh read of the same checkpoint, and
+the two results are compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.statedict import PARAM_SHAPED_KEYS, REMAP_HINT, names_of, param_ids
+
+__all__ = ["Check", "GroupUpdate", "ResumeReport", "resume_step"]
+
+# Optimizers whose step size adapts per element: their report gives an effective lr.
+ADAPTIVE = frozenset(
+    {
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "Rprop",
+        "SparseAdam",
+        "Adafactor",
+    }
+)
+_SHAPE_KEYS = PARAM_SHAPED_KEYS | {"variance"}  # Adafactor's unfactored second moment
+_FLAT_KEYS = ("d", "prev_flat_grad")  # LBFGS: one vector over all parameters
+_STEP_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+
+
+@dataclass
+class Check:
+    """One check: ``ok`` is ``True``/``False``, or ``None`` when skipped."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass
+class GroupUpdate:
+    """How far a group's parameters moved over the steps.
+
+    Attributes:
+        update_rms: root mean square of (parameters after - before), over the group.
+        update_max: largest absolute change of one element.
+        effective_lr: for adaptive optimizers, ``update_rms / (steps * grad_rms)``: the
+            learning rate plain SGD would need for the same move (``None`` otherwise).
+    """
+
+    index: int
+    num_params: int
+    lr: float | None
+    update_rms: float
+    update_max: float
+    effective_lr: float | None
+
+
+@dataclass
+class ResumeReport:
+    """What :func:`resume_step` found (``ok``: every check that ran passed)."""
+
+    path: Path
+    key: str
+    optimizer: str
+    optimizer_from: str
+    params_from: str
+    steps: int
+    seed: int
+    checks: list[Check] = field(default_factory=list)
+    groups: list[GroupUpdate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether no check failed or was skipped."""
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (README, resume-step)."""
+        return {
+            "ok": self.ok,
+            "path": str(self.path),
+            "key": self.key,
+            "optimizer": self.optimizer,
+            "optimizer_from": self.optimizer_from,
+            "params_from": self.params_from,
+            "steps": self.steps,
+            "seed": self.seed,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "groups": [vars(g) for g in self.groups],
+            "notes": self.notes,
+            "out": None if self.out is None else str(self.out),
+        }
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+def expected_shape(key: str, param_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape torch gives state ``key`` of a parameter of ``param_shape`` (``None``: any)."""
+    if key in _SHAPE_KEYS:
+        return param_shape
+    if key == "row_var" and len(param_shape) >= 2:  # Adafactor's factored moments
+        return (*param_shape[:-1], 1)
+    if key == "col_var" and len(param_shape) >= 2:
+        return (*param_shape[:-2], 1, param_shape[-1])
+    return None
+
+
+def _shape_from_state(state: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """A parameter's shape and dtype as its state tells them, if it does."""
+    if not isinstance(state, Mapping):
+        return None
+    for key, value in state.items():
+        if key in _SHAPE_KEYS and isinstance(value, torch.Tensor):
+            return tuple(value.shape), value.dtype
+    row, col = state.get("row_var"), state.get("col_var")
+    if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.dim() >= 2:
+        return (*row.shape[:-1], col.shape[-1]), row.dtype
+    return None
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Params:
+    """The live parameters by ID, what to compare them with afterwards, and their origin."""
+
+    by_id: dict[Any, torch.Tensor]
+    names: dict[Any, str]
+    before: Callable[[], dict[Any, torch.Tensor]]
+    source: str
+    notes: list[str]
+
+
+def _from_weights(
+    state_dict: Mapping[str, Any], weights: Mapping[str, torch.Tensor], where: str
+) -> _Params:
+    """Match IDs to model weights: by ``param_names``, else in order (as
+    ``Optimizer(model.parameters())`` numbers them).
+
+    Raises:
+        IncompatibleStateError: a named parameter is not in the weights, or the number of
+            parameters differs from the model's (torch's group size mismatch).
+    """
+    from optckpt.layout import model_parameters
+
+    ids = param_ids(state_dict)
+    named = names_of(state_dict)
+    notes: list[str] = []
+    if ids and all(pid in named for pid in ids):
+        missing = [named[pid] for pid in ids if named[pid] not in weights]
+        if missing:
+            raise IncompatibleStateError(
+                f"the optimizer names {len(missing)} parameter(s) that the model weights in "
+                f"{where} lack: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+                + f"; {REMAP_HINT}"
+            )
+        names = {pid: named[pid] for pid in ids}
+        how = "by param_names"
+    else:
+        params = model_parameters(weights)
+        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        if len(ids) != len(params):
+            raise IncompatibleStateError(
+                f"the optimizer's groups hold {len(ids)} parameters (group sizes {sizes}) but "
+                f"the model weights in {where} have {len(params)}: the state was saved for "
+                f"another model or other groups; {REMAP_HINT}"
+            )
+        names = dict(zip(ids, params, strict=True))
+        how = "in ID order (the groups carry no param_names)"
+        if len(sizes) > 1:
+            notes.append(
+                "several groups without param_names: parameters matched in model order, which "
+                "is only right if the groups keep it"
+            )
+    frozen = len(set(weights) - set(names.values()))
+    if frozen:
+        notes.append(f"{frozen} model weight(s) not in the optimizer (buffers or frozen)")
+    return _Params(
+        # copies: the optimizer updates them in place, and the originals are the "before"
+        by_id={pid: weights[n].detach().clone() for pid, n in names.items()},
+        names=names,
+        before=lambda: {pid: weights[n] for pid, n in names.items()},
+        source=f"model weights in {where}, {how}",
+        notes=notes,
+    )
+
+
+def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:
+    """Seeded stand-ins with the shapes and dtypes the state tells (``(1,)`` where it does not)."""
+    from optckpt.synthetic import seeded_parameters
+
+    ids = param_ids(state_dict)
+    state = state_dict["state"]
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    unknown = 0
+    for pid in ids:
+        found = _shape_from_state(state.get(pid))
+        if found is None:
+            unknown += 1
+            found = ((1,), torch.float32)
+        shape, dtype = found
+        specs.append(
+            (shape, dtype if dtype.is_floating_point or dtype.is_complex else torch.float32)
+        )
+    notes = []
+    flat = next(
+        (state[pid].get("d") for pid in ids[:1] if isinstance(state.get(pid), Mapping)), None
+    )
+    if unknown == len(ids) and isinstance(flat, torch.Tensor) and ids:
+        # LBFGS keeps one flat vector over all parameters: stand-ins that add up to its size.
+        rest = max(flat.numel() - (len(ids) - 1), 1)
+        specs = [((1,), flat.dtype)] * (len(ids) - 1) + [((rest,), flat.dtype)]
+        notes.append(
+            f"parameter shapes unknown: {len(ids)} flat stand-ins of {flat.numel()} elements in all"
+        )
+    elif unknown:
+        notes.append(f"{unknown} parameter(s) without state: stand-ins of shape [1]")
+    values = dict(zip(ids, seeded_parameters(specs, seed), strict=True))
+    names = names_of(state_dict)
+    return _Params(
+        by_id=values,
+        names={pid: names[pid] for pid in ids if pid in names},
+        before=lambda: dict(zip(ids, seeded_parameters(specs, seed), strict=True)),
+        source="seeded (no model weights found), with the state's shapes",
+        notes=notes,
+    )
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _label(pid: Any, names: Mapping[Any, str]) -> str:
+    return f"ID {pid} ({names[pid]})" if pid in names else f"ID {pid}"
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    return "; ".join(items[:limit]) + (f"; ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _check_shapes(state: Mapping[Any, Any], params: _Params, optimizer_name: str) -> Check:
+    wrong = []
+    checked = 0
+    for pid, p in params.by_id.items():
+        s = state.get(pid)
+        if not isinstance(s, Mapping):
+            continue
+        for key, value in s.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            want = expected_shape(str(key), tuple(p.shape))
+            if want is None:
+                continue
+            checked += 1
+            if tuple(value.shape) != want:
+                wrong.append(
+                    f"{key!s} of {_label(pid, params.names)} is {list(value.shape)}, "
+                    f"expected {list(want)}"
+                )
+    if optimizer_name == "LBFGS":
+        total = sum(p.numel() for p in params.by_id.values())
+        for s in state.values():
+            for key in _FLAT_KEYS:
+                value = s.get(key) if isinstance(s, Mapping) else None
+                if isinstance(value, torch.Tensor):
+                    checked += 1
+                    if value.numel() != total:
+                        wrong.append(f"{key} has {value.numel()} elements, the parameters {total}")
+    if wrong:
+        return Check("shapes", False, _listed(wrong))
+    return Check("shapes", True, f"{checked} state tensor(s) fit their parameters")
+
+
+def _steps_of(state: Mapping[Any, Any], ids: Iterable[Any]) -> dict[Any, float]:
+    found = {}
+    for pid in ids:
+        s = state.get(pid)
+        if isinstance(s, Mapping) and "step" in s:
+            value = s["step"]
+            found[pid] = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return found
+
+
+def _check_counters_agree(state_dict: Mapping[str, Any], params: _Params) -> Check:
+    groups = state_dict["param_groups"]
+    steps = _steps_of(state_dict["state"], params.by_id)
+    if not steps:
+        return Check("step_counters_agree", True, "no step counters in the state")
+    problems, summary = [], []
+    for index, group in enumerate(groups):
+        values = {pid: steps[pid] for pid in group["params"] if pid in steps}
+        distinct = sorted(set(values.values()))
+        if len(distinct) > 1:
+            counts = [f"{v:g} for {sum(1 for x in values.values() if x == v)}" for v in distinct]
+            problems.append(f"group {index}: step " + ", ".join(counts))
+        elif distinct:
+            summary.append(f"group {index}: {distinct[0]:g}")
+    if problems:
+        return Check("step_counters_agree", False, _listed(problems))
+    without = len(params.by_id) - len(steps)
+    extra = f" ({without} parameter(s) have no state yet)" if without else ""
+    return Check("step_counters_agree", True, ", ".join(summary) + extra)
+
+
+def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    bad = []
+    for label, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            count = int(t.numel() - torch.isfinite(t).sum().item())
+            if count:
+                bad.append(f"{label}: {count} non-finite value(s)")
+    return bad
+
+
+def _state_tensors(
+    state: Mapping[Any, Any], names: Mapping[Any, str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for pid, s in state.items():
+        if isinstance(s, Mapping):
+            for key, value in s.items():
+                if isinstance(value, torch.Tensor):
+                    yield f"{key} of {_label(pid, names)}", value
+
+
+def _check_finite(
+    name: str,
+    state: Mapping[Any, Any],
+    tensors: Mapping[Any, torch.Tensor],
+    names: Mapping[Any, str],
+) -> Check:
+    bad = _nonfinite(
+        [*((f"parameter {_label(pid, names)}", t) for pid, t in tensors.items())]
+    ) + _nonfinite(_state_tensors(state, names))
+    if bad:
+        return Check(name, False, _listed(bad))
+    return Check(name, True, "parameters and state are finite")
+
+
+# --- comparing with torch ---------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any, atol: float | None) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if atol is not None and (a.is_floating_point() or a.is_complex()):
+            return bool(torch.allclose(a, b, rtol=0.0, atol=atol, equal_nan=True))
+        if torch.equal(a, b):
+            return True
+        both_nan = a.isnan() & b.isnan() if a.is_floating_point() or a.is_complex() else False
+        return bool(((a == b) | both_nan).all())
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, atol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def _compare_with_torch(
+    ours: Any, theirs: Any, names: Mapping[Any, str], atol: float | None
+) -> list[str]:
+    """Where the two optimizers disagree (parameters, state, hyperparameters)."""
+    wrong = []
+    for index, (a, b) in enumerate(zip(ours.param_groups, theirs.param_groups, strict=True)):
+        for p, q, pid in zip(
+            a["params"],
+            b["params"],
+            ours.state_dict()["param_groups"][index]["params"],
+            strict=True,
+        ):
+            if not _same(p.detach(), q.detach(), atol):
+                wrong.append(f"parameter {_label(pid, names)}")
+    mine, torch_sd = ours.state_dict(), theirs.state_dict()
+    for index, (g, h) in enumerate(
+        zip(mine["param_groups"], torch_sd["param_groups"], strict=True)
+    ):
+        if not _same(g, h, atol):
+            keys = [k for k in g.keys() | h.keys() if not _same(g.get(k), h.get(k), atol)]
+            wrong.append(f"group {index} hyperparameters {sorted(map(str, keys))}")
+    for pid in mine["state"].keys() | torch_sd["state"].keys():
+        s, t = mine["state"].get(pid, {}), torch_sd["state"].get(pid, {})
+        for key in s.keys() | t.keys():
+            if not _same(s.get(key), t.get(key), atol):
+                wrong.append(f"{key} of {_label(pid, names)}")
+    return wrong
+
+
+# --- the resume step --------------------------------------------------------------------------
+
+
+def _build(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
+    named = all(pid in params.names for pid in params.by_id) and any(
+        "param_names" in g for g in state_dict["param_groups"]
+    )
+    groups = [
+        {
+            "params": [
+                (params.names[pid], params.by_id[pid]) if named else params.by_id[pid]
+                for pid in g["params"]
+            ]
+        }
+        for g in state_dict["param_groups"]
+    ]
+    return cls(groups)
+
+
+def _load(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
+    """Build ``cls`` over the parameters and load the state: the ``loads`` check's work."""
+    try:
+        optimizer = _build(cls, params, state_dict)
+    except (ValueError, TypeError) as e:
+        raise IncompatibleStateError(f"{cls.__name__} refuses these parameters: {e}") from e
+    try:
+        optimizer.load_state_dict(state_dict)
+    except IncompatibleStateError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise IncompatibleStateError(
+            f"the state does not load into {cls.__name__}: {e}; {REMAP_HINT}"
+        ) from e
+    return optimizer
+
+
+def _updates(
+    optimizer: Any,
+    ids: list[list[Any]],
+    before: Mapping[Any, torch.Tensor],
+    grad_squares: list[float],
+    grad_count: list[int],
+    steps: int,
+    adaptive: bool,
+) -> list[GroupUpdate]:
+    result = []
+    for index, group in enumerate(optimizer.param_groups):
+        squares, numel, largest = 0.0, 0, 0.0
+        for p, pid in zip(group["params"], ids[index], strict=True):
+            change = (p.detach() - before[pid]).abs().double()
+            if change.numel():
+                squares += float(change.pow(2).sum())
+                largest = max(largest, float(change.max()))
+            numel += change.numel()
+        rms = math.sqrt(squares / numel) if numel else 0.0
+        grad_rms = math.sqrt(grad_squares[index] / grad_count[index]) if grad_count[index] else 0.0
+        lr = group.get("lr")
+        result.append(
+            GroupUpdate(
+                index=index,
+                num_params=len(group["params"]),
+                lr=float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None,
+                update_rms=rms,
+                update_max=largest,
+                effective_lr=rms / (steps * grad_rms) if adaptive and grad_rms else None,
+            )
+        )
+    return result
+
+
+def resume_step(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    optimizer: str | None = None,
+    model: str | Path | None = None,
+    steps: int = 1,
+    seed: int = 0,
+    check_torch: bool = False,
+    atol: float | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    allow_globals: Iterable[str] = (),
+) -> ResumeReport:
+    """Load a checkpoint's optimizer state, take ``steps`` steps, and check the result.
+
+    Args:
+        path: the checkpoint (any format optckpt reads).
+        key: the key path of the optimizer state dict, when the file holds several.
+        optimizer: the bundled optimizer's name; guessed from the state when ``None``.
+        model: a file with the model weights, when ``path`` has none.
+        steps: steps to take (1 or more).
+        seed: seeds the gradients (and stand-in parameters); see :mod:`optckpt.synthetic`.
+        check_torch: take the same steps with ``torch.optim`` and compare.
+        atol: with ``check_torch``, accept differences up to ``atol`` instead of bitwise.
+        out: write the checkpoint after the steps here (only when every check passed).
+        force: overwrite ``out``.
+        allow_globals: pickle globals to let through (see :func:`optckpt.io.load_checkpoint`).
+
+    Returns:
+        The :class:`ResumeReport`; ``report.ok`` says whether every check passed.
+
+    Raises:
+        UsageError: bad options, several optimizer state dicts and no ``key``.
+        UnreadableCheckpointError: the checkpoint or ``model`` cannot be read.
+        IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
+            groups, a state that does not load (group count or size mismatch).
+    """
+    from optckpt.io import load_checkpoint
+    from optckpt.io.write import check_output, format_for, save_checkpoint
+    from optckpt.layout import find_model_state, model_state_of
+    from optckpt.locate import select_optimizers
+    from optckpt.optim import by_name
+    from optckpt.optim.guess import guess_optimizer
+    from optckpt.synthetic import Gradients, gradient_kind, take_steps
+
+    path = Path(path)
+    if steps < 1:
+        raise UsageError(f"--steps must be 1 or more, not {steps}")
+    if atol is not None and not check_torch:
+        raise UsageError("--atol applies to --check-torch")
+    if atol is not None and not atol >= 0:
+        raise UsageError(f"--atol must be 0 or more, not {atol}")
+    if out is not None:
+        out = Path(out)
+        fmt = format_for(out)
+        check_output(out, [path, *([Path(model)] if model else [])], force=force)
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
+
+    def located(checkpoint: Any) -> Any:
+        found = select_optimizers(checkpoint.root, key)
+        if len(found) > 1:
+            listed = ", ".join(repr(f.key) for f in found)
+            raise UsageError(
+                f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
+            )
+        return found[0]
+
+    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    found = located(checkpoint)
+    state_dict = found.state_dict
+
+    if optimizer is not None:
+        cls = by_name(optimizer)
+        optimizer_from = "--optimizer"
+    else:
+        guess = guess_optimizer(state_dict)
+        if not guess.sure or guess.name is None:
+            listed = ", ".join(guess.candidates) or "none"
+            raise IncompatibleStateError(
+                f"cannot tell which optimizer saved this state ({guess.reason}; candidates: "
+                f"{listed}); name it with --optimizer"
+            )
+        cls = by_name(guess.name)
+        optimizer_from = f"guessed ({guess.reason})"
+
+    def weights_of(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+        if model is None:
+            return model_state_of(checkpoint), str(path)
+        weights = find_model_state(load_checkpoint(model, allow_globals=allow_globals).root)
+        if weights is None:
+            raise UsageError(f"--model {model}: holds no model state dict")
+        return weights, str(model)
+
+    def parameters(checkpoint: Any, state_dict: Mapping[str, Any]) -> _Params:
+        weights, where = weights_of(checkpoint)
+        if weights is None:
+            return _seeded(state_dict, seed)
+        return _from_weights(state_dict, weights, where)
+
+    params = parameters(checkpoint, state_dict)
+    report = ResumeReport(
+        path=path,
+        key=found.key,
+        optimizer=cls.__name__,
+        optimizer_from=optimizer_from,
+        params_from=params.source,
+        steps=steps,
+        seed=seed,
+        notes=list(params.notes),
+    )
+    checks = report.checks
+    ids = [list(g["params"]) for g in state_dict["param_groups"]]
+
+    # Checks of the saved state, before torch's cast can hide anything.
+    shapes = _check_shapes(state_dict["state"], params, cls.__name__)
+    agree = _check_counters_agree(state_dict, params)
+    finite_before = _check_finite("finite_before", state_dict["state"], params.by_id, params.names)
+    counters_before = _steps_of(state_dict["state"], params.by_id)
+
+    ours = _load(cls, params, state_dict)
+    sizes = ", ".join(str(len(g)) for g in ids)
+    checks.append(
+        Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}")
+    )
+    checks += [shapes, agree, finite_before]
+    later = ("steps_taken", "step_counters_advance", "finite_after") + (
+        ("matches_torch",) if check_torch else ()
+    )
+    if not shapes.ok:
+        checks += [Check(name, None, "skipped: the shapes do not fit") for name in later]
+        return report
+
+    kind = gradient_kind(cls.__name__)
+    grad_squares = [0.0] * len(ids)
+    grad_count = [0] * len(ids)
+    group_of = {id(p): i for i, g in enumerate(ours.param_groups) for p in g["params"]}
+
+    def observe(tensors: list[torch.Tensor]) -> None:
+        for p in tensors:
+            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            i = group_of[id(p)]
+            grad_squares[i] += float(g.abs().double().pow(2).sum())
+            grad_count[i] += g.numel()
+
+    try:
+        take_steps(ours, Gradients(seed, kind), steps, observe)
+    except _STEP_ERRORS as e:
+        checks.append(
+            Check("steps_taken", False, f"{type(e).__name__}: {' '.join(str(e).split())}")
+        )
+        checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
+        return report
+    checks.append(Check("steps_taken", True, f"{steps} step(s) of {cls.__name__}"))
+
+    live = {
+        pid: p
+        for g, gid in zip(ours.param_groups, ids, strict=True)
+        for p, pid in zip(g["params"], gid, strict=True)
+    }
+    after = _steps_of({pid: ours.state.get(p, {}) for pid, p in live.items()}, live)
+    if not after and not counters_before:
+        checks.append(Check("step_counters_advance", True, "no step counters in the state"))
+    else:
+        wrong = [
+            f"{_label(pid, params.names)}: {counters_before.get(pid, 0.0):g} -> {after.get(pid, float('nan')):g}"
+            for pid in params.by_id
+            if after.get(pid, math.nan) - counters_before.get(pid, 0.0) != steps
+        ]
+        if wrong:
+            checks.append(
+                Check("step_counters_advance", False, f"not advanced by {steps}: " + _listed(wrong))
+            )
+        else:
+            checks.append(
+                Check("step_counters_advance", True, f"every counter advanced by {steps}")
+            )
+    checks.append(_check_finite("finite_after", ours.state_dict()["state"], live, params.names))
+    report.groups = _updates(
+        ours, ids, params.before(), grad_squares, grad_count, steps, cls.__name__ in ADAPTIVE
+    )
+
+    if check_torch:
+        fresh = load_checkpoint(path, allow_globals=allow_globals)
+        fresh_sd = located(fresh).state_dict
+        torch_cls = getattr(torch.optim, cls.__name__)
+        try:
+            theirs = _build(torch_cls, parameters(fresh, fresh_sd), fresh_sd)
+            theirs.load_state_dict(fresh_sd)
+            take_steps(theirs, Gradients(seed, kind), steps)
+        except _STEP_ERRORS as e:
+            checks.append(
+                Check(
+                    "matches_torch",
+                    False,
+                    f"torch.optim.{cls.__name__} failed: {type(e).__name__}: {' '.join(str(e).split())}",
+                )
+            )
+        else:
+            wrong = _compare_with_torch(ours, theirs, params.names, atol)
+            how = "bitwise" if atol is None else f"within atol={atol:g}"
+            if wrong:
+                checks.append(
+                    Check(
+                        "matches_torch",
+                        False,
+                        f"differs from torch.optim.{cls.__name__} ({how}): " + _listed(wrong),
+                    )
+                )
+            else:
+                checks.append(
+                    Check(
+                        "matches_torch",
+                        True,
+                        f"parameters and state equal torch.optim.{cls.__name__}'s, {how}",
+                    )
+                )
+            del theirs
+
+    if out is not None:
+        if not report.ok:
+            report.notes.append(f"nothing written to {out}: a check failed")
+            return report
+        weights, _ = weights_of(checkpoint) if model is None else (None, "")
+        new_state = ours.state_dict()
+        found.state_dict.clear()
+        found.state_dict.update(new_state)
+        if isinstance(weights, dict):
+            for pid, p in live.items():
+                if pid in params.names and params.names[pid] in weights:
+                    weights[params.names[pid]] = p.detach()
+        save_checkpoint(checkpoint.root, out, fmt, sources=checkpoint.sources)
+        report.out = out
+    return report
