@@ -168,6 +168,12 @@ def _from_weights(
     ids = param_ids(state_dict)
     named = names_of(state_dict)
     notes: list[str] = []
+    for index, group in enumerate(state_dict["param_groups"]):
+        if "param_names" in group and len(group["param_names"]) != len(group["params"]):
+            raise IncompatibleStateError(
+                f"group {index} lists {len(group['params'])} parameter IDs but "
+                f"{len(group['param_names'])} param_names: the state dict was edited by hand?"
+            )
     if ids and all(pid in named for pid in ids):
         missing = [named[pid] for pid in ids if named[pid] not in weights]
         if missing:
@@ -713,6 +719,8 @@ def resume_step(
             for pid, p in live.items():
                 if pid in params.names and params.names[pid] in weights:
                     weights[params.names[pid]] = p.detach()
-        save_checkpoint(checkpoint.root, out, fmt, sources=checkpoint.sources)
+        # no page release (sources=): the stepped state lives in copy-on-write pages of the
+        # mapped input, which MADV_DONTNEED would turn back into the saved values
+        save_checkpoint(checkpoint.root, out, fmt)
         report.out = out
     return report

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from bitwise import assert_bitwise_equal
 
 from optckpt.optim import SGD, Adam, AdamW, Optimizer, names
 
@@ -253,33 +254,6 @@ def take_step(row: Row, optimizer: Any, step: int, *, gaps: bool) -> Any:
     if row.closure is None:
         return optimizer.step()
     return optimizer.step(row.closure(all_params(optimizer), step, gaps))
-
-
-def assert_bitwise_equal(ours: Any, theirs: Any, path: str = "") -> None:
-    """Equal structure, key order, types, dtypes, devices and bits (torch.equal)."""
-    if isinstance(theirs, torch.Tensor):
-        assert isinstance(ours, torch.Tensor), f"{path}: {type(ours)} is not a tensor"
-        assert (ours.dtype, ours.device, ours.shape) == (
-            theirs.dtype,
-            theirs.device,
-            theirs.shape,
-        ), (
-            f"{path}: {ours.dtype} {ours.device} {tuple(ours.shape)} vs "
-            f"{theirs.dtype} {theirs.device} {tuple(theirs.shape)}"
-        )
-        assert torch.equal(ours, theirs), f"{path}: values differ:\n{ours}\n{theirs}"
-    elif isinstance(theirs, dict):
-        assert isinstance(ours, dict), f"{path}: {type(ours)} is not a dict"
-        assert list(ours) == list(theirs), f"{path}: keys {list(ours)} vs {list(theirs)}"
-        for key in theirs:
-            assert_bitwise_equal(ours[key], theirs[key], f"{path}/{key}")
-    elif isinstance(theirs, (list, tuple)):
-        assert type(ours) is type(theirs), f"{path}: {type(ours)} vs {type(theirs)}"
-        assert len(ours) == len(theirs), f"{path}: length {len(ours)} vs {len(theirs)}"
-        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            assert_bitwise_equal(a, b, f"{path}/{i}")
-    else:
-        assert type(ours) is type(theirs) and ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
 
 
 def assert_same_run(ours: Optimizer, theirs: torch.optim.Optimizer, where: str) -> None:

@@ -1,0 +1,34 @@
+"""A bitwise comparison of nested checkpoints, shared by the test modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def assert_bitwise_equal(ours: Any, theirs: Any, path: str = "") -> None:
+    """Equal structure, key order, types, dtypes, devices and bits (torch.equal)."""
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), f"{path}: {type(ours)} is not a tensor"
+        assert (ours.dtype, ours.device, ours.shape) == (
+            theirs.dtype,
+            theirs.device,
+            theirs.shape,
+        ), (
+            f"{path}: {ours.dtype} {ours.device} {tuple(ours.shape)} vs "
+            f"{theirs.dtype} {theirs.device} {tuple(theirs.shape)}"
+        )
+        assert torch.equal(ours, theirs), f"{path}: values differ:\n{ours}\n{theirs}"
+    elif isinstance(theirs, dict):
+        assert isinstance(ours, dict), f"{path}: {type(ours)} is not a dict"
+        assert list(ours) == list(theirs), f"{path}: keys {list(ours)} vs {list(theirs)}"
+        for key in theirs:
+            assert_bitwise_equal(ours[key], theirs[key], f"{path}/{key}")
+    elif isinstance(theirs, (list, tuple)):
+        assert type(ours) is type(theirs), f"{path}: {type(ours)} vs {type(theirs)}"
+        assert len(ours) == len(theirs), f"{path}: length {len(ours)} vs {len(theirs)}"
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_bitwise_equal(a, b, f"{path}/{i}")
+    else:
+        assert type(ours) is type(theirs) and ours == theirs, f"{path}: {ours!r} vs {theirs!r}"

@@ -1,0 +1,331 @@
+"""optckpt.resume: resume-step on fixtures and on checkpoints made by real torch.optim.
+
+Every checkpoint here comes from ``torch.optim`` (or is a fixture); the failing cases plant
+one defect each into such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from bitwise import assert_bitwise_equal
+
+from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.optim import names
+from optckpt.resume import resume_step
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURE_FILES = sorted(
+    p
+    for p in [*FIXTURES.glob("*.pt"), *FIXTURES.glob("*.ckpt"), *FIXTURES.glob("*.safetensors")]
+    if p.name != "unsafe_namespace.pt"
+) + [FIXTURES / "hf_trainer" / "checkpoint-2", *sorted((FIXTURES / "regenerated").glob("*"))]
+
+
+def named_tensors(name: str) -> dict[str, torch.Tensor]:
+    """A small model's weights: 2-D only for Muon, else 1- to 3-D."""
+    shapes = {"a.weight": (5, 3), "b.weight": (2, 5)}
+    if name != "Muon":
+        shapes |= {"a.bias": (5,), "c.weight": (2, 3, 2)}
+    return {n: torch.randn(s) for n, s in shapes.items()}
+
+
+def torch_checkpoint(
+    name: str, *, steps: int = 2, named: bool = True, groups: int = 2
+) -> dict[str, Any]:
+    """``{"model", "optimizer"}`` after ``steps`` steps of ``torch.optim.<name>`` on random
+    gradients (one group for LBFGS, which allows no more)."""
+    weights = named_tensors(name)
+    items = list(weights.items())
+    if name == "LBFGS":
+        groups = 1
+    split = [items[i::groups] for i in range(groups)]
+    optimizer = getattr(torch.optim, name)(
+        [
+            {"params": [(n, p) if named else p for n, p in part], "lr": 0.01 * (i + 1)}
+            for i, part in enumerate(split)
+        ]
+    )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in params]
+        if name == "LBFGS":
+
+            def closure(grads: list[torch.Tensor] = grads) -> torch.Tensor:
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = p.detach() - g
+                return sum(
+                    ((p.detach() - g) ** 2).sum() for p, g in zip(params, grads, strict=True)
+                )
+
+            optimizer.step(closure)
+        else:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.to_sparse() if name == "SparseAdam" else g
+            optimizer.step()
+    return {"model": dict(weights), "optimizer": optimizer.state_dict()}
+
+
+def save(tmp_path: Path, checkpoint: Any, name: str = "ckpt.pt") -> Path:
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def by_name(report: Any) -> dict[str, Any]:
+    return {c.name: c for c in report.checks}
+
+
+@pytest.mark.parametrize("path", FIXTURE_FILES, ids=lambda p: p.name)
+def test_every_fixture_resumes_and_matches_torch(path: Path) -> None:
+    report = resume_step(path, steps=2, check_torch=True)
+    assert report.ok, report.checks
+    assert by_name(report)["matches_torch"].ok
+
+
+def test_the_unsafe_fixture_resumes_with_its_global_allowed() -> None:
+    report = resume_step(
+        FIXTURES / "unsafe_namespace.pt", allow_globals=["argparse.Namespace"], check_torch=True
+    )
+    assert report.ok
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["param_names", "ids"])
+@pytest.mark.parametrize("name", names())
+def test_torch_made_checkpoints_resume_for_every_optimizer(
+    tmp_path: Path, name: str, named: bool
+) -> None:
+    checkpoint = torch_checkpoint(name, named=named, groups=1 if not named else 2)
+    report = resume_step(save(tmp_path, checkpoint), steps=2, check_torch=True)
+    assert report.ok, report.checks
+    assert report.optimizer == name
+    assert report.params_from.startswith("model weights")
+    assert [c.name for c in report.checks] == [
+        "loads",
+        "shapes",
+        "step_counters_agree",
+        "finite_before",
+        "steps_taken",
+        "step_counters_advance",
+        "finite_after",
+        "matches_torch",
+    ]
+
+
+@pytest.mark.parametrize("name", names())
+def test_bare_state_dicts_resume_on_seeded_parameters(tmp_path: Path, name: str) -> None:
+    checkpoint = torch_checkpoint(name)
+    report = resume_step(save(tmp_path, checkpoint["optimizer"]), check_torch=True)
+    assert report.ok, report.checks
+    assert report.params_from.startswith("seeded")
+
+
+def test_steps_advance_the_counters_by_n(tmp_path: Path) -> None:
+    path = save(tmp_path, torch_checkpoint("Adam", steps=2))
+    report = resume_step(path, steps=3)
+    assert report.ok
+    assert by_name(report)["step_counters_advance"].detail == "every counter advanced by 3"
+    assert by_name(report)["step_counters_agree"].detail == "group 0: 2, group 1: 2"
+
+
+def test_a_nan_in_exp_avg_sq_fails(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("AdamW")
+    checkpoint["optimizer"]["state"][1]["exp_avg_sq"].view(-1)[0] = float("nan")
+    report = resume_step(save(tmp_path, checkpoint))
+    checks = by_name(report)
+    assert not report.ok
+    assert checks["finite_before"].ok is False
+    assert "exp_avg_sq of ID 1 (a.bias): 1 non-finite value(s)" in checks["finite_before"].detail
+    assert checks["finite_after"].ok is False
+    assert checks["shapes"].ok and checks["loads"].ok
+
+
+def test_step_counters_that_disagree_fail(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    checkpoint["optimizer"]["state"][0]["step"] = torch.tensor(7.0)
+    report = resume_step(save(tmp_path, checkpoint))
+    check = by_name(report)["step_counters_agree"]
+    assert not report.ok and check.ok is False
+    assert check.detail == "group 0: step 2 for 1, 7 for 1"
+
+
+def test_a_state_tensor_of_another_shape_fails_and_skips_the_step(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    state = checkpoint["optimizer"]["state"][0]
+    state["exp_avg"] = state["exp_avg"].t().contiguous()
+    report = resume_step(save(tmp_path, checkpoint), check_torch=True)
+    checks = by_name(report)
+    assert not report.ok
+    assert checks["shapes"].ok is False
+    assert "exp_avg of ID 0 (a.weight) is [3, 5], expected [5, 3]" in checks["shapes"].detail
+    assert [checks[n].ok for n in ("steps_taken", "finite_after", "matches_torch")] == [None] * 3
+
+
+def test_adafactor_factored_moments_are_shape_checked(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adafactor")
+    state = checkpoint["optimizer"]["state"][0]
+    state["row_var"] = torch.zeros(7, 1)
+    report = resume_step(save(tmp_path, checkpoint))
+    assert by_name(report)["shapes"].ok is False
+    assert (
+        "row_var of ID 0 (a.weight) is [7, 1], expected [5, 1]" in by_name(report)["shapes"].detail
+    )
+
+
+def test_a_group_size_mismatch_is_incompatible(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam", named=False, groups=1)
+    group = checkpoint["optimizer"]["param_groups"][0]
+    checkpoint["optimizer"]["state"].pop(group["params"].pop())
+    with pytest.raises(IncompatibleStateError, match=r"hold 3 parameters .* have 4.*remap"):
+        resume_step(save(tmp_path, checkpoint))
+
+
+def test_a_named_parameter_missing_from_the_weights_is_incompatible(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    del checkpoint["model"]["b.weight"]
+    with pytest.raises(
+        IncompatibleStateError, match=r"lack: b.weight; run `optckpt remap .*--dry-run`"
+    ):
+        resume_step(save(tmp_path, checkpoint))
+
+
+def test_names_and_ids_that_do_not_line_up_are_incompatible(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    checkpoint["optimizer"]["param_groups"][0]["param_names"].pop()
+    with pytest.raises(
+        IncompatibleStateError, match="group 0 lists 2 parameter IDs but 1 param_names"
+    ):
+        resume_step(save(tmp_path, checkpoint))
+
+
+def test_an_unsure_guess_lists_the_candidates(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        del group["decoupled_weight_decay"]  # as torch < 2.1 saved Adam and AdamW
+    path = save(tmp_path, checkpoint)
+    with pytest.raises(IncompatibleStateError, match=r"candidates: Adam, AdamW.*--optimizer"):
+        resume_step(path)
+    report = resume_step(path, optimizer="adam", check_torch=True)
+    assert report.ok and report.optimizer_from == "--optimizer"
+
+
+def test_model_weights_from_another_file(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("RMSprop")
+    optimizer_file = save(tmp_path, checkpoint["optimizer"], "optimizer.pt")
+    model_file = save(tmp_path, checkpoint["model"], "model.pt")
+    report = resume_step(optimizer_file, model=model_file, check_torch=True)
+    assert report.ok
+    assert report.params_from == f"model weights in {model_file}, by param_names"
+    with pytest.raises(UsageError, match="holds no model state dict"):
+        resume_step(optimizer_file, model=optimizer_file)
+
+
+def test_matches_torch_fails_on_a_difference_and_atol_accepts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Drifting(torch.optim.AdamW):
+        def step(self, closure: Any = None) -> Any:
+            result = super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].add_(1e-6)
+            return result
+
+    monkeypatch.setattr(torch.optim, "AdamW", Drifting)
+    path = save(tmp_path, torch_checkpoint("AdamW"))
+    report = resume_step(path, check_torch=True)
+    check = by_name(report)["matches_torch"]
+    assert not report.ok and check.ok is False
+    assert "parameter ID 0 (a.weight)" in check.detail
+    assert resume_step(path, check_torch=True, atol=1e-4).ok
+    with pytest.raises(UsageError, match="--atol applies to --check-torch"):
+        resume_step(path, atol=1e-4)
+
+
+def test_update_sizes_of_plain_sgd_are_lr_times_the_gradients(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("SGD")
+    report = resume_step(save(tmp_path, checkpoint), seed=4)
+    # the documented gradients of seed 4, in ID order
+    gen = torch.Generator().manual_seed(5)
+    optimizer = checkpoint["optimizer"]
+    shapes = {n: t.shape for n, t in checkpoint["model"].items()}
+    for group, update in zip(optimizer["param_groups"], report.groups, strict=True):
+        grads = [torch.randn(shapes[n], generator=gen) for n in group["param_names"]]
+        numel = sum(g.numel() for g in grads)
+        rms = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads) / numel)
+        assert update.lr == group["lr"]
+        assert update.update_rms == pytest.approx(group["lr"] * rms, rel=1e-5)
+        assert update.effective_lr is None  # SGD is not adaptive
+    adam = resume_step(save(tmp_path, torch_checkpoint("Adam"), "adam.pt"))
+    assert all(g.effective_lr is not None and g.effective_lr > 0 for g in adam.groups)
+
+
+def test_output_holds_the_stepped_state_equal_to_torchs(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("AdamW")
+    path = save(tmp_path, checkpoint)
+    out = tmp_path / "after.pt"
+    report = resume_step(path, steps=2, seed=3, out=out)
+    assert report.ok and report.out == out
+    written = torch.load(out, weights_only=True)
+    # the same two steps with torch.optim, by the documented recipe
+    saved = torch.load(path, weights_only=True)
+    params = {n: t.clone() for n, t in saved["model"].items()}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [(n, params[n]) for n in g["param_names"]]}
+            for g in saved["optimizer"]["param_groups"]
+        ]
+    )
+    optimizer.load_state_dict(saved["optimizer"])
+    gen = torch.Generator().manual_seed(4)
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(2):
+        for p in order:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    assert_bitwise_equal(written["optimizer"], optimizer.state_dict())
+    assert_bitwise_equal(written["model"], params)
+
+
+def test_nothing_is_written_when_a_check_fails(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    checkpoint["optimizer"]["state"][0]["step"] = torch.tensor(9.0)
+    out = tmp_path / "after.pt"
+    report = resume_step(save(tmp_path, checkpoint), out=out)
+    assert not report.ok and report.out is None
+    assert not out.exists()
+    assert f"nothing written to {out}: a check failed" in report.notes
+
+
+def test_the_input_is_never_modified(tmp_path: Path) -> None:
+    path = save(tmp_path, torch_checkpoint("Adam"))
+    before = path.read_bytes()
+    resume_step(path, steps=2, check_torch=True, out=tmp_path / "out.safetensors")
+    assert path.read_bytes() == before
+
+
+def test_several_optimizers_need_a_key(tmp_path: Path) -> None:
+    a, b = torch_checkpoint("Adam"), torch_checkpoint("SGD")
+    path = save(tmp_path, {"optimizer_states": [a["optimizer"], b["optimizer"]]})
+    with pytest.raises(UsageError, match=r"'optimizer_states.0', 'optimizer_states.1'.*--key"):
+        resume_step(path)
+    report = resume_step(path, key="optimizer_states.1", check_torch=True)
+    assert report.ok and report.optimizer == "SGD" and report.key == "optimizer_states.1"
+
+
+def test_json_has_ok_and_one_entry_per_check(tmp_path: Path) -> None:
+    report = resume_step(save(tmp_path, torch_checkpoint("Adam")), check_torch=True)
+    data = report.to_json()
+    assert data["ok"] is True
+    assert [set(c) for c in data["checks"]] == [{"name", "ok", "detail"}] * 8
+    assert set(data["groups"][0]) == {
+        "index",
+        "num_params",
+        "lr",
+        "update_rms",
+        "update_max",
+        "effective_lr",
+    }
