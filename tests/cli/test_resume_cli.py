@@ -1,0 +1,246 @@
+"""CLI paths of regenerate and resume-step: exit codes, stdout, the one-line stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from optckpt.cli.app import app
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
+runner = CliRunner()
+
+LAYOUT = {
+    "params": {"enc.weight": {"shape": [6, 3]}, "enc.bias": {"shape": [6]}},
+    "groups": [
+        {"params": ["enc.weight"], "weight_decay": 0.01},
+        {"params": ["enc.bias"], "weight_decay": 0.0},
+    ],
+}
+CHECK_NAMES = [
+    "loads",
+    "shapes",
+    "step_counters_agree",
+    "finite_before",
+    "steps_taken",
+    "step_counters_advance",
+    "finite_after",
+]
+
+
+def _one_line_error(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _layout(tmp_path: Path) -> Path:
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(LAYOUT))
+    return path
+
+
+def _regenerate(tmp_path: Path, name: str, *extra: str) -> Any:
+    return runner.invoke(
+        app,
+        [
+            "regenerate",
+            "--optimizer",
+            "adamw",
+            "--layout",
+            str(_layout(tmp_path)),
+            "-o",
+            str(tmp_path / name),
+            *extra,
+        ],
+    )
+
+
+def test_regenerate_twice_gives_checkpoints_diff_calls_identical(tmp_path: Path) -> None:
+    for name in ("a.pt", "b.safetensors"):
+        result = _regenerate(tmp_path, name, "--steps", "3", "--seed", "11", "--set", "lr=3e-4")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"wrote {tmp_path / name}: model and optimizer, AdamW")
+    same = runner.invoke(app, ["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.safetensors")])
+    assert same.exit_code == 0, same.output
+    other = _regenerate(tmp_path, "c.pt", "--steps", "3", "--seed", "12", "--set", "lr=3e-4")
+    assert other.exit_code == 0
+    differ = runner.invoke(app, ["diff", str(tmp_path / "a.pt"), str(tmp_path / "c.pt")])
+    assert differ.exit_code == 1
+
+
+def test_regenerate_json(tmp_path: Path) -> None:
+    result = _regenerate(tmp_path, "a.pt", "--json", "--set", "1.lr=1e-5", "--bare", "--no-names")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["optimizer"] == "AdamW" and data["bare"] is True and data["num_params"] == 2
+    assert [g["lr"] for g in data["groups"]] == [0.001, 1e-5]
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert set(saved) == {"state", "param_groups"}
+    assert "param_names" not in saved["param_groups"][0]
+
+
+def test_regenerate_notes_dropped_layout_keys_on_stderr(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "regenerate",
+            "--optimizer",
+            "rprop",
+            "--layout",
+            str(_layout(tmp_path)),
+            "-o",
+            str(tmp_path / "r.pt"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        "note: layout hyperparameters Rprop does not have were left out: weight_decay\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needles"),
+    [
+        (["--optimizer", "adamww"], 4, ["unknown optimizer 'adamww'", "did you mean AdamW"]),
+        (["--optimizer", "adamw", "--set", "lr"], 2, ["expected KEY=VALUE"]),
+        (["--optimizer", "adamw", "--set", "momentum=0.9"], 2, ["AdamW has no such"]),
+        (["--optimizer", "adamw", "--set", "lr=-1.0"], 4, ["Invalid learning rate"]),
+        (["--optimizer", "adamw", "--set", "5.lr=1"], 2, ["the layout has 2 group(s)"]),
+        (["--optimizer", "muon"], 4, ["Muon refuses this layout"]),
+    ],
+)
+def test_regenerate_errors(tmp_path: Path, args: list[str], code: int, needles: list[str]) -> None:
+    out = tmp_path / "out.pt"
+    result = runner.invoke(
+        app, ["regenerate", "--layout", str(_layout(tmp_path)), "-o", str(out), *args]
+    )
+    assert result.exit_code == code, result.output
+    _one_line_error(result.stderr, *needles)
+    assert not out.exists()
+
+
+def test_regenerate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    assert _regenerate(tmp_path, "a.pt").exit_code == 0
+    again = _regenerate(tmp_path, "a.pt")
+    assert again.exit_code == 2
+    _one_line_error(again.stderr, "exists", "--force")
+    assert _regenerate(tmp_path, "a.pt", "--force").exit_code == 0
+
+
+def test_regenerate_missing_layout_is_unreadable(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "regenerate",
+            "--optimizer",
+            "sgd",
+            "--layout",
+            str(tmp_path / "nope.pt"),
+            "-o",
+            str(tmp_path / "o.pt"),
+        ],
+    )
+    assert result.exit_code == 3
+    _one_line_error(result.stderr, "no such file")
+
+
+def test_resume_step_passes_on_a_fixture(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["resume-step", str(FIXTURES / "adamw_train.pt"), "--check-torch"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{FIXTURES / 'adamw_train.pt'} at 'optimizer': AdamW (guessed")
+    for name in [*CHECK_NAMES, "matches_torch"]:
+        assert any(line.split()[:3] == ["pass", "│", name] for line in lines), name
+    assert lines[-1] == "ok"
+
+
+def test_resume_step_json(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["resume-step", str(FIXTURES / "lightning.ckpt"), "--json", "--steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["key"] == "optimizer_states.0" and data["steps"] == 2
+    assert [c["name"] for c in data["checks"]] == CHECK_NAMES
+    assert all(c["ok"] is True for c in data["checks"])
+
+
+def _planted_nan(tmp_path: Path) -> Path:
+    checkpoint = torch.load(FIXTURES / "adamw_train.pt", weights_only=True)
+    checkpoint["optimizer"]["state"][2]["exp_avg_sq"][0] = float("inf")
+    path = tmp_path / "nan.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_resume_step_exits_1_when_a_check_fails(tmp_path: Path) -> None:
+    path = _planted_nan(tmp_path)
+    result = runner.invoke(app, ["resume-step", str(path)])
+    assert result.exit_code == 1
+    assert any(
+        line.split()[:3] == ["FAIL", "│", "finite_before"] for line in result.stdout.splitlines()
+    )
+    assert result.stdout.splitlines()[-1] == "resume-step failed"
+    as_json = runner.invoke(app, ["resume-step", str(path), "--json"])
+    assert as_json.exit_code == 1
+    data = json.loads(as_json.stdout)
+    assert data["ok"] is False
+    failed = [c["name"] for c in data["checks"] if c["ok"] is False]
+    assert failed == ["finite_before", "finite_after"]
+
+
+def test_resume_step_writes_after_the_steps(tmp_path: Path) -> None:
+    out = tmp_path / "after.pt"
+    result = runner.invoke(
+        app, ["resume-step", str(FIXTURES / "adamw_train.pt"), "--steps", "2", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+    saved = torch.load(out, weights_only=True)
+    assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {5.0}
+    assert saved["epoch"] == 3  # the rest of the file is kept
+    again = runner.invoke(app, ["resume-step", str(out), "--check-torch"])
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needles"),
+    [
+        (["missing.pt"], 3, ["no such file"]),
+        ([str(FIXTURES / "unsafe_namespace.pt")], 3, ["argparse.Namespace"]),
+        ([str(FIXTURES / "adamw_train.pt"), "--optimizer", "nope"], 4, ["unknown optimizer"]),
+        (
+            [str(FIXTURES / "adamw_train.pt"), "--atol", "1e-3"],
+            2,
+            ["--atol applies to --check-torch"],
+        ),
+        ([str(FIXTURES / "adamw_train.pt"), "--steps", "0"], 2, []),
+        ([str(FIXTURES / "adamw_train.pt"), "--key", "model"], 2, ["not an optimizer state dict"]),
+        ([str(FIXTURES / "adamw_train.pt"), "-o", str(FIXTURES / "adamw_train.pt")], 2, ["input"]),
+    ],
+)
+def test_resume_step_errors(args: list[str], code: int, needles: list[str]) -> None:
+    result = runner.invoke(app, ["resume-step", *args])
+    assert result.exit_code == code, result.output
+    if needles:
+        _one_line_error(result.stderr, *needles)
+
+
+def test_resume_step_group_size_mismatch_exits_4_with_the_remap_hint(tmp_path: Path) -> None:
+    checkpoint = torch.load(FIXTURES / "lightning.ckpt", weights_only=True)
+    optimizer = checkpoint["optimizer_states"][0]
+    optimizer["state"].pop(optimizer["param_groups"][0]["params"].pop())
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(checkpoint, path)
+    result = runner.invoke(app, ["resume-step", str(path)])
+    assert result.exit_code == 4
+    _one_line_error(result.stderr, "hold 5 parameters", "have 6", "optckpt remap", "--dry-run")
