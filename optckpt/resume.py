@@ -106,10 +106,15 @@ class ResumeReport:
             "steps": self.steps,
             "seed": self.seed,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
-            "groups": [vars(g) for g in self.groups],
+            "groups": [{k: _json_number(v) for k, v in vars(g).items()} for g in self.groups],
             "notes": self.notes,
             "out": None if self.out is None else str(self.out),
         }
+
+
+def _json_number(value: Any) -> Any:
+    """``None`` for NaN and infinities, which JSON cannot hold."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # --- shapes -----------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:
         by_id=values,
         names={pid: names[pid] for pid in ids if pid in names},
         before=lambda: dict(zip(ids, seeded_parameters(specs, seed), strict=True)),
-        source="seeded (no model weights found), with the state's shapes",
+        source="seeded stand-ins with the state's shapes (no model weights found)",
         notes=notes,
     )
 
@@ -572,7 +577,7 @@ def resume_step(
                 f"{listed}); name it with --optimizer"
             )
         cls = by_name(guess.name)
-        optimizer_from = f"guessed ({guess.reason})"
+        optimizer_from = f"guessed: {guess.reason}"
 
     def weights_of(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
         if model is None:

@@ -176,7 +176,7 @@ def test_resume_step_json(tmp_path: Path) -> None:
 
 def _planted_nan(tmp_path: Path) -> Path:
     checkpoint = torch.load(FIXTURES / "adamw_train.pt", weights_only=True)
-    checkpoint["optimizer"]["state"][2]["exp_avg_sq"][0] = float("inf")
+    checkpoint["optimizer"]["state"][2]["exp_avg_sq"][0] = float("nan")
     path = tmp_path / "nan.pt"
     torch.save(checkpoint, path)
     return path
@@ -192,8 +192,10 @@ def test_resume_step_exits_1_when_a_check_fails(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[-1] == "resume-step failed"
     as_json = runner.invoke(app, ["resume-step", str(path), "--json"])
     assert as_json.exit_code == 1
-    data = json.loads(as_json.stdout)
+    # strict JSON: the NaN update size of the broken group is null, not NaN
+    data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["ok"] is False
+    assert data["groups"][1]["update_rms"] is None
     failed = [c["name"] for c in data["checks"] if c["ok"] is False]
     assert failed == ["finite_before", "finite_after"]
 
