@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +249,35 @@ def test_resume_step_group_size_mismatch_exits_4_with_the_remap_hint(tmp_path: P
     result = runner.invoke(app, ["resume-step", str(path)])
     assert result.exit_code == 4
     _one_line_error(result.stderr, "hold 5 parameters", "have 6", "optckpt remap", "--dry-run")
+
+
+def _readme_ci_snippet() -> str:
+    readme = (FIXTURES.parent / "README.md").read_text()
+    start = readme.index("```bash\n#!/usr/bin/env bash", readme.index("In a CI pipeline"))
+    return readme[start + len("```bash\n") : readme.index("```", start + 3)]
+
+
+def test_the_readme_ci_snippet_fails_the_pipeline_only_when_resume_step_fails(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "ci.sh"
+    script.write_text(_readme_ci_snippet())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    good = subprocess.run(
+        ["bash", str(script)],
+        env={**env, "CKPT": str(FIXTURES / "adamw_train.pt")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads((tmp_path / "resume-report.json").read_text())["ok"] is True
+    bad = subprocess.run(
+        ["bash", str(script)],
+        env={**env, "CKPT": str(_planted_nan(tmp_path))},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert "does not resume" in bad.stderr and "finite_before" in bad.stderr
