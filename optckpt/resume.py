@@ -335,13 +335,24 @@ def _check_counters_agree(state_dict: Mapping[str, Any], params: _Params) -> Che
     return Check("step_counters_agree", True, ", ".join(summary) + extra)
 
 
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """How many elements of ``t`` are NaN or infinite (0 for non-floating tensors)."""
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return 0
+    # one pass without a temporary (NaN and infinities reach the min or max), then count
+    # only where something is wrong
+    low, high = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t)
+    if math.isfinite(float(low)) and math.isfinite(float(high)):
+        return 0
+    return int(t.numel() - torch.isfinite(t).sum().item())
+
+
 def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     bad = []
     for label, t in tensors:
-        if t.is_floating_point() or t.is_complex():
-            count = int(t.numel() - torch.isfinite(t).sum().item())
-            if count:
-                bad.append(f"{label}: {count} non-finite value(s)")
+        count = _count_nonfinite(t)
+        if count:
+            bad.append(f"{label}: {count} non-finite value(s)")
     return bad
 
 
@@ -422,6 +433,18 @@ def _compare_with_torch(
     return wrong
 
 
+def _owned(value: Any) -> Any:
+    """``value`` with every tensor copied (dicts, lists and tuples rebuilt around them)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_owned(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
 # --- the resume step --------------------------------------------------------------------------
 
 
@@ -458,6 +481,12 @@ def _load(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
     return optimizer
 
 
+def _squares(t: torch.Tensor) -> float:
+    """The sum of ``|x|^2`` over ``t``, accumulated in float64 without a float64 copy."""
+    real = torch.view_as_real(t) if t.is_complex() else t
+    return float(torch.linalg.vector_norm(real, dtype=torch.float64)) ** 2
+
+
 def _updates(
     optimizer: Any,
     ids: list[list[Any]],
@@ -471,10 +500,10 @@ def _updates(
     for index, group in enumerate(optimizer.param_groups):
         squares, numel, largest = 0.0, 0, 0.0
         for p, pid in zip(group["params"], ids[index], strict=True):
-            change = (p.detach() - before[pid]).abs().double()
+            change = p.detach() - before[pid]
             if change.numel():
-                squares += float(change.pow(2).sum())
-                largest = max(largest, float(change.max()))
+                squares += _squares(change)
+                largest = max(largest, float(change.abs().max()))
             numel += change.numel()
         rms = math.sqrt(squares / numel) if numel else 0.0
         grad_rms = math.sqrt(grad_squares[index] / grad_count[index]) if grad_count[index] else 0.0
@@ -531,6 +560,7 @@ def resume_step(
             groups, a state that does not load (group count or size mismatch).
     """
     from optckpt.io import load_checkpoint
+    from optckpt.io.pages import release
     from optckpt.io.write import check_output, format_for, save_checkpoint
     from optckpt.layout import find_model_state, model_state_of
     from optckpt.locate import select_optimizers
@@ -579,10 +609,14 @@ def resume_step(
         cls = by_name(guess.name)
         optimizer_from = f"guessed: {guess.reason}"
 
+    mapped: list[Path] = list(checkpoint.sources)  # files whose pages we may release
+
     def weights_of(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
         if model is None:
             return model_state_of(checkpoint), str(path)
-        weights = find_model_state(load_checkpoint(model, allow_globals=allow_globals).root)
+        model_checkpoint = load_checkpoint(model, allow_globals=allow_globals)
+        mapped.extend(model_checkpoint.sources)
+        weights = find_model_state(model_checkpoint.root)
         if weights is None:
             raise UsageError(f"--model {model}: holds no model state dict")
         return weights, str(model)
@@ -613,7 +647,10 @@ def resume_step(
     finite_before = _check_finite("finite_before", state_dict["state"], params.by_id, params.names)
     counters_before = _steps_of(state_dict["state"], params.by_id)
 
-    ours = _load(cls, params, state_dict)
+    # The optimizer steps its state in place: give it copies, so that nothing ever writes into
+    # the memory-mapped input, and the mapped pages read so far can be let go.
+    ours = _load(cls, params, {**state_dict, "state": _owned(state_dict["state"])})
+    release(mapped)
     sizes = ", ".join(str(len(g)) for g in ids)
     checks.append(
         Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}")
@@ -635,7 +672,7 @@ def resume_step(
         for p in tensors:
             g = p.grad.to_dense() if p.grad.is_sparse else p.grad
             i = group_of[id(p)]
-            grad_squares[i] += float(g.abs().double().pow(2).sum())
+            grad_squares[i] += _squares(g)
             grad_count[i] += g.numel()
 
     try:
@@ -681,7 +718,8 @@ def resume_step(
         torch_cls = getattr(torch.optim, cls.__name__)
         try:
             theirs = _build(torch_cls, parameters(fresh, fresh_sd), fresh_sd)
-            theirs.load_state_dict(fresh_sd)
+            theirs.load_state_dict({**fresh_sd, "state": _owned(fresh_sd["state"])})
+            release(mapped)
             take_steps(theirs, Gradients(seed, kind), steps)
         except _STEP_ERRORS as e:
             checks.append(
@@ -724,8 +762,6 @@ def resume_step(
             for pid, p in live.items():
                 if pid in params.names and params.names[pid] in weights:
                     weights[params.names[pid]] = p.detach()
-        # no page release (sources=): the stepped state lives in copy-on-write pages of the
-        # mapped input, which MADV_DONTNEED would turn back into the saved values
-        save_checkpoint(checkpoint.root, out, fmt)
+        save_checkpoint(checkpoint.root, out, fmt, sources=mapped)
         report.out = out
     return report

@@ -329,3 +329,18 @@ def test_json_has_ok_and_one_entry_per_check(tmp_path: Path) -> None:
         "update_max",
         "effective_lr",
     }
+
+
+def test_complex_parameters_resume_and_match_torch(tmp_path: Path) -> None:
+    weights = {
+        "w": torch.randn(4, 3, dtype=torch.complex64),
+        "b": torch.randn(4, dtype=torch.complex64),
+    }
+    optimizer = torch.optim.Adam(list(weights.items()))
+    for p in weights.values():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    path = save(tmp_path, {"model": weights, "optimizer": optimizer.state_dict()})
+    report = resume_step(path, steps=2, check_torch=True)
+    assert report.ok, report.checks
+    assert all(g.update_rms > 0 for g in report.groups)
