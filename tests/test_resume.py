@@ -19,11 +19,12 @@ from optckpt.optim import names
 from optckpt.resume import resume_step
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FIXTURE_FILES = sorted(
-    p
-    for p in [*FIXTURES.glob("*.pt"), *FIXTURES.glob("*.ckpt"), *FIXTURES.glob("*.safetensors")]
-    if p.name != "unsafe_namespace.pt"
-) + [FIXTURES / "hf_trainer" / "checkpoint-2", *sorted((FIXTURES / "regenerated").glob("*"))]
+_TOP_LEVEL = [*FIXTURES.glob("*.pt"), *FIXTURES.glob("*.ckpt"), *FIXTURES.glob("*.safetensors")]
+FIXTURE_FILES = [
+    *sorted(p for p in _TOP_LEVEL if p.name != "unsafe_namespace.pt"),
+    FIXTURES / "hf_trainer" / "checkpoint-2",
+    *sorted((FIXTURES / "regenerated").glob("*")),
+]
 
 
 def named_tensors(name: str) -> dict[str, torch.Tensor]:
