@@ -85,7 +85,7 @@ def parse_setting(text: str) -> Setting:
 def optimizer_defaults(cls: type[Optimizer]) -> dict[str, Any]:
     """The default hyperparameters of a bundled optimizer class (its groups' keys)."""
     # A 2-D parameter suits every class (Muon takes nothing else).
-    return dict(cls([torch.zeros(2, 2)]).defaults)
+    return dict(cls([torch.zeros(2, 2)]).defaults)  # type: ignore[call-arg]
 
 
 def _torch_dtype(name: str, where: str) -> torch.dtype:

@@ -243,7 +243,8 @@ def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:
     if unknown == len(ids) and isinstance(flat, torch.Tensor) and ids:
         # LBFGS keeps one flat vector over all parameters: stand-ins that add up to its size.
         rest = max(flat.numel() - (len(ids) - 1), 1)
-        specs = [((1,), flat.dtype)] * (len(ids) - 1) + [((rest,), flat.dtype)]
+        one: tuple[int, ...] = (1,)
+        specs = [(one, flat.dtype)] * (len(ids) - 1) + [((rest,), flat.dtype)]
         notes.append(
             f"parameter shapes unknown: {len(ids)} flat stand-ins of {flat.numel()} elements in all"
         )
@@ -670,6 +671,7 @@ def resume_step(
 
     def observe(tensors: list[torch.Tensor]) -> None:
         for p in tensors:
+            assert p.grad is not None  # take_steps set every gradient
             g = p.grad.to_dense() if p.grad.is_sparse else p.grad
             i = group_of[id(p)]
             grad_squares[i] += _squares(g)

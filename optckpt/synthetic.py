@@ -22,6 +22,7 @@ Two optimizers take more than a dense gradient:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def gradient_kind(optimizer_name: str) -> str:
 
 
 def take_steps(
-    optimizer: object,
+    optimizer: Any,
     gradients: Gradients,
     steps: int,
     observe: Callable[[list[torch.Tensor]], None] | None = None,
@@ -101,11 +102,11 @@ def take_steps(
     given, sees the parameters with their gradients set, before each step. The gradients are
     dropped after the last step.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # type: ignore[attr-defined]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(steps):
         closure = gradients.prepare(params)
         if observe is not None and closure is None:
             observe(params)
-        optimizer.step(closure)  # type: ignore[attr-defined]
+        optimizer.step(closure)
     for p in params:
         p.grad = None
