@@ -1,4 +1,4 @@
-"""Benchmark `optckpt resume-step` against the obvious torch script, in one run.
+"""Benchmark `optckpt resume-step` and `regenerate` against the obvious torch scripts, in one run.
 
 On a GPT-2-like AdamW training checkpoint (benchmarks/_common.py, default 100M parameters),
 each in a fresh process, round-robin:
@@ -8,11 +8,14 @@ each in a fresh process, round-robin:
 * the torch script a user would write: `torch.load(weights_only=True, mmap=True)`, clone the
   weights into parameters, `torch.optim.AdamW(...).load_state_dict(...)`, random gradients,
   one `step()`;
+* `optckpt regenerate --optimizer adamw --layout CKPT --steps 1 -o OUT.pt` (the model weights
+  of the checkpoint as starting values), against the torch script doing the same: load the
+  weights, AdamW, seeded gradients, one step, `torch.save({"model", "optimizer"})`;
 * `python -c "import torch"`, the floor.
 
 Reports the median wall time, median CPU time and the largest peak RSS, and the ratios that
-matter: resume-step / torch script, and peak RSS over the size of one resumed run (weights +
-gradients + optimizer state, what a training process holds).
+matter: resume-step / torch script, and peak RSS above `import torch`'s over the size of one
+resumed run (weights + gradients + AdamW state, what a training process holds).
 
     python benchmarks/bench_resume.py [--params 100e6] [--repeats 3] [--workdir DIR]
 """
@@ -49,6 +52,18 @@ for p in params.values():
 opt.step()
 """
 
+REGENERATE_SCRIPT = """
+import sys, torch
+weights = torch.load(sys.argv[1], weights_only=True, mmap=True)["model"]
+params = {n: w.clone() for n, w in weights.items()}
+opt = torch.optim.AdamW(list(params.items()))
+gen = torch.Generator().manual_seed(1)
+for p in params.values():
+    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+opt.step()
+torch.save({"model": params, "optimizer": opt.state_dict()}, sys.argv[2])
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,6 +95,29 @@ def main(argv: list[str] | None = None) -> int:
                 "torch script (load, AdamW, 1 step)",
                 [sys.executable, "-c", TORCH_SCRIPT, str(ckpt)],
             ),
+            Command(
+                "optckpt regenerate --steps 1",
+                [
+                    *optckpt,
+                    "regenerate",
+                    "--optimizer",
+                    "adamw",
+                    "--layout",
+                    str(ckpt),
+                    "--steps",
+                    "1",
+                    "-o",
+                    str(folder / "regen.pt"),
+                    "--force",
+                ],
+                target=True,
+                outputs=[folder / "regen.pt"],
+            ),
+            Command(
+                "torch script (weights, AdamW, 1 step, save)",
+                [sys.executable, "-c", REGENERATE_SCRIPT, str(ckpt), str(folder / "script.pt")],
+                outputs=[folder / "script.pt"],
+            ),
             Command("python -c 'import torch'", [sys.executable, "-c", "import torch"]),
         ]
         warm_read(ckpt)
@@ -88,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in commands:
                 wall, rss, cpu = run_once(c.argv)
                 c.record(wall, rss, cpu)
+                for o in c.outputs:
+                    o.unlink(missing_ok=True)
                 print(
                     f"[{r + 1}/{args.repeats}] {c.label}: {wall:.2f}s, {cpu:.2f}s CPU, {mb(rss)}",
                     file=sys.stderr,
@@ -104,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {c.label} | {c.wall:.2f} | {c.cpu_median:.2f} | {mb(c.peak)} | {c.peak / run_bytes:.2f}x |"
         )
-    script = commands[2]
     print()
-    for c in commands[:2]:
+    for c, script in (
+        (commands[0], commands[2]),
+        (commands[1], commands[2]),
+        (commands[3], commands[4]),
+    ):
         print(
             f"- {c.label}: wall {c.wall / script.wall:.2f}x the torch script, CPU "
             f"{c.cpu_median / script.cpu_median:.2f}x, peak RSS {c.peak / script.peak:.2f}x"
