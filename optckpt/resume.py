@@ -522,6 +522,167 @@ def _updates(
     return result
 
 
+@dataclass
+class _Source:
+    """What a run reads: the checkpoint, the optimizer state dict in it, the model weights.
+
+    ``mapped`` collects the files read, whose memory-mapped pages may be released (nothing
+    ever writes into them: the optimizers step copies, see :func:`_owned`).
+    """
+
+    path: Path
+    key: str | None
+    model: Path | None
+    seed: int
+    allow_globals: tuple[str, ...]
+    mapped: list[Path] = field(default_factory=list)
+
+    def read(self) -> tuple[Any, Any]:
+        """A fresh read of the checkpoint and the one optimizer state dict located in it."""
+        from optckpt.io import load_checkpoint
+        from optckpt.locate import select_optimizers
+
+        checkpoint = load_checkpoint(self.path, allow_globals=self.allow_globals)
+        self.mapped.extend(checkpoint.sources)
+        found = select_optimizers(checkpoint.root, self.key)
+        if len(found) > 1:
+            listed = ", ".join(repr(f.key) for f in found)
+            raise UsageError(
+                f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
+            )
+        return checkpoint, found[0]
+
+    def weights(self, checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+        """The model weights (of the checkpoint, or of ``--model``) and where they are."""
+        from optckpt.io import load_checkpoint
+        from optckpt.layout import find_model_state, model_state_of
+
+        if self.model is None:
+            return model_state_of(checkpoint), str(self.path)
+        model_checkpoint = load_checkpoint(self.model, allow_globals=self.allow_globals)
+        self.mapped.extend(model_checkpoint.sources)
+        weights = find_model_state(model_checkpoint.root)
+        if weights is None:
+            raise UsageError(f"--model {self.model}: holds no model state dict")
+        return weights, str(self.model)
+
+    def parameters(self, checkpoint: Any, state_dict: Mapping[str, Any]) -> _Params:
+        """The parameters to load ``state_dict`` onto (see :func:`_from_weights`, :func:`_seeded`)."""
+        weights, where = self.weights(checkpoint)
+        if weights is None:
+            return _seeded(state_dict, self.seed)
+        return _from_weights(state_dict, weights, where)
+
+
+def _optimizer_class(state_dict: Mapping[str, Any], name: str | None) -> tuple[type, str]:
+    """The bundled optimizer class to resume with, and what named it.
+
+    Raises:
+        UnknownOptimizerError: ``name`` is not a bundled optimizer.
+        IncompatibleStateError: no ``name`` and the guess is unsure (lists the candidates).
+    """
+    from optckpt.optim import by_name
+    from optckpt.optim.guess import guess_optimizer
+
+    if name is not None:
+        return by_name(name), "--optimizer"
+    guess = guess_optimizer(state_dict)
+    if not guess.sure or guess.name is None:
+        listed = ", ".join(guess.candidates) or "none"
+        raise IncompatibleStateError(
+            f"cannot tell which optimizer saved this state ({guess.reason}; candidates: "
+            f"{listed}); name it with --optimizer"
+        )
+    return by_name(guess.name), f"guessed: {guess.reason}"
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+@dataclass
+class _Gradients:
+    """Sums of squared gradients per group, seen before each step (for the effective lr)."""
+
+    group_of: dict[int, int]
+    squares: list[float]
+    count: list[int]
+
+    def observe(self, tensors: list[torch.Tensor]) -> None:
+        for p in tensors:
+            assert p.grad is not None  # take_steps set every gradient
+            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            i = self.group_of[id(p)]
+            self.squares[i] += _squares(g)
+            self.count[i] += g.numel()
+
+
+def _check_counters_advance(
+    before: Mapping[Any, float], after: Mapping[Any, float], params: _Params, steps: int
+) -> Check:
+    if not before and not after:
+        return Check("step_counters_advance", True, "no step counters in the state")
+    wrong = [
+        f"{_label(pid, params.names)}: {before.get(pid, 0.0):g} -> {after.get(pid, math.nan):g}"
+        for pid in params.by_id
+        if after.get(pid, math.nan) - before.get(pid, 0.0) != steps
+    ]
+    if wrong:
+        return Check("step_counters_advance", False, f"not advanced by {steps}: " + _listed(wrong))
+    return Check("step_counters_advance", True, f"every counter advanced by {steps}")
+
+
+def _check_torch(
+    source: _Source, cls: type, ours: Any, names: Mapping[Any, str], steps: int, atol: float | None
+) -> Check:
+    """Take the same steps with ``torch.optim`` from a fresh read, compare with ``ours``."""
+    from optckpt.io.pages import release
+    from optckpt.synthetic import Gradients, gradient_kind, take_steps
+
+    fresh, found = source.read()
+    state_dict = found.state_dict
+    name = f"torch.optim.{cls.__name__}"
+    try:
+        theirs = _build(
+            getattr(torch.optim, cls.__name__), source.parameters(fresh, state_dict), state_dict
+        )
+        theirs.load_state_dict({**state_dict, "state": _owned(state_dict["state"])})
+        release(source.mapped)
+        take_steps(theirs, Gradients(source.seed, gradient_kind(cls.__name__)), steps)
+    except _STEP_ERRORS as e:
+        return Check("matches_torch", False, f"{name} failed: {_error(e)}")
+    wrong = _compare_with_torch(ours, theirs, names, atol)
+    how = "bitwise" if atol is None else f"within atol={atol:g}"
+    if wrong:
+        return Check("matches_torch", False, f"differs from {name} ({how}): " + _listed(wrong))
+    return Check("matches_torch", True, f"parameters and state equal {name}'s, {how}")
+
+
+def _write(
+    source: _Source,
+    checkpoint: Any,
+    found: Any,
+    ours: Any,
+    live: Mapping[Any, torch.Tensor],
+    names: Mapping[Any, str],
+    out: Path,
+    fmt: str,
+) -> None:
+    """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
+    from optckpt.io.write import save_checkpoint
+
+    weights = source.weights(checkpoint)[0] if source.model is None else None
+    new_state = ours.state_dict()
+    # The loaded tree is ours to change (never written back): swap the stepped state in.
+    found.state_dict.clear()
+    found.state_dict.update(new_state)
+    if isinstance(weights, dict):
+        for pid, p in live.items():
+            if names.get(pid) in weights:
+                weights[names[pid]] = p.detach()
+    save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped)
+
+
 def resume_step(
     path: str | Path,
     *,
@@ -560,13 +721,8 @@ def resume_step(
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
     """
-    from optckpt.io import load_checkpoint
     from optckpt.io.pages import release
-    from optckpt.io.write import check_output, format_for, save_checkpoint
-    from optckpt.layout import find_model_state, model_state_of
-    from optckpt.locate import select_optimizers
-    from optckpt.optim import by_name
-    from optckpt.optim.guess import guess_optimizer
+    from optckpt.io.write import check_output, format_for
     from optckpt.synthetic import Gradients, gradient_kind, take_steps
 
     path = Path(path)
@@ -583,52 +739,11 @@ def resume_step(
         if path.is_dir():
             raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
 
-    def located(checkpoint: Any) -> Any:
-        found = select_optimizers(checkpoint.root, key)
-        if len(found) > 1:
-            listed = ", ".join(repr(f.key) for f in found)
-            raise UsageError(
-                f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
-            )
-        return found[0]
-
-    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
-    found = located(checkpoint)
+    source = _Source(path, key, None if model is None else Path(model), seed, tuple(allow_globals))
+    checkpoint, found = source.read()
     state_dict = found.state_dict
-
-    if optimizer is not None:
-        cls = by_name(optimizer)
-        optimizer_from = "--optimizer"
-    else:
-        guess = guess_optimizer(state_dict)
-        if not guess.sure or guess.name is None:
-            listed = ", ".join(guess.candidates) or "none"
-            raise IncompatibleStateError(
-                f"cannot tell which optimizer saved this state ({guess.reason}; candidates: "
-                f"{listed}); name it with --optimizer"
-            )
-        cls = by_name(guess.name)
-        optimizer_from = f"guessed: {guess.reason}"
-
-    mapped: list[Path] = list(checkpoint.sources)  # files whose pages we may release
-
-    def weights_of(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
-        if model is None:
-            return model_state_of(checkpoint), str(path)
-        model_checkpoint = load_checkpoint(model, allow_globals=allow_globals)
-        mapped.extend(model_checkpoint.sources)
-        weights = find_model_state(model_checkpoint.root)
-        if weights is None:
-            raise UsageError(f"--model {model}: holds no model state dict")
-        return weights, str(model)
-
-    def parameters(checkpoint: Any, state_dict: Mapping[str, Any]) -> _Params:
-        weights, where = weights_of(checkpoint)
-        if weights is None:
-            return _seeded(state_dict, seed)
-        return _from_weights(state_dict, weights, where)
-
-    params = parameters(checkpoint, state_dict)
+    cls, optimizer_from = _optimizer_class(state_dict, optimizer)
+    params = source.parameters(checkpoint, state_dict)
     report = ResumeReport(
         path=path,
         key=found.key,
@@ -639,7 +754,6 @@ def resume_step(
         seed=seed,
         notes=list(params.notes),
     )
-    checks = report.checks
     ids = [list(g["params"]) for g in state_dict["param_groups"]]
 
     # Checks of the saved state, before torch's cast can hide anything.
@@ -651,119 +765,53 @@ def resume_step(
     # The optimizer steps its state in place: give it copies, so that nothing ever writes into
     # the memory-mapped input, and the mapped pages read so far can be let go.
     ours = _load(cls, params, {**state_dict, "state": _owned(state_dict["state"])})
-    release(mapped)
+    release(source.mapped)
     sizes = ", ".join(str(len(g)) for g in ids)
-    checks.append(
-        Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}")
-    )
-    checks += [shapes, agree, finite_before]
-    later = ("steps_taken", "step_counters_advance", "finite_after") + (
-        ("matches_torch",) if check_torch else ()
-    )
+    report.checks += [
+        Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}"),
+        shapes,
+        agree,
+        finite_before,
+    ]
+    later = ["steps_taken", "step_counters_advance", "finite_after"]
+    later += ["matches_torch"] if check_torch else []
     if not shapes.ok:
-        checks += [Check(name, None, "skipped: the shapes do not fit") for name in later]
+        report.checks += [Check(name, None, "skipped: the shapes do not fit") for name in later]
         return report
 
-    kind = gradient_kind(cls.__name__)
-    grad_squares = [0.0] * len(ids)
-    grad_count = [0] * len(ids)
-    group_of = {id(p): i for i, g in enumerate(ours.param_groups) for p in g["params"]}
-
-    def observe(tensors: list[torch.Tensor]) -> None:
-        for p in tensors:
-            assert p.grad is not None  # take_steps set every gradient
-            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-            i = group_of[id(p)]
-            grad_squares[i] += _squares(g)
-            grad_count[i] += g.numel()
-
+    grads = _Gradients(
+        {id(p): i for i, g in enumerate(ours.param_groups) for p in g["params"]},
+        [0.0] * len(ids),
+        [0] * len(ids),
+    )
     try:
-        take_steps(ours, Gradients(seed, kind), steps, observe)
+        take_steps(ours, Gradients(seed, gradient_kind(cls.__name__)), steps, grads.observe)
     except _STEP_ERRORS as e:
-        checks.append(
-            Check("steps_taken", False, f"{type(e).__name__}: {' '.join(str(e).split())}")
-        )
-        checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
+        report.checks.append(Check("steps_taken", False, _error(e)))
+        report.checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
         return report
-    checks.append(Check("steps_taken", True, f"{steps} step(s) of {cls.__name__}"))
+    report.checks.append(Check("steps_taken", True, f"{steps} step(s) of {cls.__name__}"))
 
     live = {
         pid: p
         for g, gid in zip(ours.param_groups, ids, strict=True)
         for p, pid in zip(g["params"], gid, strict=True)
     }
-    after = _steps_of({pid: ours.state.get(p, {}) for pid, p in live.items()}, live)
-    if not after and not counters_before:
-        checks.append(Check("step_counters_advance", True, "no step counters in the state"))
-    else:
-        wrong = [
-            f"{_label(pid, params.names)}: {counters_before.get(pid, 0.0):g} -> {after.get(pid, float('nan')):g}"
-            for pid in params.by_id
-            if after.get(pid, math.nan) - counters_before.get(pid, 0.0) != steps
-        ]
-        if wrong:
-            checks.append(
-                Check("step_counters_advance", False, f"not advanced by {steps}: " + _listed(wrong))
-            )
-        else:
-            checks.append(
-                Check("step_counters_advance", True, f"every counter advanced by {steps}")
-            )
-    checks.append(_check_finite("finite_after", ours.state_dict()["state"], live, params.names))
+    counters_after = _steps_of({pid: ours.state.get(p, {}) for pid, p in live.items()}, live)
+    report.checks += [
+        _check_counters_advance(counters_before, counters_after, params, steps),
+        _check_finite("finite_after", ours.state_dict()["state"], live, params.names),
+    ]
     report.groups = _updates(
-        ours, ids, params.before(), grad_squares, grad_count, steps, cls.__name__ in ADAPTIVE
+        ours, ids, params.before(), grads.squares, grads.count, steps, cls.__name__ in ADAPTIVE
     )
-
     if check_torch:
-        fresh = load_checkpoint(path, allow_globals=allow_globals)
-        fresh_sd = located(fresh).state_dict
-        torch_cls = getattr(torch.optim, cls.__name__)
-        try:
-            theirs = _build(torch_cls, parameters(fresh, fresh_sd), fresh_sd)
-            theirs.load_state_dict({**fresh_sd, "state": _owned(fresh_sd["state"])})
-            release(mapped)
-            take_steps(theirs, Gradients(seed, kind), steps)
-        except _STEP_ERRORS as e:
-            checks.append(
-                Check(
-                    "matches_torch",
-                    False,
-                    f"torch.optim.{cls.__name__} failed: {type(e).__name__}: {' '.join(str(e).split())}",
-                )
-            )
-        else:
-            wrong = _compare_with_torch(ours, theirs, params.names, atol)
-            how = "bitwise" if atol is None else f"within atol={atol:g}"
-            if wrong:
-                checks.append(
-                    Check(
-                        "matches_torch",
-                        False,
-                        f"differs from torch.optim.{cls.__name__} ({how}): " + _listed(wrong),
-                    )
-                )
-            else:
-                checks.append(
-                    Check(
-                        "matches_torch",
-                        True,
-                        f"parameters and state equal torch.optim.{cls.__name__}'s, {how}",
-                    )
-                )
-            del theirs
+        report.checks.append(_check_torch(source, cls, ours, params.names, steps, atol))
 
     if out is not None:
         if not report.ok:
             report.notes.append(f"nothing written to {out}: a check failed")
             return report
-        weights, _ = weights_of(checkpoint) if model is None else (None, "")
-        new_state = ours.state_dict()
-        found.state_dict.clear()
-        found.state_dict.update(new_state)
-        if isinstance(weights, dict):
-            for pid, p in live.items():
-                if pid in params.names and params.names[pid] in weights:
-                    weights[params.names[pid]] = p.detach()
-        save_checkpoint(checkpoint.root, out, fmt, sources=mapped)
+        _write(source, checkpoint, found, ours, live, params.names, out, fmt)
         report.out = out
     return report
