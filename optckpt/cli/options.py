@@ -21,3 +21,11 @@ Key = Annotated[
     str | None,
     typer.Option("--key", help="Key path of one optimizer state dict, e.g. optimizer_states.0."),
 ]
+GroupRules = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--group",
+        metavar="REGEX:KEY=VALUE,...",
+        help="Split a model state dict layout into groups (repeatable; first match wins).",
+    ),
+]

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, Output
+from optckpt.cli.options import AllowGlobal, Force, GroupRules, Output
 
 
 def regenerate(
@@ -36,14 +36,7 @@ def regenerate(
             help="Set a hyperparameter for every group, or for one (1.lr=1e-5); repeatable.",
         ),
     ] = None,
-    group: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--group",
-            metavar="REGEX:KEY=VALUE,...",
-            help="Split a model state dict layout into groups (repeatable; first match wins).",
-        ),
-    ] = None,
+    group: GroupRules = None,
     bare: Annotated[
         bool, typer.Option("--bare", help="Write the optimizer state dict alone.")
     ] = False,

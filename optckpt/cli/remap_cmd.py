@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, Key
+from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key
 from optckpt.cli.render import console
 
 if TYPE_CHECKING:
@@ -46,14 +46,7 @@ def remap(
             help="Rename source parameters (repeatable, in order).",
         ),
     ] = None,
-    group: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--group",
-            metavar="REGEX:KEY=VALUE,...",
-            help="Split a --to model state dict into groups (repeatable; first match wins).",
-        ),
-    ] = None,
+    group: GroupRules = None,
     reset_mismatched: Annotated[
         bool,
         typer.Option(
