@@ -42,7 +42,7 @@ ADAPTIVE = frozenset(
 )
 _SHAPE_KEYS = PARAM_SHAPED_KEYS | {"variance"}  # Adafactor's unfactored second moment
 _FLAT_KEYS = ("d", "prev_flat_grad")  # LBFGS: one vector over all parameters
-_STEP_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+_STEP_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError)
 
 
 @dataclass
@@ -482,6 +482,20 @@ def _load(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
     return optimizer
 
 
+def _uncapture(optimizer: Any) -> list[str]:
+    """Turn off ``capturable`` in groups whose parameters are on the CPU, where torch refuses
+    to step with it (a checkpoint saved from CUDA graphs); the notes say which."""
+    notes = []
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("capturable") and all(p.device.type == "cpu" for p in group["params"]):
+            group["capturable"] = False
+            notes.append(
+                f"group {index} was saved with capturable=True, which steps only on an "
+                "accelerator: stepped with capturable=False on the CPU"
+            )
+    return notes
+
+
 def _squares(t: torch.Tensor) -> float:
     """The sum of ``|x|^2`` over ``t``, accumulated in float64 without a float64 copy."""
     real = torch.view_as_real(t) if t.is_complex() else t
@@ -647,6 +661,7 @@ def _check_torch(
             getattr(torch.optim, cls.__name__), source.parameters(fresh, state_dict), state_dict
         )
         theirs.load_state_dict({**state_dict, "state": _owned(state_dict["state"])})
+        _uncapture(theirs)
         release(source.mapped)
         take_steps(theirs, Gradients(source.seed, gradient_kind(cls.__name__)), steps)
     except _STEP_ERRORS as e:
@@ -765,6 +780,7 @@ def resume_step(
     # The optimizer steps its state in place: give it copies, so that nothing ever writes into
     # the memory-mapped input, and the mapped pages read so far can be let go.
     ours = _load(cls, params, {**state_dict, "state": _owned(state_dict["state"])})
+    report.notes += _uncapture(ours)
     release(source.mapped)
     sizes = ", ".join(str(len(g)) for g in ids)
     report.checks += [

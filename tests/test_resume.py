@@ -345,3 +345,21 @@ def test_complex_parameters_resume_and_match_torch(tmp_path: Path) -> None:
     report = resume_step(path, steps=2, check_torch=True)
     assert report.ok, report.checks
     assert all(g.update_rms > 0 for g in report.groups)
+
+
+def test_a_capturable_checkpoint_steps_on_the_cpu_without_capture(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["capturable"] = True  # as saved from a CUDA-graph training run
+    param = torch.zeros(1)
+    refused = torch.optim.Adam([param], capturable=True)
+    param.grad = torch.ones(1)
+    with pytest.raises(AssertionError, match="capturable=True"):
+        refused.step()  # what torch does on a CPU
+    report = resume_step(save(tmp_path, checkpoint), check_torch=True)
+    assert report.ok, report.checks
+    assert report.notes[-2:] == [
+        f"group {i} was saved with capturable=True, which steps only on an accelerator: "
+        "stepped with capturable=False on the CPU"
+        for i in (0, 1)
+    ]
