@@ -19,7 +19,7 @@ import torch
 from optckpt.errors import UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
-from optckpt.io.pages import Releaser, release
+from optckpt.io.pages import FileRanges, release
 from optckpt.locate import Located, select_optimizers
 from optckpt.statedict import group_of, names_of, param_ids
 
@@ -124,9 +124,14 @@ def _count_differing(
 ) -> tuple[int, float, float]:
     """``(differing elements, max abs difference, max relative difference)`` of two tensors
     of the same shape, read in chunks; of the same dtype too unless a tolerance is given."""
-    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
-    differing, max_abs, max_rel = 0, 0.0, 0.0
+    a, b = a.detach(), b.detach()
     bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
+    if _bitwise_equal(a, b, bits):
+        # One read of each side, no temporaries: the common case of equal tensors. Equal bits
+        # mean no differing element under either test (isclose has equal_nan=True).
+        return 0, 0.0, 0.0
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    differing, max_abs, max_rel = 0, 0.0, 0.0
     for start in range(0, fa.numel(), _CHUNK):
         ca, cb = fa[start : start + _CHUNK], fb[start : start + _CHUNK]
         if tolerance is None:
@@ -157,13 +162,28 @@ def _count_differing(
     return differing, max_abs, max_rel
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, bits: torch.dtype | None) -> bool:
+    """Whether two tensors of the same shape hold the same bits (same dtype only).
+
+    Floating tensors are compared through integer views, so NaNs with equal bits are equal
+    and -0.0 differs from 0.0, as the bitwise test counts them; other dtypes by value (what
+    ``!=`` counts). Float types without an integer view of their size answer ``False`` and
+    are left to the full count.
+    """
+    if a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.is_floating_point():
+        return bits is not None and torch.equal(a.view(bits), b.view(bits))
+    return torch.equal(a, b)
+
+
 @dataclass
 class _Comparer:
     """Compares state values recursively, collecting :class:`Difference` s in ``found``."""
 
     tolerance: tuple[float, float] | None
     checkpoints: tuple[Checkpoint, Checkpoint]
-    releaser: Releaser
+    ranges: FileRanges
     found: list[Difference] = field(default_factory=list)
 
     def tensors(self, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
@@ -181,7 +201,9 @@ class _Comparer:
         if a.device.type == "meta" or b.device.type == "meta":
             return
         differing, max_abs, max_rel = _count_differing(a, b, self.tolerance)
-        self.releaser.read(a.numel() * a.element_size() + b.numel() * b.element_size())
+        # done with this pair: its pages of the mapped inputs can go
+        self.ranges.drop(a.data_ptr(), a.numel() * a.element_size())
+        self.ranges.drop(b.data_ptr(), b.numel() * b.element_size())
         if not differing:
             return
         if where.endswith(".step") and a.numel() == 1:
@@ -246,12 +268,18 @@ def diff_state_dicts(
         tolerance: ``(rtol, atol)`` for ``torch.isclose``; ``None`` compares bits.
         checkpoints: the checkpoints they came from, to compare saved devices.
     """
-    sa, sb = a.state_dict, b.state_dict
     if checkpoints is None:
         dummy = Checkpoint(path=Path(), format="", size=0, root=None)
         checkpoints = (dummy, dummy)
     sources = [*checkpoints[0].sources, *checkpoints[1].sources]
-    comparer = _Comparer(tolerance, checkpoints, Releaser(sources))
+    with FileRanges(sources) as ranges:
+        found = _diff(a, b, _Comparer(tolerance, checkpoints, ranges))
+    release(sources)
+    return found
+
+
+def _diff(a: Located, b: Located, comparer: _Comparer) -> PairDiff:
+    sa, sb = a.state_dict, b.state_dict
     out = comparer.found
     ga, gb = sa["param_groups"], sb["param_groups"]
     if len(ga) != len(gb):
@@ -296,7 +324,6 @@ def diff_state_dicts(
     for pid in ids_b:
         if label_b[pid] not in known_a:
             out.append(Difference("param_added", label_b[pid], None, group_b.get(pid)))
-    release(sources)
     return PairDiff(a.key, b.key, "name" if by_name else "id", out)
 
 

@@ -18,6 +18,7 @@ import torch
 from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import Releaser
+from optckpt.io.torch_format import Deferred, can_defer
 from optckpt.io.write import check_output, format_for, save_checkpoint
 from optckpt.locate import select_optimizers
 
@@ -67,11 +68,15 @@ def _move(
     dtype: torch.dtype | None,
     placed: bool,
     on_read: Callable[[int], None] | None = None,
+    lazy: bool = False,
 ) -> Any:
     if isinstance(value, torch.Tensor):
         if key == "step":
             return value.to(device=device, dtype=torch.float32) if placed else value
         if dtype is not None and value.is_floating_point():
+            if lazy and device.type == "cpu" and can_defer(value, dtype):
+                # cast when written, so the cast copies are never all in memory at once
+                return Deferred(value, dtype)
             moved = value.to(device=device, dtype=dtype)
         else:
             moved = value.to(device=device)
@@ -79,11 +84,11 @@ def _move(
             on_read(value.numel() * value.element_size())
         return moved
     if isinstance(value, Mapping):
-        return {k: _move(v, k, device, dtype, placed, on_read) for k, v in value.items()}
+        return {k: _move(v, k, device, dtype, placed, on_read, lazy) for k, v in value.items()}
     if isinstance(value, list):
-        return [_move(v, None, device, dtype, placed, on_read) for v in value]
+        return [_move(v, None, device, dtype, placed, on_read, lazy) for v in value]
     if isinstance(value, tuple):
-        return tuple(_move(v, None, device, dtype, placed, on_read) for v in value)
+        return tuple(_move(v, None, device, dtype, placed, on_read, lazy) for v in value)
     return value
 
 
@@ -93,11 +98,14 @@ def move_state(
     dtype: torch.dtype | None = None,
     *,
     on_read: Callable[[int], None] | None = None,
+    lazy: bool = False,
 ) -> dict[str, Any]:
     """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``).
 
     Hyperparameters are left as they are (a Tensor ``lr`` stays where it was). ``on_read``
     is told the bytes of every tensor copied (to release memory-mapped input as it goes).
+    With ``lazy``, a dtype cast on the CPU is left as a
+    :class:`~optckpt.io.torch_format.Deferred`, made when the state is written.
     """
     placed: dict[Any, bool] = {}
     for group in state_dict["param_groups"]:
@@ -105,15 +113,20 @@ def move_state(
         for pid in group["params"]:
             placed.setdefault(pid, flag)
     state = {
-        pid: _move(value, None, device, dtype, placed.get(pid, False), on_read)
+        pid: _move(value, None, device, dtype, placed.get(pid, False), on_read, lazy)
         for pid, value in state_dict["state"].items()
     }
     return {**state_dict, "state": state}
 
 
-def move_all(node: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Every tensor of a tree (outside optimizer state) to ``device``; floating ones to ``dtype``."""
-    return _move(node, None, device, dtype, False)
+def move_all(
+    node: Any, device: torch.device, dtype: torch.dtype | None, *, lazy: bool = False
+) -> Any:
+    """Every tensor of a tree (outside optimizer state) to ``device``; floating ones to ``dtype``.
+
+    ``lazy`` as for :func:`move_state`.
+    """
+    return _move(node, None, device, dtype, False, lazy=lazy)
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,9 @@ def move_checkpoint(
     found = select_optimizers(checkpoint.root, key)
     releaser = Releaser(checkpoint.sources)
     moved = {
-        id(f.state_dict): move_state(f.state_dict, torch_device, torch_dtype, on_read=releaser.read)
+        id(f.state_dict): move_state(
+            f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True
+        )
         for f in found
     }
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
@@ -191,4 +206,4 @@ def _move_outside(
     if isinstance(node, (list, tuple)):
         items = [_move_outside(v, device, dtype, done) for v in node]
         return items if isinstance(node, list) else tuple(items)
-    return move_all(node, device, dtype)
+    return move_all(node, device, dtype, lazy=True)

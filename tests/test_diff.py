@@ -167,3 +167,35 @@ def test_with_a_tolerance_values_of_different_dtypes_are_compared(tmp_path: Path
         ("dtype", "0.weight.exp_avg"),
         ("values", "0.weight.exp_avg"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        # equal bits, whatever the values: NaNs with the same payload are equal
+        (torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")]), 0),
+        (torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]), 1),  # -0.0 differs bitwise
+        (torch.tensor([1, 2, 3]), torch.tensor([1, 5, 3]), 1),  # integers by value
+        (torch.tensor([True, False]), torch.tensor([True, False]), 0),
+        (torch.arange(12.0).view(3, 4).t(), torch.arange(12.0).view(3, 4).t(), 0),  # views
+        (torch.arange(12.0).view(3, 4).t(), torch.arange(12.0).view(3, 4).t() + 1, 12),
+        (torch.randn(3, dtype=torch.bfloat16), None, 0),
+        (torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64), 1),
+    ],
+)
+def test_fast_equality_agrees_with_the_element_count(
+    a: torch.Tensor, b: torch.Tensor | None, expected: int
+) -> None:
+    b = a.clone() if b is None else b
+    assert diff_module._count_differing(a, b, None)[0] == expected
+    # with a tolerance, identical bits are always close (equal_nan=True)
+    if expected == 0:
+        assert diff_module._count_differing(a, b, (0.0, 0.0))[0] == 0
+
+
+def test_nan_payloads_that_differ_are_counted(tmp_path: Path) -> None:
+    a = torch.full((4,), float("nan"))
+    b = a.clone()
+    b.view(torch.int32)[2] ^= 1  # another NaN, other bits
+    assert diff_module._count_differing(a, b, None)[0] == 1
+    assert diff_module._count_differing(a, b, (0.0, 0.0))[0] == 0  # both NaN: close

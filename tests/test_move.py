@@ -141,3 +141,42 @@ def test_moves_to_cuda(tmp_path: Path) -> None:
     out = torch.load(tmp_path / "o.pt", weights_only=True, map_location=None)
     state = out["optimizer"]["state"][0]
     assert state["exp_avg"].is_cuda and not state["step"].is_cuda
+
+
+@pytest.mark.parametrize("all_tensors", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_streamed_casts_write_what_torch_save_of_the_cast_tree_writes(
+    tmp_path: Path, dtype: str, all_tensors: bool
+) -> None:
+    """move casts each tensor only when it is written; the file is still torch.save's."""
+    import io
+
+    model, opt = _trained()
+    src = tmp_path / "in.pt"
+    tree = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2}
+    torch.save(tree, src)
+    move_checkpoint(src, tmp_path / "out.pt", device="cpu", dtype=dtype, all_tensors=all_tensors)
+    # the same cast done eagerly on the loaded tree, then torch.save
+    loaded = torch.load(src, weights_only=True)
+    torch_dtype = parse_dtype(dtype)
+    loaded["optimizer"] = move_state(loaded["optimizer"], torch.device("cpu"), torch_dtype)
+    if all_tensors:
+        loaded["model"] = {k: v.to(torch_dtype) for k, v in loaded["model"].items()}
+    buffer = io.BytesIO()
+    torch.save(loaded, buffer)
+    assert (tmp_path / "out.pt").read_bytes() == buffer.getvalue()
+
+
+def test_move_to_safetensors_casts_too(tmp_path: Path) -> None:
+    model, opt = _trained()
+    src = tmp_path / "in.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, src)
+    move_checkpoint(src, tmp_path / "out.safetensors", device="cpu", dtype="float16")
+    from optckpt.io import load_checkpoint
+
+    out = load_checkpoint(tmp_path / "out.safetensors").root
+    original = torch.load(src, weights_only=True)
+    for pid, state in out["optimizer"]["state"].items():
+        assert state["step"].dtype == torch.float32
+        assert torch.equal(state["exp_avg"], original["optimizer"]["state"][pid]["exp_avg"].half())
+    assert all(torch.equal(out["model"][k], v) for k, v in original["model"].items())

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError, UsageError
-from optckpt.io.pages import release
+from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.io.torch_format import Deferred, end_output, open_output, write_all
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
 TREE_KEY = "optckpt.tree"
@@ -60,7 +61,6 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _SLICE = 16 * 1024 * 1024  # bytes per write call
-_RELEASE_EVERY = 256 * 1024 * 1024  # bytes written between releases of source pages
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -189,27 +189,27 @@ class _Encoder:
     """Turns a checkpoint tree into JSON plus a ``{name: tensor}`` map."""
 
     def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor | Deferred] = {}
         self._by_object: dict[int, str] = {}
 
-    def tensor(self, value: torch.Tensor, name: str) -> dict[str, str]:
+    def tensor(self, value: torch.Tensor | Deferred, name: str) -> dict[str, str]:
         if id(value) in self._by_object:  # the same tensor twice stays one tensor
             return {"__tensor__": self._by_object[id(value)]}
         unique, n = name, 1
         while unique in self.tensors:
             n += 1
             unique = f"{name}#{n}"
-        if value.device.type == "meta":
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
             raise UsageError(f"cannot store {name}: a meta tensor has no data")
         if value.dtype not in _NAMES:
             raise UsageError(f"cannot store {name}: safetensors has no {value.dtype}")
-        stored = value.detach().to("cpu").contiguous()
-        self.tensors[unique] = stored
+        # made contiguous on the CPU only when written (_stored), one at a time
+        self.tensors[unique] = value
         self._by_object[id(value)] = unique
         return {"__tensor__": unique}
 
     def encode(self, node: Any, name: str) -> Any:
-        if isinstance(node, torch.Tensor):
+        if isinstance(node, (torch.Tensor, Deferred)):
             return self.tensor(node, name)
         if node is None or isinstance(node, (bool, int, str)):
             return node
@@ -262,8 +262,11 @@ def write_safetensors(
 ) -> None:
     """Write a checkpoint tree as one safetensors file in optckpt's layout (see module doc).
 
-    The file is written tensor by tensor, in slices, so memory stays flat: pages of the
-    memory-mapped ``sources`` that have been copied are released as the writing goes
+    The file is written tensor by tensor, so memory stays flat: a tensor that is a view of
+    one of the memory-mapped ``sources`` is copied from its file inside the kernel
+    (``os.copy_file_range``, as ``cp`` does); others are written in slices, and a
+    :class:`~optckpt.io.torch_format.Deferred` cast is made only when its turn comes. Pages of
+    the ``sources`` that have been copied are released as the writing goes
     (:func:`optckpt.io.pages.release`). Tensors that share storage are stored separately;
     the same tensor object twice is stored once.
 
@@ -271,7 +274,8 @@ def write_safetensors(
         tree: the checkpoint.
         path: the file to write (the caller makes it atomic).
         progress: called with the number of bytes of each slice written.
-        sources: memory-mapped input files whose pages may be dropped.
+        sources: memory-mapped input files (private mappings never written to) whose pages
+            may be dropped and whose bytes may be copied from the files.
 
     Raises:
         UsageError: the tree holds a value safetensors cannot represent.
@@ -297,22 +301,39 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     sources = list(sources)
-    since_release = 0
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for tensor in encoder.tensors.values():
-            if not tensor.numel():
+    with open_output(path) as f, FileRanges(sources) as ranges:
+        write_all(f, struct.pack("<Q", len(blob)) + blob)
+        for value in encoder.tensors.values():
+            if not value.numel():
                 continue
-            data = tensor.reshape(-1).view(torch.uint8).numpy().data
-            for start in range(0, len(data), _SLICE):
-                piece = data[start : start + _SLICE]
-                f.write(piece)
-                since_release += len(piece)
-                if progress is not None:
-                    progress(len(piece))
-            if since_release >= _RELEASE_EVERY:
-                release(sources)
-                since_release = 0
-        f.flush()
+            tensor = _stored(value)
+            nbytes = tensor.numel() * tensor.element_size()
+            found = ranges.find(tensor.data_ptr(), nbytes)
+            done = 0
+            if found is not None:  # a view of a mapped input: copy it in the kernel, like cp
+                fd, offset = found
+                done = copy_range(fd, offset, f.fileno(), nbytes)
+            if progress is not None and done:
+                progress(done)
+            if done < nbytes:
+                data = tensor.reshape(-1).view(torch.uint8).numpy().data
+                for start in range(done, nbytes, _SLICE):
+                    piece = data[start : start + _SLICE]
+                    write_all(f, piece)
+                    if progress is not None:
+                        progress(len(piece))
+            del tensor
+            # pages read from a mapped input can go
+            read = value.source if isinstance(value, Deferred) else value
+            ranges.drop(read.data_ptr(), read.numel() * read.element_size())
+            if isinstance(value, Deferred):
+                trim_heap()  # see optckpt.io.pages.trim_heap
+        end_output(f)
     release(sources)
+
+
+def _stored(value: torch.Tensor | Deferred) -> torch.Tensor:
+    """The tensor as safetensors stores it: contiguous, on the CPU."""
+    if isinstance(value, Deferred):
+        return value.materialize().contiguous()
+    return value.detach().to("cpu").contiguous()

@@ -16,14 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from optckpt.errors import UsageError
-from optckpt.io.pages import release
 from optckpt.io.safetensors_format import write_safetensors
+from optckpt.io.torch_format import save_torch
 
 FORMATS = ("pt", "safetensors")
-_RELEASE_EVERY = 256 * 1024 * 1024  # bytes written between releases of source pages
 
 
 def format_for(path: Path, requested: str | None = None) -> str:
@@ -92,36 +89,6 @@ def atomic_output(out: Path) -> Iterator[Path]:
         raise
 
 
-class _StreamingFile:
-    """A binary file that reports bytes written and releases source pages as it goes.
-
-    ``torch.save`` writes a zip archive in chunks through ``write``; every
-    ``_RELEASE_EVERY`` bytes the pages of the memory-mapped sources already copied are
-    dropped (:func:`optckpt.io.pages.release`), so memory does not grow with the file.
-    """
-
-    def __init__(
-        self, f: Any, progress: Callable[[int], None] | None, sources: list[str | Path]
-    ) -> None:
-        self._f = f
-        self._progress = progress
-        self._sources = sources
-        self._since_release = 0
-
-    def write(self, data: bytes) -> int:
-        n = self._f.write(data)
-        if self._progress is not None:
-            self._progress(len(data))
-        self._since_release += len(data)
-        if self._since_release >= _RELEASE_EVERY:
-            release(self._sources)
-            self._since_release = 0
-        return n
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
 def save_checkpoint(
     tree: Any,
     out: Path,
@@ -136,19 +103,19 @@ def save_checkpoint(
     replaced.
 
     Args:
-        tree: the checkpoint.
+        tree: the checkpoint; may hold :class:`optckpt.io.torch_format.Deferred` casts,
+            made one at a time as they are written.
         out: the target file.
-        fmt: ``"pt"`` or ``"safetensors"``.
+        fmt: ``"pt"`` (the bytes ``torch.save`` writes) or ``"safetensors"``.
         progress: called with the number of bytes of each write.
-        sources: the memory-mapped files ``tree`` was read from; their pages are released
-            as they are copied, so memory stays flat.
+        sources: the memory-mapped files ``tree`` was read from (private mappings that were
+            never written to); their pages are released as they are copied, so memory stays
+            flat, and tensors that are views of them are copied from the files in the
+            kernel.
     """
     sources = list(sources)
     with atomic_output(out) as tmp:
         if fmt == "safetensors":
             write_safetensors(tree, tmp, progress=progress, sources=sources)
             return
-        with tmp.open("wb") as f:
-            torch.save(tree, _StreamingFile(f, progress, sources))
-            f.flush()
-        release(sources)
+        save_torch(tree, tmp, progress=progress, sources=sources)

@@ -1,0 +1,320 @@
+"""Writing torch zip files (``torch.save``'s format) one storage at a time.
+
+:func:`write_torch` produces the same bytes as ``torch.save(tree, file_object)``: the same
+pickle (torch's persistent IDs for storages, keys in order of first use, protocol 2), the same
+records in the same order, written by torch's own zip writer (``torch._C.PyTorchFileWriter``,
+stored, 64-byte aligned, CRC32). Two things differ in how, not in what:
+
+* a :class:`Deferred` in the tree is pickled as the tensor it will become, and that tensor is
+  only made (a cast of its source) just before its record is written, then dropped. A tree
+  whose optimizer state is being cast to bfloat16 therefore never holds all the cast copies
+  at once; peak memory is the largest one.
+* a storage that is a view of a memory-mapped input file (one of ``sources``; see
+  :mod:`optckpt.io.pages`) is copied from that file inside the kernel
+  (``os.copy_file_range``, as ``cp`` does) rather than written from memory: the file object
+  torch's writer writes to recognises such a write by its address. torch's writer still
+  reads it once for the CRC32, and its pages are released right after.
+
+:func:`save_torch` uses ``torch.save`` itself when the tree holds no :class:`Deferred`.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import os
+import pickle
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+
+_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
+# Dtypes pickled through a TypedStorage and _rebuild_tensor_v2, whose reduction
+# Deferred reproduces (torch's newer dtypes go through _rebuild_tensor_v3).
+_DEFERRABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRIM_EVERY = 64 * 1024 * 1024  # bytes of casts made and freed between heap trims
+_MIN_COPY = 64 * 1024  # writes smaller than this are never looked up in the mapped inputs
+
+
+class Deferred:
+    """``source.to(dtype)`` on the CPU, made only when it is written.
+
+    Put one in a tree given to :func:`write_torch` (or to
+    :func:`optckpt.io.safetensors_format.write_safetensors`) where the cast tensor belongs:
+    it is written exactly as that tensor would be. Pickled any other way, it becomes the
+    tensor (it is made then).
+    """
+
+    __slots__ = ("_meta", "dtype", "source")
+
+    def __init__(self, source: torch.Tensor, dtype: torch.dtype) -> None:
+        if not can_defer(source, dtype):
+            raise ValueError(f"cannot defer a cast of this tensor to {dtype}")
+        self.source = source
+        self.dtype = dtype
+        # The layout .to() gives (it preserves the strides of a dense tensor), without data.
+        self._meta = torch.empty_like(source, dtype=dtype, device="meta")
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the tensor it becomes."""
+        return self._meta.shape
+
+    def numel(self) -> int:
+        """Elements of the tensor it becomes."""
+        return self._meta.numel()
+
+    def element_size(self) -> int:
+        """Bytes per element of the tensor it becomes."""
+        return self._meta.element_size()
+
+    def materialize(self) -> torch.Tensor:
+        """Make the tensor."""
+        made = self.source.to(dtype=self.dtype)
+        if made.shape != self._meta.shape or made.stride() != self._meta.stride():
+            raise AssertionError("torch's cast gave another layout than planned")  # a bug
+        return made
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.materialize().__reduce_ex__(protocol)
+
+
+def can_defer(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``Deferred(tensor, dtype)`` is allowed: a plain dense CPU tensor, cast to a
+    float dtype other than its own."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.dtype in _DEFERRABLE
+        and dtype in _DEFERRABLE
+        and tensor.dtype != dtype
+        and not tensor.is_neg()
+        and not tensor.is_conj()
+    )
+
+
+class _Pending:
+    """The storage a :class:`Deferred` will have; what its pickled tensor refers to."""
+
+    __slots__ = ("deferred",)
+
+    def __init__(self, deferred: Deferred) -> None:
+        self.deferred = deferred
+
+
+def _reduce_deferred(d: Deferred) -> Any:
+    # What Tensor._reduce_ex_internal returns for the plain dense CPU tensor d becomes: its
+    # storage (here a placeholder that persistent_id names), offset 0, size, stride,
+    # requires_grad and empty backward hooks; a fresh cast has no conj/neg metadata.
+    args: tuple[Any, ...] = (
+        _Pending(d),
+        0,
+        tuple(d.shape),
+        d._meta.stride(),
+        d.source.requires_grad,
+        OrderedDict(),
+    )
+    return (torch._utils._rebuild_tensor_v2, args)
+
+
+def _storage_type(dtype: torch.dtype) -> Any:
+    return getattr(torch, torch.empty(0, dtype=dtype)._typed_storage()._pickle_storage_type())
+
+
+class _Sink:
+    """The file torch's zip writer writes to: counts bytes, and copies a write whose memory
+    is a mapped input file (a whole storage of one) from that file inside the kernel."""
+
+    def __init__(self, f: Any, progress: Callable[[int], None] | None, ranges: FileRanges) -> None:
+        self._f = f
+        self._fd = f.fileno()
+        self._progress = progress
+        self._ranges = ranges
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n = view.nbytes
+        done = 0
+        address = None
+        if n >= _MIN_COPY:
+            address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+            found = self._ranges.find(address, n)
+            if found is not None:
+                done = copy_range(found[0], found[1], self._fd, n)
+        if done < n:
+            write_all(self._f, view[done:] if done else view)
+        if address is not None:
+            # torch's writer has read it for the CRC32: pages of a mapped input can go
+            self._ranges.drop(address, n)
+        if self._progress is not None:
+            self._progress(n)
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def write_all(f: Any, data: Any) -> None:
+    """Write all of ``data`` to a raw (unbuffered) binary file, whose writes may be partial."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def write_torch(
+    tree: Any,
+    f: Any,
+    *,
+    progress: Callable[[int], None] | None = None,
+    sources: Iterable[str | Path] = (),
+) -> None:
+    """Write ``tree`` to the open binary file ``f`` as ``torch.save`` would (see module doc).
+
+    Args:
+        tree: the checkpoint; may hold :class:`Deferred` casts.
+        f: a raw binary file (``open(path, "r+b", buffering=0)``), positioned where the
+            archive starts.
+        progress: called with the number of bytes of each write.
+        sources: the memory-mapped files ``tree`` was read from (private mappings never
+            written to): their pages are released as they are copied, and storages that are
+            views of them are copied from the files in the kernel.
+    """
+    sources = list(sources)
+    storages: dict[str, Any] = {}  # key -> UntypedStorage or Deferred, in order of first use
+    keys: dict[int, str] = {}  # storage._cdata or id(Deferred) -> key
+    storage_dtypes: dict[int, torch.dtype] = {}
+    location_tag = torch.serialization.location_tag
+    normalize = torch.serialization.normalize_storage_type
+
+    # torch.serialization._save's persistent_id, plus the Deferred placeholder.
+    def persistent_id(obj: Any) -> Any:
+        if isinstance(obj, _Pending):
+            d = obj.deferred
+            key = keys.setdefault(id(d), str(len(keys)))
+            storages[key] = d
+            return ("storage", _storage_type(d.dtype), key, "cpu", d.numel())
+        if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj):
+            if isinstance(obj, torch.storage.TypedStorage):
+                storage = obj._untyped_storage
+                storage_dtype = obj.dtype
+                storage_type = getattr(torch, obj._pickle_storage_type())
+                storage_numel = obj._size()
+            else:
+                storage = obj
+                storage_dtype = torch.uint8
+                storage_type = normalize(type(obj))
+                storage_numel = storage.nbytes()
+            if str(storage.device) != "meta" and storage.data_ptr() != 0:
+                seen = storage_dtypes.setdefault(storage.data_ptr(), storage_dtype)
+                if seen != storage_dtype:
+                    raise RuntimeError(
+                        "Cannot save multiple tensors or storages that "
+                        "view the same data as different types"
+                    )
+            key = keys.setdefault(storage._cdata, str(len(keys)))
+            storages[key] = storage
+            return ("storage", storage_type, key, location_tag(storage), storage_numel)
+        return None
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return persistent_id(obj)
+
+    buffer = io.BytesIO()
+    pickler = Pickler(buffer, protocol=_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, Deferred: _reduce_deferred}
+    pickler.dump(tree)
+    del pickler
+    pickled = buffer.getvalue()
+    del buffer
+
+    made_bytes = 0  # bytes of Deferred casts made and freed since the heap was last trimmed
+    with (
+        FileRanges(sources) as ranges,
+        torch.serialization._open_zipfile_writer(_Sink(f, progress, ranges)) as writer,  # type: ignore[arg-type]
+    ):
+        writer.write_record("data.pkl", pickled, len(pickled))
+        # the records torch._save writes before the storages
+        writer.write_record(".format_version", "1", len("1"))
+        alignment = getattr(torch.serialization, "_get_storage_alignment", None)
+        if alignment is not None:
+            text = str(alignment())
+            writer.write_record(".storage_alignment", text, len(text))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for key, entry in storages.items():
+            name = f"data/{key}"
+            if not isinstance(entry, Deferred):
+                storage = entry if entry.device.type == "cpu" else entry.cpu()
+                writer.write_record(name, storage, storage.nbytes())
+                continue
+            made = entry.materialize()
+            storage = made.untyped_storage()
+            writer.write_record(name, storage, storage.nbytes())
+            del made, storage
+            source = entry.source
+            ranges.drop(source.data_ptr(), source.numel() * source.element_size())
+            made_bytes += entry.numel() * entry.element_size()
+            if made_bytes >= _TRIM_EVERY:
+                trim_heap()
+                made_bytes = 0
+    release(sources)
+
+
+def _has_deferred(node: Any) -> bool:
+    if isinstance(node, Deferred):
+        return True
+    if isinstance(node, dict):
+        return any(_has_deferred(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_deferred(v) for v in node)
+    return False
+
+
+def open_output(path: Path) -> Any:
+    """Open ``path`` for writing as a raw binary file, creating it, without truncating it.
+
+    On ext4, closing a file that was opened with ``O_TRUNC`` starts its write-back at once
+    (``auto_da_alloc``), which only competes with the fsync that follows; call
+    :func:`end_output` when done to cut what an existing file held beyond the new end.
+    """
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb", buffering=0)
+
+
+def end_output(f: Any) -> None:
+    """Cut the file opened by :func:`open_output` at the current position, if it is longer."""
+    end = f.tell()
+    if os.fstat(f.fileno()).st_size > end:
+        f.truncate(end)
+
+
+def save_torch(
+    tree: Any,
+    path: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    sources: Iterable[str | Path] = (),
+) -> None:
+    """Write ``tree`` into the file ``path`` (created or replaced) as ``torch.save`` does.
+
+    A tree without :class:`Deferred` casts goes through ``torch.save`` itself; one with them
+    through :func:`write_torch`. Either way, storages that are views of the mapped
+    ``sources`` are copied from their files in the kernel. The caller fsyncs.
+    """
+    sources = list(sources)
+    with open_output(path) as f:
+        if _has_deferred(tree):
+            write_torch(tree, f, progress=progress, sources=sources)
+        else:
+            with FileRanges(sources) as ranges:
+                torch.save(tree, _Sink(f, progress, ranges))  # type: ignore[arg-type]
+            release(sources)
+        end_output(f)
