@@ -434,14 +434,21 @@ def _compare_with_torch(
     return wrong
 
 
-def _owned(value: Any) -> Any:
-    """``value`` with every tensor copied (dicts, lists and tuples rebuilt around them)."""
+def _owned(value: Any, ranges: Any = None) -> Any:
+    """``value`` with every tensor copied (dicts, lists and tuples rebuilt around them).
+
+    With ``ranges`` (a :class:`~optckpt.io.pages.FileRanges`), the mapped pages of each
+    tensor are let go once it is copied, so the input is never resident in full.
+    """
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        copy = value.clone()
+        if ranges is not None:
+            ranges.drop(value.data_ptr(), value.numel() * value.element_size())
+        return copy
     if isinstance(value, Mapping):
-        return {k: _owned(v) for k, v in value.items()}
+        return {k: _owned(v, ranges) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [_owned(v) for v in value]
+        items = [_owned(v, ranges) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return value
 
@@ -541,7 +548,7 @@ class _Source:
     """What a run reads: the checkpoint, the optimizer state dict in it, the model weights.
 
     ``mapped`` collects the files read, whose memory-mapped pages may be released (nothing
-    ever writes into them: the optimizers step copies, see :func:`_owned`).
+    ever writes into them: the optimizers step copies, see :meth:`owned`).
     """
 
     path: Path
@@ -582,10 +589,22 @@ class _Source:
 
     def parameters(self, checkpoint: Any, state_dict: Mapping[str, Any]) -> _Params:
         """The parameters to load ``state_dict`` onto (see :func:`_from_weights`, :func:`_seeded`)."""
+        from optckpt.io.pages import release
+
         weights, where = self.weights(checkpoint)
         if weights is None:
             return _seeded(state_dict, self.seed)
-        return _from_weights(state_dict, weights, where)
+        params = _from_weights(state_dict, weights, where)
+        release(self.mapped)  # the weights are copied: their mapped pages can go
+        return params
+
+    def owned(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with its state copied: the optimizers step it in place, and nothing
+        may ever write into the mapped input (see :mod:`optckpt.io.pages`)."""
+        from optckpt.io.pages import FileRanges
+
+        with FileRanges(self.mapped) as ranges:
+            return {**state_dict, "state": _owned(state_dict["state"], ranges)}
 
 
 def _optimizer_class(state_dict: Mapping[str, Any], name: str | None) -> tuple[type, str]:
@@ -650,7 +669,6 @@ def _check_torch(
     source: _Source, cls: type, ours: Any, names: Mapping[Any, str], steps: int, atol: float | None
 ) -> Check:
     """Take the same steps with ``torch.optim`` from a fresh read, compare with ``ours``."""
-    from optckpt.io.pages import release
     from optckpt.synthetic import Gradients, gradient_kind, take_steps
 
     fresh, found = source.read()
@@ -660,9 +678,8 @@ def _check_torch(
         theirs = _build(
             getattr(torch.optim, cls.__name__), source.parameters(fresh, state_dict), state_dict
         )
-        theirs.load_state_dict({**state_dict, "state": _owned(state_dict["state"])})
+        theirs.load_state_dict(source.owned(state_dict))
         _uncapture(theirs)
-        release(source.mapped)
         take_steps(theirs, Gradients(source.seed, gradient_kind(cls.__name__)), steps)
     except _STEP_ERRORS as e:
         return Check("matches_torch", False, f"{name} failed: {_error(e)}")
@@ -736,7 +753,6 @@ def resume_step(
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
     """
-    from optckpt.io.pages import release
     from optckpt.io.write import check_output, format_for
     from optckpt.synthetic import Gradients, gradient_kind, take_steps
 
@@ -770,18 +786,16 @@ def resume_step(
         notes=list(params.notes),
     )
     ids = [list(g["params"]) for g in state_dict["param_groups"]]
+    owned = source.owned(state_dict)
 
-    # Checks of the saved state, before torch's cast can hide anything.
-    shapes = _check_shapes(state_dict["state"], params, cls.__name__)
-    agree = _check_counters_agree(state_dict, params)
-    finite_before = _check_finite("finite_before", state_dict["state"], params.by_id, params.names)
-    counters_before = _steps_of(state_dict["state"], params.by_id)
+    # Checks of the saved state (copied exactly), before torch's cast can hide anything.
+    shapes = _check_shapes(owned["state"], params, cls.__name__)
+    agree = _check_counters_agree(owned, params)
+    finite_before = _check_finite("finite_before", owned["state"], params.by_id, params.names)
+    counters_before = _steps_of(owned["state"], params.by_id)
 
-    # The optimizer steps its state in place: give it copies, so that nothing ever writes into
-    # the memory-mapped input, and the mapped pages read so far can be let go.
-    ours = _load(cls, params, {**state_dict, "state": _owned(state_dict["state"])})
+    ours = _load(cls, params, owned)
     report.notes += _uncapture(ours)
-    release(source.mapped)
     sizes = ", ".join(str(len(g)) for g in ids)
     report.checks += [
         Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}"),

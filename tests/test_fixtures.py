@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bitwise import assert_bitwise_equal
+from checks import assert_bitwise_equal
 from typer.testing import CliRunner
 
 from optckpt.cli.app import app

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from bitwise import assert_bitwise_equal
+from checks import assert_bitwise_equal
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import layout_from_json

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from bitwise import assert_bitwise_equal
+from checks import assert_bitwise_equal
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.optim import names

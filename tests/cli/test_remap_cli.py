@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_one_line_error
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -26,14 +27,6 @@ from optckpt.cli.app import app
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 runner = CliRunner()
-
-
-def _one_line_error(stderr: str, *needles: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _sha(path: Path) -> str:
@@ -300,7 +293,7 @@ def test_key_picks_one_of_several_optimizers(tmp_path: Path) -> None:
     args = ["remap", str(tmp_path / "two.ckpt"), "--to", str(tmp_path / "same.json"), "--dry-run"]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2
-    _one_line_error(refused.stderr, "'optimizer_states.0', 'optimizer_states.1'", "--key")
+    assert_one_line_error(refused.stderr, "'optimizer_states.0', 'optimizer_states.1'", "--key")
     chosen = runner.invoke(app, [*args, "--key", "optimizer_states.1", "--json"])
     assert chosen.exit_code == 0, chosen.stderr
     assert json.loads(chosen.stdout)["key"] == "optimizer_states.1"
@@ -357,7 +350,7 @@ def test_bad_rules_exit_2(
         app, ["remap", str(path), "--to", str(to), *extra, "-o", str(tmp_path / "o.pt")]
     )
     assert result.exit_code == 2
-    _one_line_error(result.stderr, needle)
+    assert_one_line_error(result.stderr, needle)
     assert result.stdout == ""
     assert not (tmp_path / "o.pt").exists()
 
@@ -368,7 +361,7 @@ def test_group_with_a_json_layout_exit_2(ckpt: tuple[Path, Any], new_layout: Pat
         app, ["remap", str(path), "--to", str(new_layout), "--group", "x:lr=1", "--dry-run"]
     )
     assert result.exit_code == 2
-    _one_line_error(result.stderr, "a JSON layout has its own groups")
+    assert_one_line_error(result.stderr, "a JSON layout has its own groups")
 
 
 def test_dry_run_with_output_and_no_output(
@@ -380,11 +373,11 @@ def test_dry_run_with_output_and_no_output(
         ["remap", str(path), "--to", str(new_layout), "--dry-run", "-o", str(tmp_path / "o.pt")],
     )
     assert both.exit_code == 2
-    _one_line_error(both.stderr, "--dry-run writes nothing")
+    assert_one_line_error(both.stderr, "--dry-run writes nothing")
     assert not (tmp_path / "o.pt").exists()
     neither = runner.invoke(app, ["remap", str(path), "--to", str(new_layout)])
     assert neither.exit_code == 2
-    _one_line_error(neither.stderr, "give -o OUT, or --dry-run")
+    assert_one_line_error(neither.stderr, "give -o OUT, or --dry-run")
 
 
 def test_output_is_the_input(ckpt: tuple[Path, Any], new_layout: Path) -> None:
@@ -392,14 +385,14 @@ def test_output_is_the_input(ckpt: tuple[Path, Any], new_layout: Path) -> None:
     sha = _sha(path)
     result = runner.invoke(app, ["remap", str(path), "--to", str(new_layout), "-o", str(path)])
     assert result.exit_code == 2
-    _one_line_error(result.stderr, "is the input")
+    assert_one_line_error(result.stderr, "is the input")
     link = path.with_name("link.pt")
     os.link(path, link)
     linked = runner.invoke(
         app, ["remap", str(path), "--to", str(new_layout), "-o", str(link), "--force"]
     )
     assert linked.exit_code == 2
-    _one_line_error(linked.stderr, "is the input")
+    assert_one_line_error(linked.stderr, "is the input")
     assert _sha(path) == sha
 
 
@@ -412,7 +405,7 @@ def test_existing_output_needs_force(
     args = ["remap", str(path), "--to", str(new_layout), "-o", str(existing)]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2
-    _one_line_error(refused.stderr, "exists; pass --force")
+    assert_one_line_error(refused.stderr, "exists; pass --force")
     assert existing.read_bytes() == b"precious"
     forced = runner.invoke(app, [*args, "--force"])
     assert forced.exit_code == 0, forced.stderr
@@ -426,14 +419,14 @@ def test_unreadable_input_exit_3(ckpt: tuple[Path, Any], new_layout: Path, tmp_p
         ["remap", str(tmp_path / "nope.pt"), "--to", str(new_layout), "-o", str(tmp_path / "o.pt")],
     )
     assert missing.exit_code == 3
-    _one_line_error(missing.stderr, "no such file")
+    assert_one_line_error(missing.stderr, "no such file")
     truncated = tmp_path / "cut.pt"
     truncated.write_bytes(path.read_bytes()[:400])
     cut = runner.invoke(
         app, ["remap", str(truncated), "--to", str(new_layout), "-o", str(tmp_path / "o.pt")]
     )
     assert cut.exit_code == 3
-    _one_line_error(cut.stderr, "truncated")
+    assert_one_line_error(cut.stderr, "truncated")
     assert _files(tmp_path) == sorted(["ckpt.pt", "new.json", "cut.pt"])
 
 
@@ -446,18 +439,18 @@ def test_bad_layouts(ckpt: tuple[Path, Any], tmp_path: Path) -> None:
         app, ["remap", str(path), "--to", str(tmp_path / "broken.json"), "--dry-run"]
     )
     assert broken.exit_code == 2
-    _one_line_error(broken.stderr, "'v', which is not in params")
+    assert_one_line_error(broken.stderr, "'v', which is not in params")
     save_file(_model().state_dict(), tmp_path / "model.safetensors")
     plain = runner.invoke(
         app, ["remap", str(path), "--to", str(tmp_path / "model.safetensors"), "--dry-run"]
     )
     assert plain.exit_code == 2
-    _one_line_error(plain.stderr, "sorted by name", "save_layout")
+    assert_one_line_error(plain.stderr, "sorted by name", "save_layout")
     missing = runner.invoke(
         app, ["remap", str(path), "--to", str(tmp_path / "none.json"), "--dry-run"]
     )
     assert missing.exit_code == 3
-    _one_line_error(missing.stderr, "no such file")
+    assert_one_line_error(missing.stderr, "no such file")
 
 
 def test_shape_change_exit_4_names_both_shapes(ckpt: tuple[Path, Any], tmp_path: Path) -> None:
@@ -467,7 +460,7 @@ def test_shape_change_exit_4_names_both_shapes(ckpt: tuple[Path, Any], tmp_path:
         app, ["remap", str(path), "--to", str(tmp_path / "wide.json"), "-o", str(tmp_path / "o.pt")]
     )
     assert result.exit_code == 4
-    _one_line_error(
+    assert_one_line_error(
         result.stderr,
         "3.weight: [4, 6] in the checkpoint, [5, 6] in the layout",
         "3.bias: [4] in the checkpoint, [5] in the layout",
@@ -487,7 +480,9 @@ def test_no_names_no_weights_no_from_exit_2(tmp_path: Path, new_layout: Path) ->
         ["remap", str(tmp_path / "bare.pt"), "--to", str(new_layout), "-o", str(tmp_path / "o.pt")],
     )
     assert result.exit_code == 2
-    _one_line_error(result.stderr, "no param_names", "no model state dict", "--from OLD_LAYOUT")
+    assert_one_line_error(
+        result.stderr, "no param_names", "no model state dict", "--from OLD_LAYOUT"
+    )
     assert not (tmp_path / "o.pt").exists()
 
 
@@ -508,7 +503,7 @@ def test_ambiguous_names_exit_2(tmp_path: Path) -> None:
     args = ["remap", str(tmp_path / "c.pt"), "--to", str(tmp_path / "all.json"), "--dry-run"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    _one_line_error(result.stderr, "more than one way", "--from OLD_LAYOUT")
+    assert_one_line_error(result.stderr, "more than one way", "--from OLD_LAYOUT")
     assert result.stdout == ""
 
     named = runner.invoke(app, [*args, "--from", str(tmp_path / "old.json"), "--json"])
@@ -519,7 +514,9 @@ def test_ambiguous_names_exit_2(tmp_path: Path) -> None:
 
     wrong = runner.invoke(app, [*args, "--from", str(tmp_path / "all.json")])
     assert wrong.exit_code == 2
-    _one_line_error(wrong.stderr, "--from layout has groups of [6] parameters, the checkpoint [4]")
+    assert_one_line_error(
+        wrong.stderr, "--from layout has groups of [6] parameters, the checkpoint [4]"
+    )
 
 
 def test_hugging_face_folder(tmp_path: Path) -> None:
@@ -532,11 +529,11 @@ def test_hugging_face_folder(tmp_path: Path) -> None:
 
     written = runner.invoke(app, ["remap", str(folder), *to, "-o", str(tmp_path / "o.pt")])
     assert written.exit_code == 2
-    _one_line_error(written.stderr, "is a folder", f"{folder}/optimizer.pt")
+    assert_one_line_error(written.stderr, "is a folder", f"{folder}/optimizer.pt")
     # model.safetensors is sorted by name, so it does not name the IDs
     dry = runner.invoke(app, ["remap", str(folder), *to, "--dry-run"])
     assert dry.exit_code == 2
-    _one_line_error(dry.stderr, "--from OLD_LAYOUT")
+    assert_one_line_error(dry.stderr, "--from OLD_LAYOUT")
     named = runner.invoke(
         app,
         ["remap", str(folder), *to, "--from", str(tmp_path / "old.json"), "--dry-run", "--json"],

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_one_line_error
 from typer.testing import CliRunner
 
 from optckpt.cli.app import app
@@ -34,14 +35,6 @@ CHECK_NAMES = [
     "step_counters_advance",
     "finite_after",
 ]
-
-
-def _one_line_error(stderr: str, *needles: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _layout(tmp_path: Path) -> Path:
@@ -126,7 +119,7 @@ def test_regenerate_errors(tmp_path: Path, args: list[str], code: int, needles: 
         app, ["regenerate", "--layout", str(_layout(tmp_path)), "-o", str(out), *args]
     )
     assert result.exit_code == code, result.output
-    _one_line_error(result.stderr, *needles)
+    assert_one_line_error(result.stderr, *needles)
     assert not out.exists()
 
 
@@ -134,7 +127,7 @@ def test_regenerate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert _regenerate(tmp_path, "a.pt").exit_code == 0
     again = _regenerate(tmp_path, "a.pt")
     assert again.exit_code == 2
-    _one_line_error(again.stderr, "exists", "--force")
+    assert_one_line_error(again.stderr, "exists", "--force")
     assert _regenerate(tmp_path, "a.pt", "--force").exit_code == 0
 
 
@@ -152,7 +145,7 @@ def test_regenerate_missing_layout_is_unreadable(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 3
-    _one_line_error(result.stderr, "no such file")
+    assert_one_line_error(result.stderr, "no such file")
 
 
 def test_resume_step_passes_on_a_fixture(tmp_path: Path) -> None:
@@ -237,7 +230,7 @@ def test_resume_step_errors(args: list[str], code: int, needles: list[str]) -> N
     result = runner.invoke(app, ["resume-step", *args])
     assert result.exit_code == code, result.output
     if needles:
-        _one_line_error(result.stderr, *needles)
+        assert_one_line_error(result.stderr, *needles)
 
 
 def test_resume_step_group_size_mismatch_exits_4_with_the_remap_hint(tmp_path: Path) -> None:
@@ -248,7 +241,9 @@ def test_resume_step_group_size_mismatch_exits_4_with_the_remap_hint(tmp_path: P
     torch.save(checkpoint, path)
     result = runner.invoke(app, ["resume-step", str(path)])
     assert result.exit_code == 4
-    _one_line_error(result.stderr, "hold 5 parameters", "have 6", "optckpt remap", "--dry-run")
+    assert_one_line_error(
+        result.stderr, "hold 5 parameters", "have 6", "optckpt remap", "--dry-run"
+    )
 
 
 def _readme_ci_snippet() -> str:

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_one_line_error
 from typer.testing import CliRunner
 
 from optckpt.cli.app import app
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 runner = CliRunner()
-
-
-def _one_line_error(stderr: str, *needles: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def _sha(path: Path) -> str:
@@ -101,7 +94,7 @@ def test_diff_json_ok_when_identical() -> None:
 def test_diff_errors(args: list[str], code: int, needle: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == code
-    _one_line_error(result.stderr, needle)
+    assert_one_line_error(result.stderr, needle)
 
 
 # convert ----------------------------------------------------------------------------------
@@ -129,12 +122,12 @@ def test_convert_refuses_input_and_existing_output(tmp_path: Path) -> None:
     source.write_bytes((FIXTURES / "adamw_train.pt").read_bytes())
     same = runner.invoke(app, ["convert", str(source), "-o", str(source)])
     assert same.exit_code == 2
-    _one_line_error(same.stderr, "is the input")
+    assert_one_line_error(same.stderr, "is the input")
     existing = tmp_path / "b.safetensors"
     existing.write_bytes(b"precious")
     refused = runner.invoke(app, ["convert", str(source), "-o", str(existing)])
     assert refused.exit_code == 2
-    _one_line_error(refused.stderr, "--force")
+    assert_one_line_error(refused.stderr, "--force")
     assert existing.read_bytes() == b"precious"
     forced = runner.invoke(app, ["convert", str(source), "-o", str(existing), "--force"])
     assert forced.exit_code == 0
@@ -154,7 +147,7 @@ def test_convert_incompatible_optimizer_exits_4(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 4
-    _one_line_error(result.stderr, "compatible targets")
+    assert_one_line_error(result.stderr, "compatible targets")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -163,7 +156,7 @@ def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
     bad.write_bytes((FIXTURES / "adamw_train.pt").read_bytes()[:500])
     result = runner.invoke(app, ["convert", str(bad), "-o", str(tmp_path / "out.safetensors")])
     assert result.exit_code == 3
-    _one_line_error(result.stderr, "truncated")
+    assert_one_line_error(result.stderr, "truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
@@ -231,7 +224,7 @@ def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None
         app, ["move", str(FIXTURES / "adamw_train.pt"), *args, "-o", str(tmp_path / "m.pt")]
     )
     assert result.exit_code == 2
-    _one_line_error(result.stderr, needle)
+    assert_one_line_error(result.stderr, needle)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -249,7 +242,7 @@ def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2
-    _one_line_error(result.stderr, "no such device")
+    assert_one_line_error(result.stderr, "no such device")
 
 
 def test_move_needs_output() -> None:

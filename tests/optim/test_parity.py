@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from bitwise import assert_bitwise_equal
+from checks import assert_bitwise_equal
 
 from optckpt.optim import SGD, Adam, AdamW, Optimizer, names
 

@@ -1,4 +1,4 @@
-"""A bitwise comparison of nested checkpoints, shared by the test modules."""
+"""Assertions shared by the test modules (``tests/`` is on ``sys.path``, see pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def assert_bitwise_equal(ours: Any, theirs: Any, path: str = "") -> None:
             assert_bitwise_equal(a, b, f"{path}/{i}")
     else:
         assert type(ours) is type(theirs) and ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    """A user error: one ``error: ...`` line on stderr, no traceback, holding every needle."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
