@@ -46,3 +46,29 @@ def test_regenerate_entries_rebuild_the_committed_fixture(
     assert_bitwise_equal(
         load_checkpoint(out).root, load_checkpoint(FIXTURES / entry["path"]).root, entry["path"]
     )
+
+
+def test_make_fixtures_check_reports_a_fixture_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+    import shutil
+
+    copy = tmp_path / "fixtures"
+    shutil.copytree(FIXTURES, copy)
+    spec = importlib.util.spec_from_file_location("make_fixtures", copy / "make_fixtures.py")
+    assert spec is not None and spec.loader is not None
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
+    entries = [e for e in MANIFEST if e["path"] in ("regenerated/adam.pt", "regenerated/sgd.pt")]
+    monkeypatch.chdir(copy)
+    assert make_fixtures.check(entries) == 0
+    # the committed adam.pt now holds another seed's run: --check must name it
+    changed = next(e for e in entries if e["path"] == "regenerated/adam.pt")
+    make_fixtures.build({"regenerate": [*changed["regenerate"][:-1], "1"]}, copy / changed["path"])
+    capsys.readouterr()
+    assert make_fixtures.check(entries) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "same  regenerated/sgd.pt",
+        "DIFFERS  regenerated/adam.pt",
+    ]
