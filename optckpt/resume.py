@@ -191,24 +191,10 @@ def _from_weights(
         names = {pid: named[pid] for pid in ids}
         how = "by param_names"
     else:
-        params = model_parameters(weights)
-        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
-        if len(ids) != len(params):
-            raise IncompatibleStateError(
-                f"the optimizer's groups hold {len(ids)} parameters (group sizes {sizes}) but "
-                f"the model weights in {where} have {len(params)}: the state was saved for "
-                f"another model or other groups; {REMAP_HINT}"
-            )
-        names = dict(zip(ids, params, strict=True))
-        how = "in ID order (the groups carry no param_names)"
-        if len(sizes) > 1:
-            notes.append(
-                "several groups without param_names: parameters matched in model order, which "
-                "is only right if the groups keep it"
-            )
-    frozen = len(set(weights) - set(names.values()))
-    if frozen:
-        notes.append(f"{frozen} model weight(s) not in the optimizer (buffers or frozen)")
+        names, how = _match_unnamed(state_dict, model_parameters(weights), where)
+    frozen = len(model_parameters(weights)) - len(set(names.values()))
+    if frozen > 0:
+        notes.append(f"{frozen} model parameter(s) not in the optimizer (frozen)")
     return _Params(
         # copies: the optimizer updates them in place, and the originals are the "before"
         by_id={pid: weights[n].detach().clone() for pid, n in names.items()},
@@ -217,6 +203,56 @@ def _from_weights(
         source=f"model weights in {where}, {how}",
         notes=notes,
     )
+
+
+def _match_unnamed(
+    state_dict: Mapping[str, Any], params: Mapping[str, torch.Tensor], where: str
+) -> tuple[dict[Any, str], str]:
+    """Match the IDs of a state dict without ``param_names`` to model parameters.
+
+    One group holding every parameter is ``Optimizer(model.parameters())``: IDs are the model's
+    order, as torch numbers them. Otherwise (several groups, as a weight-decay split makes, or
+    frozen parameters left out) each group takes, in its order, the next unused parameter in
+    model order whose shape is its state's shape (a parameter without state takes the next
+    one): the groups a training script builds by filtering ``named_parameters()``.
+
+    Raises:
+        IncompatibleStateError: more IDs than parameters, or no such matching (the state was
+            saved for another model): torch's group size mismatch.
+    """
+    groups = [list(g["params"]) for g in state_dict["param_groups"]]
+    sizes = [len(g) for g in groups]
+    ids = [pid for g in groups for pid in g]
+    candidates = list(params)
+    if len(groups) == 1 and len(ids) == len(candidates):
+        return dict(zip(ids, candidates, strict=True)), "in ID order (no param_names)"
+    mismatch = (
+        f"the optimizer's groups hold {len(ids)} parameters (group sizes {sizes}) that do not "
+        f"fit the {len(candidates)} parameters of the model weights in {where}"
+    )
+    if len(ids) > len(candidates):
+        raise IncompatibleStateError(f"{mismatch}; {REMAP_HINT}")
+    state = state_dict["state"]
+    used: set[str] = set()
+    names: dict[Any, str] = {}
+    for group in groups:
+        position = 0
+        for pid in group:
+            found = _shape_from_state(state.get(pid))
+            while position < len(candidates) and (
+                candidates[position] in used
+                or (found is not None and tuple(params[candidates[position]].shape) != found[0])
+            ):
+                position += 1
+            if position == len(candidates):
+                raise IncompatibleStateError(
+                    f"{mismatch}: no parameter left in model order with the shape of "
+                    f"ID {pid}'s state {list(found[0]) if found else '?'}; {REMAP_HINT}"
+                )
+            names[pid] = candidates[position]
+            used.add(candidates[position])
+            position += 1
+    return names, "by state shape in model order (no param_names)"
 
 
 def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:

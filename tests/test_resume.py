@@ -100,7 +100,7 @@ def test_the_unsafe_fixture_resumes_with_its_global_allowed() -> None:
 def test_torch_made_checkpoints_resume_for_every_optimizer(
     tmp_path: Path, name: str, named: bool
 ) -> None:
-    checkpoint = torch_checkpoint(name, named=named, groups=1 if not named else 2)
+    checkpoint = torch_checkpoint(name, named=named)  # two groups but for LBFGS
     report = resume_step(save(tmp_path, checkpoint), steps=2, check_torch=True)
     assert report.ok, report.checks
     assert report.optimizer == name
@@ -178,11 +178,47 @@ def test_adafactor_factored_moments_are_shape_checked(tmp_path: Path) -> None:
 
 
 def test_a_group_size_mismatch_is_incompatible(tmp_path: Path) -> None:
-    checkpoint = torch_checkpoint("Adam", named=False, groups=1)
-    group = checkpoint["optimizer"]["param_groups"][0]
-    checkpoint["optimizer"]["state"].pop(group["params"].pop())
-    with pytest.raises(IncompatibleStateError, match=r"hold 3 parameters .* have 4.*remap"):
+    checkpoint = torch_checkpoint("Adam", named=False)
+    del checkpoint["model"]["c.weight"]  # the state was saved for a bigger model
+    with pytest.raises(
+        IncompatibleStateError, match=r"hold 4 parameters .* the 3 parameters.*remap"
+    ):
         resume_step(save(tmp_path, checkpoint))
+
+
+def test_state_that_fits_no_weight_by_shape_is_incompatible(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam", named=False)
+    checkpoint["model"]["c.weight"] = torch.zeros(7, 7)
+    with pytest.raises(IncompatibleStateError, match=r"shape of ID 3's state \[2, 3, 2\]"):
+        resume_step(save(tmp_path, checkpoint))
+
+
+def test_unnamed_weight_decay_groups_are_matched_by_shape(tmp_path: Path) -> None:
+    # the nanoGPT / Trainer split: matrices decay, vectors do not; IDs follow the groups
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    )
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    path = save(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    report = resume_step(path, check_torch=True)
+    assert report.ok, report.checks
+    assert report.params_from.endswith("by state shape in model order (no param_names)")
+
+
+def test_unnamed_checkpoints_with_frozen_parameters_resume(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    path = save(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    report = resume_step(path, check_torch=True)
+    assert report.ok, report.checks
+    assert "1 model parameter(s) not in the optimizer (frozen)" in report.notes
 
 
 def test_a_named_parameter_missing_from_the_weights_is_incompatible(tmp_path: Path) -> None:
