@@ -138,6 +138,21 @@ def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return found
 
 
+def tied(model_state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """For each name, the other names of a model state dict that are the same tensor (tied
+    weights: the same storage, offset and shape), which must change together."""
+    by_identity: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in model_state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            identity = (
+                tensor.untyped_storage().data_ptr(),
+                int(tensor.storage_offset()),
+                tuple(tensor.shape),
+            )
+            by_identity.setdefault(identity, []).append(name)
+    return {n: [m for m in names if m != n] for names in by_identity.values() for n in names}
+
+
 def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
     """The model state dict of a checkpoint: the root if it is one, or under a usual key."""
 

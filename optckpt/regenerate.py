@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.layout import Layout, load_layout, split_top_level
+from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import Optimizer, by_name
 from optckpt.synthetic import Gradients, gradient_kind, seeded_parameters, take_steps
 
@@ -208,7 +208,13 @@ def regenerate(
         take_steps(built, Gradients(seed, gradient_kind(cls.__name__)), steps)
     except (ValueError, TypeError, RuntimeError) as e:
         raise IncompatibleStateError(f"{cls.__name__} cannot step this layout: {e}") from e
-    model = {**values, **tensors} if values is not None else tensors
+    model = tensors
+    if values is not None:
+        model = dict(values)
+        aliases = tied(values)
+        for name, tensor in tensors.items():
+            for alias in (name, *aliases.get(name, ())):
+                model[alias] = tensor  # tied weights stay tied
     return Regenerated(model=model, optimizer=built.state_dict(), dropped=dropped)
 
 

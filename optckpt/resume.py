@@ -738,6 +738,7 @@ def _write(
 ) -> None:
     """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
     from optckpt.io.write import save_checkpoint
+    from optckpt.layout import tied
 
     weights = source.weights(checkpoint)[0] if source.model is None else None
     new_state = ours.state_dict()
@@ -745,9 +746,11 @@ def _write(
     found.state_dict.clear()
     found.state_dict.update(new_state)
     if isinstance(weights, dict):
+        aliases = tied(weights)
         for pid, p in live.items():
             if names.get(pid) in weights:
-                weights[names[pid]] = p.detach()
+                for name in (names[pid], *aliases[names[pid]]):
+                    weights[name] = p.detach()  # tied weights stay tied
     save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped)
 
 

@@ -281,3 +281,18 @@ def test_group_rules_split_a_model_state_dict_layout(tmp_path: Path) -> None:
         regenerate_checkpoint(
             "adamw", tmp_path / "x.json", tmp_path / "y.pt", group_rules=["a:lr=1"]
         )
+
+
+def test_tied_weights_of_a_model_layout_stay_tied(tmp_path: Path) -> None:
+    emb = torch.nn.Embedding(6, 4)
+    head = torch.nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "regen.pt"
+    regenerate_checkpoint("sgd", path, out, steps=1)
+    saved = torch.load(out, weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["param_names"] == ["emb.weight"]
+    assert torch.equal(saved["model"]["emb.weight"], saved["model"]["head.weight"])
+    assert not torch.equal(saved["model"]["emb.weight"], emb.weight.detach())

@@ -399,3 +399,23 @@ def test_a_capturable_checkpoint_steps_on_the_cpu_without_capture(tmp_path: Path
         "stepped with capturable=False on the CPU"
         for i in (0, 1)
     ]
+
+
+def test_tied_weights_stay_tied_in_the_written_checkpoint(tmp_path: Path) -> None:
+    emb = torch.nn.Embedding(6, 4)
+    head = torch.nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight  # tied, as in GPT-2
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    optimizer = torch.optim.Adam(model.parameters())
+    model["head"](model["emb"](torch.tensor([1, 2]))).sum().backward()
+    optimizer.step()
+    state = model.state_dict()
+    assert set(state) == {"emb.weight", "head.weight"}
+    path = save(tmp_path, {"model": state, "optimizer": optimizer.state_dict()})
+    out = tmp_path / "after.pt"
+    report = resume_step(path, out=out, check_torch=True)
+    assert report.ok, report.checks
+    assert not any("frozen" in n for n in report.notes)  # the alias is no frozen parameter
+    written = torch.load(out, weights_only=True)["model"]
+    assert torch.equal(written["emb.weight"], written["head.weight"])
+    assert not torch.equal(written["emb.weight"], state["emb.weight"])
