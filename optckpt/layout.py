@@ -98,6 +98,9 @@ def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
         raise UsageError(
             f"{source}: not a layout ({type(e).__name__}: {e}); see README, Layouts"
         ) from e
+    for name, spec in params.items():
+        if any(d < 0 for d in spec.shape):
+            raise UsageError(f"{source}: {name!r} has a negative dimension {list(spec.shape)}")
     seen: set[str] = set()
     for index, group in enumerate(groups):
         for name in group["params"]:

@@ -20,7 +20,7 @@ import torch
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import Optimizer, by_name
-from optckpt.synthetic import Gradients, gradient_kind, seeded_parameters, take_steps
+from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, seeded_parameters, take_steps
 
 __all__ = [
     "RegenerateResult",
@@ -47,10 +47,12 @@ class Setting:
 
 def _value(text: str) -> Any:
     """A JSON value where ``text`` parses as one (numbers, ``true``, lists); Python's
-    ``True``/``False``/``None`` too; a string otherwise."""
+    ``True``/``False``/``None`` and ``nan``/``inf`` too; a string otherwise."""
     python = {"True": True, "False": False, "None": None}
     if text.strip() in python:
         return python[text.strip()]
+    if text.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(text)
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -88,10 +90,16 @@ def optimizer_defaults(cls: type[Optimizer]) -> dict[str, Any]:
     return dict(cls([torch.zeros(2, 2)]).defaults)  # type: ignore[call-arg]
 
 
+# The dtypes ``torch.randn`` draws on the CPU (not the float8 family).
+_SEEDABLE = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
+
+
 def _torch_dtype(name: str, where: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
-        raise UsageError(f"{where}: dtype {name!r} is not a floating or complex torch dtype")
+    if name not in _SEEDABLE:
+        raise UsageError(
+            f"{where}: dtype {name!r} cannot be seeded; use one of {', '.join(_SEEDABLE)}"
+        )
+    dtype: torch.dtype = getattr(torch, name)
     return dtype
 
 
@@ -175,12 +183,19 @@ def regenerate(
     cls = by_name(optimizer)
     if steps < 0:
         raise UsageError(f"--steps must be 0 or more, not {steps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
     groups, kwargs, dropped = _groups(layout, optimizer_defaults(cls), settings, cls.__name__)
     if values is None:
         specs = [
             (spec.shape, _torch_dtype(spec.dtype, name)) for name, spec in layout.params.items()
         ]
-        tensors = dict(zip(layout.params, seeded_parameters(specs, seed), strict=True))
+        try:
+            tensors = dict(zip(layout.params, seeded_parameters(specs, seed), strict=True))
+        except RuntimeError as e:  # out of memory, mostly
+            raise UsageError(
+                f"cannot make the layout's parameters: {' '.join(str(e).split())}"
+            ) from e
     else:
         tensors = {}
         for name, spec in layout.params.items():
@@ -195,18 +210,20 @@ def regenerate(
         {
             **hyper,
             "params": [(n, tensors[n]) if names else tensors[n] for n in group["params"]],
+            # an empty group has no (name, tensor) pairs to tell torch it is named
+            **({"param_names": []} if names and not group["params"] else {}),
         }
         for hyper, group in zip(groups, layout.groups, strict=True)
     ]
     try:
         built = cls(param_groups, **kwargs)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise IncompatibleStateError(
             f"{cls.__name__} refuses this layout or these settings: {e}"
         ) from e
     try:
         take_steps(built, Gradients(seed, gradient_kind(cls.__name__)), steps)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise IncompatibleStateError(f"{cls.__name__} cannot step this layout: {e}") from e
     model = tensors
     if values is not None:

@@ -793,11 +793,13 @@ def resume_step(
             groups, a state that does not load (group count or size mismatch).
     """
     from optckpt.io.write import check_output, format_for
-    from optckpt.synthetic import Gradients, gradient_kind, take_steps
+    from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, take_steps
 
     path = Path(path)
     if steps < 1:
         raise UsageError(f"--steps must be 1 or more, not {steps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
     if atol is not None and not check_torch:
         raise UsageError("--atol applies to --check-torch")
     if atol is not None and not atol >= 0:

@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+MAX_SEED = 2**64 - 2
+"""The largest seed: the gradients' generator is seeded with ``seed + 1``, below 2**64."""
+
 __all__ = ["Gradients", "gradient_kind", "seeded_parameters", "take_steps"]
 
 

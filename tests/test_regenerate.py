@@ -296,3 +296,51 @@ def test_tied_weights_of_a_model_layout_stay_tied(tmp_path: Path) -> None:
     assert saved["optimizer"]["param_groups"][0]["param_names"] == ["emb.weight"]
     assert torch.equal(saved["model"]["emb.weight"], saved["model"]["head.weight"])
     assert not torch.equal(saved["model"]["emb.weight"], emb.weight.detach())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shape": [-1, 4]}, "negative dimension"),
+        ({"dtype": "float8_e4m3fn"}, "cannot be seeded"),
+        ({"dtype": "int64"}, "cannot be seeded"),
+    ],
+)
+def test_layouts_that_cannot_be_seeded_are_usage_errors(change: dict, message: str) -> None:
+    layout = json.loads(json.dumps(GENERAL))
+    layout["params"]["enc.weight"].update(change)
+    with pytest.raises(UsageError, match=message):
+        regenerate("adam", layout_from_json(layout))
+
+
+def test_seeds_are_bounded_by_the_gradient_generator() -> None:
+    from optckpt.cli.options import MAX_SEED as CLI_MAX_SEED
+    from optckpt.synthetic import MAX_SEED
+
+    assert MAX_SEED == CLI_MAX_SEED == 2**64 - 2
+    torch.Generator().manual_seed(MAX_SEED + 1)  # the gradients' seed: the largest torch takes
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(MAX_SEED + 2)
+    regenerate("sgd", layout_from_json(GENERAL), seed=MAX_SEED)
+    with pytest.raises(UsageError, match="--seed"):
+        regenerate("sgd", layout_from_json(GENERAL), seed=MAX_SEED + 1)
+
+
+def test_settings_torch_asserts_on_are_incompatible_not_a_crash() -> None:
+    with pytest.raises(IncompatibleStateError, match="capturable"):
+        regenerate("adam", layout_from_json(GENERAL), settings=[parse_setting("capturable=true")])
+
+
+def test_non_finite_settings_parse_as_floats() -> None:
+    assert parse_setting("lr=inf").value == float("inf")
+    assert parse_setting("eps=nan").value != parse_setting("eps=nan").value  # NaN
+    with pytest.raises(IncompatibleStateError, match="Invalid learning rate: nan"):
+        regenerate("adam", layout_from_json(GENERAL), settings=[parse_setting("lr=nan")])
+
+
+def test_an_empty_layout_group_is_kept_named() -> None:
+    layout = json.loads(json.dumps(GENERAL))
+    layout["groups"].append({"params": [], "lr": 0.5})
+    result = regenerate("adam", layout_from_json(layout), steps=1)
+    assert result.optimizer["param_groups"][2]["params"] == []
+    assert result.optimizer["param_groups"][2]["param_names"] == []

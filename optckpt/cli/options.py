@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+MAX_SEED = 2**64 - 2  # optckpt.synthetic.MAX_SEED, without importing torch here
+
 Output = Annotated[
     Path, typer.Option("-o", "--output", help="Output file (never the input).", show_default=False)
 ]

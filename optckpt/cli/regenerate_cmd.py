@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, GroupRules, Output
+from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, GroupRules, Output
 
 
 def regenerate(
@@ -27,7 +28,9 @@ def regenerate(
     ],
     out: Output,
     steps: Annotated[int, typer.Option("--steps", min=0, help="Optimizer steps to take.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds parameters and gradients.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds parameters and gradients.")
+    ] = 0,
     setting: Annotated[
         list[str] | None,
         typer.Option(
@@ -76,7 +79,7 @@ def regenerate(
             "dropped": result.dropped,
             "bare": result.bare,
         }
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
         return
     what = "optimizer state dict" if result.bare else "model and optimizer"
     sys.stdout.write(
@@ -89,3 +92,14 @@ def regenerate(
             f"note: layout hyperparameters {result.optimizer} does not have were left out: "
             f"{', '.join(result.dropped)}\n"
         )
+
+
+def _finite(value: object) -> object:
+    """``value`` with NaN and infinities as ``None``: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

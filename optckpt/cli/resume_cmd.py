@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, Key
+from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
 from optckpt.cli.render import console
 
 if TYPE_CHECKING:
@@ -34,7 +34,9 @@ def resume_step(
         typer.Option("--model", help="Model weights file, when PATH holds none."),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps to take.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the gradients.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the gradients.")
+    ] = 0,
     check_torch: Annotated[
         bool,
         typer.Option("--check-torch", help="Take the same steps with torch.optim and compare."),

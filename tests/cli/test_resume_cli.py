@@ -275,3 +275,28 @@ def test_the_readme_ci_snippet_fails_the_pipeline_only_when_resume_step_fails(
     )
     assert bad.returncode == 1
     assert "does not resume" in bad.stderr and "finite_before" in bad.stderr
+
+
+def test_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    for command in (
+        ["resume-step", str(FIXTURES / "adamw_train.pt")],
+        [
+            "regenerate",
+            "--optimizer",
+            "sgd",
+            "--layout",
+            str(_layout(tmp_path)),
+            "-o",
+            str(tmp_path / "o.pt"),
+        ],
+    ):
+        result = runner.invoke(app, [*command, "--seed", str(2**64 - 1)])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+
+
+def test_regenerate_json_writes_non_finite_numbers_as_null(tmp_path: Path) -> None:
+    result = _regenerate(tmp_path, "a.pt", "--json", "--set", "eps=inf")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert data["groups"][0]["eps"] is None
