@@ -19,13 +19,13 @@ import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import Layout, load_layout, split_top_level, tied
-from optckpt.optim import Optimizer, by_name
+from optckpt.optim import by_name
+from optckpt.optim.registry import defaults
 from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, seeded_parameters, take_steps
 
 __all__ = [
     "RegenerateResult",
     "Setting",
-    "optimizer_defaults",
     "parse_setting",
     "regenerate",
     "regenerate_checkpoint",
@@ -82,12 +82,6 @@ def parse_setting(text: str) -> Setting:
     items = split_top_level(raw)
     value = tuple(_value(i) for i in items) if len(items) > 1 else _value(raw)
     return Setting(group, target, value)
-
-
-def optimizer_defaults(cls: type[Optimizer]) -> dict[str, Any]:
-    """The default hyperparameters of a bundled optimizer class (its groups' keys)."""
-    # A 2-D parameter suits every class (Muon takes nothing else).
-    return dict(cls([torch.zeros(2, 2)]).defaults)  # type: ignore[call-arg]
 
 
 # The dtypes ``torch.randn`` draws on the CPU (not the float8 family).
@@ -185,7 +179,7 @@ def regenerate(
         raise UsageError(f"--steps must be 0 or more, not {steps}")
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
-    groups, kwargs, dropped = _groups(layout, optimizer_defaults(cls), settings, cls.__name__)
+    groups, kwargs, dropped = _groups(layout, defaults(cls), settings, cls.__name__)
     if values is None:
         specs = [
             (spec.shape, _torch_dtype(spec.dtype, name)) for name, spec in layout.params.items()

@@ -351,6 +351,19 @@ def _steps_of(state: Mapping[Any, Any], ids: Iterable[Any]) -> dict[Any, float]:
     return found
 
 
+def _check_loads(state_dict: Mapping[str, Any], ids: list[list[Any]], name: str) -> Check:
+    """The state loaded (group count and sizes fit); state under keys that are no parameter's
+    ID fails: torch keeps it on load but no parameter ever uses it (a JSON round trip that
+    made the IDs strings, say), so those moments would silently restart."""
+    known = {pid for group in ids for pid in group}
+    orphans = [key for key in state_dict["state"] if key not in known]
+    if orphans:
+        listed = ", ".join(repr(k) for k in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+        return Check("loads", False, f"state under {listed} belongs to no parameter of the groups")
+    sizes = ", ".join(str(len(g)) for g in ids)
+    return Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {name}")
+
+
 def _check_counters_agree(state_dict: Mapping[str, Any], params: _Params) -> Check:
     groups = state_dict["param_groups"]
     steps = _steps_of(state_dict["state"], params.by_id)
@@ -358,10 +371,13 @@ def _check_counters_agree(state_dict: Mapping[str, Any], params: _Params) -> Che
         return Check("step_counters_agree", True, "no step counters in the state")
     problems, summary = [], []
     for index, group in enumerate(groups):
-        values = {pid: steps[pid] for pid in group["params"] if pid in steps}
-        distinct = sorted(set(values.values()))
-        if len(distinct) > 1:
-            counts = [f"{v:g} for {sum(1 for x in values.values() if x == v)}" for v in distinct]
+        values = [steps[pid] for pid in group["params"] if pid in steps]
+        # NaN is no count, and NaN != NaN: give it one bucket of its own
+        distinct = sorted({v for v in values if not math.isnan(v)})
+        nan = sum(1 for v in values if math.isnan(v))
+        if len(distinct) + bool(nan) > 1 or nan:
+            counts = [f"{v:g} for {values.count(v)}" for v in distinct]
+            counts += [f"nan for {nan}"] if nan else []
             problems.append(f"group {index}: step " + ", ".join(counts))
         elif distinct:
             summary.append(f"group {index}: {distinct[0]:g}")
@@ -446,16 +462,16 @@ def _compare_with_torch(
 ) -> list[str]:
     """Where the two optimizers disagree (parameters, state, hyperparameters)."""
     wrong = []
+    mine, torch_sd = ours.state_dict(), theirs.state_dict()
     for index, (a, b) in enumerate(zip(ours.param_groups, theirs.param_groups, strict=True)):
         for p, q, pid in zip(
             a["params"],
             b["params"],
-            ours.state_dict()["param_groups"][index]["params"],
+            mine["param_groups"][index]["params"],
             strict=True,
         ):
             if not _same(p.detach(), q.detach(), atol):
                 wrong.append(f"parameter {_label(pid, names)}")
-    mine, torch_sd = ours.state_dict(), theirs.state_dict()
     for index, (g, h) in enumerate(
         zip(mine["param_groups"], torch_sd["param_groups"], strict=True)
     ):
@@ -506,6 +522,28 @@ def _build(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
         for g in state_dict["param_groups"]
     ]
     return cls(groups)
+
+
+def _check_hyperparameters(cls: type, state_dict: Mapping[str, Any]) -> None:
+    """Refuse groups that lack hyperparameters ``cls`` has always had (``--optimizer`` names
+    another optimizer than the one that saved the state); keys torch added over the releases
+    may be missing from older checkpoints.
+
+    Raises:
+        IncompatibleStateError: names the missing keys.
+    """
+    from optckpt.optim.guess import VERSIONED_GROUP_KEYS
+    from optckpt.optim.registry import defaults
+
+    required = set(defaults(cls)) - VERSIONED_GROUP_KEYS
+    for index, group in enumerate(state_dict["param_groups"]):
+        missing = sorted(required - set(group))
+        if missing:
+            raise IncompatibleStateError(
+                f"group {index} has no {', '.join(missing)}: it was not saved by "
+                f"{cls.__name__}; name the right optimizer with --optimizer, or leave it out "
+                "to guess"
+            )
 
 
 def _load(cls: type, params: _Params, state_dict: Mapping[str, Any]) -> Any:
@@ -654,7 +692,9 @@ def _optimizer_class(state_dict: Mapping[str, Any], name: str | None) -> tuple[t
     from optckpt.optim.guess import guess_optimizer
 
     if name is not None:
-        return by_name(name), "--optimizer"
+        cls = by_name(name)
+        _check_hyperparameters(cls, state_dict)
+        return cls, "--optimizer"
     guess = guess_optimizer(state_dict)
     if not guess.sure or guess.name is None:
         listed = ", ".join(guess.candidates) or "none"
@@ -837,9 +877,8 @@ def resume_step(
 
     ours = _load(cls, params, owned)
     report.notes += _uncapture(ours)
-    sizes = ", ".join(str(len(g)) for g in ids)
     report.checks += [
-        Check("loads", True, f"{len(ids)} group(s) of {sizes} parameter(s) into {cls.__name__}"),
+        _check_loads(state_dict, ids, cls.__name__),
         shapes,
         agree,
         finite_before,
@@ -885,4 +924,10 @@ def resume_step(
             return report
         _write(source, checkpoint, found, ours, live, params.names, out, fmt)
         report.out = out
+        saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})
+        if saved_on:
+            report.notes.append(
+                f"the input was saved on {', '.join(saved_on)}; {out} holds CPU tensors "
+                f"(`optckpt move {out} --device cuda --all-tensors -o ...` puts them back)"
+            )
     return report

@@ -419,3 +419,44 @@ def test_tied_weights_stay_tied_in_the_written_checkpoint(tmp_path: Path) -> Non
     written = torch.load(out, weights_only=True)["model"]
     assert torch.equal(written["emb.weight"], written["head.weight"])
     assert not torch.equal(written["emb.weight"], state["emb.weight"])
+
+
+@pytest.mark.parametrize(
+    ("name", "missing"), [("sgd", "dampening, momentum, nesterov"), ("lbfgs", "history_size")]
+)
+def test_an_optimizer_named_wrongly_is_incompatible(
+    tmp_path: Path, name: str, missing: str
+) -> None:
+    path = save(tmp_path, torch_checkpoint("Adam"))
+    with pytest.raises(IncompatibleStateError, match=f"group 0 has no {missing}"):
+        resume_step(path, optimizer=name)
+
+
+@pytest.mark.parametrize("orphan", ["0", 99])
+def test_state_that_belongs_to_no_parameter_fails(tmp_path: Path, orphan: Any) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    state = checkpoint["optimizer"]["state"]
+    if orphan == "0":
+        state["0"] = state.pop(0)  # as a JSON round trip leaves it
+    else:
+        state[orphan] = dict(state[0])
+    report = resume_step(save(tmp_path, checkpoint))
+    check = by_name(report)["loads"]
+    assert not report.ok and check.ok is False
+    assert check.detail == f"state under {orphan!r} belongs to no parameter of the groups"
+
+
+def test_nan_step_counters_fail_with_a_readable_detail(tmp_path: Path) -> None:
+    checkpoint = torch_checkpoint("Adam")
+    for pid in (0, 1):
+        checkpoint["optimizer"]["state"][pid]["step"] = torch.tensor(float("nan"))
+    report = resume_step(save(tmp_path, checkpoint))
+    check = by_name(report)["step_counters_agree"]
+    assert check.ok is False and check.detail == "group 0: step nan for 2"
+
+
+def test_output_of_a_cuda_checkpoint_says_its_tensors_are_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "after.pt"
+    report = resume_step(FIXTURES / "cuda_adam.pt", out=out)
+    assert report.ok
+    assert any(n.startswith("the input was saved on cuda:0;") for n in report.notes)

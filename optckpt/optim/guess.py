@@ -232,7 +232,7 @@ _STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 # Group keys torch added to many classes over the releases (maximize in 1.11, foreach and
 # capturable in 1.12, differentiable in 1.13, fused in 2.0, decoupled_weight_decay in 2.1 to
 # 2.6): a group without them may simply be older, so their absence is no evidence.
-_VERSIONED_GROUP_KEYS = frozenset(
+VERSIONED_GROUP_KEYS = frozenset(
     {"maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
 )
 
@@ -269,7 +269,7 @@ def _score(name: str, group_keys: set[str], state_keys: set[str]) -> float:
     # Versioned keys the group lacks are left out of the comparison, so an older torch's
     # group matches its class as well as a current one; keys it has that the class never
     # had still count against the class.
-    expected = _GROUP_KEYS[name] - (_VERSIONED_GROUP_KEYS - group_keys)
+    expected = _GROUP_KEYS[name] - (VERSIONED_GROUP_KEYS - group_keys)
     group_score = len(group_keys & expected) / len(group_keys | expected) if group_keys else 0.0
     required, optional = _STATE_KEYS[name]
     if not state_keys:

@@ -7,6 +7,7 @@ torch class names (``SGD``, ``AdamW``) and are looked up case-insensitively.
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from optckpt.errors import IncompatibleStateError
 from optckpt.optim.adadelta import Adadelta
@@ -26,7 +27,7 @@ from optckpt.optim.rprop import Rprop
 from optckpt.optim.sgd import SGD
 from optckpt.optim.sparse_adam import SparseAdam
 
-__all__ = ["UnknownOptimizerError", "by_name", "names"]
+__all__ = ["UnknownOptimizerError", "by_name", "defaults", "names"]
 
 # In the order of DESIGN.md's list of bundled optimizers.
 _BUNDLED: tuple[type[Optimizer], ...] = (
@@ -77,3 +78,11 @@ def by_name(name: str) -> type[Optimizer]:
     close = difflib.get_close_matches(name.strip().lower(), list(_BY_LOWER_NAME), n=1)
     hint = f"; did you mean {_BY_LOWER_NAME[close[0]].__name__}?" if close else ""
     raise UnknownOptimizerError(f"unknown optimizer {name!r}{hint} (known: {', '.join(names())})")
+
+
+def defaults(cls: type[Optimizer]) -> dict[str, Any]:
+    """The default hyperparameters of a bundled optimizer class: the keys of its groups."""
+    import torch
+
+    # A 2-D parameter suits every class (Muon takes nothing else).
+    return dict(cls([torch.zeros(2, 2)]).defaults)  # type: ignore[call-arg]
