@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from checks import assert_bitwise_equal
 from typer.testing import CliRunner
 
@@ -72,3 +73,10 @@ def test_make_fixtures_check_reports_a_fixture_that_changed(
         "same  regenerated/sgd.pt",
         "DIFFERS  regenerated/adam.pt",
     ]
+    # a model weight alone changed (the optimizer state, all optckpt diff sees, is the same)
+    sgd = copy / "regenerated/sgd.pt"
+    checkpoint = torch.load(sgd, weights_only=True)
+    checkpoint["model"]["3.bias"][0] += 1
+    torch.save(checkpoint, sgd)
+    assert make_fixtures.check(entries[:1]) == 1
+    assert capsys.readouterr().out.splitlines() == ["DIFFERS  regenerated/sgd.pt"]
