@@ -44,6 +44,8 @@ PARAM_DTYPES = [*FLOAT_DTYPES, torch.int64]
 STATE_DTYPES = [*FLOAT_DTYPES, torch.int64, torch.bool]
 SHAPES = [(), (3,), (2, 2)]
 ABSENT = "absent"  # a group flag that is not set at all
+# Devices besides the CPU: "meta" stands in for an accelerator everywhere; CUDA where there is one.
+OTHER_DEVICES = ["meta", *(["cuda"] if torch.cuda.is_available() else [])]
 DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 
 
@@ -108,8 +110,8 @@ def make_param(dtype: torch.dtype, shape: tuple[int, ...], device: str = "cpu") 
     if device == "meta":
         return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
     if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype).requires_grad_()
-    return torch.randint(-5, 5, shape, dtype=dtype)
+        return torch.randn(shape, dtype=dtype).to(device).requires_grad_()
+    return torch.randint(-5, 5, shape, dtype=dtype).to(device)
 
 
 def build(
@@ -356,7 +358,7 @@ def test_unpack_matches_torch_load_state_dict(data: st.DataObject) -> None:
     src_lrs = data.draw(st.lists(st.floats(0, 1), min_size=n_groups, max_size=n_groups))
     flags = data.draw(st.lists(flag_pairs, min_size=n_groups, max_size=n_groups))
     src = build(layout, src_params, src_names, src_lrs, flags)
-    state_device = data.draw(st.sampled_from(["cpu", "cpu", "cpu", "meta"]))
+    state_device = data.draw(st.sampled_from(["cpu", "cpu", "cpu", *OTHER_DEVICES]))
     specs = data.draw(st.lists(maybe_states, min_size=n, max_size=n))
     for p, spec in zip(src_params, specs, strict=True):
         if spec is not None:
@@ -380,7 +382,7 @@ def test_unpack_matches_torch_load_state_dict(data: st.DataObject) -> None:
 
     # the live side: two equivalent optimizers over the same fresh parameters
     live_dtypes = data.draw(st.lists(st.sampled_from(PARAM_DTYPES), min_size=n, max_size=n))
-    devices = ["cpu", "meta"] if state_device == "cpu" else ["meta", "meta", "meta", "cpu"]
+    devices = ["cpu", *OTHER_DEVICES] if state_device == "cpu" else [*OTHER_DEVICES, "cpu"]
     live_devices = data.draw(st.lists(st.sampled_from(devices), min_size=n, max_size=n))
     live_params = [
         make_param(dt, (2,), dev) for dt, dev in zip(live_dtypes, live_devices, strict=True)
@@ -428,9 +430,9 @@ def test_unpack_matches_torch_load_state_dict(data: st.DataObject) -> None:
 @PROPERTY
 @given(
     param_dtype=st.sampled_from(PARAM_DTYPES),
-    param_device=st.sampled_from(["cpu", "meta"]),
+    param_device=st.sampled_from(["cpu", *OTHER_DEVICES]),
     value_dtype=st.sampled_from([*STATE_DTYPES, torch.int32]),
-    value_device=st.sampled_from(["cpu", "cpu", "meta"]),
+    value_device=st.sampled_from(["cpu", "cpu", *OTHER_DEVICES]),
     key=st.sampled_from(["step", "exp_avg", None, 0]),
     flags=flag_pairs,
 )
@@ -641,7 +643,7 @@ def test_float64_param_casts_state_but_not_step() -> None:
     assert state[param]["inner"]["step"] is step  # a nested `step` key is a step too
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("device", ["cpu", *OTHER_DEVICES])
 def test_integer_param_changes_only_the_device(device: str) -> None:
     param = make_param(torch.int64, (2,), device)
     f32, bf16 = torch.ones(2), torch.ones(2, dtype=torch.bfloat16)

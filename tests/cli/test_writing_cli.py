@@ -228,21 +228,22 @@ def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"  # cuda:0 without CUDA, one past the last with
     result = runner.invoke(
         app,
         [
             "move",
             str(FIXTURES / "adamw_train.pt"),
             "--device",
-            "cuda:0",
+            missing,
             "-o",
             str(tmp_path / "m.pt"),
         ],
     )
     assert result.exit_code == 2
-    assert_one_line_error(result.stderr, "no such device")
+    assert_one_line_error(result.stderr, "no such device", missing)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_move_needs_output() -> None:

@@ -85,7 +85,7 @@ def objective(params: list[torch.Tensor], step: int, gaps: bool) -> torch.Tensor
     for i, p in enumerate(params):
         x = torch.view_as_real(p) if p.is_complex() else p
         scale = 0.5 + torch.rand((), generator=generator).item()
-        target = torch.randn(x.shape, generator=generator).to(x.dtype)
+        target = torch.randn(x.shape, generator=generator).to(x)  # x's dtype and device
         if gaps and ((step + i) % 3 == 0 or i == len(params) - 1):
             continue
         u = 2 * (x - target)

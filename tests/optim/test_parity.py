@@ -36,6 +36,7 @@ IMPLS: dict[str, dict[str, Any]] = {
     "only": {},  # no foreach or fused argument: the optimizer's one implementation
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "complex64": torch.complex64}
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def set_grads(
         skip = gaps and ((step + i) % 3 == 0 or i == len(params) - 1)
         if to_grad is not None and not skip:
             grad = to_grad(grad, i, step)
-        p.grad = None if skip else grad
+        p.grad = None if skip else grad.to(p.device)
 
 
 def take_step(row: Row, optimizer: Any, step: int, *, gaps: bool) -> Any:
@@ -304,13 +305,16 @@ def build(cls: type, params: list[torch.Tensor], row: Row, kwargs: dict[str, Any
     return cls(grouped(row, params), **fresh(kwargs))
 
 
-def run_against_torch(row: Row, kwargs: dict[str, Any], dtype: torch.dtype, *, gaps: bool) -> None:
+def run_against_torch(
+    row: Row, kwargs: dict[str, Any], dtype: torch.dtype, *, gaps: bool, device: str = "cpu"
+) -> None:
     """Step ours and torch's in lockstep; halfway, cross-load the states and go on with four.
 
     After every step the parameters and state dicts of each pair must be bit-identical. If
     torch refuses the construction or a step, ours must refuse it with the same exception type.
+    The parameters (and so the gradients and state) live on ``device``.
     """
-    theirs_params = (row.params or make_params)(dtype)
+    theirs_params = [p.to(device) for p in (row.params or make_params)(dtype)]
     ours_params = [p.clone() for p in theirs_params]
     built: dict[str, Any] = {}
     if not same_outcome(
@@ -472,21 +476,23 @@ def test_differentiable_steps_give_torchs_gradients(row: Row) -> None:
     assert_bitwise_equal(list(ours_grads), list(theirs_grads), "gradients")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize(
     "row", [pytest.param(row, id=row.name) for row in ROWS if "fused" in row.impls]
 )
-def test_fused_steps_under_grad_scaler_match_torch(row: Row) -> None:
+def test_fused_steps_under_grad_scaler_match_torch(row: Row, device: str) -> None:
     """GradScaler hands fused optimizers its scale; overflowing steps are skipped the same way."""
     runs = []
     for cls in (row.ours, row.torch_cls):
         torch.manual_seed(0)
-        model = torch.nn.Linear(4, 3)
+        model = torch.nn.Linear(4, 3).to(device)
         optimizer = cls(model.parameters(), lr=0.01, fused=True)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, growth_interval=100)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**126, growth_interval=100)
         for _ in range(5):
             optimizer.zero_grad()
             # Large enough that the first scaled grads overflow and the scale backs off.
-            scaler.scale(model(1e6 * torch.randn(5, 4)).pow(2).sum()).backward()
+            inputs = 1e6 * torch.randn(5, 4)
+            scaler.scale(model(inputs.to(device)).pow(2).sum()).backward()
             scaler.step(optimizer)
             scaler.update()
         runs.append((optimizer, scaler.get_scale()))
@@ -548,3 +554,75 @@ def test_step_dtype_follows_a_float64_default_like_torch(
 ) -> None:
     """torch's ``_get_scalar_dtype``: a float64 ``step`` under a float64 default, unless fused."""
     run_against_torch(row, {**row.configs[config], **IMPLS[impl]}, DTYPES[dtype], gaps=True)
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+
+
+def cuda_cases(cases: list[Any]) -> list[Any]:
+    """``cases`` where CUDA is available; else one skipped placeholder, not hundreds of skips."""
+    if torch.cuda.is_available():
+        return cases
+    return [pytest.param(None, None, None, None, marks=NEEDS_CUDA, id="no-cuda")]
+
+
+def capturable_cases() -> list[Any]:
+    """Every capturable config, with the implementations that have a capturable path."""
+    return [
+        pytest.param(row, config, impl, "float32", id=f"{row.name}-{config}-{impl}")
+        for row in ROWS
+        for config, kwargs in row.configs.items()
+        if kwargs.get("capturable")
+        for impl in ("for-loop", "foreach")
+        if impl in row.impls
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "config", "impl", "dtype"),
+    cuda_cases(
+        cases(impls=("for-loop", "foreach", "fused", "only"), dtypes=("float32", "float64"))
+    ),
+)
+def test_steps_and_cross_loading_match_torch_on_cuda(
+    row: Row, config: str, impl: str, dtype: str
+) -> None:
+    """The same lockstep run with CUDA parameters: torch's CUDA kernels (foreach, fused, the
+    capturable paths that only run there) against ours, bit for bit."""
+    kwargs = {**row.configs[config], **IMPLS[impl]}
+    run_against_torch(row, kwargs, DTYPES[dtype], gaps=True, device="cuda")
+
+
+@pytest.mark.parametrize(("row", "config", "impl", "dtype"), cuda_cases(capturable_cases()))
+def test_capturable_under_cuda_graph_replay_matches_torch(
+    row: Row, config: str, impl: str, dtype: str
+) -> None:
+    """A capturable optimizer's step captured in a CUDA graph and replayed, as torch's is."""
+    kwargs = {**row.configs[config], **IMPLS[impl]}
+    runs = []
+    for cls in (row.ours, row.torch_cls):
+        params = [p.cuda() for p in (row.params or make_params)(DTYPES[dtype])]
+        params = [p for p in params if p.dtype == DTYPES[dtype]]  # one bucket
+        optimizer = build(cls, params, row, kwargs)
+        set_grads(params, 1, gaps=False)
+        optimizer.step()  # the state exists before capture, as torch's docs require
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up steps on a side stream
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            optimizer.step()
+        captured = [p.grad for p in params]
+        for step in range(2, 5):
+            set_grads(params, step, gaps=False)
+            for p, grad in zip(params, captured, strict=True):
+                grad.copy_(p.grad)  # the graph reads the captured gradient tensors
+                p.grad = grad
+            graph.replay()
+        torch.cuda.synchronize()
+        runs.append(optimizer)
+    ours, theirs = runs
+    assert_same_run(ours, theirs, "after graph replays")
