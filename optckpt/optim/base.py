@@ -284,6 +284,19 @@ def _with_step_hooks(step: _F) -> _F:
 # --- the base class ------------------------------------------------------------------------------
 
 
+def _stream_is_capturing(device_type: str) -> bool:
+    """Whether the accelerator's current stream is capturing a graph.
+
+    ``torch.Stream.is_capturing`` is new in torch 2.13; before, each backend module had its
+    own ``is_current_stream_capturing``.
+    """
+    is_capturing = getattr(torch.accelerator.current_stream(), "is_capturing", None)
+    if is_capturing is not None:
+        return bool(is_capturing())
+    backend_check = getattr(getattr(torch, device_type), "is_current_stream_capturing", None)
+    return bool(backend_check()) if backend_check is not None else False
+
+
 class Optimizer:
     """Base class of optckpt's optimizers, with ``torch.optim.Optimizer``'s semantics.
 
@@ -645,7 +658,7 @@ class Optimizer:
         accelerator = torch.accelerator.current_accelerator(check_available=True)
         if not accelerator or accelerator.type not in {"cuda", "xpu"}:
             return
-        capturing = torch.accelerator.current_stream().is_capturing()
+        capturing = _stream_is_capturing(accelerator.type)
         all_capturable = all(group["capturable"] for group in self.param_groups)
         if capturing and not all_capturable:
             raise RuntimeError(

@@ -489,3 +489,31 @@ def test_unknown_name_is_an_incompatible_state_error() -> None:
         by_name("lion")
     assert info.value.exit_code == ExitCode.INCOMPATIBLE == 4
     assert "did you mean" not in str(info.value)
+
+
+# --- graph capture check ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream_api", [True, False])
+@pytest.mark.parametrize("capturing", [True, False])
+def test_graph_capture_check_with_and_without_stream_is_capturing(
+    monkeypatch: pytest.MonkeyPatch, stream_api: bool, capturing: bool
+) -> None:
+    """As if on a CUDA machine: torch >= 2.13 asks the stream, older torch asks torch.cuda.
+
+    A step being captured without ``capturable`` is refused as torch refuses it; otherwise
+    the step runs (torch 2.11's ``torch.Stream`` has no ``is_capturing``: no AttributeError).
+    """
+    stream = type("Stream", (), {"is_capturing": lambda self: capturing} if stream_api else {})()
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda **_: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda *_: stream)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    param = torch.zeros(3, requires_grad=True)
+    param.grad = torch.ones(3)
+    optimizer = by_name("adam")([param], lr=0.1)
+    if capturing:
+        with pytest.raises(RuntimeError, match="Attempting CUDA graph capture of step"):
+            optimizer.step()
+    else:
+        optimizer.step()
+        assert torch.all(param < 0)
