@@ -118,7 +118,14 @@ def convert_checkpoint(
                 # The loaded tree is ours (the file is mapped copy-on-write): edit it in place.
                 located.state_dict["param_groups"] = new["param_groups"]
                 rewritten.append(located.key)
-    save_checkpoint(checkpoint.root, out, target, progress=progress, sources=checkpoint.sources)
+    save_checkpoint(
+        checkpoint.root,
+        out,
+        target,
+        progress=progress,
+        sources=checkpoint.sources,
+        saved_devices=checkpoint.saved_devices,
+    )
     return ConvertResult(
         source=path,
         out=out,

@@ -8,8 +8,8 @@ state tensors, never ``step`` and never integer or bool tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class MoveResult:
     dtype: str | None
     optimizers: list[str]
     all_tensors: bool
+    kept_on: list[str] = field(default_factory=list)  # devices of tensors left where they were
 
 
 def move_checkpoint(
@@ -173,6 +174,12 @@ def move_checkpoint(
     checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     found = select_optimizers(checkpoint.root, key)
     releaser = Releaser(checkpoint.sources)
+    # What stays records the device it was saved from (a CUDA checkpoint's model weights stay
+    # tagged cuda:0); what moves records where it went.
+    kept_devices = {} if all_tensors else dict(checkpoint.saved_devices)
+    for f in found:
+        for ptr in _storages(f.state_dict["state"]):
+            kept_devices.pop(ptr, None)
     moved = {
         id(f.state_dict): move_state(
             f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True
@@ -185,14 +192,34 @@ def move_checkpoint(
     root = checkpoint.root
     if all_tensors:
         root = _move_outside(root, torch_device, torch_dtype, set(moved))
-    save_checkpoint(root, out, target, progress=progress, sources=checkpoint.sources)
+    save_checkpoint(
+        root,
+        out,
+        target,
+        progress=progress,
+        sources=checkpoint.sources,
+        saved_devices=kept_devices,
+    )
     return MoveResult(
         out=out,
         device=str(torch_device),
         dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
         optimizers=[f.key for f in found],
         all_tensors=all_tensors,
+        kept_on=sorted(set(kept_devices.values()) - {"cpu", str(torch_device)}),
     )
+
+
+def _storages(node: Any) -> Iterator[int]:
+    """The storage addresses of the tensors in a tree."""
+    if isinstance(node, torch.Tensor):
+        yield node.untyped_storage().data_ptr()
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            yield from _storages(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _storages(value)
 
 
 def _move_outside(

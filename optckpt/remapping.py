@@ -364,5 +364,11 @@ def remap_checkpoint(
     # The loaded tree is ours (the file is mapped copy-on-write): swap the new state dict in.
     located.state_dict.clear()
     located.state_dict.update(new)
-    save_checkpoint(checkpoint.root, out, format_for(out), sources=checkpoint.sources)
+    save_checkpoint(
+        checkpoint.root,
+        out,
+        format_for(out),
+        sources=checkpoint.sources,
+        saved_devices=checkpoint.saved_devices,
+    )
     return RemapResult(located.key, plan, out)

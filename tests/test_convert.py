@@ -13,6 +13,7 @@ from torch import nn
 from optckpt.convert import convert_checkpoint, retarget
 from optckpt.diff import diff_checkpoints
 from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.io import load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FILES = [
@@ -68,10 +69,37 @@ def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
     assert same(_load(source), _load(back))
     for other in (there, back):
         report = diff_checkpoints(source, other)
-        # converted files hold CPU tensors: a CUDA checkpoint differs only in saved devices
-        kinds = {d.kind for p in report.pairs for d in p.differences}
-        assert kinds == ({"device"} if name == "cuda_adam.pt" else set())
+        # saved devices too: a CUDA checkpoint's tensors stay tagged cuda:0 both ways
+        assert report.ok, [d for p in report.pairs for d in p.differences]
     assert _digest(source) == before
+
+
+def test_cuda_checkpoint_keeps_its_saved_devices_both_ways(tmp_path: Path) -> None:
+    """safetensors records the devices (metadata ``optckpt.devices``); .pt writes them back."""
+    source = load_checkpoint(FIXTURES / "cuda_adam.pt")
+    convert_checkpoint(FIXTURES / "cuda_adam.pt", tmp_path / "there.safetensors")
+    convert_checkpoint(tmp_path / "there.safetensors", tmp_path / "back.pt")
+    expected = {key: source.saved_device(t) for key, t in _tensor_paths(source.root).items()}
+    assert set(expected.values()) == {"cpu", "cuda:0"}  # the steps, and the rest
+    for name in ("there.safetensors", "back.pt"):
+        converted = load_checkpoint(tmp_path / name)
+        got = {key: converted.saved_device(t) for key, t in _tensor_paths(converted.root).items()}
+        assert got == expected, name
+    # torch itself sees the tags: without CUDA, loading the result needs a map_location
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "back.pt", weights_only=True)
+
+
+def _tensor_paths(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(node, torch.Tensor):
+        return {prefix: node}
+    if not isinstance(node, (dict, list, tuple)):
+        return {}
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    return {
+        k: v for key, child in items for k, v in _tensor_paths(child, f"{prefix}/{key}").items()
+    }
 
 
 def test_exotic_values_survive(tmp_path: Path) -> None:

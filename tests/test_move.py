@@ -124,6 +124,21 @@ def test_cuda_checkpoint_moves_to_cpu_without_a_gpu(tmp_path: Path) -> None:
     assert moved.saved_device(state["exp_avg"]) == "cpu"
 
 
+@pytest.mark.parametrize("all_tensors", [False, True])
+def test_what_does_not_move_keeps_its_saved_device(tmp_path: Path, all_tensors: bool) -> None:
+    """Moving a CUDA checkpoint's optimizer state leaves the model weights tagged cuda:0."""
+    move_checkpoint(
+        FIXTURES / "cuda_adam.pt", tmp_path / "out.pt", device="cpu", all_tensors=all_tensors
+    )
+    from optckpt.io import load_checkpoint
+
+    moved = load_checkpoint(tmp_path / "out.pt")
+    weights = {moved.saved_device(t) for t in moved.root["model"].values()}
+    assert weights == ({"cpu"} if all_tensors else {"cuda:0"})
+    state = moved.root["optimizer"]["state"].values()
+    assert {moved.saved_device(t) for s in state for t in s.values()} == {"cpu"}
+
+
 def test_bad_device_and_dtype_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a device"):
         parse_device("gpu0")

@@ -61,3 +61,9 @@ def move(
     sys.stdout.write(
         f"wrote {result.out} ({human_bytes(result.out.stat().st_size)}): {what} on {result.device}{dtype_text}\n"
     )
+    if result.kept_on:
+        sys.stdout.write(
+            f"note: the rest of the file stays saved on {', '.join(result.kept_on)} "
+            "(torch.load needs map_location where that device is missing); "
+            "--all-tensors moves it too\n"
+        )

@@ -52,7 +52,8 @@ class Checkpoint:
             holding only the optimizer files (the others are listed in ``members``).
         members: for a folder, the names of all its files; empty for a file.
         saved_devices: the device each storage was saved from, by storage address, for
-            torch files read to the CPU (see :meth:`saved_device`).
+            torch files read to the CPU and for safetensors files where optckpt recorded
+            devices (see :meth:`saved_device`). Writing the tree back with these keeps them.
         sources: the files read (memory-mapped where the format allows).
     """
 
@@ -212,7 +213,7 @@ def _read_file(
 ) -> tuple[str, Any]:
     kind = sniff(path)
     if kind == "safetensors":
-        return kind, read_safetensors(path)
+        return kind, read_safetensors(path, seen)
     return kind, _torch_load(path, kind == "torch-legacy", map_location, allowed, seen)
 
 

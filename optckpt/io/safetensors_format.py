@@ -36,6 +36,7 @@ from optckpt.io.torch_format import Deferred, end_output, open_output, write_all
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
 TREE_KEY = "optckpt.tree"
+DEVICES_KEY = "optckpt.devices"
 VERSION_KEY = "optckpt.version"
 VERSION = "1"
 
@@ -169,8 +170,12 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in node.items()}
 
 
-def read_safetensors(path: Path) -> Any:
+def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) -> Any:
     """Read a safetensors file: the checkpoint tree when optckpt wrote it, else ``{name: tensor}``.
+
+    Tensors are on the CPU. The device each was saved from, where optckpt recorded one other
+    than the CPU (metadata ``optckpt.devices``), goes into ``saved_devices`` by storage
+    address, as :func:`optckpt.io.load_checkpoint` records it for torch files.
 
     Raises:
         UnreadableCheckpointError: a corrupt header, or a tree that names a missing tensor.
@@ -180,9 +185,13 @@ def read_safetensors(path: Path) -> Any:
     if tree is None:
         return tensors
     try:
+        devices = json.loads(metadata.get(DEVICES_KEY, "{}"))
+        if saved_devices is not None:
+            for name, device in devices.items():
+                saved_devices[tensors[name].untyped_storage().data_ptr()] = str(device)
         return _decode(json.loads(tree), tensors)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UnreadableCheckpointError(f"{path}: corrupt {TREE_KEY} metadata ({e!r})") from e
+        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e!r})") from e
 
 
 class _Encoder:
@@ -259,6 +268,7 @@ def write_safetensors(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
+    saved_devices: Mapping[int, str] | None = None,
 ) -> None:
     """Write a checkpoint tree as one safetensors file in optckpt's layout (see module doc).
 
@@ -276,19 +286,24 @@ def write_safetensors(
         progress: called with the number of bytes of each slice written.
         sources: memory-mapped input files (private mappings never written to) whose pages
             may be dropped and whose bytes may be copied from the files.
+        saved_devices: the device to record for CPU tensors, by storage address (see
+            :attr:`optckpt.io.Checkpoint.saved_devices`); tensors on another device record
+            theirs. Devices other than the CPU go into the metadata ``optckpt.devices``.
 
     Raises:
         UsageError: the tree holds a value safetensors cannot represent.
     """
     encoder = _Encoder()
     encoded = encoder.encode(tree, "")
-    header: dict[str, Any] = {
-        "__metadata__": {
-            "format": "pt",
-            VERSION_KEY: VERSION,
-            TREE_KEY: json.dumps(encoded, allow_nan=False),
-        }
+    metadata = {
+        "format": "pt",
+        VERSION_KEY: VERSION,
+        TREE_KEY: json.dumps(encoded, allow_nan=False),
     }
+    devices = _devices(encoder.tensors, saved_devices or {})
+    if devices:
+        metadata[DEVICES_KEY] = json.dumps(devices)
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, tensor in encoder.tensors.items():
         size = tensor.numel() * tensor.element_size()
@@ -330,6 +345,22 @@ def write_safetensors(
                 trim_heap()  # see optckpt.io.pages.trim_heap
         end_output(f)
     release(sources)
+
+
+def _devices(
+    tensors: Mapping[str, torch.Tensor | Deferred], saved_devices: Mapping[int, str]
+) -> dict[str, str]:
+    """The tensors saved from a device other than the CPU, by name (casts made here: the CPU)."""
+    devices = {}
+    for name, value in tensors.items():
+        if isinstance(value, Deferred):
+            continue
+        device = str(value.device)
+        if value.device.type == "cpu":
+            device = saved_devices.get(value.untyped_storage().data_ptr(), device)
+        if device != "cpu":
+            devices[name] = device
+    return devices
 
 
 def _stored(value: torch.Tensor | Deferred) -> torch.Tensor:

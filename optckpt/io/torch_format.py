@@ -26,7 +26,7 @@ import os
 import pickle
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,7 @@ def write_torch(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
+    saved_devices: Mapping[int, str] | None = None,
 ) -> None:
     """Write ``tree`` to the open binary file ``f`` as ``torch.save`` would (see module doc).
 
@@ -187,8 +188,12 @@ def write_torch(
         sources: the memory-mapped files ``tree`` was read from (private mappings never
             written to): their pages are released as they are copied, and storages that are
             views of them are copied from the files in the kernel.
+        saved_devices: the location to record for CPU storages, by storage address (see
+            :attr:`optckpt.io.Checkpoint.saved_devices`), as if ``torch.save`` had written
+            them from that device; others record where they are.
     """
     sources = list(sources)
+    saved_devices = saved_devices or {}
     storages: dict[str, Any] = {}  # key -> UntypedStorage or Deferred, in order of first use
     keys: dict[int, str] = {}  # storage._cdata or id(Deferred) -> key
     storage_dtypes: dict[int, torch.dtype] = {}
@@ -222,7 +227,10 @@ def write_torch(
                     )
             key = keys.setdefault(storage._cdata, str(len(keys)))
             storages[key] = storage
-            return ("storage", storage_type, key, location_tag(storage), storage_numel)
+            location = location_tag(storage)
+            if location == "cpu":
+                location = saved_devices.get(storage.data_ptr(), location)
+            return ("storage", storage_type, key, location, storage_numel)
         return None
 
     class Pickler(pickle.Pickler):
@@ -302,17 +310,20 @@ def save_torch(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
+    saved_devices: Mapping[int, str] | None = None,
 ) -> None:
     """Write ``tree`` into the file ``path`` (created or replaced) as ``torch.save`` does.
 
-    A tree without :class:`Deferred` casts goes through ``torch.save`` itself; one with them
-    through :func:`write_torch`. Either way, storages that are views of the mapped
-    ``sources`` are copied from their files in the kernel. The caller fsyncs.
+    A tree without :class:`Deferred` casts or ``saved_devices`` to record goes through
+    ``torch.save`` itself; others through :func:`write_torch`. Either way, storages that are
+    views of the mapped ``sources`` are copied from their files in the kernel. The caller
+    fsyncs.
     """
     sources = list(sources)
+    elsewhere = {k: v for k, v in (saved_devices or {}).items() if v != "cpu"}
     with open_output(path) as f:
-        if _has_deferred(tree):
-            write_torch(tree, f, progress=progress, sources=sources)
+        if elsewhere or _has_deferred(tree):
+            write_torch(tree, f, progress=progress, sources=sources, saved_devices=elsewhere)
         else:
             with FileRanges(sources) as ranges:
                 torch.save(tree, _Sink(f, progress, ranges))  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ def save_checkpoint(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
+    saved_devices: Mapping[int, str] | None = None,
 ) -> None:
     """Write ``tree`` to ``out`` atomically, as a torch zip file (``pt``) or safetensors.
 
@@ -112,10 +113,15 @@ def save_checkpoint(
             never written to); their pages are released as they are copied, so memory stays
             flat, and tensors that are views of them are copied from the files in the
             kernel.
+        saved_devices: the device to record for CPU tensors, by storage address (a
+            :class:`~optckpt.io.Checkpoint`'s ``saved_devices``, less the tensors moved), so
+            that a checkpoint saved from CUDA and read to the CPU is written back as it was.
     """
     sources = list(sources)
     with atomic_output(out) as tmp:
         if fmt == "safetensors":
-            write_safetensors(tree, tmp, progress=progress, sources=sources)
+            write_safetensors(
+                tree, tmp, progress=progress, sources=sources, saved_devices=saved_devices
+            )
             return
-        save_torch(tree, tmp, progress=progress, sources=sources)
+        save_torch(tree, tmp, progress=progress, sources=sources, saved_devices=saved_devices)

@@ -659,14 +659,19 @@ class Optimizer:
         if not accelerator or accelerator.type not in {"cuda", "xpu"}:
             return
         capturing = _stream_is_capturing(accelerator.type)
-        all_capturable = all(group["capturable"] for group in self.param_groups)
-        if capturing and not all_capturable:
+
+        # Read lazily, in torch's order: Adafactor's groups have no "capturable" key, which
+        # torch only reads while capturing (KeyError) or before the warning was given.
+        def all_capturable() -> bool:
+            return all(group["capturable"] for group in self.param_groups)
+
+        if capturing and not all_capturable():
             raise RuntimeError(
                 f"Attempting {accelerator.type.upper()} graph capture of step() for an "
                 f"instance of {type(self).__name__} but param_groups' capturable is False."
             )
         warned = getattr(self, "_warned_capturable_if_run_uncaptured", False)
-        if not warned and all_capturable and not capturing:
+        if not warned and all_capturable() and not capturing:
             warnings.warn(
                 "This instance was constructed with capturable=True or some of all the "
                 "param_groups came with capturable=True, but step() is running without "

@@ -601,6 +601,7 @@ def test_capturable_under_cuda_graph_replay_matches_torch(
     kwargs = {**row.configs[config], **IMPLS[impl]}
     runs = []
     for cls in (row.ours, row.torch_cls):
+        torch.manual_seed(0)  # the same parameters for both
         params = [p.cuda() for p in (row.params or make_params)(DTYPES[dtype])]
         params = [p for p in params if p.dtype == DTYPES[dtype]]  # one bucket
         optimizer = build(cls, params, row, kwargs)
