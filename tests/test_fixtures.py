@@ -14,7 +14,14 @@ from optckpt.cli.app import app
 from optckpt.io import load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MADE_WITH = json.loads((FIXTURES / "manifest.json").read_text())["torch"]
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
+# Rebuilt bit for bit only under the torch that made them (CPU randn's last bits change
+# between versions: seen with 2.11 against fixtures made with 2.13).
+SAME_TORCH = pytest.mark.skipif(
+    torch.__version__.split("+")[0] != MADE_WITH,
+    reason=f"fixtures were made with torch {MADE_WITH}; rebuilds under another differ in the last bits",
+)
 NOT_FIXTURES = {"README.md", "make_fixtures.py", "manifest.json"}
 
 
@@ -31,6 +38,7 @@ def test_the_manifest_lists_exactly_the_fixtures() -> None:
     assert all(("regenerate" in e) != ("function" in e) for e in MANIFEST)
 
 
+@SAME_TORCH
 @pytest.mark.parametrize(
     "entry", [e for e in MANIFEST if "regenerate" in e], ids=lambda e: e["path"]
 )
@@ -49,6 +57,7 @@ def test_regenerate_entries_rebuild_the_committed_fixture(
     )
 
 
+@SAME_TORCH
 def test_make_fixtures_check_reports_a_fixture_that_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
