@@ -782,6 +782,15 @@ def _write(
 
     weights = source.weights(checkpoint)[0] if source.model is None else None
     new_state = ours.state_dict()
+    # Each stepped tensor records the device its input tensor was saved from (a CUDA
+    # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
+    devices = dict(checkpoint.saved_devices)
+    old_state = found.state_dict.get("state", {})
+    for pid, entries in new_state["state"].items():
+        for key, new in entries.items():
+            old = old_state.get(pid, {}).get(key) if isinstance(old_state.get(pid), dict) else None
+            if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+                devices[new.untyped_storage().data_ptr()] = checkpoint.saved_device(old)
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
     found.state_dict.update(new_state)
@@ -789,9 +798,13 @@ def _write(
         aliases = tied(weights)
         for pid, p in live.items():
             if names.get(pid) in weights:
+                stepped = p.detach()
+                devices[stepped.untyped_storage().data_ptr()] = checkpoint.saved_device(
+                    weights[names[pid]]
+                )
                 for name in (names[pid], *aliases[names[pid]]):
-                    weights[name] = p.detach()  # tied weights stay tied
-    save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped)
+                    weights[name] = stepped  # tied weights stay tied
+    save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped, saved_devices=devices)
 
 
 def resume_step(
@@ -927,7 +940,7 @@ def resume_step(
         saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})
         if saved_on:
             report.notes.append(
-                f"the input was saved on {', '.join(saved_on)}; {out} holds CPU tensors "
-                f"(`optckpt move {out} --device cuda --all-tensors -o ...` puts them back)"
+                f"the input was saved on {', '.join(saved_on)}; {out} keeps those devices "
+                "(the steps ran on the CPU)"
             )
     return report

@@ -15,6 +15,7 @@ import torch
 from checks import assert_bitwise_equal
 
 from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.io import load_checkpoint
 from optckpt.optim import names
 from optckpt.resume import resume_step
 
@@ -455,8 +456,28 @@ def test_nan_step_counters_fail_with_a_readable_detail(tmp_path: Path) -> None:
     assert check.ok is False and check.detail == "group 0: step nan for 2"
 
 
-def test_output_of_a_cuda_checkpoint_says_its_tensors_are_on_the_cpu(tmp_path: Path) -> None:
+def test_output_of_a_cuda_checkpoint_keeps_its_saved_devices(tmp_path: Path) -> None:
+    """Stepped on the CPU, written back tagged as the input was (cuda:0; steps on the CPU)."""
     out = tmp_path / "after.pt"
     report = resume_step(FIXTURES / "cuda_adam.pt", out=out)
     assert report.ok
     assert any(n.startswith("the input was saved on cuda:0;") for n in report.notes)
+    before = load_checkpoint(FIXTURES / "cuda_adam.pt")
+    after = load_checkpoint(out)
+    for key in ("model", "optimizer"):
+        old, new = tensor_paths(before.root[key]), tensor_paths(after.root[key])
+        assert old.keys() == new.keys()
+        for path, t in new.items():
+            assert after.saved_device(t) == before.saved_device(old[path]), (key, path)
+            if key == "model":
+                assert not torch.equal(t, old[path]), path  # stepped, not copied
+
+
+def tensor_paths(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a tree by its key path."""
+    if isinstance(node, torch.Tensor):
+        return {prefix: node}
+    if not isinstance(node, (dict, list, tuple)):
+        return {}
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    return {k: v for key, child in items for k, v in tensor_paths(child, f"{prefix}/{key}").items()}
