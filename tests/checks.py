@@ -52,3 +52,17 @@ def assert_one_line_error(stderr: str, *needles: str) -> None:
     assert "Traceback" not in stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def tensors_by_path(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint tree, by key path (``/optimizer/state/0/exp_avg``)."""
+    if isinstance(node, torch.Tensor):
+        return {prefix: node}
+    if not isinstance(node, (dict, list, tuple)):
+        return {}
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    return {
+        path: tensor
+        for key, child in items
+        for path, tensor in tensors_by_path(child, f"{prefix}/{key}").items()
+    }

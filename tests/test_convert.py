@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import tensors_by_path
 from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
@@ -79,27 +80,16 @@ def test_cuda_checkpoint_keeps_its_saved_devices_both_ways(tmp_path: Path) -> No
     source = load_checkpoint(FIXTURES / "cuda_adam.pt")
     convert_checkpoint(FIXTURES / "cuda_adam.pt", tmp_path / "there.safetensors")
     convert_checkpoint(tmp_path / "there.safetensors", tmp_path / "back.pt")
-    expected = {key: source.saved_device(t) for key, t in _tensor_paths(source.root).items()}
+    expected = {key: source.saved_device(t) for key, t in tensors_by_path(source.root).items()}
     assert set(expected.values()) == {"cpu", "cuda:0"}  # the steps, and the rest
     for name in ("there.safetensors", "back.pt"):
         converted = load_checkpoint(tmp_path / name)
-        got = {key: converted.saved_device(t) for key, t in _tensor_paths(converted.root).items()}
+        got = {key: converted.saved_device(t) for key, t in tensors_by_path(converted.root).items()}
         assert got == expected, name
     # torch itself sees the tags: without CUDA, loading the result needs a map_location
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(tmp_path / "back.pt", weights_only=True)
-
-
-def _tensor_paths(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(node, torch.Tensor):
-        return {prefix: node}
-    if not isinstance(node, (dict, list, tuple)):
-        return {}
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    return {
-        k: v for key, child in items for k, v in _tensor_paths(child, f"{prefix}/{key}").items()
-    }
 
 
 def test_exotic_values_survive(tmp_path: Path) -> None:

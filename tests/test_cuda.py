@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal
+from checks import assert_bitwise_equal, tensors_by_path
 from torch import nn
 
 from optckpt.convert import convert_checkpoint
@@ -55,23 +55,11 @@ def _saved_on_cuda(path: Path, impl: str) -> tuple[nn.Module, torch.optim.Adam]:
     return model, optimizer
 
 
-def _tensors(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(node, torch.Tensor):
-        return {prefix: node}
-    if isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, (list, tuple)):
-        items = enumerate(node)
-    else:
-        return {}
-    return {k: v for key, child in items for k, v in _tensors(child, f"{prefix}/{key}").items()}
-
-
 def test_the_tagged_fixture_is_what_a_gpu_saves(tmp_path: Path) -> None:
     """The CPU box's stand-in matches a real CUDA save: same tensors, saved devices and dtypes."""
     _saved_on_cuda(tmp_path / "real.pt", "foreach")
     real, tagged = load_checkpoint(tmp_path / "real.pt"), load_checkpoint(FIXTURES / "cuda_adam.pt")
-    real_tensors, tagged_tensors = _tensors(real.root), _tensors(tagged.root)
+    real_tensors, tagged_tensors = tensors_by_path(real.root), tensors_by_path(tagged.root)
     assert real_tensors.keys() == tagged_tensors.keys()
     for key, t in real_tensors.items():
         other = tagged_tensors[key]
@@ -103,7 +91,7 @@ def test_move_to_cpu_and_back_loads_like_torch(tmp_path: Path, impl: str) -> Non
     model, optimizer = _saved_on_cuda(src, impl)
     move_checkpoint(src, on_cpu, device="cpu")
     cpu = torch.load(on_cpu, weights_only=True, map_location=None)
-    assert {t.device.type for t in _tensors(cpu["optimizer"]).values()} == {"cpu"}
+    assert {t.device.type for t in tensors_by_path(cpu["optimizer"]).values()} == {"cpu"}
     assert all(t.is_cuda for t in cpu["model"].values())  # only the optimizer state moved
     assert_bitwise_equal(
         cpu["optimizer"], torch.load(src, weights_only=True, map_location="cpu")["optimizer"], "cpu"
@@ -131,8 +119,8 @@ def test_convert_round_trip_keeps_cuda_devices(tmp_path: Path, impl: str) -> Non
     original = torch.load(src, weights_only=True, map_location=None)
     back = torch.load(tmp_path / "back.pt", weights_only=True, map_location=None)
     assert_bitwise_equal(back, original, "round trip")
-    for key, t in _tensors(original).items():
-        assert _tensors(back)[key].device == t.device, key
+    for key, t in tensors_by_path(original).items():
+        assert tensors_by_path(back)[key].device == t.device, key
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal
+from checks import assert_bitwise_equal, tensors_by_path
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import load_checkpoint
@@ -465,19 +465,9 @@ def test_output_of_a_cuda_checkpoint_keeps_its_saved_devices(tmp_path: Path) -> 
     before = load_checkpoint(FIXTURES / "cuda_adam.pt")
     after = load_checkpoint(out)
     for key in ("model", "optimizer"):
-        old, new = tensor_paths(before.root[key]), tensor_paths(after.root[key])
+        old, new = tensors_by_path(before.root[key]), tensors_by_path(after.root[key])
         assert old.keys() == new.keys()
         for path, t in new.items():
             assert after.saved_device(t) == before.saved_device(old[path]), (key, path)
             if key == "model":
                 assert not torch.equal(t, old[path]), path  # stepped, not copied
-
-
-def tensor_paths(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a tree by its key path."""
-    if isinstance(node, torch.Tensor):
-        return {prefix: node}
-    if not isinstance(node, (dict, list, tuple)):
-        return {}
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    return {k: v for key, child in items for k, v in tensor_paths(child, f"{prefix}/{key}").items()}
