@@ -63,8 +63,8 @@ def _value(text: str) -> Any:
 def parse_setting(text: str) -> Setting:
     """Parse ``--set``: ``KEY=VALUE`` or ``GROUP.KEY=VALUE``.
 
-    A value with top-level commas is a tuple (``betas=0.9,0.95``); items and values are JSON
-    where they parse.
+    A value with top-level commas is a tuple (``betas=0.9,0.95``, also ``(0.9,0.95)`` and
+    ``[0.9,0.95]``); items and values are JSON where they parse.
 
     Raises:
         UsageError: no ``=``, or an empty key.
@@ -79,6 +79,8 @@ def parse_setting(text: str) -> Setting:
         group, target = int(head), rest
     if not target.isidentifier():
         raise UsageError(f"--set {text!r}: {target!r} is not a hyperparameter name")
+    if raw.strip().startswith("(") and raw.strip().endswith(")"):  # Python's tuple spelling
+        raw = "[" + raw.strip()[1:-1] + "]"
     items = split_top_level(raw)
     value = tuple(_value(i) for i in items) if len(items) > 1 else _value(raw)
     return Setting(group, target, value)
@@ -179,6 +181,8 @@ def regenerate(
         raise UsageError(f"--steps must be 0 or more, not {steps}")
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
+    if not layout.params:  # torch.optim refuses an empty parameter list too
+        raise UsageError("the layout has no parameters")
     groups, kwargs, dropped = _groups(layout, defaults(cls), settings, cls.__name__)
     if values is None:
         specs = [
@@ -295,6 +299,10 @@ def regenerate_checkpoint(
             assert model_state is not None  # load_layout found it
             values = {**model_state}
             params_from = f"model state dict {layout}"
+    if fmt == "safetensors":  # refused now, not after the steps
+        from optckpt.io.safetensors_format import check_storable
+
+        check_storable((n, getattr(torch, p.dtype)) for n, p in target.params.items())
     result = regenerate(
         optimizer, target, steps=steps, seed=seed, settings=parsed, values=values, names=names
     )

@@ -323,6 +323,7 @@ def remap_checkpoint(
         IncompatibleStateError: shapes changed (see :func:`remap`).
         UnreadableCheckpointError: the input cannot be read.
     """
+    from optckpt.devices import carry_devices, current_devices
     from optckpt.io import load_checkpoint
     from optckpt.io.write import check_output, format_for, save_checkpoint
     from optckpt.locate import select_optimizers
@@ -361,14 +362,13 @@ def remap_checkpoint(
     )
     if out is None:
         return RemapResult(located.key, plan, None)
+    # Carried state keeps its saved device; cast state takes the one the state was saved on.
+    devices = current_devices(checkpoint)
+    carry_devices(checkpoint, devices, located.state_dict, new, same_ids=False)
     # The loaded tree is ours (the file is mapped copy-on-write): swap the new state dict in.
     located.state_dict.clear()
     located.state_dict.update(new)
     save_checkpoint(
-        checkpoint.root,
-        out,
-        format_for(out),
-        sources=checkpoint.sources,
-        saved_devices=checkpoint.saved_devices,
+        checkpoint.root, out, format_for(out), sources=checkpoint.sources, saved_devices=devices
     )
     return RemapResult(located.key, plan, out)

@@ -777,20 +777,20 @@ def _write(
     fmt: str,
 ) -> None:
     """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
+    from optckpt.devices import carry_devices, current_devices
     from optckpt.io.write import save_checkpoint
     from optckpt.layout import tied
 
     weights = source.weights(checkpoint)[0] if source.model is None else None
     new_state = ours.state_dict()
+    # Groups stepped with capturable off on the CPU (_uncapture) are saved as they came.
+    for group, saved in zip(new_state["param_groups"], found.state_dict["param_groups"]):
+        if "capturable" in saved:
+            group["capturable"] = saved["capturable"]
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
-    devices = dict(checkpoint.saved_devices)
-    old_state = found.state_dict.get("state", {})
-    for pid, entries in new_state["state"].items():
-        for key, new in entries.items():
-            old = old_state.get(pid, {}).get(key) if isinstance(old_state.get(pid), dict) else None
-            if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
-                devices[new.untyped_storage().data_ptr()] = checkpoint.saved_device(old)
+    devices = current_devices(checkpoint)
+    carry_devices(checkpoint, devices, found.state_dict, new_state, same_ids=True)
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
     found.state_dict.update(new_state)
@@ -805,6 +805,12 @@ def _write(
                 for name in (names[pid], *aliases[names[pid]]):
                     weights[name] = stepped  # tied weights stay tied
     save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped, saved_devices=devices)
+
+
+def _nothing_written(report: ResumeReport, out: Path | None) -> ResumeReport:
+    if out is not None:
+        report.notes.append(f"nothing written to {out}: a check failed")
+    return report
 
 
 def resume_step(
@@ -866,6 +872,11 @@ def resume_step(
 
     source = _Source(path, key, None if model is None else Path(model), seed, tuple(allow_globals))
     checkpoint, found = source.read()
+    if out is not None and fmt == "safetensors":  # refused now, not after the steps
+        from optckpt.devices import tensors_in
+        from optckpt.io.safetensors_format import check_storable
+
+        check_storable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
     state_dict = found.state_dict
     cls, optimizer_from = _optimizer_class(state_dict, optimizer)
     params = source.parameters(checkpoint, state_dict)
@@ -900,7 +911,7 @@ def resume_step(
     later += ["matches_torch"] if check_torch else []
     if not shapes.ok:
         report.checks += [Check(name, None, "skipped: the shapes do not fit") for name in later]
-        return report
+        return _nothing_written(report, out)
 
     grads = _Gradients(
         {id(p): i for i, g in enumerate(ours.param_groups) for p in g["params"]},
@@ -912,7 +923,7 @@ def resume_step(
     except _STEP_ERRORS as e:
         report.checks.append(Check("steps_taken", False, _error(e)))
         report.checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
-        return report
+        return _nothing_written(report, out)
     report.checks.append(Check("steps_taken", True, f"{steps} step(s) of {cls.__name__}"))
 
     live = {
@@ -933,8 +944,7 @@ def resume_step(
 
     if out is not None:
         if not report.ok:
-            report.notes.append(f"nothing written to {out}: a check failed")
-            return report
+            return _nothing_written(report, out)
         _write(source, checkpoint, found, ours, live, params.names, out, fmt)
         report.out = out
         saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})

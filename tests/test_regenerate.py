@@ -146,6 +146,9 @@ def test_groups_carry_names_unless_asked_not_to() -> None:
         ("lr=3e-4", Setting(None, "lr", 3e-4)),
         ("betas=0.9,0.95", Setting(None, "betas", (0.9, 0.95))),
         ("betas=[0.9, 0.95]", Setting(None, "betas", (0.9, 0.95))),
+        ("betas=(0.9,0.95)", Setting(None, "betas", (0.9, 0.95))),
+        ("1.betas= (0.5, 0.75) ", Setting(1, "betas", (0.5, 0.75))),
+        ("line_search_fn=strong_wolfe", Setting(None, "line_search_fn", "strong_wolfe")),
         ("weight_decay=0", Setting(None, "weight_decay", 0)),
         ("1.lr=1e-5", Setting(1, "lr", 1e-5)),
         ("amsgrad=true", Setting(None, "amsgrad", True)),
@@ -344,3 +347,27 @@ def test_an_empty_layout_group_is_kept_named() -> None:
     result = regenerate("adam", layout_from_json(layout), steps=1)
     assert result.optimizer["param_groups"][2]["params"] == []
     assert result.optimizer["param_groups"][2]["param_names"] == []
+
+
+def test_a_dtype_safetensors_cannot_hold_is_refused_before_the_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"params": {"w": {"shape": [2], "dtype": "complex128"}}}))
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the steps ran")
+
+    monkeypatch.setattr("optckpt.regenerate.regenerate", never)
+    with pytest.raises(
+        UsageError, match=r"cannot store w in safetensors: it has no torch\.complex128"
+    ):
+        regenerate_checkpoint("adam", layout, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == [layout]
+
+
+def test_a_layout_without_parameters_is_a_usage_error() -> None:
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam([])
+    with pytest.raises(UsageError, match="the layout has no parameters"):
+        regenerate("adam", layout_from_json({"params": {}, "groups": []}))

@@ -159,9 +159,11 @@ def test_a_state_tensor_of_another_shape_fails_and_skips_the_step(tmp_path: Path
     checkpoint = torch_checkpoint("Adam")
     state = checkpoint["optimizer"]["state"][0]
     state["exp_avg"] = state["exp_avg"].t().contiguous()
-    report = resume_step(save(tmp_path, checkpoint), check_torch=True)
+    out = tmp_path / "after.pt"
+    report = resume_step(save(tmp_path, checkpoint), check_torch=True, out=out)
     checks = by_name(report)
     assert not report.ok
+    assert not out.exists() and f"nothing written to {out}: a check failed" in report.notes
     assert checks["shapes"].ok is False
     assert "exp_avg of ID 0 (a.weight) is [3, 5], expected [5, 3]" in checks["shapes"].detail
     assert [checks[n].ok for n in ("steps_taken", "finite_after", "matches_torch")] == [None] * 3
@@ -471,3 +473,19 @@ def test_output_of_a_cuda_checkpoint_keeps_its_saved_devices(tmp_path: Path) -> 
             assert after.saved_device(t) == before.saved_device(old[path]), (key, path)
             if key == "model":
                 assert not torch.equal(t, old[path]), path  # stepped, not copied
+
+
+def test_a_dtype_safetensors_cannot_hold_is_refused_before_the_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = {"w": torch.randn(3, dtype=torch.complex128)}
+    optimizer = torch.optim.Adam(weights.values())
+    path = save(tmp_path, {"model": weights, "optimizer": optimizer.state_dict()})
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the steps ran")
+
+    monkeypatch.setattr("optckpt.synthetic.take_steps", never)  # imported when stepping
+    with pytest.raises(UsageError, match=r"in safetensors: it has no torch\.complex128"):
+        resume_step(path, out=tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

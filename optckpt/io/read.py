@@ -139,7 +139,8 @@ def _torch_load(
         # torch hands each storage to a callable map_location already on the CPU, with the
         # device it was saved from; keep the storage there and remember that device.
         def location(storage: Any, saved: str) -> Any:
-            seen[storage.data_ptr()] = saved
+            if storage.data_ptr():  # an empty storage has no address to key on
+                seen[storage.data_ptr()] = saved
             return storage
 
     try:

@@ -148,6 +148,17 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def check_storable(dtypes: Iterable[tuple[str, torch.dtype]]) -> None:
+    """Refuse, before any work, tensors safetensors cannot hold (``(name, dtype)`` pairs).
+
+    Raises:
+        UsageError: names the first such tensor and its dtype.
+    """
+    for name, dtype in dtypes:
+        if dtype not in _NAMES:
+            raise UsageError(f"cannot store {name} in safetensors: it has no {dtype}")
+
+
 def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(node, list):
         return [_decode(v, tensors) for v in node]
@@ -188,7 +199,9 @@ def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) ->
         devices = json.loads(metadata.get(DEVICES_KEY, "{}"))
         if saved_devices is not None:
             for name, device in devices.items():
-                saved_devices[tensors[name].untyped_storage().data_ptr()] = str(device)
+                address = tensors[name].untyped_storage().data_ptr()
+                if address:  # an empty tensor has none to key on: it reads as the CPU's
+                    saved_devices[address] = str(device)
         return _decode(json.loads(tree), tensors)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e!r})") from e
@@ -356,8 +369,9 @@ def _devices(
         if isinstance(value, Deferred):
             continue
         device = str(value.device)
-        if value.device.type == "cpu":
-            device = saved_devices.get(value.untyped_storage().data_ptr(), device)
+        address = value.untyped_storage().data_ptr()
+        if value.device.type == "cpu" and address:  # an empty tensor has no address
+            device = saved_devices.get(address, device)
         if device != "cpu":
             devices[name] = device
     return devices

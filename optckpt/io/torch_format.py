@@ -228,7 +228,7 @@ def write_torch(
             key = keys.setdefault(storage._cdata, str(len(keys)))
             storages[key] = storage
             location = location_tag(storage)
-            if location == "cpu":
+            if location == "cpu" and storage.data_ptr():
                 location = saved_devices.get(storage.data_ptr(), location)
             return ("storage", storage_type, key, location, storage_numel)
         return None

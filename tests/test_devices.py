@@ -1,0 +1,116 @@
+"""Saved devices through the commands that make new tensors: resume-step -o, remap, convert.
+
+Inputs are "CUDA checkpoints" written on the CPU box: real torch.optim state saved with
+location tags (``save_torch(..., saved_devices=...)``, the mechanism the writers use), every
+tensor tagged ``cuda:0`` except the ``step``s torch keeps on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from checks import tensors_by_path
+
+from optckpt.convert import convert_checkpoint
+from optckpt.io import load_checkpoint
+from optckpt.io.torch_format import save_torch
+from optckpt.remapping import remap_checkpoint
+from optckpt.resume import resume_step
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def save_tagged(tree: Any, path: Path, cpu_steps: bool = True) -> Path:
+    """Write ``tree`` as if saved on cuda:0 (``step``s on the CPU unless ``cpu_steps`` is off)."""
+    devices = {
+        t.untyped_storage().data_ptr(): "cpu" if cpu_steps and key.endswith("/step") else "cuda:0"
+        for key, t in tensors_by_path(tree).items()
+        if t.numel()
+    }
+    save_torch(tree, path, saved_devices=devices)
+    return path
+
+
+def saved_devices(path: Path) -> dict[str, str]:
+    checkpoint = load_checkpoint(path)
+    return {key: checkpoint.saved_device(t) for key, t in tensors_by_path(checkpoint.root).items()}
+
+
+def adam_checkpoint(**options: Any) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(5, 3)).square().sum().backward()
+    model[1].bias.grad = None  # a parameter with no state yet
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0].update(options)
+    return {"model": model.state_dict(), "optimizer": state}
+
+
+def test_resume_output_keeps_capturable_and_its_devices(tmp_path: Path) -> None:
+    """Stepped on the CPU with capturable off, written back with capturable on, on cuda:0."""
+    checkpoint = adam_checkpoint(capturable=True)
+    src = save_tagged(checkpoint, tmp_path / "in.pt", cpu_steps=False)  # capturable: on device
+    report = resume_step(src, out=tmp_path / "out.pt")
+    assert report.ok, report.checks
+    out = torch.load(tmp_path / "out.pt", weights_only=True, map_location="cpu")
+    assert out["optimizer"]["param_groups"][0]["capturable"] is True
+    devices = saved_devices(tmp_path / "out.pt")
+    assert set(devices.values()) == {"cuda:0"}, devices
+    assert "/optimizer/state/3/exp_avg" in devices  # the state made by this step
+
+
+def test_resume_output_tags_state_made_by_the_step(tmp_path: Path) -> None:
+    """A parameter without state gets it on the step: moments on cuda:0, step on the CPU."""
+    src = save_tagged(adam_checkpoint(), tmp_path / "in.pt")
+    assert 3 not in torch.load(src, weights_only=True, map_location="cpu")["optimizer"]["state"]
+    assert resume_step(src, out=tmp_path / "out.pt").ok
+    devices = saved_devices(tmp_path / "out.pt")
+    for pid in range(4):
+        assert devices[f"/optimizer/state/{pid}/exp_avg"] == "cuda:0"
+        assert devices[f"/optimizer/state/{pid}/step"] == "cpu"
+    assert {devices[f"/model/{k}"] for k in ("0.weight", "1.bias")} == {"cuda:0"}
+
+
+def test_resume_output_keeps_a_tensor_lr_and_list_state_on_their_devices(tmp_path: Path) -> None:
+    """LBFGS keeps lists of tensors (their new entries too); a Tensor lr keeps its device."""
+    tree = torch.load(FIXTURES / "regenerated/lbfgs.pt", weights_only=True)
+    tree["optimizer"]["param_groups"][0]["lr"] = torch.tensor(
+        tree["optimizer"]["param_groups"][0]["lr"]
+    )
+    src = save_tagged(tree, tmp_path / "in.pt")
+    before = saved_devices(src)
+    assert resume_step(src, steps=2, out=tmp_path / "out.pt").ok
+    after = saved_devices(tmp_path / "out.pt")
+    assert len(after) > len(before)  # the history lists grew
+    assert set(after.values()) == {"cuda:0"}, after
+
+
+def test_remap_cast_state_keeps_the_saved_device(tmp_path: Path) -> None:
+    layout = json.loads((FIXTURES / "layouts/toy.json").read_text())
+    layout["params"]["0.weight"]["dtype"] = "bfloat16"  # ID 0 of the regenerated Adam
+    (tmp_path / "bf16.json").write_text(json.dumps(layout))
+    tree = torch.load(FIXTURES / "regenerated/adam.pt", weights_only=True)
+    src = save_tagged(tree, tmp_path / "in.pt")
+    for name in ("out.pt", "out.safetensors"):
+        remap_checkpoint(src, tmp_path / "bf16.json", tmp_path / name)
+        out = load_checkpoint(tmp_path / name)
+        cast = out.root["optimizer"]["state"][0]["exp_avg"]
+        assert cast.dtype == torch.bfloat16
+        assert saved_devices(tmp_path / name) == saved_devices(src)
+
+
+def test_empty_tensors_read_as_cpu_tensors_without_mixing_devices(tmp_path: Path) -> None:
+    """An empty storage has no address: its saved device cannot be told apart, so it reads
+    as the CPU's and never lends a device to another empty tensor."""
+    tree = {"a": torch.zeros(0), "b": torch.zeros(0), "w": torch.ones(2)}
+    devices = {tree["w"].untyped_storage().data_ptr(): "cuda:0", 0: "cuda:0"}
+    save_torch(tree, tmp_path / "in.pt", saved_devices=devices)
+    convert_checkpoint(tmp_path / "in.pt", tmp_path / "x.safetensors")
+    convert_checkpoint(tmp_path / "x.safetensors", tmp_path / "y.pt")
+    for name in ("in.pt", "x.safetensors", "y.pt"):
+        assert saved_devices(tmp_path / name) == {"/a": "cpu", "/b": "cpu", "/w": "cuda:0"}, name
