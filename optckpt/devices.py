@@ -52,15 +52,17 @@ def carry_devices(
     new: Mapping[str, Any],
     *,
     same_ids: bool,
+    param_devices: Mapping[Any, str] | None = None,
 ) -> None:
     """Add to ``devices`` (from :func:`current_devices`) the devices for ``new``'s tensors.
 
     A tensor of ``new`` takes the saved device of its counterpart in ``old``: the tensor at
     the same key path of the same parameter ID (``same_ids``, when ``new`` keeps ``old``'s
     IDs) or of the same group index, for hyperparameters. A tensor without one keeps the
-    device of its storage if ``old`` held it; else it takes the device ``old``'s state was
-    mostly saved from, except a ``step`` of a group neither fused nor capturable, which
-    torch keeps on the CPU.
+    device of its storage if ``old`` held it; else the saved device of its parameter (from
+    ``param_devices``, by ID) or, without one, the device ``old``'s state was mostly saved
+    from, except a ``step`` of a group neither fused nor capturable, which torch keeps on
+    the CPU.
 
     Args:
         checkpoint: the checkpoint ``old`` was read from.
@@ -68,6 +70,7 @@ def carry_devices(
         old: the optimizer state dict as read.
         new: the state dict that replaces it.
         same_ids: whether a parameter ID means the same parameter in both.
+        param_devices: the saved device of each parameter, by ID in ``new``, where known.
     """
     counts = Counter(
         checkpoint.saved_device(t)
@@ -87,8 +90,9 @@ def carry_devices(
             if key != "params":
                 _pair(checkpoint, devices, value, saved.get(key), usual, key)
     for pid, entry in new.get("state", {}).items():
-        step_default = usual if placed.get(pid, False) else "cpu"
-        _pair(checkpoint, devices, entry, old_state.get(pid), usual, None, step_default)
+        device = (param_devices or {}).get(pid, usual)
+        step_default = device if placed.get(pid, False) else "cpu"
+        _pair(checkpoint, devices, entry, old_state.get(pid), device, None, step_default)
 
 
 def _pair(

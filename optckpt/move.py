@@ -8,13 +8,14 @@ state tensors, never ``step`` and never integer or bool tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from optckpt.devices import current_devices, tensors_in
 from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import Releaser
@@ -176,16 +177,16 @@ def move_checkpoint(
     releaser = Releaser(checkpoint.sources)
     # What stays records the device it was saved from (a CUDA checkpoint's model weights stay
     # tagged cuda:0); what moves records where it went.
-    kept_devices = {} if all_tensors else dict(checkpoint.saved_devices)
-    for f in found:
-        for ptr in _storages(f.state_dict["state"]):
-            kept_devices.pop(ptr, None)
+    kept_devices = {} if all_tensors else current_devices(checkpoint)
     moved = {
         id(f.state_dict): move_state(
             f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True
         )
         for f in found
     }
+    for state_dict in moved.values():  # casts made when written are new storages anyway
+        for _, tensor in tensors_in(state_dict["state"]):
+            kept_devices.pop(tensor.untyped_storage().data_ptr(), None)
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
     for f in found:
         f.state_dict["state"] = moved[id(f.state_dict)]["state"]
@@ -206,20 +207,11 @@ def move_checkpoint(
         dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
         optimizers=[f.key for f in found],
         all_tensors=all_tensors,
-        kept_on=sorted(set(kept_devices.values()) - {"cpu", str(torch_device)}),
+        kept_on=sorted(
+            {kept_devices.get(t.untyped_storage().data_ptr(), "cpu") for _, t in tensors_in(root)}
+            - {"cpu", str(torch_device)}
+        ),
     )
-
-
-def _storages(node: Any) -> Iterator[int]:
-    """The storage addresses of the tensors in a tree."""
-    if isinstance(node, torch.Tensor):
-        yield node.untyped_storage().data_ptr()
-    elif isinstance(node, Mapping):
-        for value in node.values():
-            yield from _storages(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            yield from _storages(value)
 
 
 def _move_outside(

@@ -60,6 +60,18 @@ def _value(text: str) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _parenthesized(text: str) -> bool:
+    """Whether ``text`` is one ``( ... )`` whose opening parenthesis closes at the end."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return False
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return i == len(text) - 1
+    return False
+
+
 def parse_setting(text: str) -> Setting:
     """Parse ``--set``: ``KEY=VALUE`` or ``GROUP.KEY=VALUE``.
 
@@ -79,8 +91,9 @@ def parse_setting(text: str) -> Setting:
         group, target = int(head), rest
     if not target.isidentifier():
         raise UsageError(f"--set {text!r}: {target!r} is not a hyperparameter name")
-    if raw.strip().startswith("(") and raw.strip().endswith(")"):  # Python's tuple spelling
-        raw = "[" + raw.strip()[1:-1] + "]"
+    if _parenthesized(raw.strip()):  # Python's spelling: (0.9,0.95) is a tuple, (1) is 1
+        inner = raw.strip()[1:-1]
+        raw = f"[{inner}]" if len(split_top_level(inner)) > 1 else inner
     items = split_top_level(raw)
     value = tuple(_value(i) for i in items) if len(items) > 1 else _value(raw)
     return Setting(group, target, value)

@@ -790,7 +790,21 @@ def _write(
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
     devices = current_devices(checkpoint)
-    carry_devices(checkpoint, devices, found.state_dict, new_state, same_ids=True)
+    param_devices = {}
+    if isinstance(weights, dict):
+        param_devices = {
+            pid: checkpoint.saved_device(weights[names[pid]])
+            for pid in live
+            if isinstance(weights.get(names.get(pid)), torch.Tensor)
+        }
+    carry_devices(
+        checkpoint,
+        devices,
+        found.state_dict,
+        new_state,
+        same_ids=True,
+        param_devices=param_devices,
+    )
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
     found.state_dict.update(new_state)

@@ -114,3 +114,50 @@ def test_empty_tensors_read_as_cpu_tensors_without_mixing_devices(tmp_path: Path
     convert_checkpoint(tmp_path / "x.safetensors", tmp_path / "y.pt")
     for name in ("in.pt", "x.safetensors", "y.pt"):
         assert saved_devices(tmp_path / name) == {"/a": "cpu", "/b": "cpu", "/w": "cuda:0"}, name
+
+
+def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None:
+    """State made by the step takes its parameter's saved device: cuda:1 for the second layer
+    of a model split over two GPUs, cuda:0 for the first; also when no state existed at all."""
+    for with_state in (False, True):
+        checkpoint = adam_checkpoint()
+        if not with_state:
+            checkpoint["optimizer"]["state"] = {}
+        model = checkpoint["model"]
+        devices = {
+            t.untyped_storage().data_ptr(): "cuda:1" if name.startswith("1.") else "cuda:0"
+            for name, t in model.items()
+        }
+        for pid, state in checkpoint["optimizer"]["state"].items():
+            for key, t in state.items():
+                device = "cuda:1" if pid >= 2 else "cuda:0"
+                devices[t.untyped_storage().data_ptr()] = "cpu" if key == "step" else device
+        src = tmp_path / f"in{with_state}.pt"
+        save_torch(checkpoint, src, saved_devices=devices)
+        out = tmp_path / f"out{with_state}.pt"
+        assert resume_step(src, out=out).ok
+        got = saved_devices(out)
+        for pid in range(4):
+            expected = "cuda:1" if pid >= 2 else "cuda:0"
+            assert got[f"/optimizer/state/{pid}/exp_avg"] == expected, (with_state, pid)
+            assert got[f"/optimizer/state/{pid}/step"] == "cpu"
+
+
+def test_move_dtype_keeps_the_device_of_a_weight_the_state_shares(tmp_path: Path) -> None:
+    """The state's cast copy moves; the model weight it shared storage with does not."""
+    from optckpt.move import move_checkpoint
+
+    w = torch.ones(3)
+    tree = {
+        "model": {"w": w},
+        "optimizer": {
+            "state": {0: {"master": w, "step": torch.tensor(1.0)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
+    }
+    src = save_tagged(tree, tmp_path / "in.pt")
+    result = move_checkpoint(src, tmp_path / "out.pt", device="cpu", dtype="float64")
+    devices = saved_devices(tmp_path / "out.pt")
+    assert devices["/model/w"] == "cuda:0"
+    assert devices["/optimizer/state/0/master"] == "cpu"
+    assert result.kept_on == ["cuda:0"]

@@ -148,6 +148,8 @@ def test_groups_carry_names_unless_asked_not_to() -> None:
         ("betas=[0.9, 0.95]", Setting(None, "betas", (0.9, 0.95))),
         ("betas=(0.9,0.95)", Setting(None, "betas", (0.9, 0.95))),
         ("1.betas= (0.5, 0.75) ", Setting(1, "betas", (0.5, 0.75))),
+        ("lr=(0.1)", Setting(None, "lr", 0.1)),
+        ("x=(1,2),(3,4)", Setting(None, "x", ("(1", "2)", "(3", "4)"))),  # not one tuple
         ("line_search_fn=strong_wolfe", Setting(None, "line_search_fn", "strong_wolfe")),
         ("weight_decay=0", Setting(None, "weight_decay", 0)),
         ("1.lr=1e-5", Setting(1, "lr", 1e-5)),
