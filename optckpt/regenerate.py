@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
 from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, seeded_parameters, take_steps
+
+if TYPE_CHECKING:
+    from optckpt.io.write import ProgressStart
 
 __all__ = [
     "RegenerateResult",
@@ -274,12 +277,14 @@ def regenerate_checkpoint(
     names: bool = True,
     force: bool = False,
     allow_globals: Iterable[str] = (),
+    progress: ProgressStart | None = None,
 ) -> RegenerateResult:
     """Regenerate a checkpoint (see :func:`regenerate`) and write it to ``out``.
 
     A ``layout`` file that is a model state dict gives the starting values as well as the
     names and shapes. ``out`` is ``.pt`` (torch zip) or ``.safetensors`` by its extension;
-    ``bare`` writes the optimizer state dict alone.
+    ``bare`` writes the optimizer state dict alone. ``progress`` is called with the bytes of
+    tensors to write when the writing starts; the callback it returns is told each write.
 
     Raises:
         UsageError: bad options or an output that may not be written.
@@ -287,7 +292,7 @@ def regenerate_checkpoint(
         IncompatibleStateError: the optimizer refuses the layout or the settings.
     """
     from optckpt.io import load_checkpoint
-    from optckpt.io.write import check_output, format_for, save_checkpoint
+    from optckpt.io.write import check_output, format_for, save_checkpoint, tensor_bytes
     from optckpt.layout import find_model_state
 
     out = Path(out)
@@ -320,7 +325,7 @@ def regenerate_checkpoint(
         optimizer, target, steps=steps, seed=seed, settings=parsed, values=values, names=names
     )
     tree: Any = result.optimizer if bare else {"model": result.model, "optimizer": result.optimizer}
-    save_checkpoint(tree, out, fmt)
+    save_checkpoint(tree, out, fmt, progress=progress(tensor_bytes(tree)) if progress else None)
     return RegenerateResult(
         out=out,
         optimizer=by_name(optimizer).__name__,

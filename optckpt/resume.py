@@ -15,12 +15,15 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.statedict import PARAM_SHAPED_KEYS, REMAP_HINT, names_of, param_ids
+
+if TYPE_CHECKING:
+    from optckpt.io.write import ProgressStart
 
 __all__ = ["Check", "GroupUpdate", "ResumeReport", "resume_step"]
 
@@ -775,10 +778,11 @@ def _write(
     names: Mapping[Any, str],
     out: Path,
     fmt: str,
+    progress: ProgressStart | None = None,
 ) -> None:
     """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
     from optckpt.devices import carry_devices, current_devices
-    from optckpt.io.write import save_checkpoint
+    from optckpt.io.write import save_checkpoint, tensor_bytes
     from optckpt.layout import tied
 
     weights = source.weights(checkpoint)[0] if source.model is None else None
@@ -818,7 +822,14 @@ def _write(
                 )
                 for name in (names[pid], *aliases[names[pid]]):
                     weights[name] = stepped  # tied weights stay tied
-    save_checkpoint(checkpoint.root, out, fmt, sources=source.mapped, saved_devices=devices)
+    save_checkpoint(
+        checkpoint.root,
+        out,
+        fmt,
+        sources=source.mapped,
+        saved_devices=devices,
+        progress=progress(tensor_bytes(checkpoint.root)) if progress else None,
+    )
 
 
 def _nothing_written(report: ResumeReport, out: Path | None) -> ResumeReport:
@@ -840,6 +851,7 @@ def resume_step(
     out: str | Path | None = None,
     force: bool = False,
     allow_globals: Iterable[str] = (),
+    progress: ProgressStart | None = None,
 ) -> ResumeReport:
     """Load a checkpoint's optimizer state, take ``steps`` steps, and check the result.
 
@@ -855,6 +867,8 @@ def resume_step(
         out: write the checkpoint after the steps here (only when every check passed).
         force: overwrite ``out``.
         allow_globals: pickle globals to let through (see :func:`optckpt.io.load_checkpoint`).
+        progress: called with the bytes of tensors to write when writing ``out`` starts; the
+            callback it returns is told each write.
 
     Returns:
         The :class:`ResumeReport`; ``report.ok`` says whether every check passed.
@@ -959,7 +973,7 @@ def resume_step(
     if out is not None:
         if not report.ok:
             return _nothing_written(report, out)
-        _write(source, checkpoint, found, ours, live, params.names, out, fmt)
+        _write(source, checkpoint, found, ours, live, params.names, out, fmt, progress)
         report.out = out
         saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})
         if saved_on:

@@ -373,3 +373,20 @@ def test_a_layout_without_parameters_is_a_usage_error() -> None:
         torch.optim.Adam([])
     with pytest.raises(UsageError, match="the layout has no parameters"):
         regenerate("adam", layout_from_json({"params": {}, "groups": []}))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_writing_reports_its_bytes_to_progress(tmp_path: Path, suffix: str) -> None:
+    started: list[int] = []
+    written: list[int] = []
+
+    def start(total: int) -> Any:
+        started.append(total)
+        return written.append
+
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(GENERAL))
+    out = tmp_path / f"out{suffix}"
+    regenerate_checkpoint("adam", layout, out, steps=2, progress=start)
+    (total,) = started
+    assert total > 0 and total <= sum(written) <= out.stat().st_size

@@ -489,3 +489,21 @@ def test_a_dtype_safetensors_cannot_hold_is_refused_before_the_steps(
     with pytest.raises(UsageError, match=r"in safetensors: it has no torch\.complex128"):
         resume_step(path, out=tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_writing_reports_its_bytes_to_progress(tmp_path: Path) -> None:
+    """-o asks for a progress callback sized by the tensors to write, then feeds it."""
+    started: list[int] = []
+    written: list[int] = []
+
+    def start(total: int) -> Any:
+        started.append(total)
+        return written.append
+
+    out = tmp_path / "out.pt"
+    assert resume_step(FIXTURES / "adamw_train.pt", out=out, progress=start).ok
+    tree = torch.load(out, weights_only=True)
+    assert started == [sum(t.numel() * t.element_size() for t in tensors_by_path(tree).values())]
+    assert started[0] <= sum(written) <= out.stat().st_size
+    assert resume_step(FIXTURES / "adamw_train.pt", progress=start).ok  # nothing to write
+    assert len(started) == 1

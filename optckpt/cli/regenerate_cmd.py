@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, GroupRules, Output
+from optckpt.cli.render import progress_when_writing
 
 
 def regenerate(
@@ -54,19 +55,21 @@ def regenerate(
     """Write a checkpoint made by N seeded steps of a bundled optimizer on a layout."""
     from optckpt.regenerate import regenerate_checkpoint
 
-    result = regenerate_checkpoint(
-        optimizer,
-        layout,
-        out,
-        steps=steps,
-        seed=seed,
-        settings=setting or (),
-        group_rules=group or (),
-        bare=bare,
-        names=names,
-        force=force,
-        allow_globals=allow_global or (),
-    )
+    with progress_when_writing("writing", quiet=as_json) as progress:
+        result = regenerate_checkpoint(
+            optimizer,
+            layout,
+            out,
+            steps=steps,
+            seed=seed,
+            settings=setting or (),
+            group_rules=group or (),
+            bare=bare,
+            names=names,
+            force=force,
+            allow_globals=allow_global or (),
+            progress=progress,
+        )
     if as_json:
         data = {
             "out": str(result.out),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,16 @@ def short_dtype(dtype: str) -> str:
 
 
 LARGE = 256 * 1024 * 1024  # bytes of work worth a progress bar
+
+
+@contextmanager
+def progress_when_writing(
+    label: str, *, quiet: bool = False
+) -> Iterator[Callable[[int], Callable[[int], None] | None]]:
+    """For work whose size is known only when its writing starts: a ``start(total)`` that
+    opens :func:`byte_progress` then (closed with this block) and returns its callback."""
+    with ExitStack() as stack:
+        yield lambda total: stack.enter_context(byte_progress(label, total, quiet=quiet))
 
 
 @contextmanager

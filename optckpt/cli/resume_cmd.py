@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
-from optckpt.cli.render import console
+from optckpt.cli.render import console, progress_when_writing
 
 if TYPE_CHECKING:
     from optckpt.resume import ResumeReport
@@ -57,19 +57,21 @@ def resume_step(
     """Load the optimizer state, take N seeded steps, and check that it resumes (exit 1 if not)."""
     from optckpt.resume import resume_step as run
 
-    report = run(
-        path,
-        key=key,
-        optimizer=optimizer,
-        model=model,
-        steps=steps,
-        seed=seed,
-        check_torch=check_torch,
-        atol=atol,
-        out=out,
-        force=force,
-        allow_globals=allow_global or (),
-    )
+    with progress_when_writing("writing", quiet=as_json) as progress:
+        report = run(
+            path,
+            key=key,
+            optimizer=optimizer,
+            model=model,
+            steps=steps,
+            seed=seed,
+            check_torch=check_torch,
+            atol=atol,
+            out=out,
+            force=force,
+            allow_globals=allow_global or (),
+            progress=progress,
+        )
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:

@@ -64,6 +64,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# Called with the bytes about to be written, when writing starts; returns the per-write
+# byte callback of save_checkpoint (or None), e.g. a progress bar sized then.
+ProgressStart = Callable[[int], Callable[[int], None] | None]
+
+
+def tensor_bytes(tree: Any) -> int:
+    """The bytes of every tensor in a checkpoint tree (what writing it mostly costs)."""
+    from optckpt.devices import tensors_in
+
+    return sum(t.numel() * t.element_size() for _, t in tensors_in(tree))
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success move it to ``out``, else delete it."""
