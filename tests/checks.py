@@ -66,3 +66,15 @@ def tensors_by_path(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         for key, child in items
         for path, tensor in tensors_by_path(child, f"{prefix}/{key}").items()
     }
+
+
+class RecordedProgress:
+    """A ``progress=`` start callback that records the total it is given and every write."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.written: list[int] = []
+
+    def __call__(self, total: int) -> Any:
+        self.started.append(total)
+        return self.written.append

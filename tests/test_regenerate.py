@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal
+from checks import RecordedProgress, assert_bitwise_equal
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import layout_from_json
@@ -377,16 +377,10 @@ def test_a_layout_without_parameters_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_writing_reports_its_bytes_to_progress(tmp_path: Path, suffix: str) -> None:
-    started: list[int] = []
-    written: list[int] = []
-
-    def start(total: int) -> Any:
-        started.append(total)
-        return written.append
-
+    progress = RecordedProgress()
     layout = tmp_path / "layout.json"
     layout.write_text(json.dumps(GENERAL))
     out = tmp_path / f"out{suffix}"
-    regenerate_checkpoint("adam", layout, out, steps=2, progress=start)
-    (total,) = started
-    assert total > 0 and total <= sum(written) <= out.stat().st_size
+    regenerate_checkpoint("adam", layout, out, steps=2, progress=progress)
+    (total,) = progress.started
+    assert 0 < total <= sum(progress.written) <= out.stat().st_size

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal, tensors_by_path
+from checks import RecordedProgress, assert_bitwise_equal, tensors_by_path
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import load_checkpoint
@@ -493,17 +493,12 @@ def test_a_dtype_safetensors_cannot_hold_is_refused_before_the_steps(
 
 def test_writing_reports_its_bytes_to_progress(tmp_path: Path) -> None:
     """-o asks for a progress callback sized by the tensors to write, then feeds it."""
-    started: list[int] = []
-    written: list[int] = []
-
-    def start(total: int) -> Any:
-        started.append(total)
-        return written.append
-
+    progress = RecordedProgress()
     out = tmp_path / "out.pt"
-    assert resume_step(FIXTURES / "adamw_train.pt", out=out, progress=start).ok
+    assert resume_step(FIXTURES / "adamw_train.pt", out=out, progress=progress).ok
     tree = torch.load(out, weights_only=True)
-    assert started == [sum(t.numel() * t.element_size() for t in tensors_by_path(tree).values())]
-    assert started[0] <= sum(written) <= out.stat().st_size
-    assert resume_step(FIXTURES / "adamw_train.pt", progress=start).ok  # nothing to write
-    assert len(started) == 1
+    total = sum(t.numel() * t.element_size() for t in tensors_by_path(tree).values())
+    assert progress.started == [total]
+    assert total <= sum(progress.written) <= out.stat().st_size
+    assert resume_step(FIXTURES / "adamw_train.pt", progress=progress).ok  # nothing to write
+    assert len(progress.started) == 1
