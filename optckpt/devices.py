@@ -10,25 +10,13 @@ device of the ones they replace, and a CUDA checkpoint comes out as it went in.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from optckpt.io import Checkpoint
-
-
-def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(key, tensor)`` for every tensor of a tree (the key under which it sits, if any)."""
-    stack: list[tuple[Any, Any]] = [(None, node)]
-    while stack:
-        key, value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            yield key, value
-        elif isinstance(value, Mapping):
-            stack.extend(value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((key, v) for v in value)
+from optckpt.locate import tensors_in
 
 
 def current_devices(checkpoint: Checkpoint) -> dict[int, str]:
@@ -47,14 +35,16 @@ def current_devices(checkpoint: Checkpoint) -> dict[int, str]:
 
 def carry_devices(
     checkpoint: Checkpoint,
-    devices: dict[int, str],
     old: Mapping[str, Any],
     new: Mapping[str, Any],
     *,
     same_ids: bool,
     param_devices: Mapping[Any, str] | None = None,
-) -> None:
-    """Add to ``devices`` (from :func:`current_devices`) the devices for ``new``'s tensors.
+) -> dict[int, str]:
+    """The devices to write ``checkpoint`` with once ``new`` replaces ``old`` in it.
+
+    Call it before the tree is changed: it starts from :func:`current_devices` and adds
+    ``new``'s tensors.
 
     A tensor of ``new`` takes the saved device of its counterpart in ``old``: the tensor at
     the same key path of the same parameter ID (``same_ids``, when ``new`` keeps ``old``'s
@@ -66,12 +56,15 @@ def carry_devices(
 
     Args:
         checkpoint: the checkpoint ``old`` was read from.
-        devices: storage address -> device; updated in place.
         old: the optimizer state dict as read.
         new: the state dict that replaces it.
         same_ids: whether a parameter ID means the same parameter in both.
         param_devices: the saved device of each parameter, by ID in ``new``, where known.
+
+    Returns:
+        Storage address -> device, for :func:`optckpt.io.write.save_checkpoint`.
     """
+    devices = current_devices(checkpoint)
     counts = Counter(
         checkpoint.saved_device(t)
         for key, t in tensors_in(old.get("state", {}))
@@ -93,6 +86,7 @@ def carry_devices(
         device = (param_devices or {}).get(pid, usual)
         step_default = device if placed.get(pid, False) else "cpu"
         _pair(checkpoint, devices, entry, old_state.get(pid), device, None, step_default)
+    return devices
 
 
 def _pair(

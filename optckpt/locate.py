@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from optckpt.errors import NoOptimizerStateError, UsageError
 from optckpt.statedict import StateDict, is_optimizer_state_dict
 
@@ -37,6 +39,19 @@ def _walk(node: Any, prefix: str) -> Iterator[Located]:
     elif isinstance(node, (list, tuple)):
         for index, value in enumerate(node):
             yield from _walk(value, _join(prefix, index))
+
+
+def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(key, tensor)`` for every tensor of a tree (the key under which it sits, if any)."""
+    stack: list[tuple[Any, Any]] = [(None, node)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield key, value
+        elif isinstance(value, Mapping):
+            stack.extend(value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((key, v) for v in value)
 
 
 def locate_optimizers(root: Any) -> list[Located]:

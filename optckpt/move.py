@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from optckpt.devices import current_devices, tensors_in
+from optckpt.devices import current_devices
 from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import Releaser
 from optckpt.io.torch_format import Deferred, can_defer
 from optckpt.io.write import check_output, format_for, save_checkpoint
-from optckpt.locate import select_optimizers
+from optckpt.locate import select_optimizers, tensors_in
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -323,7 +323,7 @@ def remap_checkpoint(
         IncompatibleStateError: shapes changed (see :func:`remap`).
         UnreadableCheckpointError: the input cannot be read.
     """
-    from optckpt.devices import carry_devices, current_devices
+    from optckpt.devices import carry_devices
     from optckpt.io import load_checkpoint
     from optckpt.io.write import check_output, format_for, save_checkpoint
     from optckpt.locate import select_optimizers
@@ -363,8 +363,7 @@ def remap_checkpoint(
     if out is None:
         return RemapResult(located.key, plan, None)
     # Carried state keeps its saved device; cast state takes the one the state was saved on.
-    devices = current_devices(checkpoint)
-    carry_devices(checkpoint, devices, located.state_dict, new, same_ids=False)
+    devices = carry_devices(checkpoint, located.state_dict, new, same_ids=False)
     # The loaded tree is ours (the file is mapped copy-on-write): swap the new state dict in.
     located.state_dict.clear()
     located.state_dict.update(new)

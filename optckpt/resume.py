@@ -781,11 +781,12 @@ def _write(
     progress: ProgressStart | None = None,
 ) -> None:
     """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
-    from optckpt.devices import carry_devices, current_devices
+    from optckpt.devices import carry_devices
     from optckpt.io.write import save_checkpoint, tensor_bytes
     from optckpt.layout import tied
 
-    weights = source.weights(checkpoint)[0] if source.model is None else None
+    loaded = source.weights(checkpoint)[0] if source.model is None else None
+    weights = loaded if isinstance(loaded, dict) else {}  # this file's weights, stepped below
     new_state = ours.state_dict()
     # Groups stepped with capturable off on the CPU (_uncapture) are saved as they came.
     for group, saved in zip(new_state["param_groups"], found.state_dict["param_groups"]):
@@ -793,35 +794,20 @@ def _write(
             group["capturable"] = saved["capturable"]
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
-    devices = current_devices(checkpoint)
-    param_devices = {}
-    if isinstance(weights, dict):
-        param_devices = {
-            pid: checkpoint.saved_device(weights[names[pid]])
-            for pid in live
-            if isinstance(weights.get(names.get(pid)), torch.Tensor)
-        }
-    carry_devices(
-        checkpoint,
-        devices,
-        found.state_dict,
-        new_state,
-        same_ids=True,
-        param_devices=param_devices,
+    from_file = {pid: names[pid] for pid in live if names.get(pid) in weights}
+    param_devices = {pid: checkpoint.saved_device(weights[name]) for pid, name in from_file.items()}
+    devices = carry_devices(
+        checkpoint, found.state_dict, new_state, same_ids=True, param_devices=param_devices
     )
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
     found.state_dict.update(new_state)
-    if isinstance(weights, dict):
-        aliases = tied(weights)
-        for pid, p in live.items():
-            if names.get(pid) in weights:
-                stepped = p.detach()
-                devices[stepped.untyped_storage().data_ptr()] = checkpoint.saved_device(
-                    weights[names[pid]]
-                )
-                for name in (names[pid], *aliases[names[pid]]):
-                    weights[name] = stepped  # tied weights stay tied
+    aliases = tied(weights)
+    for pid, name in from_file.items():
+        stepped = live[pid].detach()
+        devices[stepped.untyped_storage().data_ptr()] = param_devices[pid]
+        for alias in (name, *aliases[name]):
+            weights[alias] = stepped  # tied weights stay tied
     save_checkpoint(
         checkpoint.root,
         out,
@@ -901,8 +887,8 @@ def resume_step(
     source = _Source(path, key, None if model is None else Path(model), seed, tuple(allow_globals))
     checkpoint, found = source.read()
     if out is not None and fmt == "safetensors":  # refused now, not after the steps
-        from optckpt.devices import tensors_in
         from optckpt.io.safetensors_format import check_storable
+        from optckpt.locate import tensors_in
 
         check_storable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
     state_dict = found.state_dict

@@ -32,7 +32,13 @@ import torch
 
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
-from optckpt.io.torch_format import Deferred, end_output, open_output, write_all
+from optckpt.io.torch_format import (
+    Deferred,
+    end_output,
+    open_output,
+    recorded_location,
+    write_all,
+)
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
 TREE_KEY = "optckpt.tree"
@@ -368,10 +374,7 @@ def _devices(
     for name, value in tensors.items():
         if isinstance(value, Deferred):
             continue
-        device = str(value.device)
-        address = value.untyped_storage().data_ptr()
-        if value.device.type == "cpu" and address:  # an empty tensor has no address
-            device = saved_devices.get(address, device)
+        device = recorded_location(value.untyped_storage(), saved_devices)
         if device != "cpu":
             devices[name] = device
     return devices

@@ -170,6 +170,16 @@ def write_all(f: Any, data: Any) -> None:
         view = view[n:]
 
 
+def recorded_location(storage: torch.UntypedStorage, saved_devices: Mapping[int, str]) -> str:
+    """The device to record for ``storage``: the one it was saved from (``saved_devices``, by
+    address) if it is a CPU storage read from such a file, else where it is. An empty storage
+    has no address to look up."""
+    location: str = torch.serialization.location_tag(storage)
+    if location == "cpu" and storage.data_ptr():
+        return saved_devices.get(storage.data_ptr(), location)
+    return location
+
+
 def write_torch(
     tree: Any,
     f: Any,
@@ -197,7 +207,6 @@ def write_torch(
     storages: dict[str, Any] = {}  # key -> UntypedStorage or Deferred, in order of first use
     keys: dict[int, str] = {}  # storage._cdata or id(Deferred) -> key
     storage_dtypes: dict[int, torch.dtype] = {}
-    location_tag = torch.serialization.location_tag
     normalize = torch.serialization.normalize_storage_type
 
     # torch.serialization._save's persistent_id, plus the Deferred placeholder.
@@ -227,9 +236,7 @@ def write_torch(
                     )
             key = keys.setdefault(storage._cdata, str(len(keys)))
             storages[key] = storage
-            location = location_tag(storage)
-            if location == "cpu" and storage.data_ptr():
-                location = saved_devices.get(storage.data_ptr(), location)
+            location = recorded_location(storage, saved_devices)
             return ("storage", storage_type, key, location, storage_numel)
         return None
 

@@ -19,6 +19,7 @@ from typing import Any
 from optckpt.errors import UsageError
 from optckpt.io.safetensors_format import write_safetensors
 from optckpt.io.torch_format import save_torch
+from optckpt.locate import tensors_in
 
 FORMATS = ("pt", "safetensors")
 
@@ -71,8 +72,6 @@ ProgressStart = Callable[[int], Callable[[int], None] | None]
 
 def tensor_bytes(tree: Any) -> int:
     """The bytes of every tensor in a checkpoint tree (what writing it mostly costs)."""
-    from optckpt.devices import tensors_in
-
     return sum(t.numel() * t.element_size() for _, t in tensors_in(tree))
 
 
