@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -38,6 +41,15 @@ def test_the_manifest_lists_exactly_the_fixtures() -> None:
     assert all(("regenerate" in e) != ("function" in e) for e in MANIFEST)
 
 
+def _make_fixtures(folder: Path) -> ModuleType:
+    """fixtures/make_fixtures.py of ``folder``, imported as a module."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", folder / "make_fixtures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @SAME_TORCH
 @pytest.mark.parametrize(
     "entry", [e for e in MANIFEST if "regenerate" in e], ids=lambda e: e["path"]
@@ -46,30 +58,28 @@ def test_regenerate_entries_rebuild_the_committed_fixture(
     entry: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(FIXTURES)  # manifest paths are relative to fixtures/
-    out = tmp_path / Path(entry["path"]).name
-    result = CliRunner().invoke(app, ["regenerate", *entry["regenerate"], "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    same = CliRunner().invoke(app, ["diff", str(FIXTURES / entry["path"]), str(out)])
-    assert same.exit_code == 0, same.output
-    # diff compares the optimizer state; the model weights must agree too
-    assert_bitwise_equal(
-        load_checkpoint(out).root, load_checkpoint(FIXTURES / entry["path"]).root, entry["path"]
-    )
+    runs = []
+    for run in ("first", "second"):
+        out = tmp_path / run / Path(entry["path"]).name
+        out.parent.mkdir()
+        result = CliRunner().invoke(app, ["regenerate", *entry["regenerate"], "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append(out)
+    # On one machine a rebuild is exact: every tensor of both runs, model weights included.
+    assert_bitwise_equal(load_checkpoint(runs[0]).root, load_checkpoint(runs[1]).root)
+    # Against the committed file, perhaps made on another machine, CPU kernels (vector width,
+    # fused multiply-add) may change the last bits of stepped values, and steps carry them on.
+    committed = FIXTURES / entry["path"]
+    assert _make_fixtures(FIXTURES).verdict(committed, runs[0], []) in ("same", "close")
 
 
 @SAME_TORCH
 def test_make_fixtures_check_reports_a_fixture_that_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import importlib.util
-    import shutil
-
     copy = tmp_path / "fixtures"
     shutil.copytree(FIXTURES, copy)
-    spec = importlib.util.spec_from_file_location("make_fixtures", copy / "make_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    make_fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_fixtures)
+    make_fixtures = _make_fixtures(copy)
     entries = [e for e in MANIFEST if e["path"] in ("regenerated/adam.pt", "regenerated/sgd.pt")]
     monkeypatch.chdir(copy)
     assert make_fixtures.check(entries) == 0
