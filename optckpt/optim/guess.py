@@ -2,10 +2,13 @@
 
 A state dict does not record its optimizer class, but every class leaves its fingerprint: the
 hyperparameters in ``param_groups`` (``rho`` is Adadelta's, ``etas`` Rprop's, ...) and the
-per-parameter state keys (``exp_inf`` is Adamax's, ``acc_delta`` Adadelta's). The table below is
-torch 2.13's; ``tests/optim/test_guess.py`` checks it against the installed ``torch.optim``.
+per-parameter state keys (``exp_inf`` is Adamax's, ``acc_delta`` Adadelta's). Both come from
+:mod:`optckpt.optim.specs` (torch 2.13's classes, checked against the installed ``torch.optim``).
 Older torch versions lack some group keys (``decoupled_weight_decay``, ``fused``,
-``differentiable``), which is why the score is a similarity, not an equality test.
+``differentiable``), which is why the score is a similarity, not an equality test. State keys
+are evidence of another kind: a state with a key no ``torch.optim`` class writes (transformers'
+own Adafactor keeps ``exp_avg_sq_row`` and ``RMS``) was saved by an optimizer outside
+``torch.optim``, and no class is offered for it.
 """
 
 from __future__ import annotations
@@ -14,220 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Group keys of each class (torch 2.13 ``defaults``), and its per-parameter state keys:
-# ``required`` ones every stepped parameter has, ``optional`` ones that depend on options.
-_GROUP_KEYS: dict[str, frozenset[str]] = {
-    "ASGD": frozenset(
-        {
-            "lr",
-            "lambd",
-            "alpha",
-            "t0",
-            "weight_decay",
-            "foreach",
-            "maximize",
-            "differentiable",
-            "capturable",
-        }
-    ),
-    "Adadelta": frozenset(
-        {
-            "lr",
-            "rho",
-            "eps",
-            "weight_decay",
-            "maximize",
-            "capturable",
-            "foreach",
-            "differentiable",
-        }
-    ),
-    "Adafactor": frozenset(
-        {
-            "lr",
-            "beta2_decay",
-            "eps",
-            "d",
-            "weight_decay",
-            "foreach",
-            "maximize",
-        }
-    ),
-    "Adagrad": frozenset(
-        {
-            "lr",
-            "lr_decay",
-            "eps",
-            "weight_decay",
-            "initial_accumulator_value",
-            "foreach",
-            "maximize",
-            "differentiable",
-            "fused",
-        }
-    ),
-    "Adam": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "amsgrad",
-            "maximize",
-            "foreach",
-            "capturable",
-            "differentiable",
-            "fused",
-            "decoupled_weight_decay",
-        }
-    ),
-    "AdamW": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "amsgrad",
-            "maximize",
-            "foreach",
-            "capturable",
-            "differentiable",
-            "fused",
-            "decoupled_weight_decay",
-        }
-    ),
-    "Adamax": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "foreach",
-            "maximize",
-            "differentiable",
-            "capturable",
-        }
-    ),
-    "LBFGS": frozenset(
-        {
-            "lr",
-            "max_iter",
-            "max_eval",
-            "tolerance_grad",
-            "tolerance_change",
-            "history_size",
-            "line_search_fn",
-        }
-    ),
-    "Muon": frozenset(
-        {
-            "lr",
-            "weight_decay",
-            "momentum",
-            "nesterov",
-            "ns_coefficients",
-            "eps",
-            "ns_steps",
-            "adjust_lr_fn",
-        }
-    ),
-    "NAdam": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "momentum_decay",
-            "decoupled_weight_decay",
-            "maximize",
-            "foreach",
-            "capturable",
-            "differentiable",
-        }
-    ),
-    "RAdam": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "maximize",
-            "foreach",
-            "capturable",
-            "decoupled_weight_decay",
-            "differentiable",
-        }
-    ),
-    "RMSprop": frozenset(
-        {
-            "lr",
-            "momentum",
-            "alpha",
-            "eps",
-            "centered",
-            "weight_decay",
-            "capturable",
-            "foreach",
-            "maximize",
-            "differentiable",
-        }
-    ),
-    "Rprop": frozenset(
-        {
-            "lr",
-            "etas",
-            "step_sizes",
-            "foreach",
-            "maximize",
-            "differentiable",
-            "capturable",
-        }
-    ),
-    "SGD": frozenset(
-        {
-            "lr",
-            "momentum",
-            "dampening",
-            "weight_decay",
-            "nesterov",
-            "maximize",
-            "foreach",
-            "differentiable",
-            "fused",
-        }
-    ),
-    "SparseAdam": frozenset(
-        {
-            "lr",
-            "betas",
-            "eps",
-            "maximize",
-        }
-    ),
-}
-
-_STATE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "ASGD": (frozenset({"step", "eta", "mu", "ax"}), frozenset()),
-    "Adadelta": (frozenset({"step", "square_avg", "acc_delta"}), frozenset()),
-    "Adafactor": (frozenset({"step"}), frozenset({"row_var", "col_var", "variance"})),
-    "Adagrad": (frozenset({"step", "sum"}), frozenset()),
-    "Adam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset({"max_exp_avg_sq"})),
-    "AdamW": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset({"max_exp_avg_sq"})),
-    "Adamax": (frozenset({"step", "exp_avg", "exp_inf"}), frozenset()),
-    "LBFGS": (
-        frozenset({"func_evals", "n_iter"}),
-        frozenset(
-            {"d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"}
-        ),
-    ),
-    "Muon": (frozenset({"momentum_buffer"}), frozenset()),
-    "NAdam": (frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"}), frozenset()),
-    "RAdam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset()),
-    "RMSprop": (frozenset({"step", "square_avg"}), frozenset({"momentum_buffer", "grad_avg"})),
-    "Rprop": (frozenset({"step", "prev", "step_size"}), frozenset()),
-    "SGD": (frozenset(), frozenset({"momentum_buffer"})),
-    "SparseAdam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), frozenset()),
-}
+from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, SPECS
 
 # Group keys torch added to many classes over the releases (maximize in 1.11, foreach and
 # capturable in 1.12, differentiable in 1.13, fused in 2.0, decoupled_weight_decay in 2.1 to
@@ -237,9 +27,9 @@ VERSIONED_GROUP_KEYS = frozenset(
 )
 
 # Keys that something other than the optimizer puts into groups (LR schedulers, SWA, ...).
-_FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "swa_lr", "name"})
+_FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "name"}) | SCHEDULER_GROUP_KEYS
 
-CANDIDATES: tuple[str, ...] = tuple(_GROUP_KEYS)
+CANDIDATES: tuple[str, ...] = tuple(SPECS)
 """The torch optimizer class names the guesser knows."""
 
 
@@ -269,9 +59,10 @@ def _score(name: str, group_keys: set[str], state_keys: set[str]) -> float:
     # Versioned keys the group lacks are left out of the comparison, so an older torch's
     # group matches its class as well as a current one; keys it has that the class never
     # had still count against the class.
-    expected = _GROUP_KEYS[name] - (VERSIONED_GROUP_KEYS - group_keys)
+    spec = SPECS[name]
+    expected = spec.group_keys - (VERSIONED_GROUP_KEYS - group_keys)
     group_score = len(group_keys & expected) / len(group_keys | expected) if group_keys else 0.0
-    required, optional = _STATE_KEYS[name]
+    required, optional = spec.required_state, spec.optional_state
     if not state_keys:
         state_score = 0.5  # nothing stepped yet: state says nothing
     elif state_keys <= required | optional and required <= state_keys:
@@ -300,7 +91,8 @@ def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
         state_dict: an optimizer state dict (``state`` and ``param_groups``).
 
     Returns:
-        A :class:`Guess`. Checkpoints older than the ``decoupled_weight_decay`` group key
+        A :class:`Guess`; its ``name`` is ``None``, with no candidates, when the keys fit no
+        ``torch.optim`` class (the ``reason`` lists the keys it saw). Checkpoints older than the ``decoupled_weight_decay`` group key
         cannot tell Adam from AdamW; the guess then leans on ``weight_decay`` and says so
         with two candidates.
     """
@@ -312,14 +104,26 @@ def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
             state_keys.update(str(k) for k in value)
     if not group_keys and not state_keys:
         return Guess(None, 0.0, (), "no hyperparameters and no state")
+    if state_keys and not any(state_keys <= {k.name for k in s.state} for s in SPECS.values()):
+        return Guess(
+            None,
+            0.0,
+            (),
+            f"state keys {', '.join(sorted(state_keys))} fit no torch.optim class",
+        )
 
     scores = {name: _score(name, group_keys, state_keys) for name in CANDIDATES}
     ranked = sorted(scores, key=lambda n: -scores[n])
     best = scores[ranked[0]]
     if best < 0.5:
-        return Guess(None, round(best, 2), tuple(ranked[:3]), "no known optimizer fits")
+        return Guess(
+            None,
+            round(best, 2),
+            (),
+            f"group keys {', '.join(sorted(group_keys))} fit no torch.optim class",
+        )
     close = tuple(n for n in ranked if best - scores[n] < 0.05)
-    current = tuple(n for n in close if group_keys == _GROUP_KEYS[n])
+    current = tuple(n for n in close if group_keys == SPECS[n].group_keys)
     if current:
         # The group keys of the installed torch's class, exactly: another class that fits as
         # well only does so as an older version of itself (Adamax's keys are an older RAdam's).
@@ -336,5 +140,5 @@ def guess_optimizer(state_dict: Mapping[str, Any]) -> Guess:
         )
     if len(close) > 1:
         return Guess(close[0], round(best / 2, 2), close, "several optimizers fit equally")
-    exact = group_keys == _GROUP_KEYS[close[0]]
+    exact = group_keys == SPECS[close[0]].group_keys
     return Guess(close[0], 1.0 if exact else round(best, 2), close, "group and state keys")

@@ -26,6 +26,7 @@ from optckpt.optim.rmsprop import RMSprop
 from optckpt.optim.rprop import Rprop
 from optckpt.optim.sgd import SGD
 from optckpt.optim.sparse_adam import SparseAdam
+from optckpt.optim.specs import spec_of
 
 __all__ = ["UnknownOptimizerError", "by_name", "defaults", "names"]
 
@@ -81,8 +82,9 @@ def by_name(name: str) -> type[Optimizer]:
 
 
 def defaults(cls: type[Optimizer]) -> dict[str, Any]:
-    """The default hyperparameters of a bundled optimizer class: the keys of its groups."""
-    import torch
-
-    # A 2-D parameter suits every class (Muon takes nothing else).
-    return dict(cls([torch.zeros(2, 2)]).defaults)  # type: ignore[call-arg]
+    """The default hyperparameters of a bundled optimizer class: the keys of its groups
+    (from :mod:`optckpt.optim.specs`)."""
+    spec = spec_of(cls.__name__)
+    if spec is None:
+        raise UnknownOptimizerError(f"{cls.__name__} is not a torch.optim class")
+    return dict(spec.defaults)

@@ -1,0 +1,1 @@
+"""Tests against checkpoints written by real producers (torch.optim, schedulers, models)."""
