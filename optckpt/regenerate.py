@@ -21,7 +21,8 @@ from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
-from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, seeded_parameters, take_steps
+from optckpt.optim.specs import gradients_of
+from optckpt.synthetic import MAX_SEED, Gradients, seeded_parameters, take_steps
 
 if TYPE_CHECKING:
     from optckpt.io.write import ProgressStart
@@ -236,7 +237,7 @@ def regenerate(
             f"{cls.__name__} refuses this layout or these settings: {e}"
         ) from e
     try:
-        take_steps(built, Gradients(seed, gradient_kind(cls.__name__)), steps)
+        take_steps(built, Gradients(seed, gradients_of(cls.__name__)), steps)
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise IncompatibleStateError(f"{cls.__name__} cannot step this layout: {e}") from e
     model = tensors

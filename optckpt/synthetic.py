@@ -29,7 +29,7 @@ import torch
 MAX_SEED = 2**64 - 2
 """The largest seed: the gradients' generator is seeded with ``seed + 1``, below 2**64."""
 
-__all__ = ["Gradients", "gradient_kind", "seeded_parameters", "take_steps"]
+__all__ = ["Gradients", "seeded_parameters", "take_steps"]
 
 
 def seeded_parameters(
@@ -46,7 +46,7 @@ class Gradients:
     Args:
         seed: the run's seed (the same one :func:`seeded_parameters` takes).
         kind: ``"dense"`` (default), ``"sparse"`` (SparseAdam) or ``"closure"`` (LBFGS);
-            see the module doc.
+            see the module doc (an optimizer's is :func:`optckpt.optim.specs.gradients_of`).
     """
 
     def __init__(self, seed: int, kind: str = "dense") -> None:
@@ -86,11 +86,6 @@ def _quadratic_closure(
         return loss
 
     return closure
-
-
-def gradient_kind(optimizer_name: str) -> str:
-    """The gradient kind an optimizer class takes (see the module doc)."""
-    return {"sparseadam": "sparse", "lbfgs": "closure"}.get(optimizer_name.lower(), "dense")
 
 
 def take_steps(

@@ -36,6 +36,8 @@ __all__ = [
     "OptimizerSpec",
     "StateKey",
     "expected_state_shape",
+    "flat_state",
+    "gradients_of",
     "is_second_moment",
     "param_dtype_from_state",
     "param_shape_from_state",
@@ -466,6 +468,13 @@ def spec_of(optimizer: str | None) -> OptimizerSpec | None:
     return found
 
 
+def gradients_of(optimizer: str | None) -> Literal["dense", "sparse", "closure"]:
+    """The gradients an optimizer class takes (:attr:`OptimizerSpec.gradients`; dense for an
+    unknown one), as :mod:`optckpt.synthetic` draws them."""
+    spec = spec_of(optimizer)
+    return "dense" if spec is None else spec.gradients
+
+
 def _state_key(optimizer: str | None, key: Any) -> StateKey | None:
     """What state ``key`` is: the optimizer's own declaration, else every class's agreement."""
     spec = spec_of(optimizer)
@@ -533,6 +542,18 @@ def param_dtype_from_state(optimizer: str | None, state: Any) -> Any:
     as torch casts state to it), or ``None``."""
     found = _param_like(optimizer, state)
     return None if found is None else getattr(found[1], "dtype", None)
+
+
+def flat_state(optimizer: str | None, state: Any) -> Any:
+    """The first of the state's vectors over all the optimizer's parameters (LBFGS's ``d``,
+    ``prev_flat_grad``), whose size is their total number of elements; ``None`` if none."""
+    if not isinstance(state, Mapping):
+        return None
+    for key, value in state.items():
+        declared = _state_key(optimizer, key)
+        if declared is not None and declared.kind == "flat" and _shape(value) is not None:
+            return value
+    return None
 
 
 def expected_state_shape(
