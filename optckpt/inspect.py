@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from optckpt.errors import UsageError
+from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import Releaser
-from optckpt.layout import model_state_of, recover_names
+from optckpt.layout import model_state_of
 from optckpt.locate import Located, select_optimizers
+from optckpt.names import Naming, name_parameters
 from optckpt.optim.guess import Guess, guess_optimizer
-from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, names_of, param_ids
+from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, param_ids
 
 # Quantities worth a picture, by state key, most telling first: the square root of a second
 # moment is the scale of the recent gradients, the others are RMS of the buffer itself.
@@ -116,6 +117,7 @@ class OptimizerReport:
     names_source: str | None
     warnings: list[str]
     picture: str | None = None
+    names_from: str = ""  # the source of the names, in words
 
     @property
     def varying_hyperparams(self) -> set[str]:
@@ -373,21 +375,18 @@ def picture_value(report: ParamReport, key: str) -> float | None:
     return stats.rms
 
 
-def _names(
-    state_dict: Mapping[str, Any], checkpoint: Checkpoint
-) -> tuple[dict[Any, str], str | None]:
-    """Names from ``param_names``, else recovered from the checkpoint's model weights."""
-    names = names_of(state_dict)
-    if names:
-        return names, "param_names"
-    model_state = model_state_of(checkpoint)
-    if model_state is None:
-        return {}, None
+def _names(state_dict: Mapping[str, Any], checkpoint: Checkpoint) -> tuple[Naming, str | None]:
+    """The names :mod:`optckpt.names` gives (the checkpoint's model weights as the last
+    source), and why there are none when recovery refused: inspect then shows IDs only."""
     try:
-        recovered, source = recover_names(state_dict, model_state=model_state)
-    except UsageError:
-        return {}, None  # no unique alignment: inspect shows IDs only
-    return recovered, source
+        naming = name_parameters(
+            state_dict,
+            model_state=model_state_of(checkpoint),
+            hint="remap and resume-step name them with --from OLD_LAYOUT",
+        )
+        return naming, None
+    except (UsageError, IncompatibleStateError) as e:
+        return Naming(), f"parameters shown unnamed: {e}"
 
 
 def inspect_optimizer(
@@ -402,7 +401,8 @@ def inspect_optimizer(
     """
     sd = located.state_dict
     groups_of = group_of(sd)
-    names, names_source = _names(sd, checkpoint)
+    naming, unnamed = _names(sd, checkpoint)
+    names = naming.names
     state = sd["state"]
     ids = param_ids(sd) + [k for k in state if k not in groups_of]
     params: list[ParamReport] = []
@@ -445,8 +445,9 @@ def inspect_optimizer(
         groups=groups,
         params=params,
         steps=steps,
-        names_source=names_source,
-        warnings=_warnings(sd, params, steps),
+        names_source=naming.source,
+        names_from=naming.describe(),
+        warnings=_warnings(sd, params, steps) + ([unnamed] if unnamed else []),
         picture=picture[0] if picture else None,
     )
 

@@ -10,8 +10,8 @@ A layout is what ``remap --to`` (and ``regenerate --layout``) take. It comes fro
   refused; one optckpt wrote keeps the order);
 * a live model and optimizer: :func:`layout_of` / :func:`save_layout`.
 
-This module also recovers the names of an id-only optimizer state dict
-(:func:`recover_names`).
+Naming the parameters of an optimizer state dict (from ``param_names``, a ``--from`` layout
+or these model weights) is :mod:`optckpt.names`' job.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from optckpt.errors import UsageError
-from optckpt.statedict import PARAM_SHAPED_KEYS, names_of, param_ids
 
 # Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -336,110 +335,3 @@ def save_layout(model: torch.nn.Module, optimizer: Any | None, path: str | Path)
                 group[key] = value.item()
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
     return layout
-
-
-def _state_shape(state: Any) -> tuple[int, ...] | None:
-    if not isinstance(state, Mapping):
-        return None
-    for key, value in state.items():
-        if key in PARAM_SHAPED_KEYS and isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    return None
-
-
-def _alignments(
-    shapes: list[tuple[int, ...] | None], candidates: list[tuple[int, ...]]
-) -> list[list[int]]:
-    """``ways[i][j]``: order-keeping assignments of IDs ``i..`` to candidates ``j..`` whose
-    shapes fit (an ID without state fits any), counted up to 2."""
-    n, m = len(shapes), len(candidates)
-    ways = [[0] * (m + 1) for _ in range(n + 1)]
-    ways[n] = [1] * (m + 1)
-    for i in range(n - 1, -1, -1):
-        row, below = ways[i], ways[i + 1]
-        for j in range(m - 1, -1, -1):
-            fits = shapes[i] is None or shapes[i] == candidates[j]
-            row[j] = min(2, row[j + 1] + (below[j + 1] if fits else 0))
-    return ways
-
-
-def recover_names(
-    state_dict: Mapping[str, Any],
-    *,
-    source: Layout | None = None,
-    model_state: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[dict[Any, str], str]:
-    """Names for every ID of an optimizer state dict, and where they came from.
-
-    Tried in order: ``param_names`` in the groups; the ``source`` layout (its groups must have
-    the same sizes, and its shapes those of the IDs' state); the model state dict of the same checkpoint. A default
-    ``Optimizer(model.parameters())`` numbers parameters in the order of the model's
-    parameters, so the IDs are aligned, in order, with the model state dict's parameters
-    (buffers and tied duplicates left out), using the shapes of each ID's state; only an
-    alignment that is the only one possible is accepted.
-
-    Returns:
-        ``({id: name}, "param_names" | "--from layout" | "model state dict")``.
-
-    Raises:
-        UsageError: no source of names, or none that fits; the message says why.
-    """
-    ids = param_ids(state_dict)
-    names = names_of(state_dict)
-    if ids and all(pid in names for pid in ids):
-        return {pid: names[pid] for pid in ids}, "param_names"
-    if source is not None:
-        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
-        wanted = [len(g["params"]) for g in source.groups]
-        if sizes != wanted:
-            raise UsageError(
-                f"--from layout has groups of {wanted} parameters, the checkpoint {sizes}"
-            )
-        flat_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        found: dict[Any, str] = dict(zip(flat_ids, source.names()))
-        wrong = [
-            f"{name} is {list(source.params[name].shape)} there, the state of ID {pid} "
-            f"{list(shape)}"
-            for pid, name in found.items()
-            if (shape := _state_shape(state_dict["state"].get(pid))) is not None
-            and shape != source.params[name].shape
-        ]
-        if wrong:
-            raise UsageError(
-                "--from layout does not fit the checkpoint: "
-                + "; ".join(wrong[:5])
-                + (f" ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
-            )
-        return found, "--from layout"
-    if model_state is None:
-        raise UsageError(
-            "the checkpoint's groups carry no param_names and it holds no model state dict; "
-            "pass --from OLD_LAYOUT to name its parameters"
-        )
-    params = model_parameters(model_state)
-    candidates = list(params)
-    shapes = [_state_shape(state_dict["state"].get(pid)) for pid in ids]
-    fits_in = [tuple(params[n].shape) for n in candidates]
-    ways = _alignments(shapes, fits_in)
-    if ways[0][0] == 0:
-        raise UsageError(
-            f"cannot align the checkpoint's {len(ids)} parameter IDs with the "
-            f"{len(candidates)} parameters of its model state dict by shape "
-            "(was the optimizer built from a different model, or with custom groups?); "
-            "pass --from OLD_LAYOUT"
-        )
-    if ways[0][0] > 1:
-        raise UsageError(
-            f"the checkpoint's {len(ids)} parameter IDs fit the {len(candidates)} parameters "
-            "of its model state dict in more than one way (parameters without state, or "
-            "frozen ones of equal shapes); pass --from OLD_LAYOUT"
-        )
-    found = {}
-    j = 0
-    for i, pid in enumerate(ids):
-        # the one assignment: the first candidate that fits and leaves a way for the rest
-        while not ((shapes[i] is None or shapes[i] == fits_in[j]) and ways[i + 1][j + 1]):
-            j += 1
-        found[pid] = candidates[j]
-        j += 1
-    return found, "model state dict"

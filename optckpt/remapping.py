@@ -4,7 +4,9 @@
 
 torch matches saved state to parameters by position only, so after a model change
 ``load_state_dict`` fails (or, worse, succeeds and mixes up moments). :func:`remap` names every
-saved parameter (:func:`optckpt.layout.recover_names`), renames them by rules, and rebuilds
+saved parameter (:func:`optckpt.names.name_parameters`), renames them by rules, matches them to
+the target's names (wrapper prefixes such as ``_orig_mod.`` stripped where only that makes
+them match, :func:`optckpt.names.match_names`), and rebuilds
 the state dict for the target layout: each target parameter takes the state of the source
 parameter of the same name, bit for bit; new parameters get no state, as a fresh torch
 optimizer has before its first step; parameters that are gone are listed as dropped.
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of, recover_names
+from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of
+from optckpt.names import match_names, name_parameters, to_name_keyed
 from optckpt.statedict import PARAM_SHAPED_KEYS, StateDict, group_of, param_ids
 
 
@@ -42,10 +45,12 @@ class GroupPlan:
 class RemapPlan:
     """The whole plan: per target group, plus what is dropped and what to watch."""
 
-    names_source: str
+    names_source: str | None  # "keys", "param_names", "layout" or "recovered" (optckpt.names)
     groups: list[GroupPlan]
     dropped: list[str]
     warnings: list[str]
+    names_from: str = ""  # the source of the names, in words
+    prefixes_stripped: list[str] = field(default_factory=list)  # e.g. ["_orig_mod."]
 
     def to_json(self) -> dict[str, Any]:
         """The plan as ``remap --json`` prints it."""
@@ -53,6 +58,7 @@ class RemapPlan:
 
         return {
             "names_source": self.names_source,
+            "prefixes_stripped": self.prefixes_stripped,
             "groups": [
                 {
                     "index": g.index,
@@ -187,21 +193,29 @@ def remap(
         state_dict: the saved optimizer state dict (not modified).
         to: the target layout.
         source: the layout the checkpoint was saved with, when its groups carry no
-            ``param_names`` (see :func:`optckpt.layout.recover_names`).
+            ``param_names`` (see :func:`optckpt.names.name_parameters`).
         rename: ``'REGEX=REPLACEMENT'`` rules applied, in order, to every source name.
         reset_mismatched: drop the state of a parameter whose shape changed instead of failing.
         model_state: the checkpoint's model state dict, to recover names from.
 
     Returns:
         ``(new_state_dict, plan)``. Carried state tensors are the source's own objects
-        (bit-exact) unless the target dtype differs; the groups carry ``param_names``.
+        (bit-exact) unless the target dtype differs. The output keeps the input's keying: ID-keyed
+        groups carry ``param_names``; a name-keyed input gives a name-keyed output, keyed by the
+        target's names as FQNs (:func:`optckpt.names.to_name_keyed`).
 
     Raises:
         UsageError: names cannot be recovered, bad rename rules, or two names renamed to one.
         IncompatibleStateError: a carried parameter's shape changed (every one is named with
             both shapes) and ``reset_mismatched`` is off.
     """
-    names, names_source = recover_names(state_dict, source=source, model_state=model_state)
+    naming = name_parameters(state_dict, layout=source, model_state=model_state)
+    if naming.source is None:
+        raise UsageError(
+            "the checkpoint's groups carry no param_names and it holds no model state dict; "
+            "pass --from OLD_LAYOUT to name its parameters"
+        )
+    names = naming.names
     rules = [parse_rename(r) for r in rename]
     by_target_name: dict[str, tuple[str, Any]] = {}
     for pid, name in names.items():
@@ -211,6 +225,9 @@ def remap(
                 f"--rename maps both {by_target_name[new_name][0]!r} and {name!r} to {new_name!r}"
             )
         by_target_name[new_name] = (name, pid)
+    # Wrapper prefixes (torch.compile's "_orig_mod.", DDP's "module.", ...) are no part of a
+    # parameter's identity: names that match the layout only without them match so.
+    matched = match_names(to.names(), by_target_name)
 
     saved_groups = state_dict["param_groups"]
     saved_state = state_dict["state"]
@@ -231,11 +248,11 @@ def remap(
             pid_new = next_id
             next_id += 1
             ids.append(pid_new)
-            if name not in by_target_name:
+            if name not in matched.found:
                 plan.new.append(name)
                 continue
-            old_name, pid = by_target_name[name]
-            used.add(name)
+            old_name, pid = by_target_name[matched.found[name]]
+            used.add(matched.found[name])
             if source_group.get(pid) is not None and source_group[pid] not in sources:
                 sources.append(source_group[pid])
             state = saved_state.get(pid)
@@ -250,7 +267,7 @@ def remap(
                 continue
             if state is not None:
                 new_state[pid_new] = _carry(state, _source_dtype(state), spec)
-            if old_name == name:
+            if old_name == matched.found[name]:  # no --rename rule changed it
                 plan.carried.append(name)
             else:
                 plan.renamed.append((old_name, name))
@@ -269,25 +286,24 @@ def remap(
     if dropped and not used:
         warnings.append(
             "no parameter kept its state: no checkpoint name matches a layout name "
-            f"(checkpoint {dropped[0]!r}, layout {to.names()[0]!r}); a prefix such as "
-            "'module.' or '_orig_mod.' can be removed with --rename '^module\\.='"
+            f"(checkpoint {dropped[0]!r}, layout {to.names()[0]!r}), not even without "
+            "wrapper prefixes; rename them with --rename 'REGEX=REPLACEMENT'"
             if to.names()
             else "no parameter kept its state: the layout names no parameters"
-        )
-    if names_source == "model state dict" and len(saved_groups) > 1:
-        warnings.append(
-            f"names were recovered assuming the checkpoint's {len(saved_groups)} param groups "
-            "list the parameters in the model's order; if the optimizer was built otherwise "
-            "(e.g. the head's group first), pass --from OLD_LAYOUT"
         )
     orphans = [k for k in saved_state if k not in set(param_ids(state_dict))]
     if orphans:
         warnings.append(
             f"dropped state under IDs in no param group: {', '.join(map(str, orphans))}"
         )
-    return (
-        {"state": new_state, "param_groups": new_groups},
-        RemapPlan(names_source, plans, dropped, warnings),
+    new_sd: StateDict = {"state": new_state, "param_groups": new_groups}
+    if naming.source == "keys":  # name-keyed in, name-keyed out
+        target_names = {pid: n for g in new_groups for pid, n in zip(g["params"], g["param_names"])}
+        if not any("param_names" in g for g in saved_groups):
+            new_groups[:] = [{k: v for k, v in g.items() if k != "param_names"} for g in new_groups]
+        new_sd = to_name_keyed(new_sd, target_names)
+    return new_sd, RemapPlan(
+        naming.source, plans, dropped, warnings, naming.describe(), matched.stripped
     )
 
 

@@ -1,8 +1,10 @@
 """Take a verified resume step: load a checkpoint's optimizer state, step it, check it.
 
 :func:`resume_step` rebuilds the parameters (from the model weights in the checkpoint or a
-``--model`` file, matched by name, or in ID order when the groups carry no names; seeded
-stand-ins with the state's shapes when there are no weights), loads the state into the
+``--model`` file, matched by the names :mod:`optckpt.names` gives: the keys of a name-keyed
+state dict, ``param_names``, a ``--from`` layout, or an alignment with the weights that must
+be the only one possible; seeded stand-ins with the state's shapes when there are no
+weights), loads the state into the
 bundled optimizer through optckpt's core, takes N steps on seeded synthetic gradients
 (:mod:`optckpt.synthetic`), and reports each check. With ``check_torch`` the same steps are
 taken by the matching ``torch.optim`` class from a fresh read of the same checkpoint, and
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.statedict import PARAM_SHAPED_KEYS, REMAP_HINT, names_of, param_ids
+from optckpt.statedict import PARAM_SHAPED_KEYS, REMAP_HINT, param_ids
 
 if TYPE_CHECKING:
     from optckpt.io.write import ProgressStart
@@ -152,114 +154,89 @@ def _shape_from_state(state: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
 
 @dataclass
 class _Params:
-    """The live parameters by ID, what to compare them with afterwards, and their origin."""
+    """The live parameters by ID, what to compare them with afterwards, and their origin.
+
+    ``names`` are the parameters' names (reports label IDs with them); ``weights`` the key of
+    each ID's tensor in the model weights (a name, or a wrapper-prefixed form of it).
+    """
 
     by_id: dict[Any, torch.Tensor]
     names: dict[Any, str]
     before: Callable[[], dict[Any, torch.Tensor]]
     source: str
     notes: list[str]
+    weights: dict[Any, str] = field(default_factory=dict)
+
+
+# How each source of names matched the IDs to the weights, for the report.
+_HOW = {
+    "keys": "by the state dict's keys (name-keyed)",
+    "param_names": "by param_names",
+    "layout": "by the --from layout",
+    "recovered": "by state shape in model order (no param_names)",
+}
+_HINT = f"pass --from OLD_LAYOUT (the layout the checkpoint was saved with) to name them, or {REMAP_HINT}"
 
 
 def _from_weights(
-    state_dict: Mapping[str, Any], weights: Mapping[str, torch.Tensor], where: str
+    state_dict: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    where: str,
+    layout: Any | None = None,
 ) -> _Params:
-    """Match IDs to model weights: by ``param_names``, else in order (as
-    ``Optimizer(model.parameters())`` numbers them).
+    """Match IDs to model weights by the names :func:`optckpt.names.name_parameters` gives
+    (wrapper prefixes stripped where only that makes them match).
 
     Raises:
-        IncompatibleStateError: a named parameter is not in the weights, or the number of
-            parameters differs from the model's (torch's group size mismatch).
+        IncompatibleStateError: a named parameter is not in the weights, or the IDs fit no
+            parameters of the weights (torch's group size mismatch).
+        AmbiguousNamesError: the IDs fit the weights in more than one way (exit 2).
     """
     from optckpt.layout import model_parameters
+    from optckpt.names import match_names, name_parameters
 
-    ids = param_ids(state_dict)
-    named = names_of(state_dict)
-    notes: list[str] = []
     for index, group in enumerate(state_dict["param_groups"]):
         if "param_names" in group and len(group["param_names"]) != len(group["params"]):
             raise IncompatibleStateError(
                 f"group {index} lists {len(group['params'])} parameter IDs but "
                 f"{len(group['param_names'])} param_names: the state dict was edited by hand?"
             )
-    if ids and all(pid in named for pid in ids):
-        missing = [named[pid] for pid in ids if named[pid] not in weights]
-        if missing:
-            raise IncompatibleStateError(
-                f"the optimizer names {len(missing)} parameter(s) that the model weights in "
-                f"{where} lack: {', '.join(missing[:5])}"
-                + (" ..." if len(missing) > 5 else "")
-                + f"; {REMAP_HINT}"
-            )
-        names = {pid: named[pid] for pid in ids}
-        how = "by param_names"
-    else:
-        names, how = _match_unnamed(state_dict, model_parameters(weights), where)
-    frozen = len(model_parameters(weights)) - len(set(names.values()))
+    naming = name_parameters(
+        state_dict, layout=layout, model_state=weights, where=where, hint=_HINT
+    )
+    names = naming.names
+    matched = match_names(names.values(), weights)
+    missing = [n for n in names.values() if n not in matched.found]
+    if missing:
+        raise IncompatibleStateError(
+            f"the optimizer names {len(missing)} parameter(s) that the model weights in "
+            f"{where} lack: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+            + f"; {REMAP_HINT}"
+        )
+    keys = {pid: matched.found[n] for pid, n in names.items()}
+    notes: list[str] = []
+    frozen = len(model_parameters(weights)) - len(set(keys.values()))
     if frozen > 0:
         notes.append(f"{frozen} model parameter(s) not in the optimizer (frozen)")
+    how = _HOW[naming.source] if naming.source else "by ID"
+    if matched.stripped:
+        how += f", wrapper prefixes {', '.join(matched.stripped)} stripped"
     return _Params(
         # copies: the optimizer updates them in place, and the originals are the "before"
-        by_id={pid: weights[n].detach().clone() for pid, n in names.items()},
+        by_id={pid: weights[k].detach().clone() for pid, k in keys.items()},
         names=names,
-        before=lambda: {pid: weights[n] for pid, n in names.items()},
+        before=lambda: {pid: weights[k] for pid, k in keys.items()},
         source=f"model weights in {where}, {how}",
         notes=notes,
+        weights=keys,
     )
 
 
-def _match_unnamed(
-    state_dict: Mapping[str, Any], params: Mapping[str, torch.Tensor], where: str
-) -> tuple[dict[Any, str], str]:
-    """Match the IDs of a state dict without ``param_names`` to model parameters.
-
-    One group holding every parameter is ``Optimizer(model.parameters())``: IDs are the model's
-    order, as torch numbers them. Otherwise (several groups, as a weight-decay split makes, or
-    frozen parameters left out) each group takes, in its order, the next unused parameter in
-    model order whose shape is its state's shape (a parameter without state takes the next
-    one): the groups a training script builds by filtering ``named_parameters()``.
-
-    Raises:
-        IncompatibleStateError: more IDs than parameters, or no such matching (the state was
-            saved for another model): torch's group size mismatch.
-    """
-    groups = [list(g["params"]) for g in state_dict["param_groups"]]
-    sizes = [len(g) for g in groups]
-    ids = [pid for g in groups for pid in g]
-    candidates = list(params)
-    if len(groups) == 1 and len(ids) == len(candidates):
-        return dict(zip(ids, candidates, strict=True)), "in ID order (no param_names)"
-    mismatch = (
-        f"the optimizer's groups hold {len(ids)} parameters (group sizes {sizes}) that do not "
-        f"fit the {len(candidates)} parameters of the model weights in {where}"
-    )
-    if len(ids) > len(candidates):
-        raise IncompatibleStateError(f"{mismatch}; {REMAP_HINT}")
-    state = state_dict["state"]
-    used: set[str] = set()
-    names: dict[Any, str] = {}
-    for group in groups:
-        position = 0
-        for pid in group:
-            found = _shape_from_state(state.get(pid))
-            while position < len(candidates) and (
-                candidates[position] in used
-                or (found is not None and tuple(params[candidates[position]].shape) != found[0])
-            ):
-                position += 1
-            if position == len(candidates):
-                raise IncompatibleStateError(
-                    f"{mismatch}: no parameter left in model order with the shape of "
-                    f"ID {pid}'s state {list(found[0]) if found else '?'}; {REMAP_HINT}"
-                )
-            names[pid] = candidates[position]
-            used.add(candidates[position])
-            position += 1
-    return names, "by state shape in model order (no param_names)"
-
-
-def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:
-    """Seeded stand-ins with the shapes and dtypes the state tells (``(1,)`` where it does not)."""
+def _seeded(state_dict: Mapping[str, Any], seed: int, layout: Any | None = None) -> _Params:
+    """Seeded stand-ins with the shapes and dtypes the state tells (``(1,)`` where it does not),
+    named where :func:`optckpt.names.name_parameters` names them without weights."""
+    from optckpt.names import name_parameters
     from optckpt.synthetic import seeded_parameters
 
     ids = param_ids(state_dict)
@@ -290,10 +267,9 @@ def _seeded(state_dict: Mapping[str, Any], seed: int) -> _Params:
     elif unknown:
         notes.append(f"{unknown} parameter(s) without state: stand-ins of shape [1]")
     values = dict(zip(ids, seeded_parameters(specs, seed), strict=True))
-    names = names_of(state_dict)
     return _Params(
         by_id=values,
-        names={pid: names[pid] for pid in ids if pid in names},
+        names=name_parameters(state_dict, layout=layout).names,
         before=lambda: dict(zip(ids, seeded_parameters(specs, seed), strict=True)),
         source="seeded stand-ins with the state's shapes (no model weights found)",
         notes=notes,
@@ -633,6 +609,7 @@ class _Source:
     model: Path | None
     seed: int
     allow_globals: tuple[str, ...]
+    layout: Any | None = None  # --from: the Layout the checkpoint was saved with
     mapped: list[Path] = field(default_factory=list)
 
     def read(self) -> tuple[Any, Any]:
@@ -670,8 +647,8 @@ class _Source:
 
         weights, where = self.weights(checkpoint)
         if weights is None:
-            return _seeded(state_dict, self.seed)
-        params = _from_weights(state_dict, weights, where)
+            return _seeded(state_dict, self.seed, self.layout)
+        params = _from_weights(state_dict, weights, where, self.layout)
         release(self.mapped)  # the weights are copied: their mapped pages can go
         return params
 
@@ -780,14 +757,21 @@ def _write(
     fmt: str,
     progress: ProgressStart | None = None,
 ) -> None:
-    """Write ``checkpoint`` with the stepped state and, when they came from it, weights."""
+    """Write ``checkpoint`` with the stepped state and, when they came from it, weights
+    (``names``: each ID's key in those weights). The state keeps its keying."""
     from optckpt.devices import carry_devices
     from optckpt.io.write import save_checkpoint, tensor_bytes
     from optckpt.layout import tied
+    from optckpt.names import is_name_keyed, to_name_keyed
 
     loaded = source.weights(checkpoint)[0] if source.model is None else None
     weights = loaded if isinstance(loaded, dict) else {}  # this file's weights, stepped below
     new_state = ours.state_dict()
+    if is_name_keyed(found.state_dict):  # name-keyed in, name-keyed out, under the same keys
+        saved_ids = [pid for g in found.state_dict["param_groups"] for pid in g["params"]]
+        new_ids = [pid for g in new_state["param_groups"] for pid in g["params"]]
+        new_state = to_name_keyed(new_state, dict(zip(new_ids, saved_ids)), strip=False)
+
     # Groups stepped with capturable off on the CPU (_uncapture) are saved as they came.
     for group, saved in zip(new_state["param_groups"], found.state_dict["param_groups"]):
         if "capturable" in saved:
@@ -838,6 +822,7 @@ def resume_step(
     force: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
+    from_layout: str | Path | Any | None = None,
 ) -> ResumeReport:
     """Load a checkpoint's optimizer state, take ``steps`` steps, and check the result.
 
@@ -855,12 +840,16 @@ def resume_step(
         allow_globals: pickle globals to let through (see :func:`optckpt.io.load_checkpoint`).
         progress: called with the bytes of tensors to write when writing ``out`` starts; the
             callback it returns is told each write.
+        from_layout: the layout the checkpoint was saved with (``--from``: a path or a
+            :class:`~optckpt.layout.Layout`), to name the IDs of a state dict without
+            ``param_names`` (see :mod:`optckpt.names`).
 
     Returns:
         The :class:`ResumeReport`; ``report.ok`` says whether every check passed.
 
     Raises:
-        UsageError: bad options, several optimizer state dicts and no ``key``.
+        UsageError: bad options, several optimizer state dicts and no ``key``, IDs that fit the
+            weights in more than one way (:class:`~optckpt.names.AmbiguousNamesError`).
         UnreadableCheckpointError: the checkpoint or ``model`` cannot be read.
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
@@ -880,11 +869,20 @@ def resume_step(
     if out is not None:
         out = Path(out)
         fmt = format_for(out)
-        check_output(out, [path, *([Path(model)] if model else [])], force=force)
+        layout_file = [Path(from_layout)] if isinstance(from_layout, (str, Path)) else []
+        check_output(out, [path, *([Path(model)] if model else []), *layout_file], force=force)
         if path.is_dir():
             raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
 
-    source = _Source(path, key, None if model is None else Path(model), seed, tuple(allow_globals))
+    layout = from_layout
+    if isinstance(from_layout, (str, Path)):
+        from optckpt.layout import load_layout
+
+        layout = load_layout(from_layout, (), allow_globals)
+    source = _Source(
+        path, key, None if model is None else Path(model), seed, tuple(allow_globals), layout
+    )
+
     checkpoint, found = source.read()
     if out is not None and fmt == "safetensors":  # refused now, not after the steps
         from optckpt.io.safetensors_format import check_storable
@@ -959,7 +957,7 @@ def resume_step(
     if out is not None:
         if not report.ok:
             return _nothing_written(report, out)
-        _write(source, checkpoint, found, ours, live, params.names, out, fmt, progress)
+        _write(source, checkpoint, found, ours, live, params.weights, out, fmt, progress)
         report.out = out
         saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})
         if saved_on:

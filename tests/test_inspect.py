@@ -259,7 +259,7 @@ def test_report_matches_the_torch_state_dict(tmp_path: Path, case: str) -> None:
         # optimizer was built from model.parameters(), so ID i is the i-th named parameter
         model_names = [n for n, _ in model.named_parameters()]
         assert [p.name for p in opt.params] == [model_names[i] for i in ids]
-        assert opt.names_source == "model state dict"
+        assert opt.names_source == "recovered"
     for p in opt.params:
         assert set(p.state) == {str(k) for k in sd["state"].get(p.id, {})}
         for key, value in sd["state"].get(p.id, {}).items():

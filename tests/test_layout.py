@@ -1,4 +1,4 @@
-"""optckpt.layout: layouts from JSON, model state dicts and live models; name recovery.
+"""optckpt.layout: layouts from JSON, model state dicts and live models (naming: test_names).
 
 Expected names, shapes and groups come from the torch modules and optimizers themselves
 (``named_parameters()``, ``param_groups``), never from an earlier optckpt result.
@@ -6,15 +6,12 @@ Expected names, shapes and groups come from the torch modules and optimizers the
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -31,11 +28,7 @@ from optckpt.layout import (
     load_layout,
     model_parameters,
     parse_group_rule,
-    recover_names,
 )
-
-PROPERTY = settings(max_examples=60, deadline=None)
-
 
 # --------------------------------------------------------------------------- models
 
@@ -287,123 +280,3 @@ def test_save_layout_writes_json_that_loads_back(tmp_path: Path) -> None:
     assert loaded.params == written.params
     assert loaded.names() == [n for n, _ in model.named_parameters()]
     assert loaded.groups[0]["betas"] == (0.9, 0.999)
-
-
-# --------------------------------------------------------------------------- name recovery
-
-
-def _adam_state_dict(params: list[torch.nn.Parameter]) -> dict[str, Any]:
-    optimizer = torch.optim.Adam(params, lr=0.01)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer.step()
-    return optimizer.state_dict()
-
-
-def test_names_from_param_names() -> None:
-    model = _sequential()
-    optimizer = torch.optim.SGD(model.named_parameters(), lr=0.1)
-    names, source = recover_names(optimizer.state_dict())
-    assert source == "param_names"
-    assert list(names.values()) == [n for n, _ in model.named_parameters()]
-
-
-def test_names_from_model_state_with_buffers_tied_weights_and_frozen_params(tmp_path: Path) -> None:
-    model = TiedNet()
-    model.norm.requires_grad_(False)  # frozen params the optimizer leaves out
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    sd = _adam_state_dict([p for _, p in trainable])
-    names, source = recover_names(sd, model_state=_saved_model_state(model, tmp_path / "m.pt"))
-    assert source == "model state dict"
-    assert list(names.values()) == [n for n, _ in trainable]
-
-
-def test_tied_weights_must_count_once(tmp_path: Path) -> None:
-    # Three equal shapes in the state dict, two parameters: only dedup makes it unique.
-    model = nn.Sequential(
-        nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
-    )
-    model[1].weight = model[0].weight
-    sd = _adam_state_dict(list(model.parameters()))
-    names, _ = recover_names(sd, model_state=_saved_model_state(model, tmp_path / "m.pt"))
-    assert list(names.values()) == ["0.weight", "2.weight"]
-
-
-def test_ambiguous_alignment_is_refused(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
-    model[0].requires_grad_(False)  # which two of the three layers were trained?
-    sd = _adam_state_dict([p for p in model.parameters() if p.requires_grad])
-    with pytest.raises(UsageError, match=r"more than one way.*--from"):
-        recover_names(sd, model_state=_saved_model_state(model, tmp_path / "m.pt"))
-
-
-def test_alignment_that_does_not_exist_is_refused() -> None:
-    model = _sequential()
-    sd = _adam_state_dict(list(model.parameters()))
-    other = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
-    with pytest.raises(
-        UsageError, match="cannot align the checkpoint's 6 parameter IDs with the 4"
-    ):
-        recover_names(sd, model_state=other.state_dict())
-
-
-def test_no_source_of_names_asks_for_from() -> None:
-    sd = _adam_state_dict(list(_sequential().parameters()))
-    with pytest.raises(UsageError, match="pass --from OLD_LAYOUT"):
-        recover_names(sd)
-
-
-def test_names_from_a_from_layout_and_its_checks() -> None:
-    model = _sequential()
-    sd = _adam_state_dict(list(model.parameters()))
-    names, source = recover_names(sd, source=optckpt.layout_of(model))
-    assert source == "--from layout"
-    assert list(names.values()) == [n for n, _ in model.named_parameters()]
-    two_groups = layout_from_model_state(model.state_dict(), ["bias$:weight_decay=0"])
-    with pytest.raises(UsageError, match=r"groups of \[3, 3\] parameters, the checkpoint \[6\]"):
-        recover_names(sd, source=two_groups)
-    swapped = optckpt.layout_of(model)
-    order = swapped.groups[0]["params"]
-    order[0], order[1] = order[1], order[0]  # 0.bias where the checkpoint has 0.weight
-    with pytest.raises(UsageError, match=r"0\.bias is \[6\] there, the state of ID 0 \[6, 4\]"):
-        recover_names(sd, source=swapped)
-
-
-@st.composite
-def _stacks(draw: st.DrawFn) -> tuple[list[tuple[str, tuple[int, ...]]], list[bool], list[bool]]:
-    """Parameters of random shapes, which of them the optimizer holds, which have state."""
-    n = draw(st.integers(1, 7))
-    shapes = draw(st.lists(st.sampled_from([(2,), (3,), (2, 3), (3, 2)]), min_size=n, max_size=n))
-    held = draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any))
-    stateful = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-    return [(f"p{i}", s) for i, s in enumerate(shapes)], held, stateful
-
-
-@PROPERTY
-@given(_stacks())
-def test_recovered_names_are_right_or_refused(
-    case: tuple[list[tuple[str, tuple[int, ...]]], list[bool], list[bool]],
-) -> None:
-    params, held, stateful = case
-    model_state = {name: torch.zeros(shape) for name, shape in params}
-    chosen = [(name, shape, has) for (name, shape), h, has in zip(params, held, stateful) if h]
-    sd = {
-        "state": {
-            i: {"exp_avg": torch.zeros(shape)} for i, (_, shape, has) in enumerate(chosen) if has
-        },
-        "param_groups": [{"lr": 0.1, "params": list(range(len(chosen)))}],
-    }
-    truth = {i: name for i, (name, _, _) in enumerate(chosen)}
-    # every order-keeping choice of candidates whose shapes fit the IDs with state
-    alignments = [
-        combo
-        for combo in itertools.combinations(range(len(params)), len(chosen))
-        if all(not has or params[j][1] == shape for j, (_, shape, has) in zip(combo, chosen))
-    ]
-    assert alignments  # the truth is one of them
-    if len(alignments) > 1:
-        with pytest.raises(UsageError, match="more than one way"):
-            recover_names(sd, model_state=model_state)
-    else:
-        names, source = recover_names(sd, model_state=model_state)
-        assert (names, source) == (truth, "model state dict")

@@ -192,7 +192,7 @@ def test_add_a_layer_id_only_adamw_names_from_the_model_weights(tmp_path: Path) 
 
     result = remap_checkpoint(path, optckpt.layout_of(new, new_optimizer), tmp_path / "out.pt")
     plan = result.plan
-    assert (result.key, plan.names_source) == ("optimizer", "model state dict")
+    assert (result.key, plan.names_source) == ("optimizer", "recovered")
     assert plan.groups[0].carried == [n for n, _ in old.named_parameters()]
     assert plan.groups[0].new == ["adapter.weight", "adapter.bias"]
     assert plan.dropped == [] and plan.warnings == []
@@ -295,7 +295,7 @@ def test_unfreeze_a_backbone_that_was_frozen_when_saved(tmp_path: Path) -> None:
     new = Tower()
     new_optimizer = torch.optim.Adam(new.parameters(), lr=1e-2)
     result = remap_checkpoint(path, optckpt.layout_of(new, new_optimizer), tmp_path / "out.pt")
-    assert result.plan.names_source == "model state dict"
+    assert result.plan.names_source == "recovered"
     assert result.plan.groups[0].carried == ["head.weight", "head.bias"]
     assert result.plan.groups[0].new == [n for n in _identity(new) if n.startswith("encoder.")]
     new_optimizer.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["optimizer"])
@@ -379,7 +379,7 @@ def test_batchnorm_buffers_and_tied_weights_names_recovered(tmp_path: Path) -> N
     new = TiedNet(extra=True)
     new_optimizer = torch.optim.Adam(new.parameters(), lr=1e-2)
     result = remap_checkpoint(path, optckpt.layout_of(new, new_optimizer), tmp_path / "out.pt")
-    assert result.plan.names_source == "model state dict"
+    assert result.plan.names_source == "recovered"
     assert result.plan.groups[0].carried == [n for n, _ in old.named_parameters()]
     assert result.plan.groups[0].new == ["extra.weight", "extra.bias"]
     out = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -427,7 +427,7 @@ def test_id_only_bare_checkpoint_with_from_layout(tmp_path: Path) -> None:
         tmp_path / "out.pt",
         source=tmp_path / "old.json",
     )
-    assert result.plan.names_source == "--from layout" and result.key == ""
+    assert result.plan.names_source == "layout" and result.key == ""
     new_optimizer.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True))
     _check_loaded(new, new_optimizer, before, _identity(old))
 
@@ -482,7 +482,7 @@ def test_hugging_face_folder_is_named_from_a_from_layout(tmp_path: Path) -> None
     _train(new, new_optimizer, steps=1)
 
 
-def test_a_ddp_prefix_carries_nothing_with_a_warning_until_renamed(tmp_path: Path) -> None:
+def test_a_ddp_prefix_is_stripped_and_the_plan_says_so(tmp_path: Path) -> None:
     wrapped = nn.Module()
     wrapped.module = Tower()  # what DistributedDataParallel's state_dict() looks like
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
@@ -493,25 +493,28 @@ def test_a_ddp_prefix_carries_nothing_with_a_warning_until_renamed(tmp_path: Pat
     new_optimizer = torch.optim.AdamW(new.parameters(), lr=1e-2)
     layout = optckpt.layout_of(new, new_optimizer)
 
-    plain = remap_checkpoint(path, layout).plan
-    assert plain.groups[0].carried == [] and len(plain.dropped) == 6
-    assert len(plain.warnings) == 1
-    assert plain.warnings[0].startswith(
-        "no parameter kept its state: no checkpoint name matches a layout name "
-        "(checkpoint 'module.encoder.0.weight', layout 'encoder.0.weight')"
-    )
-    result = remap_checkpoint(path, layout, tmp_path / "out.pt", rename=[r"^module\.="])
-    assert result.plan.warnings == [] and len(result.plan.groups[0].renamed) == 6
+    result = remap_checkpoint(path, layout, tmp_path / "out.pt")
+    plan = result.plan
+    assert plan.prefixes_stripped == ["module."] and plan.to_json()["prefixes_stripped"] == [
+        "module."
+    ]
+    assert plan.groups[0].carried == list(_identity(new))  # the target's names
+    assert plan.dropped == [] and plan.warnings == []
     new_optimizer.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["optimizer"])
     _check_loaded(new, new_optimizer, before, {n: f"module.{n}" for n in _identity(new)})
+    # a --rename that removes the prefix is a rename, and nothing is left to strip
+    renamed = remap_checkpoint(path, layout, rename=[r"^module\.="]).plan
+    assert len(renamed.groups[0].renamed) == 6 and renamed.prefixes_stripped == []
 
 
-def test_several_groups_named_from_the_model_weights_warn_about_the_order(tmp_path: Path) -> None:
+def test_several_groups_in_any_order_are_named_from_the_model_weights(tmp_path: Path) -> None:
+    # The head's group first: each group is in model order, the groups are not; the shapes
+    # leave one assignment, so no --from is needed and nothing is assumed about group order.
     old = Tower()
     optimizer = torch.optim.Adam(
         [
-            {"params": old.encoder.parameters(), "lr": 1e-3},
             {"params": old.head.parameters(), "lr": 1e-2},
+            {"params": old.encoder.parameters(), "lr": 1e-3},
         ]
     )
     _train(old, optimizer)
@@ -519,18 +522,16 @@ def test_several_groups_named_from_the_model_weights_warn_about_the_order(tmp_pa
     path = _checkpoint(tmp_path, old, optimizer)
     new = Tower()
     new_optimizer = torch.optim.Adam(
-        [{"params": new.encoder.parameters()}, {"params": new.head.parameters()}]
+        [{"params": new.head.parameters()}, {"params": new.encoder.parameters()}]
     )
     layout = optckpt.layout_of(new, new_optimizer)
     bare = Layout(layout.params, [{"params": g["params"]} for g in layout.groups])  # no lr
     result = remap_checkpoint(path, bare, tmp_path / "out.pt")
-    assert result.plan.names_source == "model state dict"
-    assert [w.split(";")[0] for w in result.plan.warnings] == [
-        "names were recovered assuming the checkpoint's 2 param groups list the parameters "
-        "in the model's order"
-    ]
+    assert result.plan.names_source == "recovered"
+    assert result.plan.warnings == []
+    assert result.plan.groups[0].carried == ["head.weight", "head.bias"]
     new_optimizer.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["optimizer"])
-    assert [g["lr"] for g in new_optimizer.param_groups] == [1e-3, 1e-2]
+    assert [g["lr"] for g in new_optimizer.param_groups] == [1e-2, 1e-3]
     _check_loaded(new, new_optimizer, before, _identity(new))
 
 

@@ -115,17 +115,20 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
 
     rows = opt.params if show_all else opt.params[:_ROWS]
     params = Table(
-        title=f"parameters (names from {opt.names_source})" if opt.names_source else "parameters",
+        title=f"parameters (names from {opt.names_from})" if opt.names_source else "parameters",
         title_justify="left",
         show_edge=False,
     )
-    for column in ("id", "name", "group", "state", "device", "step", "bytes"):
+    # A name-keyed state dict's IDs are the names: one column says it.
+    name_keyed = opt.names_source == "keys"
+    columns = ("name", "group", "state", "device", "step", "bytes")
+    for column in columns if name_keyed else ("id", *columns):
         params.add_column(
             column, justify="right" if column in ("id", "group", "step", "bytes") else "left"
         )
     for p in rows:
         params.add_row(
-            str(p.id),
+            *(() if name_keyed else (str(p.id),)),
             p.name or "-",
             "-" if p.group is None else str(p.group),
             _state_summary(p),

@@ -110,7 +110,16 @@ def render(plan: RemapPlan) -> None:
     from rich.table import Table
 
     out = console()
-    out.print(f"source names from {plan.names_source}")
+    out.print(
+        f"source names from {escape(plan.names_from or str(plan.names_source))}", soft_wrap=True
+    )
+    if plan.prefixes_stripped:
+        out.print(
+            "wrapper prefixes stripped to match names: "
+            + escape(", ".join(plan.prefixes_stripped))
+            + " (as torch's _get_fqns strips them)",
+            soft_wrap=True,
+        )
     table = Table(show_edge=False)
     for column in ("group", "carried", "renamed", "new", "reset", "hyperparameters from"):
         table.add_column(

@@ -33,6 +33,12 @@ def resume_step(
         Path | None,
         typer.Option("--model", help="Model weights file, when PATH holds none."),
     ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="Layout the checkpoint was saved with, if its groups carry no names."
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps to take.")] = 1,
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the gradients.")
@@ -71,6 +77,7 @@ def resume_step(
             force=force,
             allow_globals=allow_global or (),
             progress=progress,
+            from_layout=source,
         )
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")

@@ -93,7 +93,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert lines[0] == "source names from model state dict"
+    assert lines[0] == "source names from the model weights in the checkpoint (aligned by shape and order)"
     assert "hyperparameters from" in lines[1]
     assert lines[3].split() == ["0", "│", "6", "│", "0", "│", "2", "│", "0", "│", "layout"]
     assert "group 0 new (no state): 5.weight, 5.bias" in result.stdout
@@ -111,7 +111,7 @@ def test_json_plan(ckpt: tuple[Path, Any], new_layout: Path, tmp_path: Path) -> 
     assert (data["key"], data["out"], data["names_source"]) == (
         "optimizer",
         None,
-        "model state dict",
+        "recovered",
     )
     [group] = data["groups"]
     assert group["carried"] == [n for n, _ in _model().named_parameters()]
@@ -214,7 +214,7 @@ def test_rename_and_from_layout_on_a_bare_checkpoint(tmp_path: Path) -> None:
         app, [*args, "--rename", r"^enc\.=encoder.", "-o", str(tmp_path / "out.pt")]
     )
     assert result.exit_code == 0, result.stderr
-    assert "source names from --from layout" in result.stdout
+    assert "source names from the --from layout" in result.stdout
     assert (
         "group 0 renamed: enc.weight -> encoder.weight, enc.bias -> encoder.bias" in result.stdout
     )
@@ -316,7 +316,8 @@ def test_a_prefix_that_matches_nothing_warns_and_brackets_print_as_they_are(tmp_
     plain = runner.invoke(app, [*args, "--dry-run"])
     assert plain.exit_code == 0, plain.stderr
     assert "warning: no parameter kept its state" in plain.stdout
-    assert "--rename '^module\\.='" in plain.stdout
+    assert "not even without wrapper prefixes" in plain.stdout  # module. was tried
+    assert "--rename 'REGEX=REPLACEMENT'" in plain.stdout
 
     renamed = runner.invoke(app, [*args, "--rename", r"^module\.=body.", "-o", str(out)])
     assert renamed.exit_code == 0, renamed.stderr

@@ -241,7 +241,11 @@ def test_resume_step_group_size_mismatch_exits_4_with_the_remap_hint(tmp_path: P
     result = runner.invoke(app, ["resume-step", str(path)])
     assert result.exit_code == 4
     assert_one_line_error(
-        result.stderr, "hold 6 parameters", "the 5 parameters", "optckpt remap", "--dry-run"
+        result.stderr,
+        "6 parameter IDs",
+        "do not fit the 5 parameters",
+        "optckpt remap",
+        "--dry-run",
     )
 
 

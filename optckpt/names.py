@@ -1,0 +1,775 @@
+"""The one place that names parameters: sources of names, recovery by alignment, wrapper prefixes.
+
+A parameter's identity is its fully qualified name (FQN), as ``torch.distributed.checkpoint``
+uses it. :func:`name_parameters` names every ID of an optimizer state dict from the first
+source that applies (DESIGN.md, "Names"), and says which (:attr:`Naming.source`):
+
+1. ``"keys"``: a name-keyed state dict (FSDP's ``optim_state_dict``,
+   ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``): ``state`` keyed by
+   FQN strings, ``params`` listing them. The keys are the names.
+2. ``"param_names"``: the groups' ``param_names`` (an optimizer built from
+   ``named_parameters()``).
+3. ``"layout"``: the ``--from`` layout, read group by group in ID order.
+4. ``"recovered"``: aligned with the model weights of the same file (or ``--model``) by
+   :func:`align`, which accepts an assignment only when it is the only one possible.
+5. ``None``: unnamed; callers use stand-ins and every report says so.
+
+inspect, diff, remap, resume-step and convert all name parameters here. Names are compared
+with wrapper prefixes stripped as torch's ``_get_fqns`` strips them (:func:`canonical`,
+:func:`match_names`), and :func:`to_name_keyed` / :func:`to_id_keyed` turn one keying into the
+other.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.statedict import StateDict, names_of, param_ids
+
+__all__ = [
+    "WRAPPER_PREFIXES",
+    "AmbiguousNamesError",
+    "NameMatch",
+    "Naming",
+    "align",
+    "canonical",
+    "is_name_keyed",
+    "match_names",
+    "name_parameters",
+    "state_shape",
+    "to_id_keyed",
+    "to_name_keyed",
+]
+
+NamesSource = Literal["keys", "param_names", "layout", "recovered"]
+Shape = tuple[int, ...]
+
+FROM_HINT = "pass --from OLD_LAYOUT (the layout the checkpoint was saved with) to name them"
+
+# Prefixes that wrappers add to parameter names and torch's ``_get_fqns``
+# (torch/distributed/checkpoint/state_dict.py) leaves out of a parameter's FQN: torch.compile's
+# OptimizedModule (``_orig_mod``), DDP / DataParallel (``module``), FSDP1
+# (``_fsdp_wrapped_module``) and activation checkpointing (``_checkpoint_wrapped_module``).
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Wrapper components dropped wherever they appear: torch drops them at any depth (FSDP and
+# checkpoint wrappers sit around submodules). ``module`` only in the leading run of wrapper
+# components, where DDP puts it: elsewhere it is an ordinary attribute name.
+_ANYWHERE = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_LEADING = _ANYWHERE | {"module"}
+
+
+class AmbiguousNamesError(UsageError):
+    """The IDs fit the model's parameters in more than one way (or not provably in one)."""
+
+
+# --- optimizer facts --------------------------------------------------------------------------
+
+
+def state_shape(state: Any) -> Shape | None:
+    """The shape of the parameter a state belongs to, as its tensors tell it (``None``: unknown,
+    which fits any parameter).
+
+    The one call site of the optimizer facts that naming reads (:mod:`optckpt.optim.specs`):
+    a state key with the parameter's shape, or Adafactor's factored ``row_var`` and
+    ``col_var``. LBFGS's flat vectors and scalar state tell nothing.
+    """
+    from optckpt.optim.specs import param_shape_from_state
+
+    return param_shape_from_state(None, state)
+
+
+# --- wrapper prefixes -------------------------------------------------------------------------
+
+
+def _strip(name: str) -> tuple[str, tuple[str, ...]]:
+    """``name`` without wrapper components, and the prefixes removed (see :func:`canonical`)."""
+    parts = name.split(".")
+    kept: list[str] = []
+    removed: list[str] = []
+    leading = True
+    for part in parts[:-1]:  # the last component is the parameter itself
+        if part in _ANYWHERE or (leading and part in _LEADING):
+            removed.append(part + ".")
+            continue
+        leading = False
+        kept.append(part)
+    kept.append(parts[-1])
+    return ".".join(kept), tuple(removed)
+
+
+def canonical(name: str) -> str:
+    """A parameter name as its FQN, without the prefixes wrappers add.
+
+    As torch's ``_get_fqns`` does: ``_orig_mod.`` (torch.compile), ``_fsdp_wrapped_module.``
+    and ``_checkpoint_wrapped_module.`` wherever they appear, and DDP's ``module.`` at the
+    start (``module._orig_mod.encoder.weight`` -> ``encoder.weight``).
+    """
+    return _strip(name)[0]
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """Names of one side matched to names of the other.
+
+    Attributes:
+        found: ``{wanted name: available name}`` for every wanted name that has a match.
+        stripped: the wrapper prefixes that had to be stripped for some match
+            (``["_orig_mod."]``), in :data:`WRAPPER_PREFIXES` order; empty when every match
+            was exact.
+    """
+
+    found: dict[str, str]
+    stripped: list[str]
+
+
+def match_names(wanted: Iterable[str], available: Iterable[str]) -> NameMatch:
+    """Match names exactly, and those that match only without wrapper prefixes after that.
+
+    A name equal on both sides matches itself. A name left over matches the leftover name on
+    the other side with the same :func:`canonical` form, when exactly one name on each side
+    has that form (``module.x`` and ``x`` both present: neither is guessed).
+    """
+    wanted, available = list(wanted), list(available)
+    present = set(available)
+    found = {w: w for w in wanted if w in present}
+    taken = set(found.values())
+    rest_wanted = [w for w in wanted if w not in found]
+    rest_available = [a for a in available if a not in taken]
+    if not rest_wanted or not rest_available:
+        return NameMatch(found, [])
+    by_form: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for a in rest_available:
+        form, removed = _strip(a)
+        by_form.setdefault(form, []).append((a, removed))
+    wanted_forms: dict[str, int] = {}
+    stripped_w = {w: _strip(w) for w in rest_wanted}
+    for form, _ in stripped_w.values():
+        wanted_forms[form] = wanted_forms.get(form, 0) + 1
+    removed_any: set[str] = set()
+    for w, (form, removed) in stripped_w.items():
+        candidates = by_form.get(form, [])
+        if len(candidates) == 1 and wanted_forms[form] == 1:
+            a, removed_a = candidates[0]
+            found[w] = a
+            removed_any.update(removed, removed_a)
+    return NameMatch(found, [p for p in WRAPPER_PREFIXES if p in removed_any])
+
+
+# --- keyings ----------------------------------------------------------------------------------
+
+
+def is_name_keyed(state_dict: Mapping[str, Any]) -> bool:
+    """Whether the groups list parameters by FQN strings rather than integer IDs."""
+    ids = param_ids(state_dict)
+    return bool(ids) and all(isinstance(pid, str) for pid in ids)
+
+
+def to_name_keyed(
+    state_dict: Mapping[str, Any], names: Mapping[Any, str], *, strip: bool = True
+) -> StateDict:
+    """The FQN-keyed form ``get_optimizer_state_dict`` returns (``set_optimizer_state_dict``
+    loads it).
+
+    ``state`` and every group's ``params`` are keyed by :func:`canonical` names, as torch
+    keys them (``_get_fqns`` drops wrapper prefixes; ``strip=False`` keeps ``names`` as they
+    are); other group keys, ``param_names`` included, are kept as torch keeps them. State
+    under an ID in no group keeps its key.
+
+    Raises:
+        UsageError: an ID without a name, or two IDs with the same FQN.
+    """
+    ids = param_ids(state_dict)
+    missing = [pid for pid in ids if pid not in names]
+    if missing:
+        raise UsageError(f"no name for parameter ID(s) {_listed(map(str, missing))}")
+    fqn = {pid: canonical(names[pid]) if strip else names[pid] for pid in ids}
+    owners: dict[str, Any] = {}
+    for pid, name in fqn.items():
+        if name in owners:
+            raise UsageError(
+                f"parameters {names[owners[name]]!r} and {names[pid]!r} have the same FQN "
+                f"{name!r}; they cannot both be keys of a name-keyed state dict"
+            )
+        owners[name] = pid
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[p] for p in g["params"]]}
+        for g in state_dict["param_groups"]
+    ]
+    state = {fqn.get(k, k): v for k, v in state_dict["state"].items()}
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def to_id_keyed(state_dict: Mapping[str, Any]) -> StateDict:
+    """The ID-keyed form ``Optimizer.state_dict()`` returns, with ``param_names``.
+
+    IDs are numbered as torch's ``state_dict`` numbers parameters (positions in the
+    concatenated ``params`` lists; a name listed in an earlier group keeps its ID). Groups
+    without ``param_names`` get the names they list, so the names survive the conversion.
+    """
+    mapping: dict[Any, int] = {}
+    start = 0
+    groups = []
+    for group in state_dict["param_groups"]:
+        listed = list(group["params"])
+        mapping.update({n: i for i, n in enumerate(listed, start) if n not in mapping})
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed.setdefault("param_names", [str(n) for n in listed])
+        packed["params"] = [mapping[n] for n in listed]
+        start += len(listed)
+        groups.append(packed)
+    state = {mapping.get(k, k): v for k, v in state_dict["state"].items()}
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+# --- the alignment ----------------------------------------------------------------------------
+
+
+class _Free:
+    """Sorted model positions with deletions: the first free one after an index, or the last
+    free one before it, in amortised near-constant time after a bisection (two union-find
+    "skip" arrays with path halving)."""
+
+    def __init__(self, positions: list[int]) -> None:
+        self.pos = positions
+        self.rank = {p: k for k, p in enumerate(positions)}
+        self.right = list(range(len(positions) + 1))  # right[k]: k if free; len: none
+        self.left = list(range(len(positions) + 1))  # left[k + 1]: k if free; left[0]: none
+
+    def copy(self) -> _Free:
+        other = _Free.__new__(_Free)
+        other.pos, other.rank = self.pos, self.rank
+        other.right, other.left = list(self.right), list(self.left)
+        return other
+
+    @staticmethod
+    def _find(parent: list[int], k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def after(self, index: int) -> int | None:
+        k = self._find(self.right, bisect.bisect_right(self.pos, index))
+        return self.pos[k] if k < len(self.pos) else None
+
+    def before(self, index: int) -> int | None:
+        k = self._find(self.left, bisect.bisect_left(self.pos, index))
+        return self.pos[k - 1] if k > 0 else None
+
+    def delete(self, position: int) -> None:
+        k = self.rank[position]
+        self.right[k] = k + 1
+        self.left[k + 1] = k
+
+
+class _Slots:
+    """The model's parameter positions, free or taken, by shape and in all."""
+
+    def __init__(self, shapes: Sequence[Shape]) -> None:
+        self.shapes = shapes
+        by_shape: dict[Shape, list[int]] = {}
+        for p, s in enumerate(shapes):
+            by_shape.setdefault(s, []).append(p)
+        self.any = _Free(list(range(len(shapes))))
+        self.by_shape = {s: _Free(ps) for s, ps in by_shape.items()}
+        self.taken: set[int] = set()
+
+    def copy(self) -> _Slots:
+        other = _Slots.__new__(_Slots)
+        other.shapes = self.shapes
+        other.any = self.any.copy()
+        other.by_shape = {s: f.copy() for s, f in self.by_shape.items()}
+        other.taken = set(self.taken)
+        return other
+
+    def _free(self, shape: Shape | None) -> _Free | None:
+        return self.any if shape is None else self.by_shape.get(shape)
+
+    def after(self, shape: Shape | None, index: int) -> int | None:
+        free = self._free(shape)
+        return None if free is None else free.after(index)
+
+    def before(self, shape: Shape | None, index: int) -> int | None:
+        free = self._free(shape)
+        return None if free is None else free.before(index)
+
+    def take(self, position: int) -> None:
+        self.taken.add(position)
+        self.any.delete(position)
+        self.by_shape[self.shapes[position]].delete(position)
+
+    def between(self, shape: Shape | None, low: int, high: int) -> tuple[list[int], int]:
+        """Free positions of ``shape`` (any, for ``None``) in ``[low, high]``, and how many
+        positions were looked at."""
+        free = self._free(shape)
+        if free is None or low > high:
+            return [], 1
+        i, j = bisect.bisect_left(free.pos, low), bisect.bisect_right(free.pos, high)
+        return [p for p in free.pos[i:j] if p not in self.taken], j - i + 1
+
+
+@dataclass
+class _NoFit(Exception):
+    reason: str
+
+
+@dataclass
+class _Ambiguous(Exception):
+    choices: list[tuple[Any, int, int]]  # (ID, one position, another position)
+
+
+@dataclass
+class _Unsure(Exception):
+    open_ids: list[Any]
+
+
+def _leftmost(
+    slots: _Slots, ids: Sequence[Any], shapes: Mapping[Any, Shape | None], pinned: Mapping[Any, int]
+) -> tuple[list[int] | None, Any]:
+    """The pointwise-smallest embedding of ``ids`` (positions), or ``None`` and the ID at which
+    none exists."""
+    out: list[int] = []
+    cur = -1
+    for pid in ids:
+        p = pinned.get(pid)
+        if p is None:
+            p = slots.after(shapes[pid], cur)
+            if p is None:
+                return None, pid
+        elif p <= cur:
+            return None, pid
+        out.append(p)
+        cur = p
+    return out, None
+
+
+def _rightmost(
+    slots: _Slots,
+    ids: Sequence[Any],
+    shapes: Mapping[Any, Shape | None],
+    pinned: Mapping[Any, int],
+    end: int,
+) -> list[int] | None:
+    """The pointwise-largest embedding of ``ids``, or ``None``."""
+    out: list[int] = []
+    cur = end
+    for pid in reversed(ids):
+        p = pinned.get(pid)
+        if p is None:
+            p = slots.before(shapes[pid], cur)
+            if p is None:
+                return None
+        elif p >= cur:
+            return None
+        out.append(p)
+        cur = p
+    out.reverse()
+    return out
+
+
+def _no_fit(pid: Any, shapes: Mapping[Any, Shape | None]) -> _NoFit:
+    shape = shapes[pid]
+    what = f"the shape of ID {pid}'s state {list(shape)}" if shape is not None else f"ID {pid}"
+    return _NoFit(f"no parameter left in model order with {what}")
+
+
+def _propagate(
+    groups: Sequence[Sequence[Any]],
+    shapes: Mapping[Any, Shape | None],
+    slots: _Slots,
+    max_rounds: int,
+) -> tuple[dict[Any, int], dict[int, tuple[list[int], list[int]]]]:
+    """Positions every assignment must give (``forced``), and each group's bounds."""
+    end = len(slots.shapes)
+    forced: dict[Any, int] = {}
+    bounds: dict[int, tuple[list[int], list[int]]] = {}
+    pending = set(range(len(groups)))
+    for _ in range(max_rounds):
+        newly: list[tuple[Any, int]] = []
+        for g in sorted(pending):
+            ids = groups[g]
+            left, failed = _leftmost(slots, ids, shapes, forced)
+            if left is None:
+                raise _no_fit(failed, shapes)
+            right = _rightmost(slots, ids, shapes, forced, end)
+            assert right is not None  # an embedding exists, so a largest one does
+            bounds[g] = (left, right)
+            newly += [
+                (pid, a) for pid, a, b in zip(ids, left, right) if a == b and pid not in forced
+            ]
+        if not newly:
+            return forced, bounds
+        touched: set[Shape | None] = set()
+        owner: dict[int, Any] = {}
+        for pid, p in newly:
+            if p in owner:  # two IDs that every assignment puts on one parameter: none exists
+                raise _NoFit(
+                    f"IDs {owner[p]} and {pid} (in different groups) both need model parameter {p}"
+                )
+            owner[p] = pid
+            forced[pid] = p
+            slots.take(p)
+            touched.add(slots.shapes[p])
+        # only groups with an open ID that could have used a position just taken
+        touched.add(None)
+        pending = {
+            g
+            for g, ids in enumerate(groups)
+            if any(pid not in forced and shapes[pid] in touched for pid in ids)
+        }
+    # rounds used up: bounds may be stale, recompute them once without forcing more
+    for g, ids in enumerate(groups):
+        if any(pid not in forced for pid in ids):
+            left, failed = _leftmost(slots, ids, shapes, forced)
+            if left is None:
+                raise _no_fit(failed, shapes)
+            right = _rightmost(slots, ids, shapes, forced, end)
+            assert right is not None
+            bounds[g] = (left, right)
+    return forced, bounds
+
+
+def _construct(
+    groups: Sequence[Sequence[Any]],
+    shapes: Mapping[Any, Shape | None],
+    slots: _Slots,
+    forced: Mapping[Any, int],
+    order: Sequence[int],
+    leftmost: bool,
+) -> dict[Any, int] | None:
+    """One full assignment, built group by group (``None`` if this greedy order finds none)."""
+    slots = slots.copy()
+    end = len(slots.shapes)
+    found = dict(forced)
+    for g in order:
+        ids = groups[g]
+        if all(pid in forced for pid in ids):
+            continue
+        emb = (
+            _leftmost(slots, ids, shapes, forced)[0]
+            if leftmost
+            else _rightmost(slots, ids, shapes, forced, end)
+        )
+        if emb is None:
+            return None
+        for pid, p in zip(ids, emb):
+            if pid not in forced:
+                found[pid] = p
+                slots.take(p)
+    return found
+
+
+def _search(
+    groups: Sequence[Sequence[Any]],
+    shapes: Mapping[Any, Shape | None],
+    slots: _Slots,
+    forced: Mapping[Any, int],
+    bounds: Mapping[int, tuple[list[int], list[int]]],
+    budget: int,
+) -> list[dict[Any, int]] | None:
+    """Up to two full assignments, by a depth-first search over the open IDs within their
+    bounds; ``None`` when the search would cost more than ``budget`` steps."""
+    # (ID, group, its index in the group, lowest and highest position it may take)
+    steps: list[tuple[Any, int, int, int, int]] = []
+    for g, ids in enumerate(groups):
+        if g in bounds:
+            left, right = bounds[g]
+            steps += [
+                (pid, g, j, left[j], right[j]) for j, pid in enumerate(ids) if pid not in forced
+            ]
+    slots = slots.copy()
+    chosen: dict[Any, int] = {}
+    found: list[dict[Any, int]] = []
+    spent = 0
+
+    def options(k: int) -> list[int]:
+        nonlocal spent
+        pid, g, j, low, high = steps[k]
+        ids = groups[g]
+        if j > 0:  # after the previous ID of the group, wherever it went
+            low = max(low, chosen.get(ids[j - 1], forced.get(ids[j - 1], -1)) + 1)
+        if j + 1 < len(ids) and ids[j + 1] in forced:
+            high = min(high, forced[ids[j + 1]] - 1)
+        if spent > budget:
+            return []
+        free, looked_at = slots.between(shapes[pid], low, high)
+        spent += looked_at
+        return free[::-1]  # taken from the end: lowest first
+
+    stack = [options(0)]
+    while stack:
+        spent += 1
+        if spent > budget:
+            return None
+        k = len(stack) - 1
+        pid = steps[k][0]
+        if pid in chosen:  # undo this level's previous choice
+            slots.taken.discard(chosen.pop(pid))
+        if not stack[-1]:
+            stack.pop()
+            continue
+        p = stack[-1].pop()
+        chosen[pid] = p
+        slots.taken.add(p)
+        if k + 1 == len(steps):
+            found.append({**forced, **chosen})
+            if len(found) == 2:
+                return found
+            continue
+        stack.append(options(k + 1))
+    return found
+
+
+def align(
+    groups: Sequence[Sequence[Any]],
+    shapes: Mapping[Any, Shape | None],
+    model_shapes: Sequence[Shape],
+    *,
+    max_rounds: int = 32,
+    budget: int = 100_000,
+) -> dict[Any, int]:
+    """The one assignment of IDs to model parameter positions, or an error saying why not.
+
+    The problem: the model's parameters ``0..m-1`` in order, each of a shape; groups of IDs,
+    each ID of a shape or of unknown shape (no state yet: it fits anything). An assignment
+    maps every ID to a distinct parameter of its shape such that each group's IDs take
+    increasing positions: each group is a subsequence of the model's parameters, the groups
+    interleave arbitrarily, and parameters no group holds (frozen ones) are left over. This
+    covers ``Optimizer(model.parameters())`` (one group) and groups built by filtering
+    ``named_parameters()`` (weight decay / no decay, frozen parameters left out).
+
+    The argument:
+
+    1. *Bounds of one group.* For one group over a set of free positions (some positions of
+       the group's own IDs pinned), the greedy leftmost embedding ``L`` (each ID takes the
+       first free fitting position after the previous one) is pointwise the smallest of all
+       embeddings, and the greedy rightmost ``R`` the largest (induction along the group:
+       ``L[i]`` is the first fitting position after ``L[i-1] <= E[i-1] < E[i]``). So every
+       embedding ``E`` has ``L <= E <= R``, and where ``L[i] == R[i]`` every embedding gives
+       ID ``i`` that position. If ``L`` does not exist, no embedding does.
+    2. *Propagation.* Restricted to one group, any full assignment is an embedding of that
+       group in the positions not forced to another group's IDs. So positions forced by (1)
+       are forced in every assignment; they are taken away from the other groups and (1) is
+       repeated until nothing new is forced. Two IDs forced onto one position, or a group
+       with no embedding, mean no assignment exists.
+    3. *What is left open.* If every ID is forced, that is the only possible assignment. If
+       not, full assignments are built greedily (groups in order and reversed, leftmost and
+       rightmost); two different ones prove ambiguity (with one group this is exact:
+       ``L != R`` are two assignments). Otherwise a depth-first search over the open IDs,
+       within their bounds, counts assignments up to two within ``budget`` steps. When the
+       budget or ``max_rounds`` runs out, the answer is "unsure", a refusal: a wrong answer
+       is never given.
+
+    Cost: a position lookup is a bisection plus a union-find step over that shape's sorted
+    positions, so one round is ``O(n log m)`` for ``n`` IDs; realistic layouts settle in one
+    or two rounds (one group: always one), the rounds are capped, and the search is
+    budgeted. Memory is ``O(n + m)``.
+
+    Args:
+        groups: the IDs of each group, in order (each ID once over all groups).
+        shapes: each ID's shape, ``None`` where unknown.
+        model_shapes: the shape of each model parameter, in model order.
+
+    Returns:
+        ``{ID: position}``.
+
+    Raises:
+        _NoFit, _Ambiguous, _Unsure: (internal) see :func:`name_parameters`.
+    """
+    n = sum(len(g) for g in groups)
+    if n > len(model_shapes):
+        raise _NoFit(f"more IDs ({n}) than parameters ({len(model_shapes)})")
+    slots = _Slots(model_shapes)
+    forced, bounds = _propagate(groups, shapes, slots, max_rounds)
+    open_ids = [pid for ids in groups for pid in ids if pid not in forced]
+    if not open_ids:
+        return forced
+    order = list(range(len(groups)))
+    built: list[dict[Any, int]] = []
+    for sequence, leftmost in (
+        (order, True),
+        (order, False),
+        (order[::-1], True),
+        (order[::-1], False),
+    ):
+        one = _construct(groups, shapes, slots, forced, sequence, leftmost)
+        if one is not None and one not in built:
+            built.append(one)
+    if len(built) < 2:
+        searched = _search(groups, shapes, slots, forced, bounds, budget)
+        if searched is None:
+            raise _Unsure(open_ids)
+        if not searched:
+            raise _NoFit("no assignment keeps every group in model order")
+        if len(searched) == 1:
+            return searched[0]
+        built = searched
+    a, b = built[0], built[1]
+    raise _Ambiguous([(pid, a[pid], b[pid]) for pid in open_ids if a[pid] != b[pid]])
+
+
+# --- naming -----------------------------------------------------------------------------------
+
+
+_DESCRIPTIONS = {
+    "keys": "the state dict's keys (name-keyed)",
+    "param_names": "param_names",
+    "layout": "the --from layout",
+}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Names of a state dict's parameter IDs and their source.
+
+    Attributes:
+        names: ``{ID: name}`` for every ID in the groups; empty when unnamed.
+        source: ``"keys"``, ``"param_names"``, ``"layout"``, ``"recovered"``, or ``None``.
+        where: for ``"recovered"``, whose weights they were aligned with.
+    """
+
+    names: dict[Any, str] = field(default_factory=dict)
+    source: NamesSource | None = None
+    where: str = ""
+
+    def describe(self) -> str:
+        """Where the names came from, in words (``"param_names"``, ``"the model weights in
+        x.pt (aligned by shape and order)"``)."""
+        if self.source == "recovered":
+            return f"the model weights in {self.where} (aligned by shape and order)"
+        if self.source is None:
+            return "nothing (unnamed)"
+        return _DESCRIPTIONS[self.source]
+
+
+def _listed(items: Iterable[str], limit: int = 5) -> str:
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _group_ids(state_dict: Mapping[str, Any]) -> list[list[Any]]:
+    """Each group's IDs in order, each ID once over all groups (its first listing)."""
+    seen: set[Any] = set()
+    groups = []
+    for group in state_dict["param_groups"]:
+        ids = []
+        for pid in group["params"]:
+            if pid not in seen:
+                seen.add(pid)
+                ids.append(pid)
+        groups.append(ids)
+    return groups
+
+
+def _from_layout(state_dict: Mapping[str, Any], layout: Any) -> dict[Any, str]:
+    sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+    wanted = [len(g["params"]) for g in layout.groups]
+    if sizes != wanted:
+        raise UsageError(f"--from layout has groups of {wanted} parameters, the checkpoint {sizes}")
+    flat_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+    found: dict[Any, str] = dict(zip(flat_ids, layout.names()))
+    wrong = [
+        f"{name} is {list(layout.params[name].shape)} there, the state of ID {pid} {list(shape)}"
+        for pid, name in found.items()
+        if (shape := state_shape(state_dict["state"].get(pid))) is not None
+        and shape != layout.params[name].shape
+    ]
+    if wrong:
+        raise UsageError(
+            "--from layout does not fit the checkpoint: "
+            + "; ".join(wrong[:5])
+            + (f" ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
+        )
+    return found
+
+
+def recover(
+    state_dict: Mapping[str, Any],
+    model_state: Mapping[str, torch.Tensor],
+    *,
+    where: str = "the checkpoint",
+    hint: str = FROM_HINT,
+) -> dict[Any, str]:
+    """Names for every ID, aligned with the parameters of a model state dict (:func:`align`).
+
+    The candidates are the model state dict's parameters in order, as ``named_parameters()``
+    has them (buffers and the second name of a tied weight left out).
+
+    Raises:
+        AmbiguousNamesError: more than one assignment fits (the message names the IDs and the
+            parameters they could be), or one could not be proved the only one; exit 2.
+        IncompatibleStateError: no assignment fits (the state was saved for another model).
+    """
+    from optckpt.layout import model_parameters
+
+    params = model_parameters(model_state)
+    candidates = list(params)
+    groups = _group_ids(state_dict)
+    state = state_dict["state"]
+    shapes = {pid: state_shape(state.get(pid)) for ids in groups for pid in ids}
+    n = len(shapes)
+    ids = f"the checkpoint's {n} parameter IDs (group sizes {[len(g) for g in groups]})"
+    weights = f"the {len(candidates)} parameters of the model weights in {where}"
+    try:
+        positions = align(groups, shapes, [tuple(t.shape) for t in params.values()])
+    except _NoFit as e:
+        raise IncompatibleStateError(
+            f"{ids} do not fit {weights} by shape in model order: {e.reason} (were the weights "
+            f"saved for another model, or the groups not built in model order?); {hint}"
+        ) from None
+    except _Ambiguous as e:
+        shown = [f"ID {pid} could be {candidates[a]} or {candidates[b]}" for pid, a, b in e.choices]
+        raise AmbiguousNamesError(
+            f"{ids} fit {weights} in more than one way: {_listed(shown, 4)} (parameters of "
+            f"equal shape that could be swapped, or without state); {hint}"
+        ) from None
+    except _Unsure as e:
+        raise AmbiguousNamesError(
+            f"cannot prove that {ids} fit {weights} in only one way (IDs "
+            f"{_listed(map(str, e.open_ids))} left open); {hint}"
+        ) from None
+    return {pid: candidates[p] for pid, p in positions.items()}
+
+
+def name_parameters(
+    state_dict: Mapping[str, Any],
+    *,
+    layout: Any | None = None,
+    model_state: Mapping[str, torch.Tensor] | None = None,
+    where: str = "the checkpoint",
+    hint: str = FROM_HINT,
+) -> Naming:
+    """Name every parameter ID of ``state_dict`` from the first source that applies.
+
+    Args:
+        state_dict: an optimizer state dict (ID-keyed or name-keyed).
+        layout: the layout it was saved with (``--from``), a :class:`~optckpt.layout.Layout`.
+        model_state: model weights to recover names from (of the same file, or ``--model``).
+        where: how messages name the weights' file.
+        hint: how messages tell the user to name the parameters instead.
+
+    Returns:
+        A :class:`Naming`; ``source`` is ``None`` (and ``names`` empty) when no source applies.
+
+    Raises:
+        UsageError: a ``layout`` that does not fit the groups or the state's shapes.
+        AmbiguousNamesError: recovery finds more than one assignment (see :func:`recover`).
+        IncompatibleStateError: recovery finds none.
+    """
+    ids = param_ids(state_dict)
+    if is_name_keyed(state_dict):
+        return Naming({pid: pid for pid in ids}, "keys")
+    named = names_of(state_dict)
+    if ids and all(pid in named for pid in ids):
+        return Naming({pid: named[pid] for pid in ids}, "param_names")
+    if layout is not None:
+        return Naming(_from_layout(state_dict, layout), "layout")
+    if model_state is not None and ids:
+        return Naming(recover(state_dict, model_state, where=where, hint=hint), "recovered", where)
+    return Naming()
