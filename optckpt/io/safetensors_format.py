@@ -15,7 +15,10 @@ names never have to be split back.
 
 Reading parses the header itself and maps the file with ``mmap`` (copy-on-write), so tensors
 are views of the file that cost no memory until their values are read, like
-``torch.load(mmap=True)``.
+``torch.load(mmap=True)``. A file is untrusted input: every header field is checked, by
+safetensors' own rules, before any tensor is made (:func:`read_header`), and each tag of the
+tree decodes only to a value of its own kind (:class:`_TreeDecoder`); anything else is one
+:class:`~optckpt.errors.UnreadableCheckpointError` naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import reprlib
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
@@ -66,7 +71,14 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+_MAX_NUMEL = 2**63 - 1  # torch's sizes and strides are int64
+# More dimensions than any optimizer state has: torch keeps a size and a stride per dimension,
+# so a 100 MB header of [1, 1, ...] shapes would otherwise cost gigabytes of them.
+_MAX_DIMS = 64
+# Nesting of the optckpt.tree JSON. A checkpoint is a few levels deep; decoding takes up to
+# three Python frames a level, and this bound keeps them well inside the interpreter's 1000.
+_MAX_DEPTH = 100
 _SLICE = 16 * 1024 * 1024  # bytes per write call
 
 
@@ -83,10 +95,25 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
-    """Read a safetensors header: ``(tensor entries, metadata, offset of the data)``.
+    """Read and validate a safetensors header: ``(tensor entries, metadata, offset of the data)``.
+
+    Every field is checked before any tensor is made, by the rules of the reference reader
+    (safetensors' Rust ``Metadata::validate``): the header is UTF-8 JSON, an object without
+    repeated keys; ``__metadata__`` is absent, null or a mapping of strings to strings; each
+    entry has a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` of
+    two integers ``0 <= begin <= end``; ``end - begin`` is the shape times the dtype's size;
+    sorted by offset, the entries cover the data section exactly, without gaps or overlaps and
+    without bytes after the last one. Stricter than safetensors, for torch's sake: sizes and
+    offsets below 2**63, at most 64 dimensions, non-zero sizes whose product fits in int64.
+    The file is then opened with ``safetensors.safe_open`` as well
+    (see :func:`_check_with_safetensors`).
+
+    Returns:
+        ``{name: {"dtype": str, "shape": list[int], "data_offsets": [begin, end]}}`` with only
+        those keys, the metadata, and the byte at which the data section starts.
 
     Raises:
-        UnreadableCheckpointError: the header is truncated, not JSON, or points past the end.
+        UnreadableCheckpointError: the first field that breaks a rule, naming the tensor.
     """
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -94,39 +121,222 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         if len(head) < 8:
             raise UnreadableCheckpointError(f"{path}: truncated safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > min(_MAX_HEADER, size - 8):
+        if length > _MAX_HEADER:
+            raise UnreadableCheckpointError(
+                f"{path}: corrupt safetensors header ({length} bytes long; "
+                f"safetensors allows {_MAX_HEADER})"
+            )
+        if length > size - 8:
             raise UnreadableCheckpointError(
                 f"{path}: truncated safetensors file (header runs past the end)"
             )
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UnreadableCheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+        raw = f.read(length)
+    if len(raw) < length:
+        raise UnreadableCheckpointError(f"{path}: truncated safetensors file (changed while read)")
+    header = _parse_header(path, raw)
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    entries = {name: _entry(path, name, entry, size - 8 - length) for name, entry in header.items()}
+    _check_coverage(path, entries, size - 8 - length)
+    _check_with_safetensors(path, entries, metadata)
+    return entries, metadata, 8 + length
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+    # Decoded as UTF-8 explicitly: json.loads(bytes) would also guess UTF-16 or UTF-32, which
+    # safetensors refuses, and two readers that disagree on a header are an attack surface.
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt safetensors header (not UTF-8)") from e
+    except RecursionError as e:
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header (nested too deeply)"
+        ) from e
+    except ValueError as e:  # JSONDecodeError, a repeated key, an integer of > 4300 digits
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header ({_first_clause(e)})"
+        ) from e
     if not isinstance(header, dict):
-        raise UnreadableCheckpointError(f"{path}: corrupt safetensors header")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + length
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise UnreadableCheckpointError(f"{path}: corrupt safetensors entry {name!r}") from e
-        if dtype not in _DTYPES:
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header (JSON {_kind(header)}, not an object)"
+        )
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is refused (json keeps the last)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the key for the message
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {_show(key)} appears twice")
+            seen.add(key)
+    return out
+
+
+def _metadata(path: Path, metadata: Any) -> dict[str, str]:
+    if metadata is None:  # safetensors reads a missing or null __metadata__ as none
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header (__metadata__ is {_kind(metadata)}, "
+            "not a mapping of strings)"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
             raise UnreadableCheckpointError(
-                f"{path}: tensor {name!r} has unsupported dtype {dtype}"
+                f"{path}: corrupt safetensors header (__metadata__ {_show(key)} is "
+                f"{_kind(value)}, not a string)"
             )
-        if start + end > size:
+    return metadata
+
+
+def _entry(path: Path, name: str, entry: Any, data_size: int) -> dict[str, Any]:
+    """One tensor's entry, checked field by field; ``data_size``: bytes in the data section."""
+    if not isinstance(entry, dict):
+        raise _bad_entry(path, name, f"is {_kind(entry)}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise _bad_entry(path, name, f"has no {key}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise UnreadableCheckpointError(
+            f"{path}: tensor {_show(name)} has unsupported dtype {_show(dtype)}"
+        )
+    if not _sizes(shape):
+        raise _bad_entry(
+            path, name, f"has shape {_show(shape)}, not a list of integers from 0 to 2**63 - 1"
+        )
+    if len(shape) > _MAX_DIMS:
+        raise _bad_entry(path, name, f"has {len(shape)} dimensions, more than {_MAX_DIMS}")
+    # torch keeps sizes and strides as int64: a shape whose non-zero sizes multiply past that
+    # cannot be made, even when a zero size leaves it empty (safetensors checks the same
+    # product, zeros included, against its usize)
+    if math.prod(filter(None, shape)) > _MAX_NUMEL:
+        raise _bad_entry(path, name, f"has shape {_show(shape)}, too large for a tensor")
+    if not (_sizes(offsets) and len(offsets) == 2):
+        raise _bad_entry(
+            path, name, f"has data_offsets {_show(offsets)}, not two integers from 0 to 2**63 - 1"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise _bad_entry(path, name, f"has data_offsets {_show(offsets)}, ending before they begin")
+    if end > data_size:
+        raise UnreadableCheckpointError(
+            f"{path}: truncated safetensors file (tensor {_show(name)} ends at byte {end} "
+            f"of the data, which has {data_size})"
+        )
+    expected = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise _bad_entry(
+            path,
+            name,
+            f"has {end - begin} bytes; its shape {_show(shape)} of {dtype} needs {expected}",
+        )
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def _bad_entry(path: Path, name: str, reason: str) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        f"{path}: corrupt safetensors header: tensor {_show(name)} {reason}"
+    )
+
+
+def _sizes(value: Any) -> bool:
+    """Whether ``value`` is a list of integers from 0 to 2**63 - 1 (safetensors: ``usize``;
+    torch: int64). ``bool`` is an int to Python, not to JSON or safetensors."""
+    if type(value) is not list:
+        return False
+    for item in value:  # noqa: SIM110 (a loop is 4x faster than all() on short lists)
+        if type(item) is not int or not 0 <= item <= _MAX_NUMEL:
+            return False
+    return True
+
+
+def _check_coverage(path: Path, entries: Mapping[str, dict[str, Any]], data_size: int) -> None:
+    """The entries, sorted by offset, tile the data section: no overlap, no gap, nothing after.
+
+    This is what safetensors' reader enforces (``InvalidOffset`` for a gap or an overlap,
+    ``MetadataIncompleteBuffer`` for bytes after the last tensor), so a file optckpt reads is
+    one that every safetensors reader reads the same way; empty tensors may share an offset.
+    """
+    position, previous = 0, None
+    for begin, end, name in sorted((*e["data_offsets"], n) for n, e in entries.items()):
+        if begin != position:
+            if begin < position:
+                reason = f"overlaps tensor {_show(previous)}, which ends at byte {position}"
+            else:
+                reason = f"leaves bytes {position}..{begin} of the data to no tensor"
             raise UnreadableCheckpointError(
-                f"{path}: truncated safetensors file (tensor {name!r} ends at byte {start + end}, "
-                f"the file has {size})"
+                f"{path}: corrupt safetensors header: tensor {_show(name)} at bytes "
+                f"{begin}..{end} {reason}"
             )
-        expected = math.prod(shape) * _DTYPES[dtype].itemsize
-        if end - begin != expected:
-            raise UnreadableCheckpointError(
-                f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}"
-            )
-    return header, metadata, start
+        position, previous = end, name
+    if position != data_size:
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header: the data has {data_size - position} bytes "
+            f"after the last tensor, which ends at byte {position}"
+        )
+
+
+def _check_with_safetensors(
+    path: Path, entries: Mapping[str, Any], metadata: Mapping[str, str]
+) -> None:
+    """Open the file with the reference reader too, and refuse it if that reads it otherwise.
+
+    The checks above already mirror safetensors' own (and give messages that name the tensor);
+    ``safe_open`` parses only the header (its ``mmap`` reads no data), which costs a fraction
+    of the Python parse, so it runs on every file as a second opinion: a header the two
+    readers see differently is refused rather than read one way here and another way by the
+    tool that loads the result. An older safetensors that does not know a dtype optckpt reads
+    ("unknown variant `C64`" before safetensors 0.7; optckpt allows 0.4) is no disagreement:
+    the dtypes were checked above.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names, theirs = set(f.keys()), f.metadata() or {}
+    except SafetensorError as e:
+        if "unknown variant" in str(e):
+            return
+        raise UnreadableCheckpointError(f"{path}: safetensors refuses the file ({e})") from e
+    if names != set(entries) or theirs != dict(metadata):
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt safetensors header (safetensors reads other tensors or metadata)"
+        )
+
+
+def _first_clause(error: Exception) -> str:
+    """A parser's message up to its advice ("...; use sys.set_int_max_str_digits() ...")."""
+    return str(error).split(";")[0]
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages: "a list", "an object"."""
+    return _JSON_KINDS.get(type(value), "a value")
+
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _show(value: Any) -> str:
+    """A value from the file, for a one-line message: repr'd (control characters escaped)
+    and cut short, however long or deep it is."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -134,13 +344,25 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     Returns:
         ``(tensors, metadata)``; the tensors are copy-on-write views of the file.
+
+    Raises:
+        UnreadableCheckpointError: the header breaks a rule (:func:`read_header`), or the
+            file changed size since the header was read.
     """
     header, metadata, start = read_header(path)
     tensors: dict[str, torch.Tensor] = {}
     if not header:
         return tensors, metadata
     with path.open("rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except ValueError:  # emptied since: "cannot mmap an empty file"
+            mapped = None
+    expected = start + max(entry["data_offsets"][1] for entry in header.values())
+    if mapped is None or len(mapped) != expected:  # offsets were checked against stat()'s size
+        raise UnreadableCheckpointError(
+            f"{path}: truncated safetensors file (it changed size while being read)"
+        )
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
         dtype = _DTYPES[entry["dtype"]]
@@ -165,26 +387,176 @@ def check_storable(dtypes: Iterable[tuple[str, torch.dtype]]) -> None:
             raise UsageError(f"cannot store {name} in safetensors: it has no {dtype}")
 
 
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(node, list):
-        return [_decode(v, tensors) for v in node]
-    if not isinstance(node, dict):
-        return node
-    if len(node) == 1:
-        ((tag, value),) = node.items()
-        if tag == "__tensor__":
-            return tensors[value]
-        if tag == "__tuple__":
-            return tuple(_decode(v, tensors) for v in value)
-        if tag == "__dict__":
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-        if tag == "__float__":
-            return float(value)
-        if tag == "__dtype__":
-            return getattr(torch, value)
-        if tag == "__device__":
-            return torch.device(value)
-    return {k: _decode(v, tensors) for k, v in node.items()}
+class _CorruptTree(Exception):
+    """A value in ``optckpt.tree`` or ``optckpt.devices`` that optckpt never writes."""
+
+
+class _TreeDecoder:
+    """Rebuilds the checkpoint tree from its JSON, checking every tag.
+
+    A tag decodes only to a value of its own kind: ``__dtype__`` to a ``torch.dtype`` by its
+    name, ``__device__`` to a device of a known type, ``__float__`` to a float from its repr,
+    ``__tensor__`` to a tensor of this file, ``__tuple__`` and ``__dict__`` from lists. A dict
+    key that starts with ``__`` outside a tag is never written (the writer puts such dicts in
+    ``__dict__``), so it is refused too. The key path being decoded is kept as a stack and
+    spelled out only in an error message.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.where: list[Any] = []
+
+    def corrupt(self, reason: str) -> _CorruptTree:
+        at = ".".join(
+            str(k) if isinstance(k, (str, int, float)) else f"<{type(k).__name__}>"
+            for k in self.where
+        )
+        return _CorruptTree(f"{reason} at {_show(at) if at else 'the top'}")
+
+    def decode(self, node: Any) -> Any:
+        if len(self.where) > _MAX_DEPTH:
+            raise self.corrupt(f"nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(node, list):
+            return self.items(node)
+        if not isinstance(node, dict):
+            return node  # str, int, float, bool, None: JSON has nothing else
+        tags = [k for k in node if k.startswith("__")]
+        if tags:
+            if len(node) > 1 or tags[0] not in _TAGS:
+                raise self.corrupt(f"unknown tag {_show(tags[0])}")
+            ((tag, value),) = node.items()
+            return _TAGS[tag](self, value)
+        out = {}
+        self.where.append(None)  # loops, not comprehensions: fewer frames a level
+        for key, child in node.items():
+            self.where[-1] = key
+            out[key] = self.decode(child)
+        self.where.pop()
+        return out
+
+    def items(self, nodes: list[Any]) -> list[Any]:
+        out = []
+        self.where.append(0)
+        for i, child in enumerate(nodes):
+            self.where[-1] = i
+            out.append(self.decode(child))
+        self.where.pop()
+        return out
+
+    def as_tensor(self, value: Any) -> torch.Tensor:
+        if not isinstance(value, str) or value not in self.tensors:
+            raise self.corrupt(f"__tensor__ {_show(value)} names no tensor of the file")
+        return self.tensors[value]
+
+    def as_tuple(self, value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise self.corrupt(f"__tuple__ holds {_kind(value)}, not a list")
+        return tuple(self.items(value))
+
+    def as_dict(self, value: Any) -> dict[Any, Any]:
+        if not isinstance(value, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 for pair in value
+        ):
+            raise self.corrupt("__dict__ is not a list of [key, value] pairs")
+        out = {}
+        self.where.append("<key>")
+        for k, v in value:
+            self.where[-1] = "<key>"
+            key = self.decode(k)
+            try:
+                hash(key)
+            except TypeError:
+                raise self.corrupt(f"__dict__ has a key {_show(k)} of no hashable kind") from None
+            self.where[-1] = key
+            out[key] = self.decode(v)
+        self.where.pop()
+        return out
+
+    def as_float(self, value: Any) -> float:
+        # repr() of 'nan', 'inf', '-inf' or a finite float gives the string back; anything
+        # else (' nan', 'infinity', '1e999', '1_0', 'load') is not what the writer stores
+        try:
+            number = float(value) if isinstance(value, str) and len(value) <= 32 else None
+        except ValueError:
+            number = None
+        if number is None or repr(number) != value:
+            raise self.corrupt(f"__float__ {_show(value)} is not a float's repr")
+        return number
+
+    def as_dtype(self, value: Any) -> torch.dtype:
+        dtype = _TORCH_DTYPES.get(value) if isinstance(value, str) else None
+        if dtype is None:
+            raise self.corrupt(f"__dtype__ {_show(value)} is not a torch dtype")
+        return dtype
+
+    def as_device(self, value: Any) -> torch.device:
+        device = _device(value)
+        if device is None:
+            raise self.corrupt(f"__device__ {_show(value)} is not a torch device")
+        return device
+
+
+_TAGS: dict[str, Callable[[_TreeDecoder, Any], Any]] = {
+    "__tensor__": _TreeDecoder.as_tensor,
+    "__tuple__": _TreeDecoder.as_tuple,
+    "__dict__": _TreeDecoder.as_dict,
+    "__float__": _TreeDecoder.as_float,
+    "__dtype__": _TreeDecoder.as_dtype,
+    "__device__": _TreeDecoder.as_device,
+}
+
+# Every torch.dtype by the name the writer gives it (str(dtype) less "torch."), and nothing
+# else: looking a name up with getattr(torch, name) gave whatever torch holds ("load").
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+# The device types a checkpoint's tensors live on; torch.device also takes legacy and
+# rendering backends (mkldnn, opengl, vulkan, ...) that hold no checkpoint.
+_DEVICE_TYPES = frozenset(
+    {"cpu", "cuda", "mps", "xpu", "meta", "hpu", "xla", "mtia", "maia", "hip", "ipu"}
+    | {"privateuseone"}
+)
+
+
+def _device(value: Any) -> torch.device | None:
+    """``torch.device(value)`` when ``value`` is a string naming a known device type, else None."""
+    if not isinstance(value, str) or len(value) > 32:
+        return None
+    if value.partition(":")[0] not in _DEVICE_TYPES:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError):  # "cuda:-1", "cuda:x", "cpu:0:1"
+        return None
+
+
+def _saved_devices(devices: Any, tensors: Mapping[str, torch.Tensor]) -> dict[int, str]:
+    """The ``optckpt.devices`` map, checked, by storage address (see :func:`read_safetensors`)."""
+    if not isinstance(devices, dict):
+        raise _CorruptTree(f"{DEVICES_KEY} is {_kind(devices)}, not a mapping")
+    out = {}
+    for name, value in devices.items():
+        if name not in tensors:
+            raise _CorruptTree(f"{DEVICES_KEY} names {_show(name)}, no tensor of the file")
+        device = _device(value)
+        # the writer records where a tensor's data was; a meta tensor has none, and a .pt
+        # written with "meta" as a location would load with its values gone
+        if device is None or device.type == "meta":
+            raise _CorruptTree(f"{DEVICES_KEY} gives {_show(name)} the device {_show(value)}")
+        address = tensors[name].untyped_storage().data_ptr()
+        if address:  # an empty tensor has none to key on: it reads as the CPU's
+            out[address] = str(device)
+    return out
+
+
+def _tree_json(text: str) -> Any:
+    # NaN and Infinity literals are not JSON; the writer tags non-finite floats instead
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) -> Any:
@@ -192,25 +564,33 @@ def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) ->
 
     Tensors are on the CPU. The device each was saved from, where optckpt recorded one other
     than the CPU (metadata ``optckpt.devices``), goes into ``saved_devices`` by storage
-    address, as :func:`optckpt.io.load_checkpoint` records it for torch files.
+    address, as :func:`optckpt.io.load_checkpoint` records it for torch files; only once the
+    whole file has been read.
 
     Raises:
-        UnreadableCheckpointError: a corrupt header, or a tree that names a missing tensor.
+        UnreadableCheckpointError: a corrupt header (:func:`read_header`), or optckpt metadata
+            that optckpt never writes (see :class:`_TreeDecoder`), naming what is wrong and where.
     """
     tensors, metadata = load_tensors(path)
     tree = metadata.get(TREE_KEY)
     if tree is None:
         return tensors
     try:
-        devices = json.loads(metadata.get(DEVICES_KEY, "{}"))
-        if saved_devices is not None:
-            for name, device in devices.items():
-                address = tensors[name].untyped_storage().data_ptr()
-                if address:  # an empty tensor has none to key on: it reads as the CPU's
-                    saved_devices[address] = str(device)
-        return _decode(json.loads(tree), tensors)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e!r})") from e
+        devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
+        root = _TreeDecoder(tensors).decode(_tree_json(tree))
+    except _CorruptTree as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
+    except RecursionError as e:
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt optckpt metadata (nested too deeply)"
+        ) from e
+    except ValueError as e:  # JSONDecodeError, NaN, an integer of > 4300 digits
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt optckpt metadata ({_first_clause(e)})"
+        ) from e
+    if saved_devices is not None:
+        saved_devices.update(devices)
+    return root
 
 
 class _Encoder:
