@@ -1,7 +1,8 @@
 """Errors optckpt raises on bad input, each carrying the exit code the CLI returns for it.
 
-The CLI's single exit point (:func:`optckpt.cli.app.main`) turns any :class:`OptckptError`
-into one ``error: ...`` line on stderr and ``exit_code``; anything else is a bug and propagates.
+The CLI's single exit point (:mod:`optckpt.cli.app`) turns any :class:`OptckptError` into one
+``error: ...`` line on stderr and ``exit_code``; other failures have their own codes there
+(:class:`ExitCode`), and anything it does not know is a bug (traceback, ``ExitCode.BUG``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ class ExitCode(IntEnum):
     USAGE = 2
     UNREADABLE = 3
     INCOMPATIBLE = 4
+    BUG = (
+        70  # EX_SOFTWARE: an exception optckpt did not expect (never 1, which CI reads as "differ")
+    )
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 
 class OptckptError(Exception):
     """Base class of every error caused by the user's input rather than by a bug."""
 
     exit_code: ExitCode = ExitCode.UNREADABLE
+
+
+class Terminated(BaseException):
+    """Raised by the command line's SIGTERM handler, so that cleanup runs as for Ctrl-C.
+
+    A :class:`BaseException`, as :class:`KeyboardInterrupt` is, so that no ``except
+    Exception`` swallows it; the exit map turns it into ``ExitCode.TERMINATED``.
+    """
 
 
 class UsageError(OptckptError):
@@ -47,6 +61,16 @@ class UnsafeCheckpointError(UnreadableCheckpointError):
 
 class NoOptimizerStateError(UnreadableCheckpointError):
     """The checkpoint was read, but holds no optimizer state dict."""
+
+
+class UnwritableOutputError(OptckptError, OSError):
+    """The output cannot be written: read-only or full file system, no permission, ...
+
+    The message names the output and the reason. It is also an :class:`OSError`, the type
+    the failed call raised, so callers catching that keep working.
+    """
+
+    exit_code = ExitCode.UNREADABLE
 
 
 class IncompatibleStateError(OptckptError, ValueError):

@@ -347,7 +347,7 @@ def remap_checkpoint(
     path = Path(path)
     if out is not None:
         out = Path(out)
-        check_output(out, [path], force=force)
+        check_output(out, [path, to, source], force=force)
         if path.is_dir():
             raise UsageError(
                 f"{path} is a folder; remap the optimizer file in it (e.g. {path}/optimizer.pt)"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from optckpt.cli.options import AllowGlobal, Force, Output
-from optckpt.cli.render import byte_progress, human_bytes
+from optckpt.cli.render import byte_progress, human_bytes, safe
 
 
 def convert(
@@ -55,7 +55,8 @@ def convert(
         if result.rewritten
         else ""
     )
-    sys.stdout.write(
+    line = (
         f"wrote {result.out} ({result.target_format}, {human_bytes(result.out.stat().st_size)}) "
-        f"from {result.source} ({result.source_format}){rewritten}\n"
+        f"from {result.source} ({result.source_format}){rewritten}"
     )
+    sys.stdout.write(safe(line, markup=False) + "\n")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optckpt.cli.options import AllowGlobal
-from optckpt.cli.render import console
+from optckpt.cli.render import console, safe
 
 if TYPE_CHECKING:
     from optckpt.diff import Difference, DiffReport
@@ -66,7 +66,7 @@ def _detail(d: Difference) -> str:
 
 
 def render(report: DiffReport) -> None:
-    """Print the differences as a table, or one line when there are none."""
+    """Print the differences as a table, or one line when there are none (escaped: ``safe``)."""
     from rich.table import Table
 
     out = console()
@@ -84,12 +84,15 @@ def render(report: DiffReport) -> None:
         title = (
             f"{report.path_a}:{pair.key_a or '<bare>'} vs {report.path_b}:{pair.key_b or '<bare>'}"
         )
-        out.print(f"[bold]{title}[/] (params matched by {pair.match_by}; {how})", soft_wrap=True)
+        out.print(
+            f"[bold]{safe(title)}[/] (params matched by {safe(pair.match_by)}; {how})",
+            soft_wrap=True,
+        )
         table = Table(show_edge=False)
         for column in ("what", "where", "A", "B", "detail"):
             table.add_column(column)
         for d in pair.differences:
-            table.add_row(d.kind, d.where, _cell(d.a), _cell(d.b), _detail(d))
+            table.add_row(*(safe(x) for x in (d.kind, d.where, _cell(d.a), _cell(d.b), _detail(d))))
         out.print(table)
     total = sum(len(p.differences) for p in report.pairs)
     out.print(f"{total} differences")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optckpt.cli.options import AllowGlobal, Key
-from optckpt.cli.render import console, human_bytes, short_dtype
+from optckpt.cli.render import console, human_bytes, safe, short_dtype
 
 if TYPE_CHECKING:
     from optckpt.inspect import InspectReport, OptimizerReport, ParamReport
@@ -50,19 +50,23 @@ def inspect(
 
 
 def render(report: InspectReport, *, show_all: bool = False) -> None:
-    """Print the report as rich tables."""
+    """Print the report as rich tables (every name, path and value escaped: see ``safe``)."""
     out = console()
-    out.print(f"[bold]{report.path}[/]  {report.format}, {human_bytes(report.size)}")
+    out.print(
+        f"[bold]{safe(report.path)}[/]  {safe(report.format)}, {human_bytes(report.size)}",
+        soft_wrap=True,
+    )
     if report.top_level_keys:
         keys = report.top_level_keys
         shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-        out.print(f"top-level keys: {shown}")
+        out.print(f"top-level keys: {safe(shown)}", soft_wrap=True)
     for optimizer in report.optimizers:
         out.print()
         _render_optimizer(optimizer, show_all)
 
 
 def _fmt(value: Any) -> str:
+    """A value as plain text (not escaped: callers pass the result through ``safe``)."""
     from optckpt.inspect import jsonable
 
     plain = jsonable(value)
@@ -87,7 +91,7 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         named = guess.name
     else:
         named = f"{guess.name}? (or {', '.join(c for c in guess.candidates if c != guess.name)}; {guess.reason})"
-    out.print(f"[bold]optimizer at {where}[/]: {named}")
+    out.print(f"[bold]optimizer at {safe(where)}[/]: {safe(named)}", soft_wrap=True)
 
     varying = sorted(opt.varying_hyperparams)
     groups = Table(title="param groups", title_justify="left", show_edge=False)
@@ -95,27 +99,30 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
     groups.add_column("params", justify="right")
     groups.add_column("with state", justify="right")
     for name in varying:
-        groups.add_column(name, style="bold yellow")
+        groups.add_column(safe(name), style="bold yellow")
     for g in opt.groups:
         groups.add_row(
             str(g.index),
             str(g.num_params),
             str(g.params_with_state),
-            *(_fmt(g.hyperparams.get(k, "-")) for k in varying),
+            *(safe(_fmt(g.hyperparams.get(k, "-"))) for k in varying),
         )
     out.print(groups)
     if opt.groups:
         shared = {k: v for k, v in opt.groups[0].hyperparams.items() if k not in varying}
         if shared:
             out.print(
-                "shared: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items()), soft_wrap=True
+                "shared: " + safe(", ".join(f"{k}={_fmt(v)}" for k, v in shared.items())),
+                soft_wrap=True,
             )
         if varying:
             out.print("[yellow]highlighted: hyperparameters that differ between groups[/]")
 
     rows = opt.params if show_all else opt.params[:_ROWS]
     params = Table(
-        title=f"parameters (names from {opt.names_from})" if opt.names_source else "parameters",
+        title=f"parameters (names from {safe(opt.names_from)})"
+        if opt.names_source
+        else "parameters",
         title_justify="left",
         show_edge=False,
     )
@@ -128,12 +135,12 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         )
     for p in rows:
         params.add_row(
-            *(() if name_keyed else (str(p.id),)),
-            p.name or "-",
+            *(() if name_keyed else (safe(p.id),)),
+            safe(p.name or "-"),
             "-" if p.group is None else str(p.group),
-            _state_summary(p),
-            ", ".join(sorted(_devices(p))) or "-",
-            _fmt(opt.steps[p.id]) if p.id in opt.steps else "-",
+            safe(_state_summary(p)),
+            safe(", ".join(sorted(_devices(p))) or "-"),
+            safe(_fmt(opt.steps[p.id])) if p.id in opt.steps else "-",
             human_bytes(p.nbytes),
         )
     out.print(params)
@@ -147,14 +154,15 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
         f"totals: {totals['params']} params, {totals['params_with_state']} with state, "
         f"{totals['numel']:,} elements, {human_bytes(totals['bytes'])}"
         + "".join(
-            f"; {dtype}: {v['numel']:,} elements, {human_bytes(v['bytes'])}"
+            f"; {safe(dtype)}: {v['numel']:,} elements, {human_bytes(v['bytes'])}"
             for dtype, v in opt.by_dtype().items()
-        )
+        ),
+        soft_wrap=True,
     )
     if any(p.stats for p in opt.params):
         _render_stats(opt, rows)
     for warning in opt.warnings:
-        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        out.print(f"[yellow]warning:[/] {safe(warning)}", soft_wrap=True)
 
 
 def _state_summary(p: ParamReport) -> str:
@@ -191,8 +199,8 @@ def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:
         for key, s in p.stats.items():
             bad = f"[bold red]{s.nonfinite}[/]" if s.nonfinite else "0"
             table.add_row(
-                p.name or str(p.id),
-                key,
+                safe(p.name or p.id),
+                safe(key),
                 f"{s.norm:.4g}",
                 "-" if s.min is None else f"{s.min:.4g}",
                 "-" if s.max is None else f"{s.max:.4g}",
@@ -201,18 +209,19 @@ def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:
     out.print(table)
     if opt.picture is None:
         return
-    values = [(p.name or str(p.id), picture_value(p, opt.picture)) for p in rows]
+    # Padded before escaping markup: rich's escapes take no room on screen.
+    values = [(safe(p.name or p.id, markup=False), picture_value(p, opt.picture)) for p in rows]
     plotted = [(label, v) for label, v in values if v is not None and v > 0 and math.isfinite(v)]
     if not plotted:
         return
-    out.print(f"[bold]{picture_label(opt.picture)}[/] per parameter (log scale)")
+    out.print(f"[bold]{safe(picture_label(opt.picture))}[/] per parameter (log scale)")
     logs = [math.log10(v) for _, v in plotted]
     low, high = min(logs), max(logs)
     span = (high - low) or 1.0
     width = max(len(label) for label, _ in plotted)
     for (label, value), lg in zip(plotted, logs):
         out.print(
-            f"{label:<{width}}  {_bar(1 + (_BAR - 1) * (lg - low) / span):<{_BAR}}  {value:.3e}",
+            f"{safe(f'{label:<{width}}')}  {_bar(1 + (_BAR - 1) * (lg - low) / span):<{_BAR}}  {value:.3e}",
             highlight=False,
         )
 

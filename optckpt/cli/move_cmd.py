@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from optckpt.cli.options import AllowGlobal, Force, Key, Output
-from optckpt.cli.render import byte_progress, human_bytes
+from optckpt.cli.render import byte_progress, human_bytes, safe
 
 
 def move(
@@ -58,12 +58,11 @@ def move(
         else "optimizer state at " + ", ".join(repr(k) for k in result.optimizers)
     )
     dtype_text = f", {result.dtype}" if result.dtype else ""
-    sys.stdout.write(
-        f"wrote {result.out} ({human_bytes(result.out.stat().st_size)}): {what} on {result.device}{dtype_text}\n"
-    )
+    line = f"wrote {result.out} ({human_bytes(result.out.stat().st_size)}): {what} on {result.device}{dtype_text}"
+    sys.stdout.write(safe(line, markup=False) + "\n")
     if result.kept_on:
         sys.stdout.write(
-            f"note: the rest of the file stays saved on {', '.join(result.kept_on)} "
+            f"note: the rest of the file stays saved on {safe(', '.join(result.kept_on), markup=False)} "
             "(torch.load needs map_location where that device is missing); "
             "--all-tensors moves it too\n"
         )

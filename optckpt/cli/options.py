@@ -10,7 +10,13 @@ import typer
 MAX_SEED = 2**64 - 2  # optckpt.synthetic.MAX_SEED, without importing torch here
 
 Output = Annotated[
-    Path, typer.Option("-o", "--output", help="Output file (never the input).", show_default=False)
+    Path,
+    typer.Option(
+        "-o",
+        "--output",
+        help="Output file: new, or a regular file with --force; never an input.",
+        show_default=False,
+    ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]
 AllowGlobal = Annotated[

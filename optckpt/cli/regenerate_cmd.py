@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, GroupRules, Output
-from optckpt.cli.render import progress_when_writing
+from optckpt.cli.render import progress_when_writing, safe
 
 
 def regenerate(
@@ -85,16 +85,18 @@ def regenerate(
         sys.stdout.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
         return
     what = "optimizer state dict" if result.bare else "model and optimizer"
-    sys.stdout.write(
+    line = (
         f"wrote {result.out}: {what}, {result.optimizer}, {result.num_params} parameters in "
         f"{len(result.groups)} group(s), {result.steps} step(s), seed {result.seed}, "
-        f"parameters {result.params_from}\n"
+        f"parameters {result.params_from}"
     )
+    sys.stdout.write(safe(line, markup=False) + "\n")
     if result.dropped:
-        sys.stderr.write(
+        note = (
             f"note: layout hyperparameters {result.optimizer} does not have were left out: "
-            f"{', '.join(result.dropped)}\n"
+            f"{', '.join(result.dropped)}"
         )
+        sys.stderr.write(safe(note, markup=False) + "\n")
 
 
 def _finite(value: object) -> object:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key
-from optckpt.cli.render import console
+from optckpt.cli.render import console, safe
 
 if TYPE_CHECKING:
     from optckpt.remapping import RemapPlan
@@ -91,32 +91,25 @@ def remap(
         return
     render(result.plan)
     if result.out is not None:
-        from rich.markup import escape
-
-        console().print(f"wrote {escape(str(result.out))}", soft_wrap=True)
+        console().print(f"wrote {safe(result.out)}", soft_wrap=True)
 
 
 def _names(items: list[str], limit: int = 6) -> str:
-    """The first ``limit`` names, escaped for rich (a name or path may hold ``[...]``)."""
-    from rich.markup import escape
-
+    """The first ``limit`` names, escaped for the terminal (a name may hold ``[/]`` or ESC)."""
     shown = ", ".join(items[:limit])
-    return escape(shown) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+    return safe(shown) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def render(plan: RemapPlan) -> None:
     """Print the plan: a table per target group, then dropped parameters and warnings."""
-    from rich.markup import escape
     from rich.table import Table
 
     out = console()
-    out.print(
-        f"source names from {escape(plan.names_from or str(plan.names_source))}", soft_wrap=True
-    )
+    out.print(f"source names from {safe(plan.names_from or plan.names_source)}", soft_wrap=True)
     if plan.prefixes_stripped:
         out.print(
             "wrapper prefixes stripped to match names: "
-            + escape(", ".join(plan.prefixes_stripped))
+            + safe(", ".join(plan.prefixes_stripped))
             + " (as torch's _get_fqns strips them)",
             soft_wrap=True,
         )
@@ -132,7 +125,7 @@ def render(plan: RemapPlan) -> None:
             str(len(g.renamed)),
             str(len(g.new)),
             str(len(g.reset)),
-            g.hyperparams_from,
+            safe(g.hyperparams_from),
         )
     out.print(table)
     for g in plan.groups:
@@ -148,4 +141,4 @@ def render(plan: RemapPlan) -> None:
     if plan.dropped:
         out.print(f"dropped: {_names(plan.dropped)}", soft_wrap=True)
     for warning in plan.warnings:
-        out.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        out.print(f"[yellow]warning:[/] {safe(warning)}", soft_wrap=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,13 +27,53 @@ _SHORT_DTYPES = {
 }
 
 
+# What a checkpoint or a path may hold that must not reach a terminal as it is: C0 and C1
+# controls and DEL (escape sequences, \r, \b), Unicode line separators and bidirectional
+# overrides (text that reorders what is shown), and the lone surrogates that stand for the
+# bytes of a non-UTF-8 file name (which stdout cannot encode).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe(value: object, *, markup: bool = True) -> str:
+    """``str(value)`` fit to print: control characters as visible escapes, markup escaped.
+
+    A checkpoint is untrusted input: a parameter name may hold an escape sequence that
+    recolours or rewrites the terminal, or ``[/]`` that rich reads as markup (and fails on).
+    Control characters (``ESC`` becomes ``\\x1b``, a newline ``\\n``), bidirectional
+    overrides and the bytes of non-UTF-8 file names (``\\xff``) are shown as escapes; with
+    ``markup`` (for rich's ``print`` and table cells), rich markup is escaped too. Use
+    ``markup=False`` for text written to a plain stream.
+    """
+    from rich.markup import escape
+
+    text = _UNPRINTABLE.sub(_visible, str(value))
+    return escape(text) if markup else text
+
+
 @cache
 def console() -> Console:
     """The stdout console; wide when piped, so tables are not squeezed to 80 columns."""
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 here; the CLI's exit map owns that decision (a quiet 0).
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE), "<stdout>")
+
     probe = Console()
-    return Console(highlight=False, width=None if probe.is_terminal else 160)
+    return _Console(highlight=False, width=None if probe.is_terminal else 160)
 
 
 def human_bytes(n: int) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
-from optckpt.cli.render import console, progress_when_writing
+from optckpt.cli.render import console, progress_when_writing, safe
 
 if TYPE_CHECKING:
     from optckpt.resume import ResumeReport
@@ -92,14 +92,13 @@ def _number(x: float | None) -> str:
 
 
 def render(report: ResumeReport) -> None:
-    """Print the checklist, then the update size per group and the notes."""
-    from rich.markup import escape
+    """Print the checklist, then the update size per group and the notes (escaped: ``safe``)."""
     from rich.table import Table
 
     out = console()
     where = f" at {report.key!r}" if report.key else ""
     out.print(
-        escape(
+        safe(
             f"{report.path}{where}: {report.optimizer} ({report.optimizer_from}); "
             f"parameters from {report.params_from}; {report.steps} step(s), seed {report.seed}"
         ),
@@ -111,7 +110,7 @@ def render(report: ResumeReport) -> None:
     checks.add_column("check")
     checks.add_column("detail")
     for c in report.checks:
-        checks.add_row(marks[c.ok], c.name, escape(c.detail))
+        checks.add_row(marks[c.ok], safe(c.name), safe(c.detail))
     out.print(checks)
     if report.groups:
         table = Table(show_edge=False)
@@ -128,7 +127,7 @@ def render(report: ResumeReport) -> None:
             )
         out.print(table)
     for note in report.notes:
-        out.print(f"note: {escape(note)}", soft_wrap=True)
+        out.print(f"note: {safe(note)}", soft_wrap=True)
     if report.out is not None:
-        out.print(f"wrote {escape(str(report.out))}", soft_wrap=True)
+        out.print(f"wrote {safe(report.out)}", soft_wrap=True)
     out.print("[green]ok[/]" if report.ok else "[red]resume-step failed[/]")

@@ -1,22 +1,25 @@
-"""Writing checkpoints: atomically, never over the input, never half a file.
+"""Writing checkpoints: atomically, never over an input or a special file, never half a file.
 
-Every writing command goes through :func:`atomic_output`: the data goes to a temporary file
-in the target folder, is flushed and fsynced, then renamed over the target with
-``os.replace`` (atomic on POSIX), and the folder is fsynced so the rename survives a crash.
-On any exception, Ctrl-C included, the temporary file is removed and nothing appears at the
-target.
+Every writing command first calls :func:`check_output` with everything it reads, then goes
+through :func:`atomic_output`: the data goes to a temporary file in the target folder, is
+flushed and fsynced, then renamed over the target with ``os.replace`` (atomic on POSIX), and
+the folder is fsynced so the rename survives a crash. On any exception, Ctrl-C and SIGTERM
+included, the temporary file is removed and nothing appears at the target; an
+:class:`OSError` there (disk full, read-only file system) becomes
+:class:`~optckpt.errors.UnwritableOutputError`, which names the output and the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from optckpt.errors import UsageError
+from optckpt.errors import Terminated, UnwritableOutputError, UsageError
 from optckpt.io.safetensors_format import write_safetensors
 from optckpt.io.torch_format import save_torch
 from optckpt.locate import tensors_in
@@ -37,24 +40,76 @@ def format_for(path: Path, requested: str | None = None) -> str:
     return "safetensors" if path.suffix == ".safetensors" else "pt"
 
 
-def check_output(out: Path, inputs: Iterable[Path], *, force: bool) -> None:
-    """Refuse an output that is one of the inputs, or that exists without ``force``.
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a FIFO", ...); ``None`` for a regular one."""
+    kinds = (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    )
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+def _reason(error: OSError) -> str:
+    """The reason an :class:`OSError` gives (``"No space left on device"``), without its path."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+def _names_one_of(error: OSError, *paths: Path) -> bool:
+    """Whether ``error`` names no file (a write to an open file) or one of ``paths``."""
+    if error.filename is None or isinstance(error.filename, int):
+        return True
+    return os.fsdecode(error.filename) in {os.fspath(p) for p in paths}
+
+
+def check_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
+    """Refuse an output that is an input, is not a regular file, or exists without ``force``.
+
+    Every writing command calls this before it reads anything, with every file it reads:
+    the checkpoint, layouts (``--to``, ``--from``, ``--layout``), model weights (``--model``).
+    ``-o`` must be absent or a regular file: a device node, FIFO or socket (or a symlink to
+    one) is refused, because the atomic rename would replace it with a regular file. A
+    symlink is judged by what it points to, so one that leads to an input is refused too.
+
+    Args:
+        out: the ``-o`` path.
+        inputs: what the command reads; entries that are not paths (``None``, an in-memory
+            :class:`~optckpt.layout.Layout`) are skipped, so callers may pass their
+            arguments as they are.
+        force: replace an existing regular file.
 
     Raises:
-        UsageError: the output would overwrite an input or an existing file.
+        UsageError: the output would overwrite an input, is not a regular file, exists
+            without ``force``, or its folder does not exist.
+        UnwritableOutputError: the output's folder cannot be written (read-only file
+            system, no permission).
     """
-    for source in inputs:
+    sources = [Path(p) for p in inputs if isinstance(p, (str, os.PathLike))]
+    resolved = out.resolve()
+    for source in sources:
         same_file = out.exists() and source.exists() and out.samefile(source)
-        if out.resolve() == source.resolve() or same_file:
-            raise UsageError(f"-o {out} is the input; write to a new file")
-        if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        if resolved == source.resolve() or same_file:
+            which = "" if str(source) == str(out) else f" {source}"
+            raise UsageError(f"-o {out} is the input{which}; write to a new file")
+        if source.is_dir() and resolved.is_relative_to(source.resolve()):
             raise UsageError(f"-o {out} is inside the input folder {source}")
-    if out.is_dir():
-        raise UsageError(f"-o {out} is a folder; give a file name")
-    if out.exists() and not force:
+    if out.exists():  # follows a symlink: what it points to is what would be lost
+        kind = _kind(out.stat().st_mode)
+        if kind == "a folder":
+            raise UsageError(f"-o {out} is a folder; give a file name")
+        if kind is not None:
+            raise UsageError(f"-o {out} is {kind}, not a regular file; optckpt writes only files")
+    if os.path.lexists(out) and not force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: folder {out.parent} does not exist")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"-o {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        reason = "read-only file system" if read_only else "permission denied"
+        raise UnwritableOutputError(f"cannot write {out}: {reason} (folder {folder})")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -77,8 +132,18 @@ def tensor_bytes(tree: Any) -> int:
 
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success move it to ``out``, else delete it."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    """Yield a temporary path beside ``out``; on success move it to ``out``, else delete it.
+
+    Raises:
+        UnwritableOutputError: creating, writing or renaming the file failed with an
+            :class:`OSError` (no space left, read-only file system, no permission); the
+            message names ``out`` and the reason.
+        KeyboardInterrupt, Terminated: as raised inside the block, after the cleanup.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise UnwritableOutputError(f"cannot write {out}: {_reason(e)}") from e
     os.close(fd)
     tmp = Path(name)
     try:
@@ -93,10 +158,18 @@ def atomic_output(out: Path) -> Iterator[Path]:
         _fsync_dir(out.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        # torch's zip writer turns an interrupt raised inside a write into a RuntimeError when
-        # it closes the archive; report it as the Ctrl-C it was.
-        if isinstance(e.__context__, KeyboardInterrupt):
-            raise e.__context__ from None
+        # torch's zip writer turns an exception raised inside a write into a RuntimeError when
+        # it closes the archive; report it as the Ctrl-C, SIGTERM or OSError it was.
+        cause = e.__context__ if isinstance(e, RuntimeError) else e
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            raise cause from None
+        # An OSError naming a file other than ours comes from reading an input: not ours.
+        if (
+            isinstance(cause, OSError)
+            and not isinstance(cause, UnwritableOutputError)
+            and _names_one_of(cause, tmp, out)
+        ):
+            raise UnwritableOutputError(f"cannot write {out}: {_reason(cause)}") from cause
         raise
 
 
