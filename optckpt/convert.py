@@ -1,4 +1,5 @@
-"""Convert a checkpoint between torch and safetensors files, and between Adam and AdamW.
+"""Convert a checkpoint between torch and safetensors files, between Adam and AdamW, and
+between ID-keyed and name-keyed optimizer state dicts (``--keying``).
 
 The whole checkpoint is kept: model weights, epoch, scheduler state, every optimizer
 hyperparameter, ``param_names``, Python-number ``step``s. The round trip
@@ -8,14 +9,16 @@ hyperparameter, ``param_names``, Python-number ``step``s. The round trip
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.write import check_output, format_for, save_checkpoint
+from optckpt.layout import model_state_of
 from optckpt.locate import select_optimizers
+from optckpt.names import KEYINGS, rekey
 from optckpt.optim.guess import guess_optimizer
 
 # Optimizers whose state dicts differ only in group flags, and the flags that make one the
@@ -37,6 +40,7 @@ class ConvertResult:
     source_format: str
     target_format: str
     rewritten: list[str]  # key paths of optimizer state dicts given a new optimizer class
+    rekeyed: list[str] = field(default_factory=list)  # key paths given the --keying asked for
 
 
 def _canonical(name: str) -> str:
@@ -79,6 +83,7 @@ def convert_checkpoint(
     force: bool = False,
     allow_globals: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
+    keying: str | None = None,
 ) -> ConvertResult:
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
@@ -88,13 +93,18 @@ def convert_checkpoint(
         to: ``"pt"`` or ``"safetensors"``.
         optimizer: rewrite the optimizer state dicts (all, or the one at ``key``) for this
             torch optimizer class (Adam <-> AdamW).
-        key: key path of the optimizer state dict ``optimizer`` applies to.
+        key: key path of the optimizer state dict ``optimizer`` and ``keying`` apply to.
         force: replace ``out`` if it exists.
         allow_globals: globals to allow while unpickling.
         progress: byte-count callback while writing.
+        keying: ``"ids"`` or ``"names"``: rewrite the optimizer state dicts (all, or the one at
+            ``key``) in that keying (:func:`optckpt.names.rekey`): ``ids`` for
+            ``Optimizer.load_state_dict``, ``names`` (FQN-keyed) for
+            ``set_optimizer_state_dict``.
 
     Raises:
-        UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``.
+        UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``
+            or ``keying``, parameters that cannot be named for ``keying="names"``.
         IncompatibleStateError: an optimizer that cannot become ``optimizer``.
         UnreadableCheckpointError: the input cannot be read.
     """
@@ -105,10 +115,12 @@ def convert_checkpoint(
         raise UsageError(
             f"{path} is a folder; convert the optimizer file in it (e.g. {path}/optimizer.pt)"
         )
-    if key is not None and optimizer is None:
+    if key is not None and optimizer is None and keying is None:
         raise UsageError(
-            "--key only picks the state dict --optimizer rewrites; give --optimizer too"
+            "--key only picks the state dict --optimizer or --keying rewrites; give one of them"
         )
+    if keying is not None and keying not in KEYINGS:
+        raise UsageError(f"--keying {keying!r}: expected ids or names")
     checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     rewritten = []
     if optimizer is not None:
@@ -118,6 +130,19 @@ def convert_checkpoint(
                 # The loaded tree is ours (the file is mapped copy-on-write): edit it in place.
                 located.state_dict["param_groups"] = new["param_groups"]
                 rewritten.append(located.key)
+    rekeyed = []
+    if keying is not None:
+        for located in select_optimizers(checkpoint.root, key):
+            keyed = rekey(
+                located.state_dict,
+                keying,
+                model_state=model_state_of(checkpoint),
+                where=str(path),
+            )
+            if keyed is not located.state_dict:
+                located.state_dict.clear()
+                located.state_dict.update(keyed)
+                rekeyed.append(located.key)
     save_checkpoint(
         checkpoint.root,
         out,
@@ -132,4 +157,5 @@ def convert_checkpoint(
         source_format=checkpoint.format,
         target_format=target,
         rewritten=rewritten,
+        rekeyed=rekeyed,
     )

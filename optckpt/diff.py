@@ -1,6 +1,8 @@
 """Compare two optimizer state dicts: structure first, then every state tensor's values.
 
-Parameters are matched by name when both sides carry ``param_names``, else by ID. Values are
+Parameters are paired as :func:`optckpt.names.pair_parameters` pairs them: by name (keys of a
+name-keyed state dict, ``param_names``, or recovered for the side that lacks them; wrapper
+prefixes stripped where only that makes names match), else by ID. Values are
 compared bitwise by default (two NaNs with the same bits are equal); with a tolerance, as
 ``torch.isclose(a, b, rtol, atol, equal_nan=True)``. Tensors are read one pair at a time in
 chunks, so comparing memory-mapped checkpoints costs little more than the chunks.
@@ -20,8 +22,10 @@ from optckpt.errors import UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
+from optckpt.layout import load_layout, model_state_of
 from optckpt.locate import Located, select_optimizers
-from optckpt.statedict import group_of, names_of, param_ids
+from optckpt.names import Pairing, pair_parameters
+from optckpt.statedict import group_of, param_ids
 
 _CHUNK = 1 << 22  # elements compared at a time
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -56,6 +60,7 @@ class PairDiff:
     key_b: str
     match_by: str
     differences: list[Difference]
+    prefixes_stripped: list[str] = field(default_factory=list)  # e.g. ["_orig_mod."]
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class DiffReport:
                     "key_a": p.key_a,
                     "key_b": p.key_b,
                     "match_by": p.match_by,
+                    "prefixes_stripped": p.prefixes_stripped,
                     "differences": [
                         {
                             "kind": d.kind,
@@ -260,25 +266,43 @@ def diff_state_dicts(
     *,
     tolerance: tuple[float, float] | None = None,
     checkpoints: tuple[Checkpoint, Checkpoint] | None = None,
+    layouts: tuple[Any | None, Any | None] = (None, None),
 ) -> PairDiff:
     """Every difference between two optimizer state dicts.
 
     Args:
         a, b: the state dicts and their key paths.
         tolerance: ``(rtol, atol)`` for ``torch.isclose``; ``None`` compares bits.
-        checkpoints: the checkpoints they came from, to compare saved devices.
+        checkpoints: the checkpoints they came from, to compare saved devices (and whose
+            model weights name a side that needs names).
+        layouts: the layouts A and B were saved with (``--from-a``, ``--from-b``), if any.
+
+    Raises:
+        AmbiguousNamesError: a side needed names and its IDs fit its weights in more than
+            one way (see :func:`optckpt.names.pair_parameters`).
     """
     if checkpoints is None:
         dummy = Checkpoint(path=Path(), format="", size=0, root=None)
         checkpoints = (dummy, dummy)
+    pairing = pair_parameters(
+        a.state_dict,
+        b.state_dict,
+        layouts=layouts,
+        model_states=(model_state_of(checkpoints[0]), model_state_of(checkpoints[1])),
+        wheres=(str(checkpoints[0].path), str(checkpoints[1].path)),
+        hints=(
+            "pass --from-a OLD_LAYOUT (the layout A was saved with) to name them",
+            "pass --from-b OLD_LAYOUT (the layout B was saved with) to name them",
+        ),
+    )
     sources = [*checkpoints[0].sources, *checkpoints[1].sources]
     with FileRanges(sources) as ranges:
-        found = _diff(a, b, _Comparer(tolerance, checkpoints, ranges))
+        found = _diff(a, b, _Comparer(tolerance, checkpoints, ranges), pairing)
     release(sources)
     return found
 
 
-def _diff(a: Located, b: Located, comparer: _Comparer) -> PairDiff:
+def _diff(a: Located, b: Located, comparer: _Comparer, pairing: Pairing) -> PairDiff:
     sa, sb = a.state_dict, b.state_dict
     out = comparer.found
     ga, gb = sa["param_groups"], sb["param_groups"]
@@ -297,17 +321,9 @@ def _diff(a: Located, b: Located, comparer: _Comparer) -> PairDiff:
                     )
                 )
 
-    names_a, names_b = names_of(sa), names_of(sb)
     ids_a, ids_b = param_ids(sa), param_ids(sb)
-    by_name = (
-        bool(ids_a) and bool(ids_b) and len(names_a) == len(ids_a) and len(names_b) == len(ids_b)
-    )
-    if by_name:
-        label_a = {pid: names_a[pid] for pid in ids_a}
-        label_b = {pid: names_b[pid] for pid in ids_b}
-    else:
-        label_a = {pid: f"ID {pid}" for pid in ids_a}
-        label_b = {pid: f"ID {pid}" for pid in ids_b}
+    label_a, label_b = pairing.labels
+    by_name = pairing.by == "name"
     id_of_b = {label: pid for pid, label in label_b.items()}
     group_a, group_b = group_of(sa), group_of(sb)
     for pid in ids_a:
@@ -324,7 +340,7 @@ def _diff(a: Located, b: Located, comparer: _Comparer) -> PairDiff:
     for pid in ids_b:
         if label_b[pid] not in known_a:
             out.append(Difference("param_added", label_b[pid], None, group_b.get(pid)))
-    return PairDiff(a.key, b.key, "name" if by_name else "id", out)
+    return PairDiff(a.key, b.key, pairing.by, out, pairing.stripped)
 
 
 def _pairs(found_a: list[Located], found_b: list[Located]) -> list[tuple[Located, Located]]:
@@ -348,15 +364,22 @@ def diff_checkpoints(
     rtol: float | None = None,
     atol: float | None = None,
     allow_globals: Iterable[str] = (),
+    from_a: str | Path | Any | None = None,
+    from_b: str | Path | Any | None = None,
 ) -> DiffReport:
     """Compare the optimizer state dicts of two checkpoints (any formats).
+
+    ``from_a`` and ``from_b`` are the layouts A and B were saved with (paths or
+    :class:`~optckpt.layout.Layout`), for a side whose parameters must be named to be paired
+    with the other's and that carries no names (see :func:`optckpt.names.pair_parameters`).
 
     Without keys, a file holding one state dict is paired with the other's one, and files
     holding several are paired key by key. With ``rtol`` or ``atol`` (the other defaults to
     0), values are compared with ``torch.isclose``; otherwise bitwise.
 
     Raises:
-        UsageError: unpairable state dicts, a bad key or a negative tolerance.
+        UsageError: unpairable state dicts, a bad key or a negative tolerance, a side that
+            needs names and cannot be named in only one way.
         UnreadableCheckpointError: either input cannot be read.
     """
     tolerance = None
@@ -367,9 +390,18 @@ def diff_checkpoints(
     ca = load_checkpoint(path_a, allow_globals=allow_globals)
     cb = load_checkpoint(path_b, allow_globals=allow_globals)
     pairs = _pairs(select_optimizers(ca.root, key_a), select_optimizers(cb.root, key_b))
+    layouts = tuple(
+        load_layout(x, (), allow_globals) if isinstance(x, (str, Path)) else x
+        for x in (from_a, from_b)
+    )
     return DiffReport(
         path_a=Path(path_a),
         path_b=Path(path_b),
-        pairs=[diff_state_dicts(x, y, tolerance=tolerance, checkpoints=(ca, cb)) for x, y in pairs],
+        pairs=[
+            diff_state_dicts(
+                x, y, tolerance=tolerance, checkpoints=(ca, cb), layouts=(layouts[0], layouts[1])
+            )
+            for x, y in pairs
+        ],
         tolerance=tolerance,
     )

@@ -38,11 +38,14 @@ __all__ = [
     "AmbiguousNamesError",
     "NameMatch",
     "Naming",
+    "Pairing",
     "canonical",
     "is_name_keyed",
     "match_names",
     "name_parameters",
+    "pair_parameters",
     "recover",
+    "rekey",
     "state_shape",
     "to_id_keyed",
     "to_name_keyed",
@@ -232,7 +235,7 @@ def to_id_keyed(state_dict: Mapping[str, Any]) -> StateDict:
 
 
 _DESCRIPTIONS = {
-    "keys": "the state dict's keys (name-keyed)",
+    "keys": "the state dict's keys",
     "param_names": "param_names",
     "layout": "the --from layout",
 }
@@ -256,7 +259,7 @@ class Naming:
         """Where the names came from, in words (``"param_names"``, ``"the model weights in
         x.pt (aligned by shape and order)"``)."""
         if self.source == "recovered":
-            return f"the model weights in {self.where} (aligned by shape and order)"
+            return f"the model weights in {self.where}, aligned by shape and order"
         if self.source is None:
             return "nothing (unnamed)"
         return _DESCRIPTIONS[self.source]
@@ -388,3 +391,117 @@ def name_parameters(
     if model_state is not None and ids:
         return Naming(recover(state_dict, model_state, where=where, hint=hint), "recovered", where)
     return Naming()
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """How the parameters of two state dicts pair up (``diff``): equal labels are one pair.
+
+    Attributes:
+        labels: ``({ID of A: label}, {ID of B: label})``.
+        by: ``"name"``, ``"position"`` (one side named, the other not: the n-th ID of one is
+            the n-th of the other, as torch's ``load_state_dict`` pairs them) or ``"id"``.
+        stripped: wrapper prefixes stripped to pair names (see :func:`match_names`).
+    """
+
+    labels: tuple[dict[Any, str], dict[Any, str]]
+    by: str
+    stripped: list[str] = field(default_factory=list)
+
+
+def _direct(state_dict: Mapping[str, Any]) -> dict[Any, str]:
+    """The names a state dict carries itself (its keys, or ``param_names``)."""
+    return name_parameters(state_dict).names
+
+
+def pair_parameters(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    *,
+    layouts: tuple[Any | None, Any | None] = (None, None),
+    model_states: tuple[Mapping[str, torch.Tensor] | None, Mapping[str, torch.Tensor] | None] = (
+        None,
+        None,
+    ),
+    wheres: tuple[str, str] = ("A", "B"),
+    hints: tuple[str, str] = (FROM_HINT, FROM_HINT),
+) -> Pairing:
+    """Pair the parameters of two state dicts, by name wherever names can be had.
+
+    When both carry names (keys or ``param_names``) they pair by name. When only one does, or
+    a layout is given for a side, the other side is named from its sources (its layout, its
+    model weights) as :func:`name_parameters` does; recovery refusing is an error, since the
+    names are needed. When neither carries names and no layout is given, IDs pair with equal
+    IDs, as torch's ``load_state_dict`` pairs them (no recovery is tried: two checkpoints of
+    one run pair exactly so, even where recovery would be ambiguous). A side that stays
+    unnamed pairs by position with a named one. Names pair after :func:`match_names`.
+
+    Raises:
+        AmbiguousNamesError, IncompatibleStateError, UsageError: as :func:`name_parameters`,
+            for the side that needed naming.
+    """
+    names = [_direct(a), _direct(b)]
+    if not (names[0] and names[1]) and (names[0] or names[1] or any(layouts)):
+        for side, sd in enumerate((a, b)):
+            if not names[side]:
+                names[side] = name_parameters(
+                    sd,
+                    layout=layouts[side],
+                    model_state=model_states[side],
+                    where=wheres[side],
+                    hint=hints[side],
+                ).names
+    ids_a, ids_b = param_ids(a), param_ids(b)
+    if names[0] and names[1]:
+        matched = match_names(names[0].values(), names[1].values())
+        back = {nb: na for na, nb in matched.found.items()}
+        labels_b = {pid: back.get(n, n) for pid, n in names[1].items()}
+        return Pairing((dict(names[0]), labels_b), "name", matched.stripped)
+    if names[0] or names[1]:
+        labels_a = {pid: names[0].get(pid, f"ID {pid}") for pid in ids_a}
+        labels_b = {pid: names[1].get(pid, f"ID {pid}") for pid in ids_b}
+        for pa, pb in zip(ids_a, ids_b):
+            label = names[0].get(pa) or names[1][pb]
+            labels_a[pa] = labels_b[pb] = label
+        return Pairing((labels_a, labels_b), "position")
+    return Pairing(({p: f"ID {p}" for p in ids_a}, {p: f"ID {p}" for p in ids_b}), "id")
+
+
+KEYINGS = ("ids", "names")
+
+
+def rekey(
+    state_dict: Mapping[str, Any],
+    keying: str,
+    *,
+    model_state: Mapping[str, torch.Tensor] | None = None,
+    where: str = "the checkpoint",
+) -> Mapping[str, Any]:
+    """``state_dict`` in the keying asked for (``convert --keying``); itself if already so.
+
+    ``"ids"``: torch's ID-keyed form with ``param_names`` (:func:`to_id_keyed`), which
+    ``Optimizer.load_state_dict`` loads. ``"names"``: the FQN-keyed form
+    (:func:`to_name_keyed`), which ``set_optimizer_state_dict`` loads; the names come from
+    :func:`name_parameters` (``param_names``, or recovered from ``model_state``).
+
+    Raises:
+        UsageError: an unknown keying, or an ID-keyed state dict that cannot be named.
+        AmbiguousNamesError, IncompatibleStateError: as :func:`name_parameters`.
+    """
+    if keying not in KEYINGS:
+        raise UsageError(f"--keying {keying!r}: expected ids or names")
+    if (keying == "names") == is_name_keyed(state_dict) or not param_ids(state_dict):
+        return state_dict
+    if keying == "ids":
+        return to_id_keyed(state_dict)
+    hint = (
+        "name them first: `optckpt remap PATH --to OLD_LAYOUT --from OLD_LAYOUT -o NAMED` "
+        "writes groups with param_names"
+    )
+    naming = name_parameters(state_dict, model_state=model_state, where=where, hint=hint)
+    if naming.source is None:
+        raise UsageError(
+            "the state dict's groups carry no param_names and the checkpoint holds no model "
+            f"state dict, so its parameters have no names to key it by; {hint}"
+        )
+    return to_name_keyed(state_dict, naming.names)

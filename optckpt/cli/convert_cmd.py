@@ -30,7 +30,17 @@ def convert(
     key: Annotated[
         str | None,
         typer.Option(
-            "--key", help="Key path of the state dict --optimizer rewrites (default: all)."
+            "--key",
+            help="Key path of the state dict --optimizer or --keying rewrites (default: all).",
+        ),
+    ] = None,
+    keying: Annotated[
+        str | None,
+        typer.Option(
+            "--keying",
+            metavar="ids|names",
+            help="Key the optimizer state by IDs with param_names (Optimizer.load_state_dict) "
+            "or by parameter FQNs (set_optimizer_state_dict).",
         ),
     ] = None,
     force: Force = False,
@@ -49,6 +59,7 @@ def convert(
             force=force,
             allow_globals=allow_global or (),
             progress=progress,
+            keying=keying,
         )
     rewritten = (
         f"; rewrote {', '.join(repr(k) for k in result.rewritten)} for {optimizer}"
@@ -58,5 +69,10 @@ def convert(
     line = (
         f"wrote {result.out} ({result.target_format}, {human_bytes(result.out.stat().st_size)}) "
         f"from {result.source} ({result.source_format}){rewritten}"
+        + (
+            f"; keyed {', '.join(repr(k) for k in result.rekeyed)} by {keying}"
+            if result.rekeyed
+            else ""
+        )
     )
     sys.stdout.write(safe(line, markup=False) + "\n")

@@ -34,13 +34,29 @@ def diff(
     as_json: Annotated[
         bool, typer.Option("--json", help='Print one JSON object with "ok".')
     ] = False,
+    from_a: Annotated[
+        Path | None,
+        typer.Option("--from-a", help="Layout A was saved with, to name it by (no names in A)."),
+    ] = None,
+    from_b: Annotated[
+        Path | None,
+        typer.Option("--from-b", help="Layout B was saved with, to name it by (no names in B)."),
+    ] = None,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Compare two optimizer checkpoints; exit 0 when identical, 1 when they differ."""
     from optckpt.diff import diff_checkpoints
 
     report = diff_checkpoints(
-        a, b, key_a=key_a, key_b=key_b, rtol=rtol, atol=atol, allow_globals=allow_global or ()
+        a,
+        b,
+        key_a=key_a,
+        key_b=key_b,
+        rtol=rtol,
+        atol=atol,
+        allow_globals=allow_global or (),
+        from_a=from_a,
+        from_b=from_b,
     )
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
@@ -88,6 +104,13 @@ def render(report: DiffReport) -> None:
             f"[bold]{safe(title)}[/] (params matched by {safe(pair.match_by)}; {how})",
             soft_wrap=True,
         )
+        if pair.prefixes_stripped:
+            out.print(
+                "wrapper prefixes stripped to match names: "
+                + safe(", ".join(pair.prefixes_stripped))
+                + " (as torch's _get_fqns strips them)",
+                soft_wrap=True,
+            )
         table = Table(show_edge=False)
         for column in ("what", "where", "A", "B", "detail"):
             table.add_column(column)
