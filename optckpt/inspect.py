@@ -24,20 +24,17 @@ from optckpt.layout import model_state_of
 from optckpt.locate import Located, select_optimizers
 from optckpt.names import Naming, name_parameters
 from optckpt.optim.guess import Guess, guess_optimizer
-from optckpt.statedict import PARAM_SHAPED_KEYS, group_of, param_ids
-
-# Quantities worth a picture, by state key, most telling first: the square root of a second
-# moment is the scale of the recent gradients, the others are RMS of the buffer itself.
-_PICTURE_KEYS: tuple[tuple[str, str], ...] = (
-    ("exp_avg_sq", "sqrt(mean(exp_avg_sq))"),
-    ("square_avg", "sqrt(mean(square_avg))"),
-    ("sum", "sqrt(mean(sum))"),
-    ("exp_inf", "rms(exp_inf)"),
-    ("momentum_buffer", "rms(momentum_buffer)"),
-    ("exp_avg", "rms(exp_avg)"),
-    ("ax", "rms(ax)"),
+from optckpt.optim.specs import (
+    expected_state_shape,
+    is_second_moment,
+    param_shape_from_state,
+    picture_order,
+    spec_of,
+    state_mismatches,
 )
-_SECOND_MOMENTS = frozenset({"exp_avg_sq", "square_avg", "sum"})
+from optckpt.optim.specs import picture_label as _picture_label
+from optckpt.statedict import group_of, param_ids
+
 _CHUNK = 1 << 22  # elements per chunk when reading values, so memory stays flat
 
 
@@ -308,8 +305,14 @@ def _state_entry(value: Any, checkpoint: Checkpoint) -> TensorInfo | Any:
 
 
 def _warnings(
-    state_dict: Mapping[str, Any], params: list[ParamReport], steps: dict[Any, float]
+    state_dict: Mapping[str, Any],
+    params: list[ParamReport],
+    steps: dict[Any, float],
+    optimizer: str | None = None,
 ) -> list[str]:
+    """What is certainly wrong or worth knowing; ``optimizer`` is the guessed class, whose
+    facts (:mod:`optckpt.optim.specs`) say which state shapes must agree and whether a Python
+    number ``step`` means an old torch."""
     found: list[str] = []
     label = {p.id: (p.name or f"ID {p.id}") for p in params}
     orphans = [p for p in params if p.group is None]
@@ -336,15 +339,17 @@ def _warnings(
             listed = ", ".join(f"{_fmt_step(s)} ({n} params)" for s, n in counts.most_common())
             found.append(f"group {index}: step counts disagree: {listed}")
     for p in params:
-        shapes = {
-            k: v.shape
-            for k, v in p.state.items()
-            if k in PARAM_SHAPED_KEYS and isinstance(v, TensorInfo)
-        }
-        if len(set(shapes.values())) > 1:
-            listed = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
+        shape = param_shape_from_state(optimizer, p.state)
+        if shape is not None and state_mismatches(optimizer, p.state, shape):
+            listed = ", ".join(
+                f"{k} {list(v.shape)}"
+                for k, v in p.state.items()
+                if isinstance(v, TensorInfo) and expected_state_shape(optimizer, k, shape)
+            )
             found.append(f"{label[p.id]}: state tensors disagree in shape: {listed}")
-    legacy = [p for p in params if isinstance(p.state.get("step"), (int, float))]
+    spec = spec_of(optimizer)
+    counter = spec is not None and spec.step_is_counter  # SparseAdam's step is an int anyway
+    legacy = [p for p in params if counter and isinstance(p.state.get("step"), (int, float))]
     if legacy:
         found.append(
             f"{len(legacy)} parameters store step as a Python number (saved by torch < 1.12); "
@@ -357,12 +362,14 @@ def _fmt_step(step: float) -> str:
     return str(int(step)) if step.is_integer() else repr(step)
 
 
-def _picture_key(params: Iterable[ParamReport]) -> tuple[str, str] | None:
+def _picture_key(params: Iterable[ParamReport], optimizer: str | None) -> str | None:
+    """The state key to picture: the optimizer's own (:mod:`optckpt.optim.specs`), else the
+    most telling one there is (second moments first)."""
     keys = {k for p in params for k in p.stats}
-    for key, label in _PICTURE_KEYS:
-        if key in keys:
-            return key, label
-    return None
+    spec = spec_of(optimizer)
+    if spec is not None and spec.picture in keys:
+        return spec.picture
+    return next((key for key in picture_order() if key in keys), None)
 
 
 def picture_value(report: ParamReport, key: str) -> float | None:
@@ -370,7 +377,7 @@ def picture_value(report: ParamReport, key: str) -> float | None:
     stats = report.stats.get(key)
     if stats is None:
         return None
-    if key in _SECOND_MOMENTS:
+    if is_second_moment(key):  # the square root of a second moment: the gradients' scale
         return math.sqrt(max(stats.mean, 0.0))
     return stats.rms
 
@@ -438,23 +445,23 @@ def inspect_optimizer(
                 hyperparams={k: v for k, v in group.items() if k not in ("params", "param_names")},
             )
         )
-    picture = _picture_key(params) if stats else None
+    guess = guess_optimizer(sd)
     return OptimizerReport(
         key=located.key,
-        guess=guess_optimizer(sd),
+        guess=guess,
         groups=groups,
         params=params,
         steps=steps,
         names_source=naming.source,
         names_from=naming.describe(),
-        warnings=_warnings(sd, params, steps) + ([unnamed] if unnamed else []),
-        picture=picture[0] if picture else None,
+        warnings=_warnings(sd, params, steps, guess.name) + ([unnamed] if unnamed else []),
+        picture=_picture_key(params, guess.name) if stats else None,
     )
 
 
 def picture_label(key: str) -> str:
     """How the bar view names the quantity it plots for state key ``key``."""
-    return dict(_PICTURE_KEYS).get(key, f"rms({key})")
+    return _picture_label(key)
 
 
 def inspect_checkpoint(

@@ -21,7 +21,7 @@ from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
-from optckpt.optim.specs import gradients_of
+from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, gradients_of
 from optckpt.synthetic import MAX_SEED, Gradients, seeded_parameters, take_steps
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ __all__ = [
 
 # Group keys optckpt never carries from a layout into a regenerated optimizer: names are
 # given by the layout itself, and the others belong to LR schedulers and SWA.
-_NOT_HYPERPARAMETERS = frozenset({"params", "param_names", "initial_lr", "swa_lr"})
+_NOT_HYPERPARAMETERS = frozenset({"params", "param_names"}) | SCHEDULER_GROUP_KEYS
 
 
 @dataclass(frozen=True)

@@ -250,14 +250,15 @@ def plan_hyperparams(
         plan.groups.append(GroupHyperparams(values, origin))
         if first_carried is None:
             first_carried = values
+    # A group of new parameters falls back on the checkpoint's first group, and for the keys
+    # a scheduler owns on the first group that carries parameters (its trained values).
+    inherited = {k: v for k, v in (first_carried or {}).items() if k in SCHEDULER_GROUP_KEYS}
     for index in pending_new:
         given = _hyper(target_groups[index])
         if not saved:
             plan.groups[index] = GroupHyperparams(given, "layout")
             continue
-        fallback = dict(saved[0])
-        for key in SCHEDULER_GROUP_KEYS & set(first_carried or {}):
-            fallback[key] = (first_carried or {})[key]
+        fallback = {**saved[0], **inherited}
         values = {**fallback, **given}
         if given and set(given) >= set(fallback):
             origin = "layout"
@@ -274,7 +275,7 @@ def plan_hyperparams(
                 decided.values[s.key] = s.value
                 reasons[index, s.key] = "--set"
                 plan.kept = [k for k in plan.kept if (k.group, k.key) != (index, s.key)]
-    plan.changes = _changes(plan, carried_from, saved, reasons)
+    plan.changes = _changes(plan, carried_from, saved, inherited, reasons)
     return plan
 
 
@@ -282,6 +283,7 @@ def _changes(
     plan: HyperparamPlan,
     carried_from: Sequence[Sequence[int]],
     saved: Sequence[Mapping[str, Any]],
+    inherited: Mapping[str, Any],
     reasons: Mapping[tuple[int, str], str],
 ) -> list[HyperparamChange]:
     """Every value that differs from the one its parameters had: against each source group a
@@ -298,9 +300,7 @@ def _changes(
         else:
             continue
         for ref in references:
-            old_values = saved[ref]
-            if not sources:
-                old_values = {**old_values, **_scheduler_values(plan, carried_from, saved)}
+            old_values = saved[ref] if sources else {**saved[ref], **inherited}
             for key, new in group.values.items():
                 why = reasons.get((index, key))
                 if ref != major and why is None:
@@ -311,21 +311,10 @@ def _changes(
                     )
                 if why is None:
                     continue
-                if key not in old_values:
-                    if ref == major and why.startswith("not in source group"):
+                if key not in old_values:  # absent there: listed once, with old None
+                    if ref == major:
                         changes.append(HyperparamChange(index, key, None, new, why))
                     continue
                 if not same(old_values[key], new):
                     changes.append(HyperparamChange(index, key, old_values[key], new, why))
     return changes
-
-
-def _scheduler_values(
-    plan: HyperparamPlan, carried_from: Sequence[Sequence[int]], saved: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
-    """The scheduler keys a group of new parameters falls back to: the first carried group's."""
-    for index, sources in enumerate(carried_from):
-        if sources and saved:
-            values = plan.groups[index].values
-            return {k: values[k] for k in SCHEDULER_GROUP_KEYS if k in values}
-    return {}

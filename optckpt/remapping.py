@@ -14,6 +14,7 @@ optimizer has before its first step; parameters that are gone are listed as drop
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,23 @@ import torch
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of
 from optckpt.names import match_names, name_parameters, to_name_keyed
-from optckpt.statedict import PARAM_SHAPED_KEYS, StateDict, group_of, param_ids
+from optckpt.optim.guess import guess_optimizer
+from optckpt.optim.specs import (
+    SPECS,
+    param_dtype_from_state,
+    param_shape_from_state,
+    spec_of,
+    state_mismatches,
+)
+from optckpt.remap_hyperparams import (
+    PREFERENCES,
+    HyperparamChange,
+    KeptValue,
+    Setting,
+    parse_settings,
+    plan_hyperparams,
+)
+from optckpt.statedict import StateDict, group_of, param_ids
 
 
 @dataclass
@@ -51,6 +68,10 @@ class RemapPlan:
     warnings: list[str]
     names_from: str = ""  # the source of the names, in words
     prefixes_stripped: list[str] = field(default_factory=list)  # e.g. ["_orig_mod."]
+    # Hyperparameters that differ from their source group's, and the layout's values that
+    # were not taken (optckpt.remap_hyperparams).
+    hyperparam_changes: list[HyperparamChange] = field(default_factory=list)
+    hyperparams_kept: list[KeptValue] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as ``remap --json`` prints it."""
@@ -71,6 +92,8 @@ class RemapPlan:
                 }
                 for g in self.groups
             ],
+            "hyperparam_changes": [c.to_json() for c in self.hyperparam_changes],
+            "hyperparams_kept": [k.to_json() for k in self.hyperparams_kept],
             "dropped": self.dropped,
             "warnings": self.warnings,
         }
@@ -95,14 +118,6 @@ def _renamed(name: str, rules: Sequence[tuple[re.Pattern[str], str]]) -> str:
     for regex, replacement in rules:
         name = regex.sub(replacement, name)
     return name
-
-
-def _shape_of(state: Any) -> tuple[int, ...] | None:
-    if isinstance(state, Mapping):
-        for key, value in state.items():
-            if key in PARAM_SHAPED_KEYS and isinstance(value, torch.Tensor):
-                return tuple(value.shape)
-    return None
 
 
 def _cast(value: Any, key: Any, dtype: torch.dtype) -> Any:
@@ -131,51 +146,34 @@ def _carry(state: Any, source_dtype: str | None, spec: ParamSpec) -> Any:
     return _cast(state, None, target)
 
 
-def _source_dtype(state: Any) -> str | None:
-    if isinstance(state, Mapping):
-        for key, value in state.items():
-            if key in PARAM_SHAPED_KEYS and isinstance(value, torch.Tensor):
-                return str(value.dtype).removeprefix("torch.")
-    return None
+def _source_dtype(optimizer: str | None, state: Any) -> str | None:
+    dtype = param_dtype_from_state(optimizer, state)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _hyperparams(
-    index: int,
-    target_group: Mapping[str, Any],
-    sources: list[int],
-    saved_groups: Sequence[Mapping[str, Any]],
-    warnings: list[str],
-) -> tuple[dict[str, Any], str]:
-    """Hyperparameters of a target group: the layout's where it gives them, else the source's."""
-    given = {k: v for k, v in target_group.items() if k not in ("params", "param_names")}
-    if not saved_groups:
-        return given, "layout"
-    if sources:
-        origin = (
-            f"source group {sources[0]}"
-            if len(sources) == 1
-            else "source groups " + ", ".join(map(str, sources))
-        )
-        base = {
-            k: v for k, v in saved_groups[sources[0]].items() if k not in ("params", "param_names")
-        }
-        for other in sources[1:]:
-            for key, value in saved_groups[other].items():
-                if key in ("params", "param_names") or key in given:
-                    continue
-                if key not in base:
-                    base[key] = value
-                elif repr(base[key]) != repr(value):
-                    warnings.append(
-                        f"target group {index}: {key} differs between source group {sources[0]} "
-                        f"({base[key]!r}) and source group {other} ({value!r}); kept {base[key]!r}"
-                    )
-    else:
-        origin = "source group 0 (no parameter of this group was carried)"
-        base = {k: v for k, v in saved_groups[0].items() if k not in ("params", "param_names")}
-    if given:
-        origin = "layout" if set(given) >= set(base) else f"layout, then {origin}"
-    return {**base, **given}, origin
+def _mismatch(
+    name: str, optimizer: str | None, state: Any, spec: ParamSpec, total_numel: int
+) -> str | None:
+    """Why the saved ``state`` does not fit the layout's parameter ``name``, if it does not:
+    every optimizer's state keys are checked as :mod:`optckpt.optim.specs` declares them
+    (Adafactor's factored moments, LBFGS's flat vectors over all parameters)."""
+    wrong = state_mismatches(optimizer, state, spec.shape, total_numel)
+    if not wrong:
+        return None
+    shape = param_shape_from_state(optimizer, state)
+    if shape is not None and shape != spec.shape:
+        return f"{name}: {list(shape)} in the checkpoint, {list(spec.shape)} in the layout"
+    key, found, want = wrong[0]
+    return f"{name}: its state {key} is {list(found)}, the layout's parameters need {list(want)}"
+
+
+def _unchecked(optimizer: str | None, state: Mapping[Any, Any]) -> list[str]:
+    """State keys of an optimizer outside torch.optim, whose shapes nothing declares."""
+    if spec_of(optimizer) is not None:
+        return []
+    keys = {str(k) for s in state.values() if isinstance(s, Mapping) for k in s}
+    known = {k.name for spec in SPECS.values() for k in spec.state}
+    return sorted(keys - known)
 
 
 def remap(
@@ -186,6 +184,9 @@ def remap(
     rename: Iterable[str] = (),
     reset_mismatched: bool = False,
     model_state: Mapping[str, torch.Tensor] | None = None,
+    hyperparams: str = "checkpoint",
+    settings: Iterable[str | Setting] = (),
+    layout_why: str = "--hyperparams layout",
 ) -> tuple[StateDict, RemapPlan]:
     """Rebuild an optimizer state dict for the layout ``to``, matching parameters by name.
 
@@ -197,6 +198,12 @@ def remap(
         rename: ``'REGEX=REPLACEMENT'`` rules applied, in order, to every source name.
         reset_mismatched: drop the state of a parameter whose shape changed instead of failing.
         model_state: the checkpoint's model state dict, to recover names from.
+        hyperparams: ``"checkpoint"`` (default): groups keep the checkpoint's trained values
+            (a decayed ``lr``, tuned ``betas``); ``"layout"``: the layout's values win where
+            it gives them (:mod:`optckpt.remap_hyperparams`).
+        settings: ``--set [N.]KEY=VALUE`` settings (as ``regenerate --set`` parses them),
+            which win over both.
+        layout_why: what asked for the layout's values, as the plan says it.
 
     Returns:
         ``(new_state_dict, plan)``. Carried state tensors are the source's own objects
@@ -205,9 +212,11 @@ def remap(
         target's names as FQNs (:func:`optckpt.names.to_name_keyed`).
 
     Raises:
-        UsageError: names cannot be recovered, bad rename rules, or two names renamed to one.
+        UsageError: names cannot be recovered, bad rename rules, two names renamed to one,
+            a bad ``hyperparams`` or ``settings``.
         IncompatibleStateError: a carried parameter's shape changed (every one is named with
-            both shapes) and ``reset_mismatched`` is off.
+            both shapes; for every optimizer, as :mod:`optckpt.optim.specs` declares its
+            state) and ``reset_mismatched`` is off.
     """
     naming = name_parameters(state_dict, layout=source, model_state=model_state)
     if naming.source is None:
@@ -232,6 +241,9 @@ def remap(
     saved_groups = state_dict["param_groups"]
     saved_state = state_dict["state"]
     source_group = group_of(state_dict)
+    optimizer = guess_optimizer(state_dict).name
+    total_numel = sum(math.prod(to.params[n].shape) for n in to.names())
+    carried_from: list[list[int]] = []
     warnings: list[str] = []
     mismatches: list[str] = []
     plans: list[GroupPlan] = []
@@ -253,29 +265,37 @@ def remap(
                 continue
             old_name, pid = by_target_name[matched.found[name]]
             used.add(matched.found[name])
-            if source_group.get(pid) is not None and source_group[pid] not in sources:
+            if source_group.get(pid) is not None:
                 sources.append(source_group[pid])
             state = saved_state.get(pid)
-            shape = _shape_of(state)
-            if shape is not None and shape != spec.shape:
+            wrong = _mismatch(name, optimizer, state, spec, total_numel)
+            if wrong is not None:
                 if reset_mismatched:
                     plan.reset.append(name)
                     continue
-                mismatches.append(
-                    f"{name}: {list(shape)} in the checkpoint, {list(spec.shape)} in the layout"
-                )
+                mismatches.append(wrong)
                 continue
             if state is not None:
-                new_state[pid_new] = _carry(state, _source_dtype(state), spec)
+                new_state[pid_new] = _carry(state, _source_dtype(optimizer, state), spec)
             if old_name == matched.found[name]:  # no --rename rule changed it
                 plan.carried.append(name)
             else:
                 plan.renamed.append((old_name, name))
-        plan.hyperparams, plan.hyperparams_from = _hyperparams(
-            index, group, sources, saved_groups, warnings
-        )
-        new_groups.append({**plan.hyperparams, "params": ids, "param_names": list(group["params"])})
+        carried_from.append(sources)
+        new_groups.append({"params": ids, "param_names": list(group["params"])})
         plans.append(plan)
+    hyper = plan_hyperparams(
+        to.groups,
+        carried_from,
+        saved_groups,
+        prefer=hyperparams,
+        settings=settings,
+        optimizer=optimizer,
+        layout_why=layout_why,
+    )
+    for index, (plan, decided) in enumerate(zip(plans, hyper.groups, strict=True)):
+        plan.hyperparams, plan.hyperparams_from = decided.values, decided.origin
+        new_groups[index] = {**decided.values, **new_groups[index]}
     if mismatches:
         raise IncompatibleStateError(
             "shapes changed: "
@@ -302,8 +322,22 @@ def remap(
         if not any("param_names" in g for g in saved_groups):
             new_groups[:] = [{k: v for k, v in g.items() if k != "param_names"} for g in new_groups]
         new_sd = to_name_keyed(new_sd, target_names)
+    unchecked = _unchecked(optimizer, saved_state) if new_state else []
+    if unchecked:
+        warnings.append(
+            "the optimizer is none of torch.optim's (state keys "
+            f"{', '.join(unchecked)}): the shapes of those keys were not checked "
+            "against the layout"
+        )
     return new_sd, RemapPlan(
-        naming.source, plans, dropped, warnings, naming.describe(), matched.stripped
+        naming.source,
+        plans,
+        dropped,
+        warnings,
+        naming.describe(),
+        matched.stripped,
+        hyperparam_changes=hyper.changes,
+        hyperparams_kept=hyper.kept,
     )
 
 
@@ -325,6 +359,8 @@ def remap_checkpoint(
     rename: Iterable[str] = (),
     group_rules: Sequence[str] = (),
     reset_mismatched: bool = False,
+    hyperparams: str | None = None,
+    settings: Iterable[str | Setting] = (),
     key: str | None = None,
     force: bool = False,
     allow_globals: Iterable[str] = (),
@@ -332,6 +368,9 @@ def remap_checkpoint(
     """Remap the optimizer state of a checkpoint file and write the result to ``out``.
 
     Everything else in the file is kept. With ``out=None`` nothing is written (a dry run).
+    ``hyperparams`` and ``settings`` decide the groups' hyperparameters (see :func:`remap`);
+    without ``hyperparams`` the checkpoint's values are kept, except that values written in
+    ``group_rules`` (``--group 'REGEX:key=value'``) are asked for and win.
 
     Raises:
         UsageError: bad options, an output that may not be written, several optimizer state
@@ -345,6 +384,9 @@ def remap_checkpoint(
     from optckpt.locate import select_optimizers
 
     path = Path(path)
+    if hyperparams is not None and hyperparams not in PREFERENCES:
+        raise UsageError(f"--hyperparams {hyperparams!r}: expected checkpoint or layout")
+    settings = parse_settings(settings)
     if out is not None:
         out = Path(out)
         check_output(out, [path, to, source], force=force)
@@ -375,6 +417,9 @@ def remap_checkpoint(
         rename=rename,
         reset_mismatched=reset_mismatched,
         model_state=model_state_of(checkpoint),
+        hyperparams=hyperparams or ("layout" if group_rules else "checkpoint"),
+        settings=settings,
+        layout_why="--group" if hyperparams is None else "--hyperparams layout",
     )
     if out is None:
         return RemapResult(located.key, plan, None)

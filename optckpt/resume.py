@@ -22,31 +22,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.statedict import PARAM_SHAPED_KEYS, REMAP_HINT, param_ids
+from optckpt.optim.specs import (
+    expected_state_shape,
+    flat_state,
+    gradients_of,
+    param_dtype_from_state,
+    param_shape_from_state,
+    spec_of,
+    state_mismatches,
+)
+from optckpt.statedict import REMAP_HINT, param_ids
 
 if TYPE_CHECKING:
     from optckpt.io.write import ProgressStart
 
 __all__ = ["Check", "GroupUpdate", "ResumeReport", "resume_step"]
 
-# Optimizers whose step size adapts per element: their report gives an effective lr.
-ADAPTIVE = frozenset(
-    {
-        "Adam",
-        "AdamW",
-        "Adamax",
-        "NAdam",
-        "RAdam",
-        "Adagrad",
-        "Adadelta",
-        "RMSprop",
-        "Rprop",
-        "SparseAdam",
-        "Adafactor",
-    }
-)
-_SHAPE_KEYS = PARAM_SHAPED_KEYS | {"variance"}  # Adafactor's unfactored second moment
-_FLAT_KEYS = ("d", "prev_flat_grad")  # LBFGS: one vector over all parameters
 _STEP_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError)
 
 
@@ -120,33 +111,6 @@ class ResumeReport:
 def _json_number(value: Any) -> Any:
     """``None`` for NaN and infinities, which JSON cannot hold."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-# --- shapes -----------------------------------------------------------------------------------
-
-
-def expected_shape(key: str, param_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The shape torch gives state ``key`` of a parameter of ``param_shape`` (``None``: any)."""
-    if key in _SHAPE_KEYS:
-        return param_shape
-    if key == "row_var" and len(param_shape) >= 2:  # Adafactor's factored moments
-        return (*param_shape[:-1], 1)
-    if key == "col_var" and len(param_shape) >= 2:
-        return (*param_shape[:-2], 1, param_shape[-1])
-    return None
-
-
-def _shape_from_state(state: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """A parameter's shape and dtype as its state tells them, if it does."""
-    if not isinstance(state, Mapping):
-        return None
-    for key, value in state.items():
-        if key in _SHAPE_KEYS and isinstance(value, torch.Tensor):
-            return tuple(value.shape), value.dtype
-    row, col = state.get("row_var"), state.get("col_var")
-    if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.dim() >= 2:
-        return (*row.shape[:-1], col.shape[-1]), row.dtype
-    return None
 
 
 # --- parameters -------------------------------------------------------------------------------
@@ -244,18 +208,16 @@ def _seeded(state_dict: Mapping[str, Any], seed: int, layout: Any | None = None)
     specs: list[tuple[tuple[int, ...], torch.dtype]] = []
     unknown = 0
     for pid in ids:
-        found = _shape_from_state(state.get(pid))
-        if found is None:
+        shape = param_shape_from_state(None, state.get(pid))
+        dtype = param_dtype_from_state(None, state.get(pid))
+        if shape is None or not isinstance(dtype, torch.dtype):
             unknown += 1
-            found = ((1,), torch.float32)
-        shape, dtype = found
+            shape, dtype = (1,), torch.float32
         specs.append(
             (shape, dtype if dtype.is_floating_point or dtype.is_complex else torch.float32)
         )
     notes = []
-    flat = next(
-        (state[pid].get("d") for pid in ids[:1] if isinstance(state.get(pid), Mapping)), None
-    )
+    flat = flat_state(None, state.get(ids[0])) if ids else None
     if unknown == len(ids) and isinstance(flat, torch.Tensor) and ids:
         # LBFGS keeps one flat vector over all parameters: stand-ins that add up to its size.
         rest = max(flat.numel() - (len(ids) - 1), 1)
@@ -288,33 +250,25 @@ def _listed(items: list[str], limit: int = 4) -> str:
 
 
 def _check_shapes(state: Mapping[Any, Any], params: _Params, optimizer_name: str) -> Check:
+    """Every state tensor against the shape torch gives it for its parameter, as
+    :mod:`optckpt.optim.specs` declares it (LBFGS's flat vectors: all parameters' size)."""
     wrong = []
     checked = 0
+    total = sum(p.numel() for p in params.by_id.values())
     for pid, p in params.by_id.items():
         s = state.get(pid)
         if not isinstance(s, Mapping):
             continue
-        for key, value in s.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            want = expected_shape(str(key), tuple(p.shape))
-            if want is None:
-                continue
-            checked += 1
-            if tuple(value.shape) != want:
-                wrong.append(
-                    f"{key!s} of {_label(pid, params.names)} is {list(value.shape)}, "
-                    f"expected {list(want)}"
-                )
-    if optimizer_name == "LBFGS":
-        total = sum(p.numel() for p in params.by_id.values())
-        for s in state.values():
-            for key in _FLAT_KEYS:
-                value = s.get(key) if isinstance(s, Mapping) else None
-                if isinstance(value, torch.Tensor):
-                    checked += 1
-                    if value.numel() != total:
-                        wrong.append(f"{key} has {value.numel()} elements, the parameters {total}")
+        shape = tuple(p.shape)
+        checked += sum(
+            isinstance(v, torch.Tensor)
+            and expected_state_shape(optimizer_name, k, shape, total) is not None
+            for k, v in s.items()
+        )
+        for key, found, want in state_mismatches(optimizer_name, s, shape, total):
+            wrong.append(
+                f"{key} of {_label(pid, params.names)} is {list(found)}, expected {list(want)}"
+            )
     if wrong:
         return Check("shapes", False, _listed(wrong))
     return Check("shapes", True, f"{checked} state tensor(s) fit their parameters")
@@ -556,6 +510,12 @@ def _uncapture(optimizer: Any) -> list[str]:
     return notes
 
 
+def _adaptive(optimizer: str) -> bool:
+    """Whether the step size adapts per element: the report then gives an effective lr."""
+    spec = spec_of(optimizer)
+    return spec is not None and spec.adaptive
+
+
 def _squares(t: torch.Tensor) -> float:
     """The sum of ``|x|^2`` over ``t``, accumulated in float64 without a float64 copy."""
     real = torch.view_as_real(t) if t.is_complex() else t
@@ -725,7 +685,7 @@ def _check_torch(
     source: _Source, cls: type, ours: Any, names: Mapping[Any, str], steps: int, atol: float | None
 ) -> Check:
     """Take the same steps with ``torch.optim`` from a fresh read, compare with ``ours``."""
-    from optckpt.synthetic import Gradients, gradient_kind, take_steps
+    from optckpt.synthetic import Gradients, take_steps
 
     fresh, found = source.read()
     state_dict = found.state_dict
@@ -736,7 +696,7 @@ def _check_torch(
         )
         theirs.load_state_dict(source.owned(state_dict))
         _uncapture(theirs)
-        take_steps(theirs, Gradients(source.seed, gradient_kind(cls.__name__)), steps)
+        take_steps(theirs, Gradients(source.seed, gradients_of(cls.__name__)), steps)
     except _STEP_ERRORS as e:
         return Check("matches_torch", False, f"{name} failed: {_error(e)}")
     wrong = _compare_with_torch(ours, theirs, names, atol)
@@ -855,7 +815,7 @@ def resume_step(
             groups, a state that does not load (group count or size mismatch).
     """
     from optckpt.io.write import check_output, format_for
-    from optckpt.synthetic import MAX_SEED, Gradients, gradient_kind, take_steps
+    from optckpt.synthetic import MAX_SEED, Gradients, take_steps
 
     path = Path(path)
     if steps < 1:
@@ -931,7 +891,7 @@ def resume_step(
         [0] * len(ids),
     )
     try:
-        take_steps(ours, Gradients(seed, gradient_kind(cls.__name__)), steps, grads.observe)
+        take_steps(ours, Gradients(seed, gradients_of(cls.__name__)), steps, grads.observe)
     except _STEP_ERRORS as e:
         report.checks.append(Check("steps_taken", False, _error(e)))
         report.checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
@@ -949,7 +909,7 @@ def resume_step(
         _check_finite("finite_after", ours.state_dict()["state"], live, params.names),
     ]
     report.groups = _updates(
-        ours, ids, params.before(), grads.squares, grads.count, steps, cls.__name__ in ADAPTIVE
+        ours, ids, params.before(), grads.squares, grads.count, steps, _adaptive(cls.__name__)
     )
     if check_torch:
         report.checks.append(_check_torch(source, cls, ours, params.names, steps, atol))

@@ -27,24 +27,6 @@ from optckpt.errors import GroupCountMismatchError, GroupSizeMismatchError, Inco
 StateDict = dict[str, Any]
 """An ``Optimizer.state_dict()``: ``{"state": {id: {key: value}}, "param_groups": [...]}``."""
 
-# State keys of the torch optimizers whose tensors have the parameter's shape.
-PARAM_SHAPED_KEYS = frozenset(
-    {
-        "exp_avg",
-        "exp_avg_sq",
-        "max_exp_avg_sq",
-        "momentum_buffer",
-        "sum",
-        "square_avg",
-        "acc_delta",
-        "exp_inf",
-        "ax",
-        "prev",
-        "step_size",
-        "grad_avg",
-    }
-)
-
 REMAP_HINT = (
     "run `optckpt remap CHECKPOINT --to NEW_LAYOUT --dry-run` to carry the state over by name"
 )

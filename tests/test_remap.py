@@ -315,11 +315,29 @@ def test_split_biases_and_norms_into_a_no_decay_group_with_param_names() -> None
     new = Tower()
     new_optimizer = _no_decay_groups(list(new.named_parameters()), torch.optim.AdamW, lr=1e-3)
     layout = optckpt.layout_of(new, new_optimizer)
-    new_sd, plan = optckpt.remap(old_sd, to=layout)
+    # By default both groups keep the trained values of the one source group, and the plan
+    # lists the layout's values it did not take.
+    kept_sd, kept = optckpt.remap(old_sd, to=layout)
+    assert [g.hyperparams_from for g in kept.groups] == ["source group 0", "source group 0"]
+    assert [(g["lr"], g["weight_decay"]) for g in kept_sd["param_groups"]] == [(1e-2, 0.1)] * 2
+    assert kept.hyperparam_changes == []
+    assert [(k.group, k.key, k.kept, k.layout) for k in kept.hyperparams_kept] == [
+        (0, "lr", 1e-2, 1e-3),
+        (0, "weight_decay", 0.1, 0.05),
+        (1, "lr", 1e-2, 1e-3),
+        (1, "weight_decay", 0.1, 0.0),
+    ]
+    # The split's new decay values are asked for with --hyperparams layout.
+    new_sd, plan = optckpt.remap(old_sd, to=layout, hyperparams="layout")
     assert plan.names_source == "param_names"
-    assert [g.hyperparams_from for g in plan.groups] == ["layout", "layout"]
     assert [g.carried for g in plan.groups] == [
         g["param_names"] for g in new_optimizer.param_groups
+    ]
+    assert [(c.group, c.key, c.old, c.new, c.why) for c in plan.hyperparam_changes] == [
+        (0, "lr", 1e-2, 1e-3, "--hyperparams layout"),
+        (0, "weight_decay", 0.1, 0.05, "--hyperparams layout"),
+        (1, "lr", 1e-2, 1e-3, "--hyperparams layout"),
+        (1, "weight_decay", 0.1, 0.0, "--hyperparams layout"),
     ]
     expected_hyper = [
         {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -538,36 +556,51 @@ def test_several_groups_in_any_order_are_named_from_the_model_weights(tmp_path: 
 # --------------------------------------------------------------------------- rules
 
 
-def test_hyperparams_gathered_from_disagreeing_source_groups_warn() -> None:
+def test_merged_source_groups_take_the_majoritys_values_and_list_the_changes() -> None:
     old = Tower()
     optimizer = _no_decay_groups(list(old.named_parameters()), torch.optim.AdamW, lr=1e-2)
     _train(old, optimizer)
     before = _snapshot(old, optimizer)
     new = Tower()
-    # one group, no hyperparameters: everything from the sources, which disagree on decay
+    # one group, no hyperparameters: everything from the sources, which disagree on decay;
+    # 4 of the 6 parameters (biases and norms) come from group 1, whose values win
     layout = layout_from_model_state(new.state_dict())
     new_sd, plan = optckpt.remap(optimizer.state_dict(), to=layout)
-    assert plan.warnings == [
-        "target group 0: weight_decay differs between source group 0 (0.05) and source group 1 "
-        "(0.0); kept 0.05"
+    assert plan.warnings == []
+    assert [c.to_json() for c in plan.hyperparam_changes] == [
+        {
+            "group": 0,
+            "key": "weight_decay",
+            "old": 0.05,
+            "new": 0.0,
+            "why": "merged groups 0, 1: the 2 parameter(s) from group 0 take group 1's value "
+            "(4 parameter(s))",
+        }
     ]
-    assert plan.groups[0].hyperparams_from == "source groups 0, 1"
+    assert plan.groups[0].hyperparams_from == "source group 1 (merged with 0)"
     new_optimizer = torch.optim.AdamW(new.parameters(), lr=0.5)
     new_optimizer.load_state_dict(new_sd)
-    assert new_optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert new_optimizer.param_groups[0]["weight_decay"] == 0.0
     assert new_optimizer.param_groups[0]["lr"] == 1e-2
     _check_loaded(new, new_optimizer, before, _identity(new))
 
 
-def test_layout_hyperparams_win_and_the_rest_come_from_the_source() -> None:
+def test_layout_hyperparams_win_when_asked_and_the_rest_come_from_the_source() -> None:
     old = Tower()
     optimizer = torch.optim.Adam(old.parameters(), lr=1e-2, betas=(0.8, 0.9))
     _train(old, optimizer)
     layout = layout_from_model_state(old.state_dict(), ["head:lr=0.001,weight_decay=0.5"])
-    new_sd, plan = optckpt.remap(optimizer.state_dict(), to=layout, model_state=old.state_dict())
-    assert [g.hyperparams_from for g in plan.groups] == [
-        "source group 0",
-        "layout, then source group 0",
+    kept_sd, kept = optckpt.remap(optimizer.state_dict(), to=layout, model_state=old.state_dict())
+    head = kept_sd["param_groups"][1]
+    assert (head["lr"], head["weight_decay"], head["betas"]) == (1e-2, 0, (0.8, 0.9))
+    assert [(k.group, k.key) for k in kept.hyperparams_kept] == [(1, "lr"), (1, "weight_decay")]
+    new_sd, plan = optckpt.remap(
+        optimizer.state_dict(), to=layout, model_state=old.state_dict(), hyperparams="layout"
+    )
+    assert [g.hyperparams_from for g in plan.groups] == ["source group 0", "source group 0"]
+    assert [(c.group, c.key, c.old, c.new) for c in plan.hyperparam_changes] == [
+        (1, "lr", 1e-2, 0.001),
+        (1, "weight_decay", 0, 0.5),
     ]
     head = new_sd["param_groups"][1]
     assert (head["lr"], head["weight_decay"], head["betas"]) == (0.001, 0.5, (0.8, 0.9))
@@ -586,8 +619,9 @@ def test_a_group_of_only_new_parameters_takes_group_0_hyperparams() -> None:
     new_sd, plan = optckpt.remap(optimizer.state_dict(), to=layout)
     assert plan.groups[1].new == ["adapter.weight", "adapter.bias"]
     assert plan.groups[1].hyperparams_from.startswith("source group 0 (no parameter")
-    assert new_sd["param_groups"][1]["weight_decay"] == 0.05
-    assert len(plan.warnings) == 1 and plan.warnings[0].startswith("target group 0: weight_decay")
+    assert new_sd["param_groups"][1]["weight_decay"] == 0.05  # the checkpoint's first group's
+    assert plan.warnings == []
+    assert [(c.group, c.key) for c in plan.hyperparam_changes] == [(0, "weight_decay")]  # merged
 
 
 def test_shape_change_is_an_error_naming_both_shapes_unless_reset() -> None:

@@ -86,7 +86,7 @@ def _render_optimizer(opt: OptimizerReport, show_all: bool) -> None:
     where = repr(opt.key) if opt.key else "the top level (bare state dict)"
     guess = opt.guess
     if guess.name is None:
-        named = "unknown optimizer"
+        named = f"unknown optimizer ({guess.reason})"  # the keys it saw
     elif guess.sure:
         named = guess.name
     else:

@@ -53,6 +53,25 @@ def remap(
             "--reset-mismatched", help="Drop the state of parameters whose shape changed."
         ),
     ] = False,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="[N.]KEY=VALUE",
+            help="Set a hyperparameter in every target group, or in group N (1.lr=1e-5), over "
+            "the checkpoint's and the layout's values; repeatable.",
+        ),
+    ] = None,
+    hyperparams: Annotated[
+        str | None,
+        typer.Option(
+            "--hyperparams",
+            metavar="checkpoint|layout",
+            help="Whose values win where the layout gives one: the checkpoint's trained values "
+            "(default; --group rule values always win) or the layout's.",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
     ] = False,
@@ -77,6 +96,8 @@ def remap(
         rename=rename or (),
         group_rules=group or (),
         reset_mismatched=reset_mismatched,
+        hyperparams=hyperparams,
+        settings=setting or (),
         key=key,
         force=force,
         allow_globals=allow_global or (),
@@ -138,7 +159,45 @@ def render(plan: RemapPlan) -> None:
             out.print(f"group {g.index} new (no state): " + _names(g.new), soft_wrap=True)
         if g.reset:
             out.print(f"group {g.index} reset (shape changed): " + _names(g.reset), soft_wrap=True)
+    _render_hyperparams(plan)
     if plan.dropped:
         out.print(f"dropped: {_names(plan.dropped)}", soft_wrap=True)
     for warning in plan.warnings:
         out.print(f"[yellow]warning:[/] {safe(warning)}", soft_wrap=True)
+
+
+def _value(value: object) -> str:
+    """A hyperparameter value as Python writes it (a tuple for a JSON list; a Tensor ``lr`` as
+    ``tensor(0.01)``, which is no float ``0.01`` to torch's fused and capturable steps)."""
+    import torch
+
+    from optckpt.inspect import jsonable
+
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return f"tensor({jsonable(value)!r})"
+    plain = jsonable(value)
+    if isinstance(plain, list):
+        return "(" + ", ".join(_value(v) for v in plain) + ")"
+    return repr(plain)
+
+
+def _render_hyperparams(plan: RemapPlan) -> None:
+    """Every hyperparameter that differs from its source group's, and the layout's values that
+    were not taken (the checkpoint's trained values are kept by default)."""
+    out = console()
+    for c in plan.hyperparam_changes:
+        out.print(
+            f"group {c.group} {safe(c.key)}: {safe(_value(c.old))} -> {safe(_value(c.new))} "
+            f"({safe(c.why)})",
+            soft_wrap=True,
+        )
+    if plan.hyperparams_kept:
+        listed = "; ".join(
+            f"{k.group}.{k.key} {_value(k.kept)} (layout {_value(k.layout)})"
+            for k in plan.hyperparams_kept
+        )
+        out.print(
+            f"kept the checkpoint's trained values where the layout differs: {safe(listed)}; "
+            "take the layout's with --hyperparams layout or --set N.KEY=VALUE",
+            soft_wrap=True,
+        )

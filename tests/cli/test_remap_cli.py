@@ -95,8 +95,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     lines = result.stdout.splitlines()
     assert lines[0] == "source names from the model weights in the checkpoint, aligned by shape and order"
     assert "hyperparameters from" in lines[1]
-    assert lines[3].split() == ["0", "│", "6", "│", "0", "│", "2", "│", "0", "│", "layout"]
+    assert lines[3].split() == [
+        *("0", "│", "6", "│", "0", "│", "2", "│", "0", "│"),
+        *("source", "group", "0"),
+    ]
     assert "group 0 new (no state): 5.weight, 5.bias" in result.stdout
+    assert (  # the checkpoint's trained weight_decay is kept over the fresh optimizer's
+        "kept the checkpoint's trained values where the layout differs: 0.weight_decay 0.1 "
+        "(layout 0.01); take the layout's with --hyperparams layout or --set N.KEY=VALUE"
+    ) in result.stdout
     assert "wrote" not in result.stdout
     assert _files(tmp_path) == before
 
@@ -171,7 +178,10 @@ def test_group_rules_with_json_values_on_a_model_state_dict(
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    assert "layout, then source group 0" in result.stdout
+    # values written in a --group rule are asked for: they win over the checkpoint's
+    assert "group 1 weight_decay: 0.1 -> 0 (--group)" in result.stdout
+    assert "group 1 betas: (0.9, 0.999) -> (0.8, 0.95) (--group)" in result.stdout
+    assert "group 1 foreach: None -> False (--group)" in result.stdout
     groups = torch.load(out, weights_only=True)["optimizer"]["param_groups"]
     assert groups[0]["param_names"] == ["0.weight", "3.weight"]
     assert groups[1]["param_names"] == ["0.bias", "1.weight", "1.bias", "3.bias"]
@@ -230,7 +240,7 @@ def test_rename_and_from_layout_on_a_bare_checkpoint(tmp_path: Path) -> None:
     assert "dropped: enc.weight, enc.bias" in plain.stdout
 
 
-def test_disagreeing_source_groups_warn(tmp_path: Path) -> None:
+def test_disagreeing_source_groups_merge_with_the_changes_listed(tmp_path: Path) -> None:
     model = _model()
     named = list(model.named_parameters())
     optimizer = torch.optim.AdamW(
@@ -249,9 +259,10 @@ def test_disagreeing_source_groups_warn(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     assert "source names from param_names" in result.stdout
+    assert "source group 1 (merged with 0)" in result.stdout  # 4 of the 6 came from group 1
     assert (
-        "warning: target group 0: weight_decay differs between source group 0 (0.1) and "
-        "source group 1 (0.0); kept 0.1" in result.stdout
+        "group 0 weight_decay: 0.1 -> 0.0 (merged groups 0, 1: the 2 parameter(s) from group 0 "
+        "take group 1's value (4 parameter(s)))" in result.stdout
     )
 
 
