@@ -19,7 +19,9 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
    torch's ops in torch's order, and a ``_<name>`` function that picks one as torch's
    functional API does. Never call ``torch.optim`` code; the helpers in ``base`` mirror
    torch's private ones (``group_tensors_by_device_and_dtype``, ``to_scalar``, ...).
-3. Register the class in ``registry._BUNDLED`` and export it here.
+3. Register the class in ``registry._BUNDLED`` and export it here; declare its facts (state
+   keys and how their shapes follow the parameter's, group defaults, ...) in
+   ``specs.SPECS``, which ``tests/optim/test_specs.py`` checks against ``torch.optim``.
 4. Add a ``Row`` to ``ROWS`` in ``tests/optim/test_parity.py``: the torch class, ours, option
    sets, hyperparameters for two extra groups, the arguments torch rejects, and which
    implementations it has.

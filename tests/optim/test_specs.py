@@ -56,13 +56,13 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _stepped(
-    name: str, steps: int = 2, **kwargs: Any
+    name: str, steps: int = 2, device: str = "cpu", **kwargs: Any
 ) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
     spec = SPECS[name]
     generator = torch.Generator().manual_seed(0)
     shapes = MATRICES if spec.matrices_only else SHAPES
-    params = [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
-    targets = [torch.randn(s, generator=generator) for s in shapes]
+    params = [torch.randn(s, generator=generator).to(device).requires_grad_() for s in shapes]
+    targets = [torch.randn(s, generator=generator).to(device) for s in shapes]
     optimizer = TORCH_CLASSES[name](params, **kwargs)
 
     def closure() -> torch.Tensor:
@@ -132,10 +132,36 @@ def test_group_keys_and_defaults_are_torchs(name: str) -> None:
     assert bundled(params).defaults == optimizer.defaults  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize(("name", "kwargs"), _cases())
-def test_spec_predicts_exactly_the_state_torch_writes(name: str, kwargs: dict[str, Any]) -> None:
+# Implementations only CUDA runs (capturable and fused steps): the same state keys and shapes.
+CUDA_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    **{
+        name: [{"capturable": True}]
+        for name in ("Adadelta", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop")
+    },
+    "Adam": [{"capturable": True}, {"fused": True}, {"fused": True, "amsgrad": True}],
+    "AdamW": [{"capturable": True}, {"fused": True}],
+    "SGD": [{"fused": True, "momentum": 0.9}],
+    "Adagrad": [{"fused": True}],
+}
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _device_cases() -> list[Any]:
+    cpu = [pytest.param(name, kw, "cpu") for name, kw in _cases()]
+    cuda = [
+        pytest.param(name, kw, "cuda", marks=NEEDS_CUDA)
+        for name, options in sorted(CUDA_OPTIONS.items())
+        for kw in options
+    ]
+    return cpu + cuda
+
+
+@pytest.mark.parametrize(("name", "kwargs", "device"), _device_cases())
+def test_spec_predicts_exactly_the_state_torch_writes(
+    name: str, kwargs: dict[str, Any], device: str
+) -> None:
     spec = SPECS[name]
-    optimizer, params = _stepped(name, **kwargs)
+    optimizer, params = _stepped(name, device=device, **kwargs)
     saved = optimizer.state_dict()
     group = saved["param_groups"][0]
     total = sum(p.numel() for p in params)
