@@ -203,12 +203,16 @@ def check_schema(obj: Any) -> None:
     for opt in obj["optimizers"]:
         assert isinstance(opt["key"], str)
         assert opt["optimizer"] is None or isinstance(opt["optimizer"], str)
+        assert opt["names_source"] in {"keys", "param_names", "layout", "recovered", None}
         for index, group in enumerate(opt["param_groups"]):
             assert group["index"] == index
             assert isinstance(group["num_params"], int)
             assert isinstance(group["hyperparams"], dict) and "params" not in group["hyperparams"]
         for param in opt["params"]:
-            assert isinstance(param["id"], int)
+            # an ID, or for name-keyed state (and its orphans' keys) a name
+            assert isinstance(param["id"], int) or (
+                opt["names_source"] == "keys" and isinstance(param["id"], str)
+            )
             assert param["name"] is None or isinstance(param["name"], str)
             assert param["group"] is None or isinstance(param["group"], int)
             assert isinstance(param["state"], dict)
@@ -283,6 +287,19 @@ def test_names_come_from_named_parameters(tmp_path: Path) -> None:
     (opt,) = report.optimizers
     assert opt.key == ""
     assert sorted(p.name for p in opt.params) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_name_keyed_state_is_named_by_its_keys(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, optimizer = _trained("SGD")  # no param_names
+    keyed = get_optimizer_state_dict(model, optimizer)  # state and params keyed by FQN
+    report = inspect_checkpoint(_saved(tmp_path, {"optimizer": keyed}))
+    (opt,) = report.optimizers
+    assert opt.names_source == "keys"
+    assert [p.id for p in opt.params] == [n for n, _ in model.named_parameters()]
+    assert [p.name for p in opt.params] == [p.id for p in opt.params]
+    check_schema(report.to_json())
 
 
 def test_clean_checkpoint_has_no_warnings(tmp_path: Path) -> None:

@@ -361,6 +361,11 @@ def test_diff_strips_the_compile_prefix(tmp_path: Path) -> None:
     assert wheres == ["_orig_mod.head.bias.exp_avg"]
     text = invoke("diff", path, fqn)
     assert "wrapper prefixes stripped to match names: _orig_mod." in text.stdout
+    # resume-step finds the name-keyed state's parameters in the compiled model's weights
+    both = tmp_path / "both.pt"
+    torch.save({"model": compiled.state_dict(), "optimizer": theirs}, both)
+    report = resume_ok(both)
+    assert "keys (name-keyed), wrapper prefixes _orig_mod. stripped" in report["params_from"]
 
 
 @pytest.mark.parametrize("kind", ["ddp", "ddp-split", "ddp-named"])
