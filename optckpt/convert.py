@@ -17,7 +17,7 @@ from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.write import check_output, format_for, save_checkpoint
 from optckpt.layout import model_state_of
-from optckpt.locate import select_optimizers
+from optckpt.locate import check_optimizers, select_optimizers
 from optckpt.names import KEYINGS, rekey
 from optckpt.optim.guess import guess_optimizer
 
@@ -106,7 +106,8 @@ def convert_checkpoint(
         UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``
             or ``keying``, parameters that cannot be named for ``keying="names"``.
         IncompatibleStateError: an optimizer that cannot become ``optimizer``.
-        UnreadableCheckpointError: the input cannot be read.
+        UnreadableCheckpointError: the input cannot be read, or holds an optimizer state dict
+            that is not a valid one (:func:`~optckpt.locate.check_optimizers`).
     """
     path, out = Path(path), Path(out)
     target = format_for(out, to)
@@ -122,6 +123,9 @@ def convert_checkpoint(
     if keying is not None and keying not in KEYINGS:
         raise UsageError(f"--keying {keying!r}: expected ids or names")
     checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    # Everything is carried over as it is, but an optimizer state dict that no optimizer
+    # could load is refused here, as every other command refuses it, not written on.
+    check_optimizers(checkpoint.root)
     rewritten = []
     if optimizer is not None:
         for located in select_optimizers(checkpoint.root, key):

@@ -18,17 +18,18 @@ from typing import Any
 
 import torch
 
-from optckpt.errors import UsageError
+from optckpt.chunks import check_bounded, chunk_slices, readable, reducible
+from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
 from optckpt.layout import load_layout, model_state_of
 from optckpt.locate import Located, select_optimizers
 from optckpt.names import Pairing, pair_parameters
-from optckpt.statedict import group_of, param_ids
+from optckpt.statedict import group_of, param_ids, validate_state_dict
 
 _CHUNK = 1 << 22  # elements compared at a time
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -125,36 +126,67 @@ def _same(a: Any, b: Any) -> bool:
     return bool(type(a) is type(b) and a == b)
 
 
+def _bits(dtype: torch.dtype, element_size: int) -> torch.dtype | None:
+    """The integer dtype whose view compares ``dtype`` bit by bit, where values should be
+    compared so: floats (equal NaNs are equal, -0.0 differs from 0.0), and dtypes the CPU
+    cannot compare by value (complex32, packed types)."""
+    if dtype.is_floating_point or dtype == torch.complex32 or not readable(dtype):
+        return _BITS.get(element_size)
+    return None
+
+
 def _count_differing(
-    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float] | None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tolerance: tuple[float, float] | None,
+    where: str = "a state tensor",
 ) -> tuple[int, float, float]:
     """``(differing elements, max abs difference, max relative difference)`` of two tensors
-    of the same shape, read in chunks; of the same dtype too unless a tolerance is given."""
+    of the same shape, read in chunks (:mod:`optckpt.chunks`); of the same dtype too unless a
+    tolerance is given and both dtypes are :func:`~optckpt.chunks.readable`. Where values
+    cannot be converted to compute differences, the maxima are NaN.
+
+    Raises:
+        UnreadableCheckpointError: a tensor claims far more elements than its storage holds
+            (zero strides), or is not dense.
+    """
     a, b = a.detach(), b.detach()
-    bits = _BITS.get(a.element_size()) if a.is_floating_point() else None
+    for tensor in (a, b):
+        if tensor.layout != torch.strided:
+            layout = str(tensor.layout).removeprefix("torch.")
+            raise UnreadableCheckpointError(
+                f"{where}: a {layout} tensor; optckpt compares dense tensors"
+            )
+        check_bounded(tensor, where)
+    numeric = readable(a.dtype) and readable(b.dtype)
+    bits = _bits(a.dtype, a.element_size()) if a.dtype == b.dtype else None
     if _bitwise_equal(a, b, bits):
         # One read of each side, no temporaries: the common case of equal tensors. Equal bits
         # mean no differing element under either test (isclose has equal_nan=True).
         return 0, 0.0, 0.0
-    fa, fb = a.reshape(-1), b.reshape(-1)
     differing, max_abs, max_rel = 0, 0.0, 0.0
-    for start in range(0, fa.numel(), _CHUNK):
-        ca, cb = fa[start : start + _CHUNK], fb[start : start + _CHUNK]
-        if tolerance is None:
+    for index in chunk_slices(a.shape, _CHUNK):
+        ca, cb = a[index].reshape(-1), b[index].reshape(-1)
+        if tolerance is None or not numeric:
             if bits is not None:  # bitwise: equal NaNs are equal, -0.0 differs from 0.0
                 mask = ca.contiguous().view(bits) != cb.contiguous().view(bits)
             else:
                 mask = ca != cb
         else:
             rtol, atol = tolerance
+            ca, cb = reducible(ca), reducible(cb)
             if ca.dtype != cb.dtype:
-                ca, cb = ca.to(torch.float64), cb.to(torch.float64)
+                wide = torch.complex128 if ca.is_complex() or cb.is_complex() else torch.float64
+                ca, cb = ca.to(wide), cb.to(wide)
             mask = ~torch.isclose(ca, cb, rtol=rtol, atol=atol, equal_nan=True)
         n = int(mask.sum())
         if n == 0:
             continue
         differing += n
-        wide = torch.complex128 if ca.is_complex() else torch.float64
+        if not numeric:
+            max_abs = max_rel = math.nan
+            continue
+        wide = torch.complex128 if ca.is_complex() or cb.is_complex() else torch.float64
         da, db = ca[mask].to(wide), cb[mask].to(wide)
         diff = (da - db).abs()
         finite = torch.isfinite(diff)
@@ -171,15 +203,17 @@ def _count_differing(
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, bits: torch.dtype | None) -> bool:
     """Whether two tensors of the same shape hold the same bits (same dtype only).
 
-    Floating tensors are compared through integer views, so NaNs with equal bits are equal
-    and -0.0 differs from 0.0, as the bitwise test counts them; other dtypes by value (what
-    ``!=`` counts). Float types without an integer view of their size answer ``False`` and
-    are left to the full count.
+    Dtypes that :func:`_bits` gives a view are compared through it, so NaNs with equal bits
+    are equal and -0.0 differs from 0.0, as the bitwise test counts them; other dtypes by
+    value (what ``!=`` counts). Dtypes that need a view but have none of their size answer
+    ``False`` and are left to the full count.
     """
     if a.dtype != b.dtype or a.device != b.device:
         return False
-    if a.is_floating_point():
-        return bits is not None and torch.equal(a.view(bits), b.view(bits))
+    if bits is not None:
+        return torch.equal(a.view(bits), b.view(bits))
+    if _bits(a.dtype, a.element_size()) is not None or not readable(a.dtype):
+        return False
     return torch.equal(a, b)
 
 
@@ -199,14 +233,19 @@ class _Comparer:
         if a.dtype != b.dtype:
             names = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
             self.found.append(Difference("dtype", where, *names))
-            if self.tolerance is None or a.is_complex() or b.is_complex():
+            if (
+                self.tolerance is None
+                or a.is_complex()
+                or b.is_complex()
+                or not (readable(a.dtype) and readable(b.dtype))
+            ):
                 return  # with a tolerance, values of different dtypes are compared too
         dev_a, dev_b = self.checkpoints[0].saved_device(a), self.checkpoints[1].saved_device(b)
         if dev_a != dev_b:
             self.found.append(Difference("device", where, dev_a, dev_b))
         if a.device.type == "meta" or b.device.type == "meta":
             return
-        differing, max_abs, max_rel = _count_differing(a, b, self.tolerance)
+        differing, max_abs, max_rel = _count_differing(a, b, self.tolerance, where)
         # done with this pair: its pages of the mapped inputs can go
         self.ranges.drop(a.data_ptr(), a.numel() * a.element_size())
         self.ranges.drop(b.data_ptr(), b.numel() * b.element_size())
@@ -251,8 +290,14 @@ class _Comparer:
 
 
 def _is_number(x: Any) -> bool:
+    """A real number: a Python int or float, or a real one-element tensor with data."""
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) or (
-        isinstance(x, torch.Tensor) and x.numel() == 1
+        isinstance(x, torch.Tensor)
+        and x.numel() == 1
+        and x.layout == torch.strided
+        and x.device.type != "meta"
+        and not x.is_complex()
+        and readable(x.dtype)
     )
 
 
@@ -280,7 +325,12 @@ def diff_state_dicts(
     Raises:
         AmbiguousNamesError: a side needed names and its IDs fit its weights in more than
             one way (see :func:`optckpt.names.pair_parameters`).
+        UnreadableCheckpointError: either is not a valid optimizer state dict
+            (:func:`~optckpt.statedict.validate_state_dict`), or holds a tensor that claims
+            far more elements than its storage holds.
     """
+    validate_state_dict(a.state_dict, where=a.key)
+    validate_state_dict(b.state_dict, where=b.key)
     if checkpoints is None:
         dummy = Checkpoint(path=Path(), format="", size=0, root=None)
         checkpoints = (dummy, dummy)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from optckpt.chunks import check_bounded, chunks, readable, reducible
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import Releaser
@@ -250,22 +251,27 @@ def _info(tensor: torch.Tensor, checkpoint: Checkpoint) -> TensorInfo:
     )
 
 
-def tensor_stats(tensor: torch.Tensor) -> TensorStats:
+def tensor_stats(tensor: torch.Tensor, where: str = "a state tensor") -> TensorStats:
     """Norm, finite min/max, non-finite count, RMS and mean of a tensor, read in chunks.
 
     Floating chunks are reduced in their own dtype with float64 accumulation (no float64
-    copy), so a memory-mapped tensor is streamed through rather than copied whole.
+    copy), so a memory-mapped tensor is streamed through rather than copied whole; a
+    non-contiguous tensor is copied one chunk at a time (:mod:`optckpt.chunks`). Dtypes the
+    CPU cannot reduce (float8, integers) are converted chunk by chunk. The work is bounded by
+    what the tensor holds: a zero-stride view that claims far more is refused.
+
+    Raises:
+        UnreadableCheckpointError: the tensor claims more elements than its storage holds by
+            more than :data:`optckpt.chunks.MAX_EXCESS_BYTES` (``where`` names it).
     """
-    flat = tensor.detach().reshape(-1)
+    check_bounded(tensor, where)
     total_sq = total = 0.0
     nonfinite = 0
     low = high = None
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK]
+    for chunk in chunks(tensor.detach(), _CHUNK):
+        chunk = reducible(chunk)
         if chunk.is_complex():
             chunk = chunk.abs()
-        elif not chunk.is_floating_point():
-            chunk = chunk.to(torch.float64)
         finite = torch.isfinite(chunk)
         bad = chunk.numel() - int(finite.sum())
         if bad:
@@ -277,7 +283,7 @@ def tensor_stats(tensor: torch.Tensor) -> TensorStats:
             lo, hi = (float(x) for x in torch.aminmax(chunk))
             low = lo if low is None else min(low, lo)
             high = hi if high is None else max(high, hi)
-    n = max(flat.numel() - nonfinite, 1)
+    n = max(math.prod(tensor.shape) - nonfinite, 1)
     return TensorStats(
         norm=math.sqrt(total_sq),
         min=low,
@@ -429,8 +435,15 @@ def inspect_optimizer(
             steps[pid] = step
         if stats:
             for k, v in raw.items():
-                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.device.type != "meta":
-                    report.stats[str(k)] = tensor_stats(v)
+                if (
+                    isinstance(v, torch.Tensor)
+                    and v.numel() > 1
+                    and v.device.type != "meta"
+                    and v.layout == torch.strided
+                    and readable(v.dtype)  # not a packed dtype such as float4_e2m1fn_x2
+                ):
+                    where = f"the state of {report.name or f'ID {pid}'}, {str(k)!r}"
+                    report.stats[str(k)] = tensor_stats(v, where)
                     releaser.read(v.numel() * v.element_size())
         params.append(report)
 

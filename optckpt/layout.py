@@ -17,7 +17,6 @@ or these model weights) is :mod:`optckpt.names`' job.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from optckpt.errors import UsageError
+from optckpt.patterns import Pattern, compile_pattern
 
 # Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -203,7 +203,7 @@ def split_top_level(text: str) -> list[str]:
     return items
 
 
-def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
+def parse_group_rule(rule: str) -> tuple[Pattern, dict[str, Any]]:
     """Parse ``'REGEX:key=value,key=value'``; values are JSON where they parse (numbers, ...).
 
     Commas inside JSON brackets or strings do not split (``betas=[0.9,0.95]``).
@@ -214,10 +214,7 @@ def parse_group_rule(rule: str) -> tuple[re.Pattern[str], dict[str, Any]]:
     pattern, sep, settings = rule.rpartition(":")
     if not sep or not pattern:
         raise UsageError(f"--group {rule!r}: expected 'REGEX:key=value,...'")
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"--group {rule!r}: bad regex ({e})") from e
+    regex = compile_pattern(pattern, option="--group", rule=rule)  # with a time budget
     values: dict[str, Any] = {}
     for item in filter(None, split_top_level(settings)):
         key, eq, text = item.partition("=")

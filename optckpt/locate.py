@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from optckpt.errors import NoOptimizerStateError, UsageError
-from optckpt.statedict import StateDict, is_optimizer_state_dict
+from optckpt.errors import NoOptimizerStateError, UnreadableCheckpointError, UsageError
+from optckpt.statedict import StateDict, is_optimizer_state_dict, validate_state_dict
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,67 @@ def resolve(root: Any, key: str) -> Any:
     return node
 
 
+def _near_miss(node: Any, prefix: str) -> str | None:
+    """Why the first dict under ``node`` that has both ``state`` and ``param_groups`` is no
+    optimizer state dict (``None`` when there is none)."""
+    if isinstance(node, Mapping) and "state" in node and "param_groups" in node:
+        try:
+            validate_state_dict(node, where=prefix)
+        except UnreadableCheckpointError as e:
+            return str(e)
+        return None
+    for key, value in _children(node):
+        found = _near_miss(value, _join(prefix, key))
+        if found:
+            return found
+    return None
+
+
+def check_optimizers(root: Any) -> list[Located]:
+    """Every optimizer state dict in ``root``, each validated; none found is no error.
+
+    For commands that carry a whole checkpoint over (convert): a dict with ``state`` and
+    ``param_groups`` that is not a valid optimizer state dict is refused as it would be by
+    any command that reads the optimizer, not written on as if it were plain data.
+
+    Raises:
+        UnreadableCheckpointError: a state dict, or a dict that has both keys, that is not
+            a valid one (see :func:`~optckpt.statedict.validate_state_dict`).
+    """
+    found = locate_optimizers(root)
+    for located in found:
+        validate_state_dict(located.state_dict, where=located.key)
+    why = _near_miss(root, "")
+    if why:
+        raise UnreadableCheckpointError(why)
+    return found
+
+
 def select_optimizers(root: Any, key: str | None) -> list[Located]:
     """The optimizer state dict at ``key``, or every one in ``root`` when ``key`` is ``None``.
+
+    Every one returned has passed :func:`~optckpt.statedict.validate_state_dict`, so commands
+    may walk it without meeting unhashable IDs, a complex ``step`` or an int no float holds.
 
     Raises:
         UsageError: ``key`` names nothing, or something that is not an optimizer state dict;
             the message lists the key paths that hold one.
-        NoOptimizerStateError: ``key`` is ``None`` and ``root`` holds no optimizer state dict.
+        NoOptimizerStateError: ``key`` is ``None`` and ``root`` holds no optimizer state dict
+            (the message says why a dict with ``state`` and ``param_groups`` is none).
+        UnreadableCheckpointError: a state dict found is not a valid one (see
+            :func:`~optckpt.statedict.validate_state_dict`).
     """
     found = locate_optimizers(root)
     if key is None:
         if not found:
             top = ", ".join(str(k) for k, _ in _children(root)[:12]) or "none"
-            raise NoOptimizerStateError(f"no optimizer state dict found (top-level keys: {top})")
+            why = _near_miss(root, "")
+            raise NoOptimizerStateError(
+                f"no optimizer state dict found (top-level keys: {top})"
+                + (f"; {why}" if why else "")
+            )
+        for located in found:
+            validate_state_dict(located.state_dict, where=located.key)
         return found
     listed = ", ".join(repr(f.key) for f in found) or "none"
     try:
@@ -106,4 +154,5 @@ def select_optimizers(root: Any, key: str | None) -> list[Located]:
         ) from None
     if not is_optimizer_state_dict(node):
         raise UsageError(f"--key {key!r} is not an optimizer state dict; they are at: {listed}")
+    validate_state_dict(node, where=key)
     return [Located(key, node)]

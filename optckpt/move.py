@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from optckpt.chunks import check_bounded
 from optckpt.devices import current_devices
-from optckpt.errors import UsageError
+from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import Releaser
 from optckpt.io.torch_format import Deferred, can_defer
@@ -70,8 +71,10 @@ def _move(
     placed: bool,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
+    where: str = "a tensor",
 ) -> Any:
     if isinstance(value, torch.Tensor):
+        _check_movable(value, device, where)
         if key == "step":
             return value.to(device=device, dtype=torch.float32) if placed else value
         if dtype is not None and value.is_floating_point():
@@ -85,12 +88,28 @@ def _move(
             on_read(value.numel() * value.element_size())
         return moved
     if isinstance(value, Mapping):
-        return {k: _move(v, k, device, dtype, placed, on_read, lazy) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_move(v, None, device, dtype, placed, on_read, lazy) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_move(v, None, device, dtype, placed, on_read, lazy) for v in value)
+        return {
+            k: _move(v, k, device, dtype, placed, on_read, lazy, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        items = [
+            _move(v, None, device, dtype, placed, on_read, lazy, f"{where}.{i}")
+            for i, v in enumerate(value)
+        ]
+        return items if isinstance(value, list) else tuple(items)
     return value
+
+
+def _check_movable(tensor: torch.Tensor, device: torch.device, where: str) -> None:
+    """Refuse, before anything is copied, what a move cannot copy: a meta tensor (it has no
+    data) to a real device, and a zero-stride view that claims far more than it holds (a
+    cast or a device copy materialises every logical element)."""
+    if tensor.device.type == "meta" and device.type != "meta":
+        raise UnreadableCheckpointError(
+            f"{where} is a meta tensor: it has no data to move to {device}"
+        )
+    check_bounded(tensor, where)
 
 
 def move_state(
@@ -107,6 +126,10 @@ def move_state(
     is told the bytes of every tensor copied (to release memory-mapped input as it goes).
     With ``lazy``, a dtype cast on the CPU is left as a
     :class:`~optckpt.io.torch_format.Deferred`, made when the state is written.
+
+    Raises:
+        UnreadableCheckpointError: a meta tensor (no data) to move to a real device, or a
+            tensor that claims far more elements than its storage holds (zero strides).
     """
     placed: dict[Any, bool] = {}
     for group in state_dict["param_groups"]:
@@ -114,7 +137,9 @@ def move_state(
         for pid in group["params"]:
             placed.setdefault(pid, flag)
     state = {
-        pid: _move(value, None, device, dtype, placed.get(pid, False), on_read, lazy)
+        pid: _move(
+            value, None, device, dtype, placed.get(pid, False), on_read, lazy, f"state.{pid}"
+        )
         for pid, value in state_dict["state"].items()
     }
     return {**state_dict, "state": state}
@@ -161,7 +186,8 @@ def move_checkpoint(
 
     Raises:
         UsageError: a bad device, dtype or output path.
-        UnreadableCheckpointError: the input cannot be read or holds no optimizer state.
+        UnreadableCheckpointError: the input cannot be read, holds no valid optimizer state,
+            or holds tensors that cannot be moved (see :func:`move_state`).
     """
     path, out = Path(path), Path(out)
     target = format_for(out)

@@ -10,6 +10,8 @@ the same state bit for bit (tests/test_regenerate.py).
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, gradients_of
+from optckpt.statedict import huge_int
 from optckpt.synthetic import MAX_SEED, Gradients, seeded_parameters, take_steps
 
 if TYPE_CHECKING:
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RegenerateResult",
     "Setting",
+    "available_memory",
+    "footprint",
     "parse_setting",
     "regenerate",
     "regenerate_checkpoint",
@@ -116,6 +121,171 @@ def _torch_dtype(name: str, where: str) -> torch.dtype:
     return dtype
 
 
+# Elements a tensor may hold at most: torch indexes them with int64.
+_MAX_NUMEL = 2**63 - 1
+
+
+def _numel(name: str, shape: tuple[int, ...]) -> int:
+    """Elements of a layout shape, as a Python int (no int64 overflow).
+
+    Raises:
+        UsageError: more elements than a tensor can index.
+    """
+    numel = math.prod(shape)
+    if numel > _MAX_NUMEL:
+        shown = (
+            f"shape {list(shape)}" if all(d < 2**64 for d in shape) else "a dimension over 2**64"
+        )
+        raise UsageError(
+            f"the layout's {name!r} has {shown}: more than 2**63 - 1 elements, "
+            "which no tensor can hold"
+        )
+    return numel
+
+
+def _element_size(dtype: str) -> int:
+    found = getattr(torch, dtype, None)
+    return found.itemsize if isinstance(found, torch.dtype) else 4
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def footprint(
+    cls_name: str,
+    layout: Layout,
+    groups: Sequence[Mapping[str, Any]],
+    steps: int,
+    *,
+    dtypes: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
+    """Estimate the memory :func:`regenerate` needs, before it allocates anything.
+
+    Parameters, plus, when it steps, a gradient and one temporary per parameter and the
+    state the optimizer creates as its spec declares it (:mod:`optckpt.optim.specs`):
+    ``exp_avg``-like keys the parameter's size, Adafactor's factored rows and columns,
+    LBFGS's flat vectors and its history of up to ``history_size`` pairs of them.
+
+    Args:
+        cls_name: the optimizer class name.
+        layout: the parameters' shapes and groups.
+        groups: each group's hyperparameters (layout values, then ``--set``).
+        steps: steps to take (0: the parameters only).
+        dtypes: dtype names by parameter where they differ from the layout's (model weights).
+
+    Returns:
+        ``(parameter bytes, total bytes)``.
+
+    Raises:
+        UsageError: a shape whose element count overflows a tensor's index.
+    """
+    from optckpt.optim.specs import spec_of
+
+    spec = spec_of(cls_name)
+    params = total = flat = 0
+    for index, group in enumerate(layout.groups):
+        settings = {**(spec.defaults if spec else {}), **groups[index]}
+        for name in group["params"]:
+            shape = layout.params[name].shape
+            numel = _numel(name, shape)
+            size = _element_size((dtypes or {}).get(name, layout.params[name].dtype))
+            params += numel * size
+            total += numel * size
+            flat += numel * size
+            if not steps:
+                continue
+            total += 2 * numel * size  # the gradient, and a temporary of the step
+            if spec is None:
+                total += 2 * numel * size
+                continue
+            for key in spec.state:
+                if not key.applies(settings, len(shape)):
+                    continue
+                if key.kind == "param":
+                    total += numel * size
+                elif key.kind in ("row", "col") and len(shape) >= 2:
+                    total += numel * size // max(shape[-1 if key.kind == "row" else -2], 1)
+    if steps and spec is not None and spec.first_param_only:  # LBFGS: flat vectors
+        settings = {**spec.defaults, **(groups[0] if groups else {})}
+        history = _count(settings.get("history_size"), 100)
+        iterations = _count(settings.get("max_iter"), 20) * steps
+        for key in spec.state:
+            if key.kind == "flat":
+                total += flat
+            elif key.kind == "flat_list":
+                total += flat * min(history, iterations)
+    return params, total
+
+
+def _count(value: Any, default: int) -> int:
+    """A count hyperparameter as an int (the default where ``--set`` gave something odd:
+    the optimizer's own validation reports that, after this estimate)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def available_memory() -> tuple[int, str] | None:
+    """Bytes this process can still allocate, and where that number comes from: the least
+    of the system's ``MemAvailable``, a cgroup (container) limit, and ``RLIMIT_AS`` less the
+    address space in use. ``None`` where none of them can be read."""
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:
+        try:
+            pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if pages > 0:
+                found.append((pages, "free memory"))
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append((max(int(limit) - used, 0), "the cgroup memory limit"))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                in_use = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            found.append((max(soft - in_use, 0), "the address-space limit, ulimit -v"))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
+
+
+def _check_memory(need: int, params: int, cls_name: str, steps: int) -> None:
+    """Refuse a layout whose estimated footprint exceeds the memory available now."""
+    available = available_memory()
+    if available is None or need <= available[0]:
+        return
+    what = (
+        f"{_bytes(params)} of parameters"
+        if not steps
+        else f"{_bytes(params)} of parameters and {_bytes(need - params)} of gradients and "
+        f"{cls_name} state"
+    )
+    raise UsageError(
+        f"the layout needs about {_bytes(need)} ({what}) but only {_bytes(available[0])} is "
+        f"available ({available[1]}); regenerate a smaller layout"
+    )
+
+
 @dataclass
 class Regenerated:
     """What :func:`regenerate` returns: the checkpoint parts and what decided them."""
@@ -155,6 +325,13 @@ def _groups(
         for s in settings:
             if s.group is None or s.group == index:
                 hyper[s.key] = s.value
+        for key, value in hyper.items():
+            huge = huge_int(value)  # torch's step would raise OverflowError on it
+            if huge is not None:
+                raise UsageError(
+                    f"group {index}: {key} holds an integer of {huge.bit_length()} bits, "
+                    "too large for any float"
+                )
         groups.append(hyper)
     kwargs = {s.key: s.value for s in settings if s.group is None}
     return groups, kwargs, sorted(dropped)
@@ -190,7 +367,10 @@ def regenerate(
 
     Raises:
         UnknownOptimizerError: no bundled optimizer has that name.
-        UsageError: a bad ``--set``, a negative ``steps``, ``values`` that do not fit.
+        UsageError: a bad ``--set``, a negative ``steps``, ``values`` that do not fit, a
+            shape whose element count overflows, or a layout whose estimated footprint
+            (:func:`footprint`) exceeds the memory available (:func:`available_memory`),
+            checked before anything is allocated.
         IncompatibleStateError: the optimizer refuses the layout or the hyperparameters.
     """
     cls = by_name(optimizer)
@@ -201,6 +381,16 @@ def regenerate(
     if not layout.params:  # torch.optim refuses an empty parameter list too
         raise UsageError("the layout has no parameters")
     groups, kwargs, dropped = _groups(layout, defaults(cls), settings, cls.__name__)
+    # Nothing is allocated before the whole footprint is known to fit.
+    dtypes = None
+    if values is not None:
+        dtypes = {
+            n: str(v.dtype).removeprefix("torch.")
+            for n, v in values.items()
+            if isinstance(v, torch.Tensor)
+        }
+    params_bytes, need = footprint(cls.__name__, layout, groups, steps, dtypes=dtypes)
+    _check_memory(need, params_bytes, cls.__name__, steps)
     if values is None:
         specs = [
             (spec.shape, _torch_dtype(spec.dtype, name)) for name, spec in layout.params.items()
@@ -232,13 +422,13 @@ def regenerate(
     ]
     try:
         built = cls(param_groups, **kwargs)
-    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+    except (ValueError, TypeError, RuntimeError, AssertionError, OverflowError) as e:
         raise IncompatibleStateError(
             f"{cls.__name__} refuses this layout or these settings: {e}"
         ) from e
     try:
         take_steps(built, Gradients(seed, gradients_of(cls.__name__)), steps)
-    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+    except (ValueError, TypeError, RuntimeError, AssertionError, OverflowError) as e:
         raise IncompatibleStateError(f"{cls.__name__} cannot step this layout: {e}") from e
     model = tensors
     if values is not None:

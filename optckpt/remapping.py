@@ -15,7 +15,6 @@ optimizer has before its first step; parameters that are gone are listed as drop
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from optckpt.optim.specs import (
     spec_of,
     state_mismatches,
 )
+from optckpt.patterns import Pattern, compile_pattern
 from optckpt.remap_hyperparams import (
     PREFERENCES,
     HyperparamChange,
@@ -99,8 +99,11 @@ class RemapPlan:
         }
 
 
-def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
+def parse_rename(rule: str) -> tuple[Pattern, str]:
     """Parse ``'REGEX=REPLACEMENT'`` (split at the first ``=``; ``\\1`` refers to groups).
+
+    The pattern runs with a time budget (:mod:`optckpt.patterns`): names come from the
+    checkpoint, and a backtracking pattern must not hang the command.
 
     Raises:
         UsageError: no ``=`` or a bad regex.
@@ -108,13 +111,12 @@ def parse_rename(rule: str) -> tuple[re.Pattern[str], str]:
     pattern, sep, replacement = rule.partition("=")
     if not sep or not pattern:
         raise UsageError(f"--rename {rule!r}: expected 'REGEX=REPLACEMENT'")
-    try:
-        return re.compile(pattern), replacement
-    except re.error as e:
-        raise UsageError(f"--rename {rule!r}: bad regex ({e})") from e
+    return compile_pattern(pattern, option="--rename", rule=rule), replacement
 
 
-def _renamed(name: str, rules: Sequence[tuple[re.Pattern[str], str]]) -> str:
+def _renamed(name: str, rules: Sequence[tuple[Pattern, str]]) -> str:
+    """Apply the rules in order; a UsageError when one runs out of time or its replacement
+    is bad."""
     for regex, replacement in rules:
         name = regex.sub(replacement, name)
     return name

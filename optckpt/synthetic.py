@@ -11,6 +11,10 @@ without optckpt:
   each step, every parameter the optimizer holds, group by group and in each group's order,
   draws ``torch.randn(p.shape, generator=gen, dtype=p.dtype)``.
 
+``torch.randn`` draws only float16, bfloat16, float32, float64 and the complex dtypes on the
+CPU; for any other dtype (the float8 family, integers) both draw float32 (complex64 for a
+complex dtype) with the same generator and cast the values to the dtype.
+
 Two optimizers take more than a dense gradient:
 
 * ``SparseAdam`` takes sparse gradients: the same values as ``.to_sparse()``.
@@ -37,7 +41,30 @@ def seeded_parameters(
 ) -> list[torch.Tensor]:
     """Draw one tensor per ``(shape, dtype)``, in order, from a generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=dtype) for shape, dtype in specs]
+    return [_randn(shape, generator, dtype) for shape, dtype in specs]
+
+
+# The dtypes torch.randn draws on the CPU; others are drawn in float32 and cast.
+_DRAWABLE = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex32,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+
+def _randn(
+    shape: Sequence[int] | torch.Size, generator: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    if dtype in _DRAWABLE:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    wide = torch.complex64 if dtype.is_complex else torch.float32
+    return torch.randn(shape, generator=generator, dtype=wide).to(dtype)
 
 
 class Gradients:
@@ -57,7 +84,7 @@ class Gradients:
 
     def draw(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One standard-normal tensor per parameter, with its shape and dtype, in order."""
-        return [torch.randn(p.shape, generator=self._generator, dtype=p.dtype) for p in params]
+        return [_randn(p.shape, self._generator, p.dtype) for p in params]
 
     def prepare(self, params: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor] | None:
         """Draw this step's values and set up the step: the gradients, or LBFGS's closure.
