@@ -93,7 +93,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert lines[0] == "source names from the model weights in the checkpoint, aligned by shape and order"
+    assert lines[0] == (
+        "source names from the model weights in the checkpoint, aligned by shape and order"
+    )
     assert "hyperparameters from" in lines[1]
     assert lines[3].split() == [
         *("0", "│", "6", "│", "0", "│", "2", "│", "0", "│"),
