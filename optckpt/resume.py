@@ -731,7 +731,6 @@ def _write(
         saved_ids = [pid for g in found.state_dict["param_groups"] for pid in g["params"]]
         new_ids = [pid for g in new_state["param_groups"] for pid in g["params"]]
         new_state = to_name_keyed(new_state, dict(zip(new_ids, saved_ids)), strip=False)
-
     # Groups stepped with capturable off on the CPU (_uncapture) are saved as they came.
     for group, saved in zip(new_state["param_groups"], found.state_dict["param_groups"]):
         if "capturable" in saved:
@@ -842,7 +841,6 @@ def resume_step(
     source = _Source(
         path, key, None if model is None else Path(model), seed, tuple(allow_globals), layout
     )
-
     checkpoint, found = source.read()
     if out is not None and fmt == "safetensors":  # refused now, not after the steps
         from optckpt.io.safetensors_format import check_storable
