@@ -357,9 +357,9 @@ def align(
        not, full assignments are built greedily (groups in order and reversed, leftmost and
        rightmost); two different ones prove ambiguity (with one group this is exact:
        ``L != R`` are two assignments). Otherwise a depth-first search over the open IDs,
-       within their bounds, counts assignments up to two within ``budget`` steps. When the
-       budget or ``max_rounds`` runs out, the answer is "unsure", a refusal: a wrong answer
-       is never given.
+       within their bounds, counts assignments up to two within ``budget`` steps (after
+       ``max_rounds`` rounds of (2) the bounds are still valid, only wider). When the budget
+       runs out, the answer is "unsure", a refusal: a wrong answer is never given.
 
     Cost: a position lookup is a bisection plus a union-find step over that shape's sorted
     positions, so one round is ``O(n log m)`` for ``n`` IDs; realistic layouts settle in one

@@ -257,7 +257,7 @@ class Naming:
 
     def describe(self) -> str:
         """Where the names came from, in words (``"param_names"``, ``"the model weights in
-        x.pt (aligned by shape and order)"``)."""
+        x.pt, aligned by shape and order"``)."""
         if self.source == "recovered":
             return f"the model weights in {self.where}, aligned by shape and order"
         if self.source is None:
