@@ -139,7 +139,6 @@ _HOW = {
     "layout": "by the --from layout",
     "recovered": "by state shape in model order (no param_names)",
 }
-_HINT = f"pass --from OLD_LAYOUT (the layout the checkpoint was saved with) to name them, or {REMAP_HINT}"
 
 
 def _from_weights(
@@ -165,9 +164,10 @@ def _from_weights(
                 f"group {index} lists {len(group['params'])} parameter IDs but "
                 f"{len(group['param_names'])} param_names: the state dict was edited by hand?"
             )
-    naming = name_parameters(
-        state_dict, layout=layout, model_state=weights, where=where, hint=_HINT
-    )
+    try:
+        naming = name_parameters(state_dict, layout=layout, model_state=weights, where=where)
+    except IncompatibleStateError as e:  # the weights are another model's
+        raise IncompatibleStateError(f"{e}; to carry the state to them, {REMAP_HINT}") from None
     names = naming.names
     matched = match_names(names.values(), weights)
     missing = [n for n in names.values() if n not in matched.found]
