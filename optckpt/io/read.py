@@ -8,19 +8,32 @@
 * checkpoint folders such as a Hugging Face Trainer ``checkpoint-N/``: the optimizer files in
   it (``optimizer.pt``, ``optimizer.bin``, ...) are read as above.
 
-Nothing ever falls back to ``weights_only=False``. A pickle that needs globals outside torch's
-allow-list is refused with the list of them; ``allow_globals`` lets named ones through torch's
-``safe_globals`` mechanism.
+Nothing ever falls back to ``weights_only=False``, and nothing a file names is ever imported:
+before torch sees a pickle, :mod:`optckpt.io.pickles` reads its opcodes for the globals it
+names and how deep it nests. A pickle that names a callable able to run code (``os.system``,
+``builtins.eval``, ...) is refused outright; one that needs other globals outside torch's
+allow-list is refused with the list of them, and ``allow_globals`` lets named ones through
+torch's ``safe_globals`` mechanism (never a dangerous one).
+
+Work is bounded before it starts: a zip's ``data.pkl`` (or a legacy file's pickles) over
+:data:`~optckpt.io.pickles.MAX_PICKLE_BYTES`, a compressed record that inflates like a zip
+bomb, a record that fails its CRC, and nesting past :data:`~optckpt.io.pickles.MAX_NESTING`
+are refused; after loading, :func:`~optckpt.io.pickles.check_tree` refuses reference cycles
+and tensors whose shape claims far more bytes than their storage holds (zero strides).
 """
 
 from __future__ import annotations
 
 import importlib
+import mmap
+import os
 import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +41,15 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
+from optckpt.io.pickles import (
+    MAX_PICKLE_BYTES,
+    PickleScan,
+    Refused,
+    check_tree,
+    scan_pickles,
+    torch_allowed_globals,
+    why_dangerous,
+)
 from optckpt.io.safetensors_format import looks_like_safetensors, read_safetensors
 
 # Files a training folder keeps its optimizer state in: Hugging Face Trainer writes
@@ -37,6 +59,21 @@ _OPTIMIZER_FILE = re.compile(r"^optimizer(_\d+)?\.(pt|pth|bin)$")
 _ZIP_MAGIC = b"PK\x03\x04"
 # A legacy torch file starts with a pickled magic number: protocol 2 and a LONG1 opcode.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# A legacy file is five pickles in a row (magic number, protocol version, system info, the
+# object, storage keys), then the storages' raw bytes (torch.serialization._legacy_save).
+_LEGACY_PICKLES = 5
+# Records of a torch zip other than data.pkl and the storages (version, byteorder,
+# .format_version, ...) hold a few bytes each; together they may hold at most this much.
+MAX_METADATA_BYTES = 16 * 2**20
+# torch.save stores every record uncompressed. A compressed record larger than a MiB that
+# inflates more than this many times its compressed size is a zip bomb.
+MAX_COMPRESSION_RATIO = 100
+# Where DTensor and its placement classes live (torch >= 2.5, and the older private path).
+_DTENSOR_MODULES = (
+    "torch.distributed.tensor.",
+    "torch.distributed._tensor.",
+    "torch.distributed.device_mesh.",
+)
 
 
 @dataclass
@@ -73,14 +110,25 @@ class Checkpoint:
 def resolve_globals(names: Iterable[str]) -> list[Any]:
     """Import each ``module.Name`` so it can be allow-listed for ``weights_only`` loading.
 
+    A name that can run code (see :func:`optckpt.io.pickles.why_dangerous`) is refused by its
+    name, before its module is imported.
+
     Raises:
-        UsageError: a name that is not ``module.attribute`` or cannot be imported.
+        UsageError: a name that is not ``module.attribute``, is dangerous, or cannot be
+            imported.
     """
     found = []
     for name in names:
         module_name, _, attr = name.rpartition(".")
         if not module_name:
             raise UsageError(f"--allow-global wants MODULE.NAME, got {name!r}")
+        # What torch allows already (its defaults, add_safe_globals) is torch's call.
+        why = None if name in torch_allowed_globals() else why_dangerous(name)
+        if why:
+            raise UsageError(
+                f"--allow-global {name}: refused, because {why}; "
+                "optckpt never lets a checkpoint call it"
+            )
         try:
             obj: Any = importlib.import_module(module_name)
             for part in attr.split("."):
@@ -90,14 +138,6 @@ def resolve_globals(names: Iterable[str]) -> list[Any]:
         # Allow-list under the name the pickle uses, which may differ from __qualname__.
         found.append((obj, name))
     return found
-
-
-def _importable(name: str) -> bool:
-    try:
-        resolve_globals([name])
-    except UsageError:
-        return False
-    return True
 
 
 # What torch's weights-only unpickler and its rebuild functions raise on mangled bytes, besides
@@ -118,17 +158,152 @@ _CORRUPT = (
 )
 
 
-def _unsafe_globals(path: Path, legacy: bool, error: Exception) -> list[str]:
-    """The globals a pickle needs that torch does not allow, or ``[]`` if it is corrupt."""
-    if not legacy:
+def _zip_pickle(path: Path) -> bytes:
+    """``data.pkl`` of a torch zip file, once the records torch reads are checked.
+
+    torch's zip reader checks no CRC, so a changed byte in ``data.pkl`` would load as altered
+    names or values; Python's zipfile checks the CRC of a record read to its end. Only the
+    small records are read here (``data.pkl``, ``version``, ``byteorder``, ...): the
+    storages, which hold the tensor data, are memory-mapped in place by torch and their CRCs
+    are not checked, since that would mean reading the whole file.
+
+    Raises:
+        UnreadableCheckpointError: not the zip layout torch writes, a CRC failure, a
+            compressed storage, a zip bomb, or a ``data.pkl`` over
+            :data:`~optckpt.io.pickles.MAX_PICKLE_BYTES`.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if not infos or "/" not in infos[0].filename:
+                raise UnreadableCheckpointError(
+                    f"{path}: not a torch zip file (its records are not in one folder)"
+                )
+            # torch's reader takes the folder of the first record, and finds a record by
+            # its name without regard to case: two names it could confuse are refused.
+            folder = infos[0].filename.split("/", 1)[0].lower() + "/"
+            by_name = {info.filename.lower(): info for info in infos}
+            if len(by_name) != len(infos):
+                raise UnreadableCheckpointError(
+                    f"{path}: corrupt torch zip file (a record name repeats)"
+                )
+            if folder + "constants.pkl" in by_name:
+                raise UnreadableCheckpointError(
+                    f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint"
+                )
+            pickle_info = by_name.get(folder + "data.pkl")
+            if pickle_info is None:
+                raise UnreadableCheckpointError(f"{path}: not a torch.save file (no data.pkl)")
+            if pickle_info.file_size > MAX_PICKLE_BYTES:
+                raise UnreadableCheckpointError(
+                    f"{path}: its data.pkl holds {pickle_info.file_size:,} bytes of pickle, "
+                    f"over the {MAX_PICKLE_BYTES // 2**20} MiB that optckpt reads"
+                )
+            # Reading a record to its end raises BadZipFile on a CRC mismatch.
+            for info in _check_records(path, infos, folder):
+                if info is not pickle_info:
+                    archive.read(info)
+            return archive.read(pickle_info)
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):
+            raise UnreadableCheckpointError(
+                f"{path}: corrupt torch zip file ({_first_line(e)}: the file was altered or damaged)"
+            ) from e
+        raise UnreadableCheckpointError(
+            f"{path}: truncated or corrupt torch zip file ({_first_line(e)})"
+        ) from e
+    except (zlib.error, EOFError, NotImplementedError, ValueError, struct.error) as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt torch zip file ({_first_line(e)})") from e
+
+
+def _check_records(path: Path, infos: list[zipfile.ZipInfo], folder: str) -> list[zipfile.ZipInfo]:
+    """Refuse compressed storages and zip bombs; the records that are not storages."""
+    metadata = []
+    metadata_bytes = 0
+    for info in infos:
+        name = info.filename.lower()
+        compressed = info.compress_type != zipfile.ZIP_STORED
+        if (
+            compressed
+            and info.file_size > 2**20
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)
+        ):
+            raise UnreadableCheckpointError(
+                f"{path}: record {info.filename} inflates from {info.compress_size:,} to "
+                f"{info.file_size:,} bytes, over {MAX_COMPRESSION_RATIO} times (a zip bomb)"
+            )
+        if name.startswith(folder + "data/"):
+            if compressed:
+                # torch maps storages in place: a compressed one would be read as garbage.
+                raise UnreadableCheckpointError(
+                    f"{path}: storage {info.filename} is compressed; torch.save stores tensor "
+                    "data uncompressed (was the file re-zipped?)"
+                )
+            continue
+        metadata.append(info)
+        if name != folder + "data.pkl":
+            metadata_bytes += info.file_size
+    if metadata_bytes > MAX_METADATA_BYTES:
+        raise UnreadableCheckpointError(
+            f"{path}: its records besides data.pkl and the storages hold {metadata_bytes:,} "
+            f"bytes; torch.save writes a few bytes there"
+        )
+    return metadata
+
+
+def _legacy_pickles(path: Path) -> PickleScan:
+    """Scan the pickles at the start of a legacy file, memory-mapped: the storages' raw
+    bytes after them can be gigabytes that the scan never touches."""
+    with path.open("rb") as f:
         try:
-            return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except (pickle.UnpicklingError, RuntimeError, *_CORRUPT):
-            return []  # torch cannot even list the pickle's globals: it is corrupt
-    # torch can only disassemble zip pickles; for legacy ones, read the unpickler's message.
-    # A truncated legacy pickle also ends in "Unsupported global", naming a cut-off global.
-    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
-    return names if all(_importable(n) for n in names) else []
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without mmap
+            return scan_pickles(f.read(MAX_PICKLE_BYTES + 1), _LEGACY_PICKLES)
+        with mapped:
+            return scan_pickles(mapped, _LEGACY_PICKLES)
+
+
+def _check_pickles(path: Path, legacy: bool, allowed_names: set[str]) -> list[str]:
+    """Read the file's pickles without running them; the globals torch will refuse.
+
+    Raises:
+        UnreadableCheckpointError: corrupt, over a bound, or not runnable by torch.
+        UnsafeCheckpointError: the pickle names a callable that can run code.
+    """
+    try:
+        scan = _legacy_pickles(path) if legacy else scan_pickles(_zip_pickle(path))
+    except Refused as e:
+        raise UnreadableCheckpointError(f"{path}: {e}") from e
+    torch_allowed = torch_allowed_globals()
+    unsafe = [g for g in scan.globals if g not in torch_allowed and g not in allowed_names]
+    dangerous = [(g, why) for g in unsafe if (why := why_dangerous(g))]
+    if dangerous:
+        name, why = dangerous[0]
+        others = f" (and {', '.join(g for g, _ in dangerous[1:])})" if len(dangerous) > 1 else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: the pickle asks for {name}{others}, a callable that "
+            f"can run code ({why}); this file will not be loaded, with or without --allow-global",
+            unsafe,
+        )
+    sharded = [g for g in scan.globals if g.startswith(_DTENSOR_MODULES)]
+    if sharded:
+        # Refused even where torch allows these (importing torch.distributed.tensor does):
+        # each rank's file holds only its shard, and torch cannot map DTensors to the CPU.
+        raise UnsafeCheckpointError(
+            f"{path}: holds sharded DTensors ({sharded[0]}), a sharded state dict (FSDP2, "
+            "tensor parallelism) saved with torch.save, which optckpt does not read; save it "
+            "with torch.distributed.checkpoint, or gather it first with "
+            "get_optimizer_state_dict(model, optimizer, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True))",
+            sharded,
+        )
+    if scan.unsupported:
+        names = f"; it names {', '.join(unsafe)}" if unsafe else ""
+        raise UnreadableCheckpointError(
+            f"{path}: not a torch checkpoint pickle: it uses the {scan.unsupported} opcode, "
+            f"which torch's weights-only unpickler does not run{names}"
+        )
+    return unsafe
 
 
 def _torch_load(
@@ -143,20 +318,25 @@ def _torch_load(
                 seen[storage.data_ptr()] = saved
             return storage
 
+    names = _check_pickles(path, legacy, {name for _, name in allowed})
     try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(str(path), map_location=location, weights_only=True, mmap=not legacy)
+        with _utf8_name(path) as name, torch.serialization.safe_globals(list(allowed)):
+            return torch.load(name, map_location=location, weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise UnreadableCheckpointError(f"{path}: corrupt pickle ({_first_line(e)})") from e
-        names = _unsafe_globals(path, legacy, e)
         if not names:
-            raise UnreadableCheckpointError(f"{path}: truncated or corrupt torch file") from e
+            reason = re.search(r"WeightsUnpickler error: (.*)", str(e))
+            detail = f" ({reason.group(1).split('. ')[0].rstrip('.')})" if reason else ""
+            raise UnreadableCheckpointError(
+                f"{path}: truncated or corrupt torch file{detail}"
+            ) from e
+        # None of them is dangerous (_check_pickles refused those): a data class, perhaps.
         listed = ", ".join(names)
         flags = " ".join(f"--allow-global {n}" for n in names)
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle globals outside torch's weights_only allow-list: "
-            f"{listed}; if you trust this file, pass {flags}",
+            f"{listed}; if you trust this file, pass {flags} (which imports their modules)",
             names,
         ) from e
     except RuntimeError as e:
@@ -174,6 +354,29 @@ def _torch_load(
         raise UnreadableCheckpointError(
             f"{path}: truncated or corrupt torch file ({_first_line(e) or type(e).__name__})"
         ) from e
+
+
+@contextmanager
+def _utf8_name(path: Path) -> Iterator[str]:
+    """A name of ``path`` that torch can open.
+
+    torch's C++ file reader takes UTF-8 names only, while a POSIX file name may hold any bytes
+    (``ckpt\\xff.pt`` arrives as a surrogate escape). Such a file is opened here and handed
+    to torch as ``/proc/self/fd/N``, which it can open and memory-map like the file itself.
+    """
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with path.open("rb") as f:
+            alias = f"/proc/self/fd/{f.fileno()}"
+            if not os.path.exists(alias):
+                raise UnreadableCheckpointError(
+                    f"{path}: torch cannot open a file whose name is not UTF-8 here; rename it"
+                ) from None
+            yield alias
+        return
+    yield name
 
 
 def _first_line(error: BaseException) -> str:
@@ -213,9 +416,21 @@ def _read_file(
     path: Path, map_location: str | None, allowed: Sequence[Any], seen: dict[int, str]
 ) -> tuple[str, Any]:
     kind = sniff(path)
-    if kind == "safetensors":
-        return kind, read_safetensors(path, seen)
-    return kind, _torch_load(path, kind == "torch-legacy", map_location, allowed, seen)
+    try:
+        if kind == "safetensors":
+            root = read_safetensors(path, seen)
+        else:
+            root = _torch_load(path, kind == "torch-legacy", map_location, allowed, seen)
+        # Every command walks the tree: refuse one it would choke on, whatever the format.
+        check_tree(root)
+    except Refused as e:
+        raise UnreadableCheckpointError(f"{path}: {e}") from e
+    # Belt and braces for what the bounds above should already prevent.
+    except RecursionError as e:
+        raise UnreadableCheckpointError(f"{path}: nested too deeply to read") from e
+    except MemoryError as e:
+        raise UnreadableCheckpointError(f"{path}: not enough memory to read it") from e
+    return kind, root
 
 
 def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -> Checkpoint:
