@@ -56,7 +56,8 @@ def _mappings(paths: set[str]) -> list[FileMapping]:
     if not os.path.exists("/proc/self/maps"):
         return []
     found = []
-    with open("/proc/self/maps") as maps:
+    # file names are bytes: a name that is not UTF-8 must compare equal to os.fsdecode(path)
+    with open("/proc/self/maps", errors="surrogateescape") as maps:
         for line in maps:
             # address perms offset dev inode path
             parts = line.split(maxsplit=5)

@@ -64,6 +64,12 @@ def _names_one_of(error: OSError, *paths: Path) -> bool:
     return os.fsdecode(error.filename) in {os.fspath(p) for p in paths}
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its symlinks followed as far as they go (``Path.resolve`` raises on a
+    symlink loop; a loop is the input's problem, reported when it is read)."""
+    return Path(os.path.realpath(path))
+
+
 def check_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
     """Refuse an output that is an input, is not a regular file, or exists without ``force``.
 
@@ -87,13 +93,13 @@ def check_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
             system, no permission).
     """
     sources = [Path(p) for p in inputs if isinstance(p, (str, os.PathLike))]
-    resolved = out.resolve()
+    resolved = _resolved(out)
     for source in sources:
         same_file = out.exists() and source.exists() and out.samefile(source)
-        if resolved == source.resolve() or same_file:
+        if resolved == _resolved(source) or same_file:
             which = "" if str(source) == str(out) else f" {source}"
             raise UsageError(f"-o {out} is the input{which}; write to a new file")
-        if source.is_dir() and resolved.is_relative_to(source.resolve()):
+        if source.is_dir() and resolved.is_relative_to(_resolved(source)):
             raise UsageError(f"-o {out} is inside the input folder {source}")
     if out.exists():  # follows a symlink: what it points to is what would be lost
         kind = _kind(out.stat().st_mode)
