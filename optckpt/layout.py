@@ -26,6 +26,7 @@ import torch
 
 from optckpt.errors import UsageError
 from optckpt.patterns import Pattern, compile_pattern
+from optckpt.statedict import huge_int
 
 # Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -100,6 +101,13 @@ def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
     for name, spec in params.items():
         if any(d < 0 for d in spec.shape):
             raise UsageError(f"{source}: {name!r} has a negative dimension {list(spec.shape)}")
+        if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
+            raise UsageError(f"{source}: {name!r} has dtype {spec.dtype!r}, which torch has not")
+    for index, group in enumerate(groups):
+        huge = huge_int(group)
+        if huge is not None:  # torch's arithmetic on it raises OverflowError at the first step
+            shown = str(huge) if huge.bit_length() < 64 else f"an int of {huge.bit_length()} bits"
+            raise UsageError(f"{source}: group {index} holds {shown}, too large for any float")
     seen: set[str] = set()
     for index, group in enumerate(groups):
         for name in group["params"]:
@@ -222,7 +230,7 @@ def parse_group_rule(rule: str) -> tuple[Pattern, dict[str, Any]]:
             raise UsageError(f"--group {rule!r}: expected key=value, got {item!r}")
         try:
             values[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             values[key.strip()] = text
     return regex, values
 
@@ -271,6 +279,8 @@ def load_layout(
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"{path}: cannot read the layout ({e})") from e
+        except RecursionError as e:  # json recurses once per level of nesting
+            raise UsageError(f"{path}: not a layout (nested too deeply)") from e
         return layout_from_json(data, str(path))
     checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     model_state = find_model_state(checkpoint.root)

@@ -64,7 +64,7 @@ def _value(text: str) -> Any:
         return float(text)
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
     return tuple(value) if isinstance(value, list) else value
 

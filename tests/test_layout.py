@@ -93,6 +93,12 @@ def test_json_layout_without_groups_is_one_group_of_every_param() -> None:
             {"params": {"x": {"shape": [2]}}, "groups": [{"params": ["x"]}, {"params": ["x"]}]},
             "'x' is in more than one group",
         ),
+        # a dtype must be torch's own: "load" once resolved to the torch.load function
+        ({"params": {"x": {"shape": [2], "dtype": "load"}}}, "dtype 'load', which torch has not"),
+        (
+            {"params": {"x": {"shape": [2]}}, "groups": [{"params": ["x"], "lr": 10**400}]},
+            "an int of 1329 bits, too large for any float",
+        ),
     ],
 )
 def test_malformed_json_layouts_are_usage_errors(data: dict[str, Any], needle: str) -> None:
@@ -110,6 +116,9 @@ def test_load_layout_json_file(tmp_path: Path) -> None:
         load_layout(path, ["w:lr=2"])
     path.write_text("{not json")
     with pytest.raises(UsageError, match="cannot read the layout"):
+        load_layout(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # json.loads recurses once a level
+    with pytest.raises(UsageError, match="nested too deeply"):
         load_layout(path)
 
 
