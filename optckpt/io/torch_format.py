@@ -246,7 +246,9 @@ def write_torch(
 
     buffer = io.BytesIO()
     pickler = Pickler(buffer, protocol=_PROTOCOL)
-    pickler.dispatch_table = {**copyreg.dispatch_table, Deferred: _reduce_deferred}
+    # A dispatch table matches exact types: list Deferred's subclasses too (optckpt.io.dcp's).
+    deferred = dict.fromkeys(_subclasses(Deferred), _reduce_deferred)
+    pickler.dispatch_table = {**copyreg.dispatch_table, **deferred}
     pickler.dump(tree)
     del pickler
     pickled = buffer.getvalue()
@@ -282,6 +284,14 @@ def write_torch(
                 trim_heap()
                 made_bytes = 0
     release(sources)
+
+
+def _subclasses(cls: type[Deferred]) -> list[type[Deferred]]:
+    """``cls`` and every subclass of it, however deep."""
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
 
 
 def _has_deferred(node: Any) -> bool:

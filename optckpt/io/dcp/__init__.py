@@ -1,0 +1,17 @@
+"""``torch.distributed.checkpoint`` folders: read safely, without a process group, and written
+with torch's own ``FileSystemWriter`` (DESIGN.md, "Distributed checkpoints").
+
+* :mod:`~optckpt.io.dcp.unpickle`: ``.metadata`` and the chunks' pickles, unpickled into
+  optckpt's own records with nothing imported or called;
+* :mod:`~optckpt.io.dcp.storage`: the ``.distcp`` files, memory-mapped; bytes entries and
+  tensor chunks read in place;
+* :mod:`~optckpt.io.dcp.tensors`: tensors made from their chunks (placeholders, real, or
+  assembled only when written);
+* :mod:`~optckpt.io.dcp.tree`: DCP's flat keys back into a tree, optimizers name-keyed;
+* :mod:`~optckpt.io.dcp.reader`: :func:`read_dcp`.
+"""
+
+from optckpt.io.dcp.reader import DcpCheckpoint, TensorLayout, is_dcp, read_dcp
+from optckpt.io.dcp.sharded import sharded_state_error
+
+__all__ = ["DcpCheckpoint", "TensorLayout", "is_dcp", "read_dcp", "sharded_state_error"]

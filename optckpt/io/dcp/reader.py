@@ -1,0 +1,206 @@
+"""Reading a DCP folder (``.metadata`` + ``__R_N.distcp``) into a checkpoint tree.
+
+Three ways to take its tensors (:data:`Tensors`):
+
+* ``"load"``: real tensors, for commands that compute on them. One chunk covering a tensor is
+  a view of its file (copied if misaligned, see :mod:`optckpt.io.dcp.storage`); a sharded
+  tensor is assembled from its chunks into new memory;
+* ``"lazy"``: for writers (``convert``): every tensor a writer can defer is an
+  :class:`~optckpt.io.dcp.tensors.Assembled`, made only when its turn to be written comes;
+  peak memory is the largest tensor;
+* ``"meta"``: for ``inspect`` without ``--stats``: tensors on the ``meta`` device (shape and
+  dtype only), except 0-dim ones (``step``), which are read. Nothing else of the ``.distcp``
+  files is touched; :meth:`DcpCheckpoint.real` reads a placeholder's tensor when asked.
+
+Bytes entries (hyperparameters, ``params`` lists, other values) are read in every mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from optckpt.errors import UnreadableCheckpointError
+from optckpt.io.dcp.storage import Files, load_bytes, refused_globals
+from optckpt.io.dcp.tensors import Piece, TensorSource
+from optckpt.io.dcp.tree import build_tree
+from optckpt.io.dcp.unpickle import (
+    BadPickle,
+    BytesEntry,
+    Metadata,
+    RefusedGlobals,
+    TensorEntry,
+    read_metadata,
+)
+from optckpt.io.pickles import MAX_PICKLE_BYTES
+from optckpt.io.read import Checkpoint, resolve_globals
+
+Tensors = Literal["load", "lazy", "meta"]
+METADATA = ".metadata"
+
+
+def is_dcp(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that ``torch.distributed.checkpoint`` wrote."""
+    path = Path(path)
+    return path.is_dir() and (path / METADATA).is_file()
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How one tensor is saved: its chunks and the files they are in."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: int
+    files: list[str]
+
+
+@dataclass
+class DcpCheckpoint(Checkpoint):
+    """A :class:`~optckpt.io.Checkpoint` read from a DCP folder (``format`` ``"dcp"``).
+
+    DCP records no device: :meth:`saved_device` is ``None`` for every tensor.
+
+    Attributes:
+        metadata: what ``.metadata`` holds.
+        layouts: how each tensor is saved, by its flat key.
+    """
+
+    metadata: Metadata | None = None
+    layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
+
+    def saved_device(self, tensor: torch.Tensor) -> str | None:  # type: ignore[override]
+        """``None``: DCP does not record where a tensor was."""
+        return None
+
+    def real(self, tensor: Any) -> Any:
+        """The tensor a ``meta`` placeholder stands for, read now (other values as they are)."""
+        found = self._sources.get(id(tensor))
+        if found is None or found[0] is not tensor:
+            return tensor
+        return found[1].load()
+
+    def layout_of(self, tensor: Any) -> TensorLayout | None:
+        """How the tensor (a value of this checkpoint's tree, read in ``"meta"`` mode) is
+        saved, or ``None``."""
+        found = self._sources.get(id(tensor))
+        if found is None or found[0] is not tensor:
+            return None
+        return self.layouts.get(found[1].key)
+
+
+def read_metadata_file(folder: Path, allowed: Mapping[str, Any]) -> Metadata:
+    """Read and unpickle ``folder/.metadata`` safely.
+
+    Raises:
+        UnreadableCheckpointError: too large, corrupt, or not DCP metadata.
+        UnsafeCheckpointError: it names globals outside the allow-list.
+    """
+    path = folder / METADATA
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise UnreadableCheckpointError(
+            f"{path}: {size:,} bytes of pickle, over the {MAX_PICKLE_BYTES // 2**20} MiB "
+            "that optckpt reads"
+        )
+    data = path.read_bytes()
+    try:
+        return read_metadata(data, allowed)
+    except RefusedGlobals as e:
+        raise refused_globals(str(path), e.names) from e
+    except BadPickle as e:
+        raise UnreadableCheckpointError(f"{path}: {e}") from e
+
+
+def _sources(folder: Path, metadata: Metadata, files: Files) -> dict[str, TensorSource]:
+    """Every tensor's chunks, each found in ``storage_data``; chunks checked to tile it."""
+    found = {}
+    for key, entry in metadata.entries.items():
+        if not isinstance(entry, TensorEntry):
+            continue
+        pieces = []
+        for chunk in entry.chunks:
+            stored = metadata.storage.get((key, chunk.offsets))
+            if stored is None:
+                raise UnreadableCheckpointError(
+                    f"{folder}: {key}: .metadata says where no chunk at {list(chunk.offsets)} is"
+                )
+            pieces.append(Piece(chunk, stored))
+        found[key] = TensorSource(key, entry, pieces, files)
+    return found
+
+
+def read_dcp(
+    path: str | Path,
+    *,
+    allow_globals: Iterable[str] = (),
+    allowed: Sequence[tuple[Any, str]] | None = None,
+    tensors: Tensors = "load",
+) -> DcpCheckpoint:
+    """Read a DCP folder into a checkpoint tree (see the module doc for ``tensors``).
+
+    Args:
+        path: the folder (holding ``.metadata``).
+        allow_globals: ``module.Name`` globals to let through, as ``--allow-global`` does for
+            torch files; or ``allowed``, already resolved by
+            :func:`optckpt.io.read.resolve_globals`.
+        tensors: ``"load"``, ``"lazy"`` or ``"meta"``.
+
+    Raises:
+        UnreadableCheckpointError: a missing or truncated file, a corrupt entry, chunks that
+            do not tile their tensor, or an entry stored with an extension optckpt does not
+            read (compression).
+        UnsafeCheckpointError: ``.metadata`` or a value names globals outside the allow-list.
+        UsageError: an ``allow_globals`` entry that cannot be imported.
+    """
+    folder = Path(path)
+    if allowed is None:
+        allowed = resolve_globals(allow_globals)
+    by_name = {name: obj for obj, name in allowed}
+    metadata = read_metadata_file(folder, by_name)
+    files = Files(folder)
+    sources = _sources(folder, metadata, files)
+    if tensors == "lazy":  # mapped before writing starts, so writers find the mappings
+        for source in sources.values():
+            for piece in source.pieces:
+                files.window(piece.stored, source.key)
+    placeholders: dict[int, tuple[torch.Tensor, TensorSource]] = {}
+
+    def value(key: str) -> Any:
+        entry = metadata.entries[key]
+        if isinstance(entry, BytesEntry):
+            stored = metadata.storage.get((key, None))
+            if stored is None:
+                raise UnreadableCheckpointError(f"{folder}: .metadata says where no {key} is")
+            return load_bytes(files, stored, key, by_name)
+        source = sources[key]
+        if tensors == "lazy":
+            return source.lazy()
+        if tensors == "meta" and source.entry.size:
+            placeholder = source.meta()
+            placeholders[id(placeholder)] = (placeholder, source)
+            return placeholder
+        return source.load()
+
+    root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
+    members = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return DcpCheckpoint(
+        path=folder,
+        format="dcp",
+        size=sum((folder / m).stat().st_size for m in members),
+        root=root,
+        members=members,
+        sources=files.mapped,
+        metadata=metadata,
+        layouts={
+            key: TensorLayout(key, s.entry.size, s.entry.dtype, len(s.entry.chunks), s.file_names)
+            for key, s in sources.items()
+        },
+        _sources=placeholders,
+    )

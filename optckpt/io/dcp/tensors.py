@@ -1,0 +1,197 @@
+"""The tensors of a DCP checkpoint, made from their chunks: placeholders, real tensors, or
+casts-style :class:`Assembled` values that the writers make one at a time.
+
+A tensor is saved as chunks that tile it (``ChunkStorageMetadata``: offsets and sizes in the
+whole tensor). FSDP2 shards dimension 0 with ``torch.chunk``, so 5 rows over 2 ranks are
+chunks of 3 and 2 rows; a replicated tensor (``step``) is one chunk covering it all, saved by
+one rank only (not necessarily rank 0). :class:`TensorSource` checks that the chunks tile the
+tensor before anything is read (:func:`check_chunks`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from optckpt.errors import UnreadableCheckpointError
+from optckpt.io.dcp.storage import Files, raw_chunk, typed
+from optckpt.io.dcp.unpickle import Chunk, Stored, TensorEntry
+from optckpt.io.torch_format import _DEFERRABLE, Deferred
+
+# Chunks of one tensor checked pairwise for overlap; past this many (thousands of ranks) the
+# tensor is zero-filled first instead, so no byte of it is ever left uninitialised.
+_PAIRWISE = 4096
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk of a tensor and where it is stored."""
+
+    chunk: Chunk
+    stored: Stored
+
+
+def check_chunks(where: str, entry: TensorEntry) -> bool:
+    """Check that ``entry``'s chunks lie inside the tensor and add up to it.
+
+    Returns:
+        Whether they were also checked not to overlap (see :data:`_PAIRWISE`).
+
+    Raises:
+        UnreadableCheckpointError: a chunk outside the tensor, of another rank, or chunks
+            whose sizes do not add up to the tensor's.
+    """
+    size = entry.size
+    total = 0
+    for c in entry.chunks:
+        if len(c.offsets) != len(size) or len(c.sizes) != len(size):
+            raise UnreadableCheckpointError(
+                f"{where}: a chunk of rank {len(c.sizes)} in a tensor of shape {list(size)}"
+            )
+        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size)):
+            raise UnreadableCheckpointError(
+                f"{where}: a chunk at {list(c.offsets)} of {list(c.sizes)} lies outside the "
+                f"tensor's shape {list(size)}"
+            )
+        total += math.prod(c.sizes)
+    if total != math.prod(size):
+        raise UnreadableCheckpointError(
+            f"{where}: its {len(entry.chunks)} chunks hold {total:,} elements, the tensor "
+            f"{math.prod(size):,} (shape {list(size)})"
+        )
+    chunks = [c for c in entry.chunks if math.prod(c.sizes)]
+    if len(chunks) > _PAIRWISE:
+        return False
+    chunks.sort(key=lambda c: c.offsets)
+    for i, a in enumerate(chunks):
+        for b in chunks[i + 1 :]:
+            if size and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
+                break  # sorted by the first offset: no later chunk reaches back into a
+            if all(
+                ao < bo + bs and bo < ao + as_
+                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)
+            ):
+                raise UnreadableCheckpointError(
+                    f"{where}: chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
+                )
+    return True
+
+
+class TensorSource:
+    """One tensor of the checkpoint: its entry, its chunks, and the files they are in."""
+
+    def __init__(self, key: str, entry: TensorEntry, pieces: list[Piece], files: Files) -> None:
+        self.key = key
+        self.entry = entry
+        self.pieces = pieces
+        self.files = files
+        self._checked_overlap = check_chunks(f"{files.folder}: {key}", entry)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.entry.size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty(0, dtype=self.entry.dtype).element_size()
+
+    @property
+    def file_names(self) -> list[str]:
+        """The files its chunks are in, in order of first use."""
+        return list(dict.fromkeys(p.stored.file for p in self.pieces))
+
+    def meta(self) -> torch.Tensor:
+        """A tensor of its shape and dtype on the ``meta`` device (no data)."""
+        return torch.empty(self.entry.size, dtype=self.entry.dtype, device="meta")
+
+    def _whole(self) -> Piece | None:
+        """The one piece that covers the whole tensor, if it is saved so."""
+        if len(self.pieces) == 1 and self.pieces[0].chunk.sizes == self.entry.size:
+            return self.pieces[0]
+        return None
+
+    def _raw(self, piece: Piece) -> tuple[torch.Tensor, Any]:
+        raw, record = raw_chunk(self.files, piece.stored, self.key)
+        if record.size != piece.chunk.sizes or record.dtype != self.entry.dtype:
+            raise UnreadableCheckpointError(
+                f"{self.files.folder}: {self.key}: the chunk at {list(piece.chunk.offsets)} "
+                f"holds a {record.dtype} tensor of shape {list(record.size)}, .metadata says "
+                f"{self.entry.dtype} of {list(piece.chunk.sizes)}"
+            )
+        return raw, record
+
+    def load(self, *, align: bool = True) -> torch.Tensor:
+        """The tensor. One chunk covering it all is a view of its file (copied only if
+        misaligned and ``align``); a sharded tensor is assembled into new memory, each
+        chunk's pages released once copied."""
+        whole = self._whole()
+        if whole is not None:
+            raw, record = self._raw(whole)
+            return typed(raw, record, align=align)
+        make = torch.empty if self._checked_overlap else torch.zeros
+        out = make(self.entry.size, dtype=self.entry.dtype)
+        for piece in self.pieces:
+            if not math.prod(piece.chunk.sizes):
+                continue
+            raw, record = self._raw(piece)
+            place = tuple(slice(o, o + s) for o, s in zip(piece.chunk.offsets, piece.chunk.sizes))
+            _copy_into(out[place], raw, record)
+            mapped, start, length = self.files.window(piece.stored, self.key)
+            self.files.drop(mapped, start, length)
+        return out
+
+    def lazy(self) -> torch.Tensor | Assembled:
+        """What a writer takes: :class:`Assembled` (made when written) where the writers can
+        defer its dtype, else the tensor itself."""
+        if self.entry.dtype in _DEFERRABLE and self.numel:
+            return Assembled(self)
+        return self.load()
+
+
+def _copy_into(dest: torch.Tensor, raw: torch.Tensor, record: Any) -> None:
+    """Copy a chunk into its place. Byte for byte where both sides allow it, so that a
+    misaligned chunk is never read as its dtype; else through an aligned copy."""
+    src = typed(raw, record, align=False)
+    if src.dim() and src.is_contiguous() and dest.stride(-1) == 1:
+        try:
+            dest.view(torch.uint8).copy_(src.view(torch.uint8))
+            return
+        except RuntimeError:
+            pass  # a view torch cannot reinterpret as bytes
+    dest.copy_(typed(raw, record, align=True))
+
+
+class Assembled(Deferred):
+    """A DCP tensor made only when a writer writes it (see
+    :class:`optckpt.io.torch_format.Deferred`): peak memory is the largest tensor, not all.
+
+    One chunk covering the whole tensor, dense on its storage, is handed to the writer as a
+    view of its file (the writer copies its bytes in the kernel and releases the pages, via
+    :attr:`source`); chunks are assembled into new memory.
+    """
+
+    __slots__ = ("_source_of",)
+
+    def __init__(self, source: TensorSource) -> None:  # Deferred's casts do not apply
+        self._source_of = source
+        self.dtype = source.entry.dtype
+        self._meta = torch.empty(source.entry.size, dtype=self.dtype, device="meta")
+        # What the writers release after writing it (an empty tensor: nothing yet).
+        self.source = torch.empty(0, dtype=self.dtype)
+
+    def materialize(self) -> torch.Tensor:
+        """Make the tensor: contiguous, owning exactly its storage (as a writer records it)."""
+        made = self._source_of.load(align=False)
+        exact = (
+            made.storage_offset() == 0
+            and made.is_contiguous()
+            and made.untyped_storage().nbytes() == made.numel() * made.element_size()
+        )
+        if not exact:  # a view of part of its storage: aligned copy
+            made = self._source_of.load(align=True).contiguous().clone()
+        elif self._source_of._whole() is not None:
+            self.source = made  # a view of the file: the writer releases its pages
+        return made
