@@ -26,7 +26,7 @@ import torch
 
 from optckpt.errors import UsageError
 from optckpt.patterns import Pattern, compile_pattern
-from optckpt.statedict import huge_int
+from optckpt.statedict import huge_int, show_value
 
 # Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -106,8 +106,9 @@ def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
     for index, group in enumerate(groups):
         huge = huge_int(group)
         if huge is not None:  # torch's arithmetic on it raises OverflowError at the first step
-            shown = str(huge) if huge.bit_length() < 64 else f"an int of {huge.bit_length()} bits"
-            raise UsageError(f"{source}: group {index} holds {shown}, too large for any float")
+            raise UsageError(
+                f"{source}: group {index} holds {show_value(huge)}, too large for any float"
+            )
     seen: set[str] = set()
     for index, group in enumerate(groups):
         for name in group["params"]:

@@ -24,7 +24,7 @@ from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, gradients_of
-from optckpt.statedict import huge_int
+from optckpt.statedict import huge_int, show_value
 from optckpt.synthetic import MAX_SEED, Gradients, seeded_parameters, take_steps
 
 if TYPE_CHECKING:
@@ -329,8 +329,7 @@ def _groups(
             huge = huge_int(value)  # torch's step would raise OverflowError on it
             if huge is not None:
                 raise UsageError(
-                    f"group {index}: {key} holds an integer of {huge.bit_length()} bits, "
-                    "too large for any float"
+                    f"group {index}: {key} holds {show_value(huge)}, too large for any float"
                 )
         groups.append(hyper)
     kwargs = {s.key: s.value for s in settings if s.group is None}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from optckpt.chunks import chunks, readable, reducible
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.optim.specs import (
     expected_state_shape,
@@ -322,15 +323,21 @@ def _check_counters_agree(state_dict: Mapping[str, Any], params: _Params) -> Che
 
 
 def _count_nonfinite(t: torch.Tensor) -> int:
-    """How many elements of ``t`` are NaN or infinite (0 for non-floating tensors)."""
+    """How many elements of ``t`` are NaN or infinite (0 for non-floating tensors, for meta
+    tensors, which hold no values, and for packed dtypes no reduction reads)."""
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return 0
-    # one pass without a temporary (NaN and infinities reach the min or max), then count
-    # only where something is wrong
-    low, high = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t)
-    if math.isfinite(float(low)) and math.isfinite(float(high)):
+    if t.is_meta or not readable(t.dtype):
         return 0
-    return int(t.numel() - torch.isfinite(t).sum().item())
+    count = 0
+    for chunk in chunks(t):  # bounded temporaries, any strides, float8 through float64
+        values = reducible(chunk)
+        # one pass without a temporary (NaN and infinities reach the min or max), then
+        # count only where something is wrong
+        low, high = torch.aminmax(torch.view_as_real(values) if values.is_complex() else values)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            count += int(values.numel() - torch.isfinite(values).sum().item())
+    return count
 
 
 def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

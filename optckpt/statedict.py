@@ -75,7 +75,7 @@ _STEP_DTYPES = frozenset(
 )
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A short description of a value for a message (never the repr of a huge int)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
@@ -128,31 +128,31 @@ def huge_int(root: Any) -> int | None:
 def _step_problem(step: Any) -> str | None:
     if isinstance(step, torch.Tensor):
         if step.layout != torch.strided or step.dtype not in _STEP_DTYPES or step.numel() != 1:
-            return f"is {_show(step)}"
+            return f"is {show_value(step)}"
         return None
     if isinstance(step, bool) or not isinstance(step, (int, float)):
-        return f"is {_show(step)}"
+        return f"is {show_value(step)}"
     return None
 
 
 def _entry_problem(entry: Any, shaped: frozenset[str]) -> str | None:
     """What is wrong with one parameter's state, or ``None``."""
     if not isinstance(entry, Mapping):
-        return f"is {_show(entry)}, not a dict of state values"
+        return f"is {show_value(entry)}, not a dict of state values"
     if "step" in entry:
         problem = _step_problem(entry["step"])
         if problem:
             return f"has a step that {problem}; a step is a number, or a real tensor of one element"
     for key, value in entry.items():
         if key in shaped and not isinstance(value, torch.Tensor):
-            return f"has {key!r} = {_show(value)}; torch keeps a tensor there"
+            return f"has {key!r} = {show_value(value)}; torch keeps a tensor there"
     for value in _leaves(entry):
         if isinstance(value, torch.Tensor) and value.layout != torch.strided:
             layout = str(value.layout).removeprefix("torch.")
             return f"holds a {layout} tensor; optimizer state is dense"
     huge = huge_int(entry)
     if huge is not None:
-        return f"holds {_show(huge)}, too large for any float"
+        return f"holds {show_value(huge)}, too large for any float"
     return None
 
 
@@ -197,35 +197,37 @@ def validate_state_dict(state_dict: Any, *, where: str = "") -> None:
         return UnreadableCheckpointError(f"not a valid optimizer state dict{at}: {problem}")
 
     if not isinstance(state_dict, Mapping):
-        raise refuse(f"it is {_show(state_dict)}, not a dict")
+        raise refuse(f"it is {show_value(state_dict)}, not a dict")
     state, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(state, Mapping):
-        raise refuse(f"'state' is {_show(state)}, not a dict")
+        raise refuse(f"'state' is {show_value(state)}, not a dict")
     if not isinstance(groups, (list, tuple)):
-        raise refuse(f"'param_groups' is {_show(groups)}, not a list")
+        raise refuse(f"'param_groups' is {show_value(groups)}, not a list")
     for index, group in enumerate(groups):
         if not isinstance(group, Mapping):
-            raise refuse(f"param_groups[{index}] is {_show(group)}, not a dict")
+            raise refuse(f"param_groups[{index}] is {show_value(group)}, not a dict")
         params = group.get("params")
         if not isinstance(params, (list, tuple)):
-            raise refuse(f"param_groups[{index}]['params'] is {_show(params)}, not a list")
+            raise refuse(f"param_groups[{index}]['params'] is {show_value(params)}, not a list")
         for pid in params:
             if not _is_id(pid):
                 raise refuse(
-                    f"param_groups[{index}]['params'] lists {_show(pid)}; "
+                    f"param_groups[{index}]['params'] lists {show_value(pid)}; "
                     "parameter IDs are integers or names"
                 )
         huge = huge_int(group)
         if huge is not None:
-            raise refuse(f"param_groups[{index}] holds {_show(huge)}, too large for any float")
+            raise refuse(f"param_groups[{index}] holds {show_value(huge)}, too large for any float")
     shaped = param_shaped_keys()
     for pid, entry in state.items():
         if not _is_id(pid):
-            raise refuse(f"'state' has the key {_show(pid)}; parameter IDs are integers or names")
+            raise refuse(
+                f"'state' has the key {show_value(pid)}; parameter IDs are integers or names"
+            )
         problem = _entry_problem(entry, shaped)
         if problem:
             raise refuse(
-                f"the state of {'ID ' if isinstance(pid, int) else ''}{_show(pid)} {problem}"
+                f"the state of {'ID ' if isinstance(pid, int) else ''}{show_value(pid)} {problem}"
             )
 
 

@@ -97,7 +97,7 @@ def test_json_layout_without_groups_is_one_group_of_every_param() -> None:
         ({"params": {"x": {"shape": [2], "dtype": "load"}}}, "dtype 'load', which torch has not"),
         (
             {"params": {"x": {"shape": [2]}}, "groups": [{"params": ["x"], "lr": 10**400}]},
-            "an int of 1329 bits, too large for any float",
+            "an integer of 1329 bits, too large for any float",
         ),
     ],
 )
