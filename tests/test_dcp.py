@@ -544,3 +544,14 @@ def test_names_of_an_id_keyed_optimizer_come_from_the_naming_engine() -> None:
     sd = torch.optim.AdamW(model.named_parameters()).state_dict()
     named = to_name_keyed(sd, name_parameters(sd).names)
     assert named["param_groups"][0]["params"][:2] == ["0.weight", "0.bias"]
+
+
+def test_load_checkpoint_reads_dcp_folders(tmp_path: Path) -> None:
+    from optckpt.io import load_checkpoint
+
+    whole = _sharded(tmp_path / "ckpt")
+    checkpoint = load_checkpoint(tmp_path / "ckpt")
+    assert checkpoint.format == "dcp"
+    state = checkpoint.root["optim"]["state"]["enc.layer.weight"]
+    assert torch.equal(state["exp_avg"], whole["exp_avg"])
+    assert torch.equal(state["step"], whole["step"])

@@ -274,6 +274,11 @@ def _check_pickles(path: Path, legacy: bool, allowed_names: set[str]) -> list[st
         scan = _legacy_pickles(path) if legacy else scan_pickles(_zip_pickle(path))
     except Refused as e:
         raise UnreadableCheckpointError(f"{path}: {e}") from e
+    from optckpt.io.dcp import sharded_state_error  # optckpt.io.dcp imports this module
+
+    refused = sharded_state_error(path, scan.globals)  # FSDP2's opt.state_dict(): DTensors
+    if refused is not None:
+        raise refused
     torch_allowed = torch_allowed_globals()
     unsafe = [g for g in scan.globals if g not in torch_allowed and g not in allowed_names]
     dangerous = [(g, why) for g in unsafe if (why := why_dangerous(g))]
@@ -434,13 +439,12 @@ def _read_file(
 
 
 def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -> Checkpoint:
+    from optckpt.io.dcp import is_dcp, read_dcp  # optckpt.io.dcp imports this module
+
+    if is_dcp(path):
+        return read_dcp(path, allowed=allowed)  # DCP records no devices: read to the CPU
     files = sorted(p for p in path.rglob("*") if p.is_file())
     members = [str(p.relative_to(path)) for p in files]
-    if (path / ".metadata").exists():
-        raise UnreadableCheckpointError(
-            f"{path}: torch.distributed.checkpoint folders are not supported yet; "
-            "use torch.distributed.checkpoint.format_utils.dcp_to_torch_save to make a torch file"
-        )
     optimizer_files = [p for p in files if p.parent == path and _OPTIMIZER_FILE.match(p.name)]
     if not optimizer_files:
         listed = ", ".join(members[:10]) + (" ..." if len(members) > 10 else "") or "nothing"

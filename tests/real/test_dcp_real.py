@@ -1,0 +1,252 @@
+"""DCP folders written by real producers, read by optckpt; folders optckpt writes, restored
+by torch into FSDP2 on two ranks and into a plain model.
+
+One run of two processes (gloo on the CPU, ``torch.multiprocessing`` spawn, ``file://``
+rendezvous in ``tmp_path``) does all the multi-rank work, for every test of this module:
+
+* FSDP2 (``fully_shard``) over a model whose first layer has 5 output rows (3 + 2 on two
+  ranks), two AdamW steps, then ``get_state_dict`` + ``dcp.save`` with the default keys and
+  with ``flatten_optimizer_state_dict=True``; the full state (``full_state_dict=True``) as
+  reference; and ``torch.save(opt.state_dict())`` as FSDP2 users wrongly do (DTensors);
+* the folder optckpt wrote from a one-process checkpoint, ``dcp.load`` + ``set_state_dict``
+  into the FSDP2 model, its full state saved for comparison, then a step.
+
+FSDP2 on gloo can abort at interpreter exit once the work is done ("terminate called without
+an active exception"): workers end with ``os._exit(0)`` after writing their results.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from optckpt.errors import UnsafeCheckpointError
+from optckpt.io import load_checkpoint
+from optckpt.io.dcp import read_dcp
+from optckpt.io.dcp.writer import name_keyed_tree, write_dcp
+from optckpt.names import is_name_keyed, rekey
+
+_TIMEOUT = 240  # seconds for the two-rank run
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _batch(rank: int) -> torch.Tensor:
+    return torch.randn(2, 4, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    """One rank of the two-rank run (see the module doc)."""
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    out = Path(folder)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world
+    )
+
+    def sharded() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, optimizer = sharded()
+    for _ in range(2):
+        model(_batch(rank)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, flatten in (("fsdp_default", False), ("fsdp_flat", True)):
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        msd, osd = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / name))
+    msd, osd = get_state_dict(model, optimizer, options=full)
+    if rank == 0:
+        torch.save({"model": msd, "optim": osd}, out / "fsdp_full.pt")
+        torch.save(optimizer.state_dict(), out / "dtensor.pt")
+
+    # restore the folder optckpt wrote into a fresh FSDP2 model
+    model, optimizer = sharded()
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=str(out / "written"))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+    msd, osd = get_state_dict(model, optimizer, options=full)
+    if rank == 0:
+        torch.save({"model": msd, "optim": osd}, out / "restored_full.pt")
+    model(_batch(rank)).pow(2).sum().backward()
+    optimizer.step()  # a step runs on the restored state
+    dist.barrier()
+    if rank == 0:
+        (out / "done").write_text("ok")
+    dist.barrier()
+    os._exit(0)
+
+
+def _one_process_checkpoint() -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """A plain model and AdamW (built from named_parameters: ID-keyed with param_names)."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    for step in range(3):
+        model(_batch(step)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the two-rank run wrote into."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("dcp_real")
+    _, _, checkpoint = _one_process_checkpoint()
+    torch.save(checkpoint, out / "one.pt")
+    # what optckpt writes: the ID-keyed optimizer renamed to FQNs, torch's writer
+    tree = load_checkpoint(out / "one.pt").root
+    name_keyed_tree(tree, lambda sd: rekey(sd, "names"))
+    write_dcp(tree, out / "written")
+
+    context = mp.start_processes(
+        _worker, args=(2, str(out)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + _TIMEOUT
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two-rank run did not finish in {_TIMEOUT} s")
+    assert (out / "done").read_text() == "ok"
+    return out
+
+
+def _by_name(optim: dict[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
+    if "state" in optim:
+        return {(fqn, k): v for fqn, st in optim["state"].items() for k, v in st.items()}
+    return {
+        tuple(key[len("state.") :].rsplit(".", 1)): v  # type: ignore[misc]
+        for key, v in optim.items()
+        if key.startswith("state.")
+    }
+
+
+def _bitwise(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(
+            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
+        ), k
+
+
+@pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat"])
+def test_fsdp2_folders_read_as_dcp_to_torch_save_reads_them(run: Path, name: str) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(run / name), str(run / f"{name}.ref.pt"))
+    reference = torch.load(run / f"{name}.ref.pt", weights_only=True)
+    full = torch.load(run / "fsdp_full.pt", weights_only=True)
+    for tensors in ("load", "lazy"):
+        root = read_dcp(run / name, tensors=tensors).root  # type: ignore[arg-type]
+        if tensors == "lazy":
+            root = _made(root)
+        _bitwise(root["model"], reference["model"])
+        _bitwise(_by_name(root["optim"]), _by_name(reference["optim"]))
+        _bitwise(_by_name(root["optim"]), _by_name(full["optim"]))  # the gathered state too
+        assert is_name_keyed(root["optim"])
+        assert [
+            {k: v for k, v in g.items() if k != "params"} for g in root["optim"]["param_groups"]
+        ] == [{k: v for k, v in g.items() if k != "params"} for g in full["optim"]["param_groups"]]
+        assert root["optim"]["param_groups"][0]["params"] == [
+            "0.weight",
+            "0.bias",
+            "2.weight",
+            "2.bias",
+        ]
+
+
+def _made(node: Any) -> Any:
+    from optckpt.io.dcp.tensors import Assembled
+
+    if isinstance(node, Assembled):
+        return node.materialize()
+    if isinstance(node, dict):
+        return {k: _made(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_made(v) for v in node]
+    return node
+
+
+def test_fsdp2_shards_are_uneven_and_step_is_stored_once(run: Path) -> None:
+    layouts = read_dcp(run / "fsdp_default", tensors="meta").layouts
+    weight = layouts["optim.state.0.weight.exp_avg"]
+    assert weight.shape == (5, 4) and weight.chunks == 2
+    assert weight.files == ["__0_0.distcp", "__1_0.distcp"]
+    meta = read_dcp(run / "fsdp_default", tensors="meta").metadata
+    assert meta is not None
+    chunks = meta.entries["optim.state.0.weight.exp_avg"].chunks  # type: ignore[union-attr]
+    assert [c.sizes for c in chunks] == [(3, 4), (2, 4)]
+    step = layouts["optim.state.0.weight.step"]
+    assert step.chunks == 1 and len(step.files) == 1  # replicated: one rank saved it
+
+
+def test_written_folder_restores_into_fsdp2_on_two_ranks(run: Path) -> None:
+    model, optimizer, _ = _one_process_checkpoint()
+    restored = torch.load(run / "restored_full.pt", weights_only=True)
+    names = dict(model.named_parameters())
+    for name, param in names.items():
+        assert torch.equal(restored["model"][name], param.detach()), name
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(restored["optim"]["state"][name][key], value), (name, key)
+
+
+def test_written_folder_restores_into_a_plain_model(run: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    model, optimizer, _ = _one_process_checkpoint()
+    fresh = _model()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    msd, osd = get_state_dict(fresh, fresh_optimizer)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=str(run / "written"))
+    set_state_dict(
+        fresh, fresh_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, fresh_optimizer.state[q][key]), key
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.01
+    fresh(_batch(0)).pow(2).sum().backward()
+    fresh_optimizer.step()
+
+
+def test_fsdp2_state_dict_saved_with_torch_save_is_refused_with_advice(run: Path) -> None:
+    with pytest.raises(UnsafeCheckpointError) as raised:
+        load_checkpoint(run / "dtensor.pt")
+    message = str(raised.value)
+    assert "sharded" in message and "full_state_dict=True" in message
+    assert "--allow-global" not in message
