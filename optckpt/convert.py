@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.io import load_checkpoint
+from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
+from optckpt.io.dcp.writer import check_output_folder, name_keyed_tree, wants_dcp, write_dcp
 from optckpt.io.write import check_output, format_for, save_checkpoint
 from optckpt.layout import model_state_of
 from optckpt.locate import check_optimizers, select_optimizers
@@ -41,6 +43,7 @@ class ConvertResult:
     target_format: str
     rewritten: list[str]  # key paths of optimizer state dicts given a new optimizer class
     rekeyed: list[str] = field(default_factory=list)  # key paths given the --keying asked for
+    keying: str | None = None  # the keying they were given (DCP: ids in, names out)
 
 
 def _canonical(name: str) -> str:
@@ -88,9 +91,10 @@ def convert_checkpoint(
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
     Args:
-        path: the checkpoint file.
-        out: the output file; its extension picks the format unless ``to`` is given.
-        to: ``"pt"`` or ``"safetensors"``.
+        path: the checkpoint file, or a DCP folder.
+        out: the output file; its extension picks the format unless ``to`` is given. A
+            DCP folder when ``to`` is ``"dcp"``, or ``out`` ends in ``/`` or is a folder.
+        to: ``"pt"``, ``"safetensors"`` or ``"dcp"``.
         optimizer: rewrite the optimizer state dicts (all, or the one at ``key``) for this
             torch optimizer class (Adam <-> AdamW).
         key: key path of the optimizer state dict ``optimizer`` and ``keying`` apply to.
@@ -100,7 +104,8 @@ def convert_checkpoint(
         keying: ``"ids"`` or ``"names"``: rewrite the optimizer state dicts (all, or the one at
             ``key``) in that keying (:func:`optckpt.names.rekey`): ``ids`` for
             ``Optimizer.load_state_dict``, ``names`` (FQN-keyed) for
-            ``set_optimizer_state_dict``.
+            ``set_optimizer_state_dict``. A DCP folder is read as ``ids`` unless asked
+            otherwise, and written as ``names`` (as DCP keeps optimizer state).
 
     Raises:
         UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``
@@ -109,10 +114,16 @@ def convert_checkpoint(
         UnreadableCheckpointError: the input cannot be read, or holds an optimizer state dict
             that is not a valid one (:func:`~optckpt.locate.check_optimizers`).
     """
+    to_dcp = wants_dcp(out, to)  # before Path() drops a trailing "/"
     path, out = Path(path), Path(out)
-    target = format_for(out, to)
-    check_output(out, [path], force=force)
-    if path.is_dir():
+    if to_dcp:
+        target = "dcp"
+        check_output_folder(out, [path], force=force)
+    else:
+        target = format_for(out, to)
+        check_output(out, [path], force=force)
+    from_dcp = is_dcp(path)
+    if path.is_dir() and not from_dcp:
         raise UsageError(
             f"{path} is a folder; convert the optimizer file in it (e.g. {path}/optimizer.pt)"
         )
@@ -122,7 +133,18 @@ def convert_checkpoint(
         )
     if keying is not None and keying not in KEYINGS:
         raise UsageError(f"--keying {keying!r}: expected ids or names")
-    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    if to_dcp and keying == "ids":
+        raise UsageError(
+            "--keying ids: a DCP checkpoint keeps optimizer state keyed by parameter names "
+            "(set_optimizer_state_dict loads it); write a .pt or .safetensors file for IDs"
+        )
+    if from_dcp and not to_dcp and keying is None:
+        keying = "ids"  # what Optimizer.load_state_dict takes; --keying names keeps the FQNs
+    checkpoint: Checkpoint
+    if from_dcp:  # tensors are placeholders until written (below)
+        checkpoint = read_dcp(path, allow_globals=allow_globals, tensors="meta")
+    else:
+        checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     # Everything is carried over as it is, but an optimizer state dict that no optimizer
     # could load is refused here, as every other command refuses it, not written on.
     check_optimizers(checkpoint.root)
@@ -147,14 +169,27 @@ def convert_checkpoint(
                 located.state_dict.clear()
                 located.state_dict.update(keyed)
                 rekeyed.append(located.key)
-    save_checkpoint(
-        checkpoint.root,
-        out,
-        target,
-        progress=progress,
-        sources=checkpoint.sources,
-        saved_devices=checkpoint.saved_devices,
-    )
+    if isinstance(checkpoint, DcpCheckpoint):
+        # A file writer makes each tensor only when it writes it (a sharded one assembled
+        # then), so memory stays at the largest tensor; torch's DCP writer takes tensors.
+        checkpoint.root = checkpoint.resolved(checkpoint.root, lazy=not to_dcp)
+    if to_dcp:
+        model_state = model_state_of(checkpoint)
+        named = name_keyed_tree(
+            checkpoint.root,
+            lambda sd: rekey(sd, "names", model_state=model_state, where=str(path)),
+        )
+        rekeyed += [k for k in named if k not in rekeyed]
+        write_dcp(checkpoint.root, out)
+    else:
+        save_checkpoint(
+            checkpoint.root,
+            out,
+            target,
+            progress=progress,
+            sources=checkpoint.sources,
+            saved_devices=checkpoint.saved_devices,
+        )
     return ConvertResult(
         source=path,
         out=out,
@@ -162,4 +197,5 @@ def convert_checkpoint(
         target_format=target,
         rewritten=rewritten,
         rekeyed=rekeyed,
+        keying="names" if to_dcp else keying,
     )

@@ -241,7 +241,7 @@ class _Comparer:
             ):
                 return  # with a tolerance, values of different dtypes are compared too
         dev_a, dev_b = self.checkpoints[0].saved_device(a), self.checkpoints[1].saved_device(b)
-        if dev_a != dev_b:
+        if dev_a != dev_b and dev_a is not None and dev_b is not None:  # None: DCP, unrecorded
             self.found.append(Difference("device", where, dev_a, dev_b))
         if a.device.type == "meta" or b.device.type == "meta":
             return

@@ -20,6 +20,7 @@ import torch
 from optckpt.chunks import check_bounded, chunks, readable, reducible
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io import Checkpoint, load_checkpoint
+from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.pages import Releaser
 from optckpt.layout import model_state_of
 from optckpt.locate import Located, select_optimizers
@@ -45,7 +46,7 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str
-    device: str
+    device: str | None  # None: not recorded (DCP)
     numel: int
     nbytes: int
 
@@ -156,14 +157,18 @@ class InspectReport:
     size: int
     top_level_keys: list[str]
     optimizers: list[OptimizerReport]
+    storage: dict[str, Any] | None = None  # DCP: files, tensors, chunks, sharded tensors
 
     def to_json(self) -> dict[str, Any]:
         """The ``inspect --json`` object of DESIGN.md."""
-        return {
+        found: dict[str, Any] = {
             "path": str(self.path),
             "format": self.format,
             "optimizers": [_optimizer_json(o) for o in self.optimizers],
         }
+        if self.storage is not None:
+            found["dcp"] = self.storage
+        return found
 
 
 def jsonable(value: Any) -> Any:
@@ -435,6 +440,8 @@ def inspect_optimizer(
             steps[pid] = step
         if stats:
             for k, v in raw.items():
+                if isinstance(checkpoint, DcpCheckpoint):
+                    v = checkpoint.real(v)  # a placeholder: its chunks are read now
                 if (
                     isinstance(v, torch.Tensor)
                     and v.numel() > 1
@@ -496,7 +503,11 @@ def inspect_checkpoint(
         UnreadableCheckpointError: the input cannot be read, or holds no optimizer state.
         UsageError: ``key`` names nothing, or no optimizer state dict.
     """
-    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    checkpoint: Checkpoint
+    if is_dcp(path):  # .metadata and the values: tensors are read only for --stats
+        checkpoint = read_dcp(path, allow_globals=allow_globals, tensors="meta")
+    else:
+        checkpoint = load_checkpoint(path, allow_globals=allow_globals)
     located = select_optimizers(checkpoint.root, key)
     if checkpoint.members:
         top = checkpoint.members
@@ -510,4 +521,5 @@ def inspect_checkpoint(
         size=checkpoint.size,
         top_level_keys=top,
         optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
+        storage=checkpoint.summary() if isinstance(checkpoint, DcpCheckpoint) else None,
     )

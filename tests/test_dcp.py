@@ -555,3 +555,106 @@ def test_load_checkpoint_reads_dcp_folders(tmp_path: Path) -> None:
     state = checkpoint.root["optim"]["state"]["enc.layer.weight"]
     assert torch.equal(state["exp_avg"], whole["exp_avg"])
     assert torch.equal(state["step"], whole["step"])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_inspect_reads_the_metadata_and_values_only(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "ckpt"
+    _save_real(folder, flatten=False)
+    result = _cli("inspect", folder, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["format"] == "dcp"
+    [optim] = report["optimizers"]
+    assert optim["key"] == "optim" and optim["optimizer"] == "AdamW"
+    assert optim["names_source"] == "keys"
+    params = {p["id"]: p for p in optim["params"]}
+    assert params["0.weight"]["name"] == "0.weight" and params["0.weight"]["group"] == 0
+    exp_avg = params["0.weight"]["state"]["exp_avg"]
+    assert exp_avg["shape"] == [5, 4] and exp_avg["dtype"] == "float32"
+    assert exp_avg["device"] is None  # DCP records no device
+    assert params["0.weight"]["step"] == 3
+    assert params["0.bias"]["state"] == {}  # frozen
+    stats = _cli("inspect", folder, "--json", "--stats")
+    assert stats.exit_code == 0, stats.stderr
+    got = {p["id"]: p for p in json.loads(stats.stdout)["optimizers"][0]["params"]}
+    expected = read_dcp(folder).root["optim"]["state"]["2.weight"]["exp_avg"]
+    assert got["2.weight"]["stats"]["exp_avg"]["norm"] == pytest.approx(float(expected.norm()))
+    text = _cli("inspect", folder)
+    assert text.exit_code == 0, text.stderr
+    assert "dcp" in text.stdout and "2.weight" in text.stdout
+
+
+def test_unsafe_folder_exits_3_on_one_line(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    write_folder(tmp_path / "ckpt", {}, {})
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps([_Evil(canary)]))
+    for command in (["inspect"], ["inspect", "--stats"], ["diff", tmp_path / "ckpt"]):
+        result = _cli(command[0], tmp_path / "ckpt", *command[1:])
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.count("\n") == 1 and "posix.system" in result.stderr
+    result = _cli("convert", tmp_path / "ckpt", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 3 and not (tmp_path / "out.pt").exists()
+    assert not canary.exists()
+
+
+def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    _save_real(folder, flatten=True)
+    original = read_dcp(folder).root
+    result = _cli("convert", folder, "-o", tmp_path / "ids.pt")
+    assert result.exit_code == 0, result.stderr
+    ids = torch.load(tmp_path / "ids.pt", weights_only=True)
+    # ID-keyed with param_names by default: Optimizer.load_state_dict takes it
+    assert ids["optim"]["param_groups"][0]["params"] == [0, 1, 2]
+    assert ids["optim"]["param_groups"][1]["param_names"] == ["2.bias", "3.weight", "3.bias"]
+    assert torch.equal(
+        ids["optim"]["state"][2]["exp_avg"], original["optim"]["state"]["2.weight"]["exp_avg"]
+    )
+    _, optimizer = _trained()
+    optimizer.load_state_dict(ids["optim"])
+    result = _cli("convert", folder, "-o", tmp_path / "names.safetensors", "--keying", "names")
+    assert result.exit_code == 0, result.stderr
+    from optckpt.io import load_checkpoint
+
+    names = load_checkpoint(tmp_path / "names.safetensors").root
+    assert is_name_keyed(names["optim"])
+    _assert_same_tensors(_flat_state(names["optim"]), _flat_state(original["optim"]))
+
+    # back to DCP: an -o that ends in "/", and --to dcp
+    result = _cli("convert", tmp_path / "ids.pt", "-o", f"{tmp_path / 'again'}/")
+    assert result.exit_code == 0, result.stderr
+    again = read_dcp(tmp_path / "again").root
+    assert is_name_keyed(again["optim"])
+    _assert_same_tensors(_flat_state(again["optim"]), _flat_state(original["optim"]))
+    _assert_same_tensors(again["model"], original["model"])
+    result = _cli(
+        "convert", tmp_path / "names.safetensors", "-o", tmp_path / "again2", "--to", "dcp"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert is_dcp(tmp_path / "again2")
+
+    # diff by name: DCP against DCP, and against the ID-keyed file
+    for other in (tmp_path / "again", tmp_path / "ids.pt", tmp_path / "names.safetensors"):
+        result = _cli("diff", folder, other)
+        assert result.exit_code == 0, (other, result.stdout, result.stderr)
+
+
+def test_convert_refuses_ids_keying_for_dcp(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    _save_real(folder, flatten=False)
+    result = _cli("convert", folder, "-o", f"{tmp_path / 'out'}/", "--keying", "ids")
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()

@@ -8,18 +8,30 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, Output
+from optckpt.cli.options import AllowGlobal, Force
 from optckpt.cli.render import byte_progress, human_bytes, safe
 
 
 def convert(
     path: Annotated[
-        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+        Path,
+        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
     ],
-    out: Output,
+    out: Annotated[
+        str,  # not a Path, which would drop the "/" that asks for a DCP folder
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file, or DCP folder (ending in /); never an input.",
+            show_default=False,
+        ),
+    ],
     to: Annotated[
         str | None,
-        typer.Option("--to", help="pt or safetensors (default: from the extension of -o)."),
+        typer.Option(
+            "--to",
+            help="pt, safetensors or dcp (default: from -o: its extension, or a folder).",
+        ),
     ] = None,
     optimizer: Annotated[
         str | None,
@@ -46,10 +58,11 @@ def convert(
     force: Force = False,
     allow_global: AllowGlobal = None,
 ) -> None:
-    """Convert a checkpoint between .pt and .safetensors, keeping everything in it."""
+    """Convert a checkpoint between .pt, .safetensors and DCP folders, keeping everything in it."""
     from optckpt.convert import convert_checkpoint
 
-    with byte_progress("converting", path.stat().st_size if path.is_file() else 0) as progress:
+    size = path.stat().st_size if path.is_file() else _folder_size(path)
+    with byte_progress("converting", size) as progress:
         result = convert_checkpoint(
             path,
             out,
@@ -66,13 +79,19 @@ def convert(
         if result.rewritten
         else ""
     )
+    written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
     line = (
-        f"wrote {result.out} ({result.target_format}, {human_bytes(result.out.stat().st_size)}) "
+        f"wrote {result.out} ({result.target_format}, {human_bytes(written)}) "
         f"from {result.source} ({result.source_format}){rewritten}"
         + (
-            f"; keyed {', '.join(repr(k) for k in result.rekeyed)} by {keying}"
+            f"; keyed {', '.join(repr(k) for k in result.rekeyed)} by {result.keying}"
             if result.rekeyed
             else ""
         )
     )
     sys.stdout.write(safe(line, markup=False) + "\n")
+
+
+def _folder_size(folder: Path) -> int:
+    """Bytes of the files in a folder (a DCP checkpoint); 0 for anything else."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0

@@ -60,6 +60,13 @@ def render(report: InspectReport, *, show_all: bool = False) -> None:
         keys = report.top_level_keys
         shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
         out.print(f"top-level keys: {safe(shown)}", soft_wrap=True)
+    if report.storage is not None:
+        files = report.storage["files"]
+        out.print(
+            f"dcp: {len(files)} files, {report.storage['tensors']} tensors in "
+            f"{report.storage['chunks']} chunks ({report.storage['sharded']} sharded)",
+            soft_wrap=True,
+        )
     for optimizer in report.optimizers:
         out.print()
         _render_optimizer(optimizer, show_all)
@@ -183,7 +190,7 @@ def _state_summary(p: ParamReport) -> str:
 
 
 def _devices(p: ParamReport) -> set[str]:
-    return {v.device for v in p.tensor_infos()}
+    return {v.device for v in p.tensor_infos() if v.device is not None}  # DCP records none
 
 
 def _render_stats(opt: OptimizerReport, rows: list[ParamReport]) -> None:

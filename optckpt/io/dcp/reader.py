@@ -64,20 +64,44 @@ class TensorLayout:
 class DcpCheckpoint(Checkpoint):
     """A :class:`~optckpt.io.Checkpoint` read from a DCP folder (``format`` ``"dcp"``).
 
-    DCP records no device: :meth:`saved_device` is ``None`` for every tensor.
+    DCP records no device: :meth:`saved_device` is ``None`` for every tensor. ``members`` is
+    empty (the tree's top-level keys are what the folder holds); ``files`` lists the files.
 
     Attributes:
         metadata: what ``.metadata`` holds.
         layouts: how each tensor is saved, by its flat key.
+        files: every file of the folder and its size in bytes.
     """
 
     metadata: Metadata | None = None
     layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
     _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
 
     def saved_device(self, tensor: torch.Tensor) -> str | None:  # type: ignore[override]
         """``None``: DCP does not record where a tensor was."""
         return None
+
+    def resolved(self, tree: Any, *, lazy: bool) -> Any:
+        """``tree`` (this checkpoint's, or made from it, e.g. rekeyed) with every ``meta``
+        placeholder replaced: by what a writer makes when it writes it (``lazy``, see
+        :meth:`~optckpt.io.dcp.tensors.TensorSource.lazy`), else by its tensor, read now.
+        Containers are rebuilt; other values are kept as they are."""
+        if isinstance(tree, Mapping):
+            return {k: self.resolved(v, lazy=lazy) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self.resolved(v, lazy=lazy) for v in tree]
+        if isinstance(tree, tuple):
+            return tuple(self.resolved(v, lazy=lazy) for v in tree)
+        found = self._sources.get(id(tree))
+        if found is None or found[0] is not tree:
+            return tree
+        source = found[1]
+        if not lazy:
+            return source.load()
+        for piece in source.pieces:  # mapped now, so that writers find the mappings
+            source.files.window(piece.stored, source.key)
+        return source.lazy()
 
     def real(self, tensor: Any) -> Any:
         """The tensor a ``meta`` placeholder stands for, read now (other values as they are)."""
@@ -85,6 +109,15 @@ class DcpCheckpoint(Checkpoint):
         if found is None or found[0] is not tensor:
             return tensor
         return found[1].load()
+
+    def summary(self) -> dict[str, Any]:
+        """How the folder stores the checkpoint: its files, and its tensors and their chunks."""
+        return {
+            "files": dict(self.files),
+            "tensors": len(self.layouts),
+            "chunks": sum(t.chunks for t in self.layouts.values()),
+            "sharded": sum(1 for t in self.layouts.values() if t.chunks > 1),
+        }
 
     def layout_of(self, tensor: Any) -> TensorLayout | None:
         """How the tensor (a value of this checkpoint's tree, read in ``"meta"`` mode) is
@@ -189,14 +222,18 @@ def read_dcp(
         return source.load()
 
     root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
-    members = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    sizes = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
     return DcpCheckpoint(
         path=folder,
         format="dcp",
-        size=sum((folder / m).stat().st_size for m in members),
+        size=sum(sizes.values()),
         root=root,
-        members=members,
         sources=files.mapped,
+        files=sizes,
         metadata=metadata,
         layouts={
             key: TensorLayout(key, s.entry.size, s.entry.dtype, len(s.entry.chunks), s.file_names)
