@@ -78,8 +78,8 @@ class DcpCheckpoint(Checkpoint):
     files: dict[str, int] = field(default_factory=dict)
     _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
 
-    def saved_device(self, tensor: torch.Tensor) -> str | None:  # type: ignore[override]
-        """``None``: DCP does not record where a tensor was."""
+    def saved_device(self, *args: Any, **kwargs: Any) -> str | None:  # type: ignore[override]
+        """``None``: DCP does not record where a tensor was (whichever tensor is asked for)."""
         return None
 
     def resolved(self, tree: Any, *, lazy: bool) -> Any:
