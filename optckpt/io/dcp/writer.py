@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,9 @@ def write_dcp(tree: Any, out: Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     state = dict(_made(tree))
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp, warnings.catch_warnings():
+        # one process without a process group is what is meant: torch warns that it assumes so
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
             save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=True)
         except CheckpointException as e:
