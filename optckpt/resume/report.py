@@ -1,0 +1,80 @@
+"""The resume-step report: the checks, the per-group updates, and the ``--json`` object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Check:
+    """One check: ``ok`` is ``True``/``False``, or ``None`` when skipped."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass
+class GroupUpdate:
+    """How far a group's parameters moved over the steps.
+
+    Attributes:
+        update_rms: root mean square of (parameters after - before), over the group.
+        update_max: largest absolute change of one element.
+        effective_lr: for adaptive optimizers, ``update_rms / (steps * grad_rms)``: the
+            learning rate plain SGD would need for the same move (``None`` otherwise).
+    """
+
+    index: int
+    num_params: int
+    lr: float | None
+    update_rms: float
+    update_max: float
+    effective_lr: float | None
+
+
+@dataclass
+class ResumeReport:
+    """What :func:`resume_step` found (``ok``: every check that ran passed)."""
+
+    path: Path
+    key: str
+    optimizer: str
+    optimizer_from: str
+    params_from: str
+    steps: int
+    seed: int
+    checks: list[Check] = field(default_factory=list)
+    groups: list[GroupUpdate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether no check failed or was skipped."""
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (README, resume-step)."""
+        return {
+            "ok": self.ok,
+            "path": str(self.path),
+            "key": self.key,
+            "optimizer": self.optimizer,
+            "optimizer_from": self.optimizer_from,
+            "params_from": self.params_from,
+            "steps": self.steps,
+            "seed": self.seed,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            "groups": [{k: _json_number(v) for k, v in vars(g).items()} for g in self.groups],
+            "notes": self.notes,
+            "out": None if self.out is None else str(self.out),
+        }
+
+
+def _json_number(value: Any) -> Any:
+    """``None`` for NaN and infinities, which JSON cannot hold."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

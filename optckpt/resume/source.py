@@ -1,0 +1,93 @@
+"""What a resume step reads: the checkpoint, the optimizer state dict in it, the model weights,
+and owned copies of the state (the optimizers step in place; the input stays mapped)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.io import load_checkpoint
+from optckpt.io.pages import FileRanges, release
+from optckpt.layout import find_model_state, model_state_of
+from optckpt.locate import select_optimizers
+from optckpt.resume.parameters import Params, params_from_weights, seeded_params
+
+
+def _owned(value: Any, ranges: Any = None) -> Any:
+    """``value`` with every tensor copied (dicts, lists and tuples rebuilt around them).
+
+    With ``ranges`` (a :class:`~optckpt.io.pages.FileRanges`), the mapped pages of each
+    tensor are let go once it is copied, so the input is never resident in full.
+    """
+    if isinstance(value, torch.Tensor):
+        copy = value.clone()
+        if ranges is not None:
+            ranges.drop(value.data_ptr(), value.numel() * value.element_size())
+        return copy
+    if isinstance(value, Mapping):
+        return {k: _owned(v, ranges) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_owned(v, ranges) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+@dataclass
+class Source:
+    """What a run reads: the checkpoint, the optimizer state dict in it, the model weights.
+
+    ``mapped`` collects the files read, whose memory-mapped pages may be released (nothing
+    ever writes into them: the optimizers step copies, see :meth:`owned`).
+    """
+
+    path: Path
+    key: str | None
+    model: Path | None
+    seed: int
+    allow_globals: tuple[str, ...]
+    layout: Any | None = None  # --from: the Layout the checkpoint was saved with
+    mapped: list[Path] = field(default_factory=list)
+
+    def read(self) -> tuple[Any, Any]:
+        """A fresh read of the checkpoint and the one optimizer state dict located in it."""
+        checkpoint = load_checkpoint(self.path, allow_globals=self.allow_globals)
+        self.mapped.extend(checkpoint.sources)
+        found = select_optimizers(checkpoint.root, self.key)
+        if len(found) > 1:
+            listed = ", ".join(repr(f.key) for f in found)
+            raise UsageError(
+                f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
+            )
+        return checkpoint, found[0]
+
+    def weights(self, checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+        """The model weights (of the checkpoint, or of ``--model``) and where they are."""
+        if self.model is None:
+            return model_state_of(checkpoint), str(self.path)
+        model_checkpoint = load_checkpoint(self.model, allow_globals=self.allow_globals)
+        self.mapped.extend(model_checkpoint.sources)
+        weights = find_model_state(model_checkpoint.root)
+        if weights is None:
+            raise UsageError(f"--model {self.model}: holds no model state dict")
+        return weights, str(self.model)
+
+    def parameters(self, checkpoint: Any, state_dict: Mapping[str, Any]) -> Params:
+        """The parameters to load ``state_dict`` onto (see :func:`params_from_weights`,
+        :func:`seeded_params`)."""
+        weights, where = self.weights(checkpoint)
+        if weights is None:
+            return seeded_params(state_dict, self.seed, self.layout)
+        params = params_from_weights(state_dict, weights, where, self.layout)
+        release(self.mapped)  # the weights are copied: their mapped pages can go
+        return params
+
+    def owned(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with its state copied: the optimizers step it in place, and nothing
+        may ever write into the mapped input (see :mod:`optckpt.io.pages`)."""
+        with FileRanges(self.mapped) as ranges:
+            return {**state_dict, "state": _owned(state_dict["state"], ranges)}

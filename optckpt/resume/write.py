@@ -1,0 +1,70 @@
+"""Writing the checkpoint after a resume step (``-o``): the stepped state and weights swapped
+into the loaded tree, everything else kept, saved devices carried."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.devices import replace_placement
+from optckpt.io.write import ProgressStart, save_checkpoint, tensor_bytes
+from optckpt.layout import model_state_path, tied
+from optckpt.names import is_name_keyed, to_name_keyed
+from optckpt.resume.source import Source
+
+
+def write_checkpoint(
+    source: Source,
+    checkpoint: Any,
+    found: Any,
+    ours: Any,
+    live: Mapping[Any, torch.Tensor],
+    names: Mapping[Any, str],
+    out: Path,
+    fmt: str,
+    progress: ProgressStart | None = None,
+) -> None:
+    """Write ``checkpoint`` with the stepped state and, when they came from it, weights
+    (``names``: each ID's key in those weights). The state keeps its keying."""
+    loaded = source.weights(checkpoint)[0] if source.model is None else None
+    weights = loaded if isinstance(loaded, dict) else {}  # this file's weights, stepped below
+    new_state = ours.state_dict()
+    if is_name_keyed(found.state_dict):  # name-keyed in, name-keyed out, under the same keys
+        saved_ids = [pid for g in found.state_dict["param_groups"] for pid in g["params"]]
+        new_ids = [pid for g in new_state["param_groups"] for pid in g["params"]]
+        new_state = to_name_keyed(new_state, dict(zip(new_ids, saved_ids)), strip=False)
+    # Groups stepped with capturable off on the CPU (uncapture) are saved as they came.
+    for group, saved in zip(new_state["param_groups"], found.state_dict["param_groups"]):
+        if "capturable" in saved:
+            group["capturable"] = saved["capturable"]
+    # Each stepped tensor records the device its input tensor was saved from (a CUDA
+    # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
+    from_file = {pid: names[pid] for pid in live if names.get(pid) in weights}
+    at = model_state_path(checkpoint.root) or ()
+    param_devices = {
+        pid: device
+        for pid, name in from_file.items()
+        if (device := checkpoint.saved_device((*at, name), weights[name])) is not None
+    }
+    replace_placement(
+        checkpoint, found.path, found.state_dict, new_state, param_devices=param_devices
+    )
+    # The loaded tree is ours to change (never written back): swap the stepped state in.
+    found.state_dict.clear()
+    found.state_dict.update(new_state)
+    aliases = tied(weights)
+    for pid, name in from_file.items():
+        stepped = live[pid].detach()
+        for alias in (name, *aliases[name]):
+            weights[alias] = stepped  # tied weights stay tied (and keep their saved devices)
+    save_checkpoint(
+        checkpoint.root,
+        out,
+        fmt,
+        sources=source.mapped,
+        placement=checkpoint.placement,
+        progress=progress(tensor_bytes(checkpoint.root)) if progress else None,
+    )
