@@ -185,7 +185,7 @@ def resume_step(
             return _nothing_written(report, out)
         write_checkpoint(source, checkpoint, found, ours, live, params.weights, out, fmt, progress)
         report.out = out
-        saved_on = sorted(set(checkpoint.placement.values()) - {"cpu"})
+        saved_on = sorted(set(checkpoint.saved_devices.values()) - {"cpu"})
         if saved_on:
             report.notes.append(
                 f"the input was saved on {', '.join(saved_on)}; {out} keeps those devices "

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from optckpt.devices import replace_placement
+from optckpt.devices import carry_devices
 from optckpt.io.write import ProgressStart, save_checkpoint, tensor_bytes
-from optckpt.layout import model_state_path, tied
+from optckpt.layout import tied
 from optckpt.names import is_name_keyed, to_name_keyed
 from optckpt.resume.source import Source
 
@@ -43,14 +43,9 @@ def write_checkpoint(
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
     from_file = {pid: names[pid] for pid in live if names.get(pid) in weights}
-    at = model_state_path(checkpoint.root) or ()
-    param_devices = {
-        pid: device
-        for pid, name in from_file.items()
-        if (device := checkpoint.saved_device((*at, name), weights[name])) is not None
-    }
-    replace_placement(
-        checkpoint, found.path, found.state_dict, new_state, param_devices=param_devices
+    param_devices = {pid: checkpoint.saved_device(weights[name]) for pid, name in from_file.items()}
+    devices = carry_devices(
+        checkpoint, found.state_dict, new_state, same_ids=True, param_devices=param_devices
     )
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
@@ -58,13 +53,14 @@ def write_checkpoint(
     aliases = tied(weights)
     for pid, name in from_file.items():
         stepped = live[pid].detach()
+        devices[stepped.untyped_storage().data_ptr()] = param_devices[pid]
         for alias in (name, *aliases[name]):
-            weights[alias] = stepped  # tied weights stay tied (and keep their saved devices)
+            weights[alias] = stepped  # tied weights stay tied
     save_checkpoint(
         checkpoint.root,
         out,
         fmt,
         sources=source.mapped,
-        placement=checkpoint.placement,
+        saved_devices=devices,
         progress=progress(tensor_bytes(checkpoint.root)) if progress else None,
     )
