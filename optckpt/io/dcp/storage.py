@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import pickle
 import struct
 import zipfile
@@ -159,6 +160,21 @@ class Files:
             )
         return mapped, stored.offset, stored.length
 
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from file ``name`` (already mapped) at ``offset``: one copy from
+        the page cache, where copying from the mapping would fault in every page first.
+
+        Raises:
+            UnreadableCheckpointError: the file ends first (it shrank since it was mapped).
+        """
+        done = 0
+        with (self.folder / name).open("rb", buffering=0) as f:
+            while done < len(buffer):
+                n = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+                if n <= 0:
+                    raise UnreadableCheckpointError(f"{self.folder}: {name} ended early")
+                done += n
+
     def drop(self, mapped: mmap.mmap, start: int, length: int) -> None:
         """Release the resident pages of a range that has been read (see
         :mod:`optckpt.io.pages`: safe for a private mapping never written to)."""
@@ -204,9 +220,9 @@ def _record_start(mapped: mmap.mmap, base: int, info: zipfile.ZipInfo, where: st
     return at + _LOCAL_HEADER.size + fields[9] + fields[10]
 
 
-def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord]:
-    """A tensor chunk's storage bytes, viewed in place (``uint8``), and how the tensor views
-    them; nothing of the data is read.
+def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord, int]:
+    """A tensor chunk's storage bytes, viewed in place (``uint8``), how the tensor views
+    them, and where in the file they start; nothing of the data is read.
 
     Raises:
         UnreadableCheckpointError: not a torch.save zip of one dense tensor, a compressed
@@ -246,9 +262,9 @@ def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, Ten
         raise UnreadableCheckpointError(f"{where}: its storage runs past the entry's end")
     _check_view(record, where)
     if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8), record
+        return torch.empty(0, dtype=torch.uint8), record, data_start
     raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=data_start)
-    return raw, record
+    return raw, record, data_start
 
 
 def _check_view(record: TensorRecord, where: str) -> None:

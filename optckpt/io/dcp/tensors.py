@@ -113,15 +113,15 @@ class TensorSource:
             return self.pieces[0]
         return None
 
-    def _raw(self, piece: Piece) -> tuple[torch.Tensor, Any]:
-        raw, record = raw_chunk(self.files, piece.stored, self.key)
+    def _raw(self, piece: Piece) -> tuple[torch.Tensor, Any, int]:
+        raw, record, start = raw_chunk(self.files, piece.stored, self.key)
         if record.size != piece.chunk.sizes or record.dtype != self.entry.dtype:
             raise UnreadableCheckpointError(
                 f"{self.files.folder}: {self.key}: the chunk at {list(piece.chunk.offsets)} "
                 f"holds a {record.dtype} tensor of shape {list(record.size)}, .metadata says "
                 f"{self.entry.dtype} of {list(piece.chunk.sizes)}"
             )
-        return raw, record
+        return raw, record, start
 
     def load(self, *, align: bool = True) -> torch.Tensor:
         """The tensor. One chunk covering it all is a view of its file (copied only if
@@ -129,18 +129,23 @@ class TensorSource:
         chunk's pages released once copied."""
         whole = self._whole()
         if whole is not None:
-            raw, record = self._raw(whole)
+            raw, record, _ = self._raw(whole)
             return typed(raw, record, align=align)
         make = torch.empty if self._checked_overlap else torch.zeros
         out = make(self.entry.size, dtype=self.entry.dtype)
         for piece in self.pieces:
             if not math.prod(piece.chunk.sizes):
                 continue
-            raw, record = self._raw(piece)
+            raw, record, start = self._raw(piece)
             place = tuple(slice(o, o + s) for o, s in zip(piece.chunk.offsets, piece.chunk.sizes))
-            _copy_into(out[place], raw, record)
-            mapped, start, length = self.files.window(piece.stored, self.key)
-            self.files.drop(mapped, start, length)
+            dest = out[place]
+            if dest.is_contiguous() and _dense(record):  # FSDP2's row shards: read into place
+                into = dest.reshape(-1).view(torch.uint8).numpy()
+                self.files.read_into(piece.stored.file, start, into.data)
+                continue
+            _copy_into(dest, raw, record)
+            mapped, first, length = self.files.window(piece.stored, self.key)
+            self.files.drop(mapped, first, length)
         return out
 
     def lazy(self) -> torch.Tensor | Assembled:
@@ -149,6 +154,16 @@ class TensorSource:
         if self.entry.dtype in _DEFERRABLE and self.numel:
             return Assembled(self)
         return self.load()
+
+
+def _dense(record: Any) -> bool:
+    """Whether a chunk's tensor is its whole storage, row-major from the start."""
+    stride = 1
+    for size, st in zip(reversed(record.size), reversed(record.stride)):
+        if size > 1 and st != stride:
+            return False
+        stride *= size
+    return record.offset == 0 and record.storage_numel == stride
 
 
 def _copy_into(dest: torch.Tensor, raw: torch.Tensor, record: Any) -> None:
