@@ -7,7 +7,10 @@ and load-state-dict hooks, and ``state_dict`` / ``load_state_dict``, which go th
 :func:`optckpt.statedict.pack` and :func:`optckpt.statedict.unpack`.
 
 The module also holds the small helpers every bundled optimizer needs to lay out its state the
-way torch does (:func:`scalar_tensor`, :func:`to_scalar`, ...).
+way torch does (:func:`scalar_tensor`, :func:`to_scalar`, ...), and the parts of every torch
+optimizer class that torch writes out again in each: the closure (:func:`evaluate_closure`),
+``__setstate__`` (declared by ``_GROUP_KEY_DEFAULTS`` and ``_NUMBER_STATE_KEYS``) and the loop
+that opens ``_init_group`` (``Optimizer._params_with_grad``).
 
 What is left out on purpose: ``torch.compile`` support (torch's ``is_compiling()`` branches
 and dynamo graph breaks), TorchScript, and the profiler's ``_optimizer_step_code`` entry point.
@@ -21,9 +24,9 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast
 
 import torch
 from torch.utils._foreach_utils import (
@@ -40,10 +43,15 @@ __all__ = [
     "Optimizer",
     "ParamsT",
     "capturable_supported_devices",
+    "check_betas",
+    "check_lr",
+    "check_non_negative",
     "default_to_fused_or_foreach",
     "device_dtype_check_for_fused",
+    "evaluate_closure",
     "get_value",
     "group_tensors_by_device_and_dtype",
+    "new_step",
     "register_optimizer_step_post_hook",
     "register_optimizer_step_pre_hook",
     "scalar_dtype",
@@ -159,6 +167,55 @@ def to_scalar(x: Any) -> Any:
 def get_value(x: Any) -> Any:
     """A Python number from a tensor scalar, as torch's ``_get_value`` does in eager mode."""
     return x.item() if isinstance(x, torch.Tensor) else x
+
+
+def check_non_negative(value: Any, message: str) -> None:
+    """Refuse a negative (or NaN) hyperparameter as torch's constructors do.
+
+    Args:
+        value: the number, or a 1-element tensor.
+        message: torch's message for it, without the value (``"Invalid epsilon value"``).
+
+    Raises:
+        ValueError: ``not value >= 0.0``; the message ends with ``: <value>``.
+    """
+    if not value >= 0.0:
+        raise ValueError(f"{message}: {value}")
+
+
+def check_lr(lr: Any, message: str = "Invalid learning rate") -> None:
+    """torch's first checks of ``lr``: a tensor must hold one element, and it is not negative.
+
+    Raises:
+        ValueError: a tensor with more than one element, or a negative (or NaN) ``lr``.
+    """
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    check_non_negative(lr, message)
+
+
+def check_betas(betas: Sequence[Any]) -> None:
+    """Refuse a first or second beta outside [0, 1), as torch's Adam family does.
+
+    Raises:
+        ValueError: the first beta out of range (checked first), or the second.
+    """
+    for index in (0, 1):
+        if not 0.0 <= betas[index] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss, evaluated with grad enabled; ``None`` without a closure.
+
+    Every torch optimizer's ``step`` opens with this block (``loss = None; if closure is not
+    None: with torch.enable_grad(): loss = closure()``): the closure recomputes the loss and
+    its gradients even though the step itself runs under ``no_grad``.
+    """
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def capturable_supported_devices(supports_xla: bool = True) -> list[str]:
@@ -372,18 +429,47 @@ class Optimizer:
         """What pickling keeps: ``defaults``, ``state`` and ``param_groups`` (hooks are dropped)."""
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
 
+    # What every torch optimizer's ``__setstate__`` does after ``Optimizer.__setstate__``,
+    # declared by each subclass instead of written out again: the group keys that older
+    # checkpoints lack, with the value ``setdefault`` gives each (in torch's order), and the
+    # state entries torch < 1.12 saved as Python numbers (made tensors by
+    # ``_number_state_to_tensor``).
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    _NUMBER_STATE_KEYS: ClassVar[tuple[str, ...]] = ()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Install ``state``, ``param_groups`` (and ``defaults`` when unpickling).
 
-        ``load_state_dict`` ends here too, so subclasses override this to fill group keys that
-        older checkpoints lack and to convert old state (a Python-number ``step``), as torch's
-        optimizers do. Call ``super().__setstate__(state)`` first.
+        ``load_state_dict`` ends here too. Then, group by group as torch's optimizers do, the
+        keys of ``_GROUP_KEY_DEFAULTS`` missing from the group are filled in and the group's
+        number state of ``_NUMBER_STATE_KEYS`` becomes tensors. A subclass that does more
+        (AdamW, Adagrad) overrides this and calls ``super().__setstate__(state)`` first.
         """
         self.__dict__.update(state)
         for name in self._HOOK_DICTS:
             if name not in self.__dict__:
                 setattr(self, name, OrderedDict())
         self.defaults.setdefault("differentiable", False)
+        for group in self.param_groups:
+            for key, default in self._GROUP_KEY_DEFAULTS.items():
+                group.setdefault(key, default)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) == 0:
+                    continue
+                for key in self._NUMBER_STATE_KEYS:
+                    if not torch.is_tensor(p_state[key]):
+                        p_state[key] = self._number_state_to_tensor(key, p_state[key], p, group)
+
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: torch.Tensor, group: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The tensor that replaces state ``key`` of ``p``, saved as a Python number.
+
+        torch's usual conversion: the tensor a fresh step would hold (:func:`new_step`: on
+        the CPU unless the group is ``capturable`` or ``fused``).
+        """
+        return new_step(float(value), p, group)
 
     def __repr__(self) -> str:
         # torch's layout: a blank line between groups, hyperparameters sorted by name.
@@ -515,6 +601,7 @@ class Optimizer:
 
         Args:
             closure: re-evaluates the model and returns the loss; optional for most optimizers.
+                It runs with grad enabled (:func:`evaluate_closure`), before the update.
 
         Returns:
             The closure's loss, or ``None``.
@@ -648,6 +735,34 @@ class Optimizer:
         return self._register(self._optimizer_load_state_dict_post_hooks, hook, prepend)
 
     # --- for subclasses -------------------------------------------------------------------------
+
+    def _params_with_grad(
+        self,
+        group: Mapping[str, Any],
+        params_with_grad: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        sparse_error: str,
+        complex_error: str | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """Each parameter of ``group`` that has a grad, with the grad and the parameter's state.
+
+        The loop that opens torch's ``_init_group`` of the optimizers without sparse support:
+        a parameter without a grad is skipped; a complex one raises ``RuntimeError`` with
+        ``complex_error`` where given (Adafactor, Muon); one with a sparse grad raises it with
+        ``sparse_error``. Otherwise the parameter and its grad are appended to the lists
+        before they are yielded; the caller creates missing state and lists it.
+        """
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if complex_error is not None and torch.is_complex(p):
+                raise RuntimeError(complex_error)
+            if grad.is_sparse:
+                raise RuntimeError(sparse_error)
+            params_with_grad.append(p)
+            grads.append(grad)
+            yield p, grad, self.state[p]
 
     def _accelerator_graph_capture_health_check(self) -> None:
         """Refuse to be captured in a CUDA/XPU graph unless every group is ``capturable``.

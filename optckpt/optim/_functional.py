@@ -1,0 +1,176 @@
+"""The blocks torch writes out again in each ``torch/optim/<name>.py`` functional, written once.
+
+torch's optimizer modules repeat a few pieces nearly verbatim: the functional entry point's
+check of the steps and its choice between ``_multi_tensor_<name>`` and
+``_single_tensor_<name>``, the ``capturable`` device check, the foreach paths' ``step``
+increment and their L2 weight decay. Each helper here runs exactly the ops of torch's inline
+block, in the same order, so a call in place of the block changes no bit of any result (which
+``tests/optim/test_parity.py`` checks against torch). The class-side repetitions (the closure,
+``__setstate__``, the ``_init_group`` loop) are folded in :mod:`optckpt.optim.base`.
+:func:`fused_step` is the loop torch's ``_fused_adam`` and ``_fused_adagrad`` share around
+their ATen kernels.
+
+What stays inline in each module is what differs between torch's optimizers, even where it
+looks alike: the arithmetic of every implementation, and the order of ``maximize``,
+``view_as_real`` and the step increment, which torch does not keep the same from one module
+to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor
+
+from optckpt.optim.base import Hyper, default_to_fused_or_foreach, group_tensors_by_device_and_dtype
+
+__all__ = [
+    "TensorList",
+    "check_capturable_devices",
+    "check_state_steps",
+    "foreach_add_weight_decay",
+    "fused_step",
+    "increment_steps",
+    "use_foreach",
+]
+
+TensorList: TypeAlias = list[Tensor] | tuple[Tensor, ...]
+"""A foreach op's tensor list: foreach ops take lists or tuples, and the out-of-place ones
+return tuples."""
+
+
+def check_state_steps(state_steps: Sequence[Any], name: str = "state_steps") -> None:
+    """Refuse steps that are not tensors, as torch's functional entry points do.
+
+    Args:
+        state_steps: the list to check (NAdam checks its ``mu_products`` too).
+        name: the argument's name in the message.
+
+    Raises:
+        RuntimeError: an entry is not a tensor (torch < 1.12 kept Python numbers).
+    """
+    if not all(isinstance(t, Tensor) for t in state_steps):
+        raise RuntimeError(
+            f"API has changed, `{name}` argument must contain a list of singleton tensors"
+        )
+
+
+def use_foreach(foreach: bool | None, params: Sequence[Tensor], differentiable: bool) -> bool:
+    """Whether the foreach implementation runs: ``foreach`` as the group sets it, else torch's rule.
+
+    The functional entry point of each torch optimizer without a fused kernel, left with
+    ``foreach=None``, asks ``_default_to_fused_or_foreach``: foreach for plain tensors on
+    CUDA and the like, the for-loop on the CPU and whenever the step is differentiable.
+    """
+    if foreach is None:
+        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    return bool(foreach)
+
+
+def check_capturable_devices(
+    supported: Sequence[str],
+    *tensor_lists: Sequence[Tensor],
+    names: str = "params and state_steps",
+) -> None:
+    """Refuse a capturable step unless each parameter and its state share a supported device.
+
+    torch asserts this at the top of each capturable foreach step and for each tensor of a
+    capturable for-loop step (which passes one-element lists). The caller passes
+    ``capturable_supported_devices(...)`` of its own module: torch lists XLA for some
+    implementations and not for others, and tests patch the name module by module.
+
+    Args:
+        supported: the device types a capturable step may run on.
+        tensor_lists: the parameters first, then the state lists to check against them.
+        names: the lists as torch's message names them.
+
+    Raises:
+        AssertionError: a parameter is on an unsupported device type, or its state on another
+            one (torch's exception type).
+    """
+    for tensors in zip(*tensor_lists, strict=True):
+        device_type = tensors[0].device.type
+        if device_type not in supported or any(t.device.type != device_type for t in tensors):
+            raise AssertionError(
+                f"If capturable=True, {names} must be on supported devices: {supported}."
+            )
+
+
+def increment_steps(device_state_steps: TensorList) -> None:
+    """Add 1 to each step of a foreach bucket, as torch's ``_multi_tensor_*`` steps do.
+
+    On the CPU torch adds a 0-dim CPU tensor it wraps once (the ``alpha`` picks that
+    overload), rather than letting the foreach fallback wrap the number 1 for every tensor.
+    """
+    if device_state_steps[0].is_cpu:
+        torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(device_state_steps, 1)
+
+
+def foreach_add_weight_decay(
+    device_grads: TensorList, device_params: TensorList, weight_decay: Hyper, maximize: bool
+) -> TensorList:
+    """The grads of a foreach bucket plus ``weight_decay`` times the parameters (L2 decay).
+
+    With ``maximize`` the grads are already the negated copy the step made, so torch adds the
+    decay to them in place; else into new tensors, leaving the parameters' ``.grad`` alone.
+    """
+    if maximize:
+        torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+        return device_grads
+    return torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+
+def fused_step(
+    kernel: Callable[..., Any],
+    tensor_lists: list[list[Any]],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: Hyper,
+    **hyper: Any,
+) -> None:
+    """Run a fused ATen kernel per (device, dtype) bucket, with torch's bookkeeping around it.
+
+    The loop of torch's ``_fused_adam`` and ``_fused_adagrad``: the bucket's steps (the last
+    list) are counted before the kernel runs and the count is undone where the scaler's
+    ``found_inf`` is set; ``grad_scale`` and ``found_inf`` are copied to each device once. A
+    tensor ``lr`` off the CPU is copied to each device it is not on yet, and, as in torch,
+    that copy is the ``lr`` of the buckets after it too; on the CPU it stays a scalar.
+
+    Args:
+        kernel: ``torch._fused_adam_`` and the like; it gets the bucket's lists in order,
+            ``lr``, ``hyper``, and the device's ``grad_scale`` and ``found_inf``.
+        tensor_lists: the kernel's tensor lists, ``state_steps`` last.
+        grad_scale: set by ``torch.amp.GradScaler``, or ``None``.
+        found_inf: set by ``torch.amp.GradScaler``, or ``None``.
+        lr: the learning rate, a number or a 1-element tensor.
+        hyper: the kernel's other keyword arguments.
+    """
+    grad_scales = {grad_scale.device: grad_scale} if grad_scale is not None else {}
+    found_infs = {found_inf.device: found_inf} if found_inf is not None else {}
+    lrs = {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
+
+    buckets = group_tensors_by_device_and_dtype(tensor_lists)
+    for (device, _), (bucket, _) in buckets.items():
+        device_state_steps = bucket[-1]
+        device_grad_scale = (
+            grad_scales.setdefault(device, grad_scale.to(device, non_blocking=True))
+            if grad_scale is not None
+            else None
+        )
+        device_found_inf = (
+            found_infs.setdefault(device, found_inf.to(device, non_blocking=True))
+            if found_inf is not None
+            else None
+        )
+        if lrs is not None and device not in lrs:
+            lrs[device] = lr.to(device=device, non_blocking=True)
+            lr = lrs[device]
+        torch._foreach_add_(device_state_steps, 1)
+        kernel(*bucket, lr=lr, **hyper, grad_scale=device_grad_scale, found_inf=device_found_inf)
+        if device_found_inf is not None:
+            # Undo the step count where the scaler found infs.
+            torch._foreach_sub_(device_state_steps, [device_found_inf] * len(device_state_steps))
