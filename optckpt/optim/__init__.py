@@ -9,16 +9,20 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
 
 1. ``optckpt/optim/<name>.py`` with a subclass of :class:`~optckpt.optim.base.Optimizer`:
    ``__init__`` validates in torch's order, builds ``defaults`` with torch's keys in torch's
-   order and calls ``super().__init__``; ``__setstate__`` calls ``super().__setstate__`` and
-   then does what torch's ``__setstate__`` does (``setdefault`` of newer group keys, a Python
-   number ``step`` made a tensor with :func:`~optckpt.optim.base.scalar_tensor`);
-   ``_init_group`` creates state lazily as torch does; ``step`` is decorated with
+   order and calls ``super().__init__``; what torch's ``__setstate__`` does is declared in
+   ``_GROUP_KEY_DEFAULTS`` (the newer group keys) and ``_NUMBER_STATE_KEYS`` (state torch <
+   1.12 saved as Python numbers); ``_init_group`` creates state lazily as torch does (the
+   base's ``_params_with_grad`` is its opening loop); ``step`` opens with
+   :func:`~optckpt.optim.base.evaluate_closure`, is decorated with
    :func:`~optckpt.optim.base.use_grad_for_differentiable` (or ``torch.no_grad()`` where torch
    uses that) and gets the step hooks from the base class automatically.
-2. Private ``_<name>_for_loop``, ``_<name>_foreach`` (and ``_<name>_fused``) functions that run
-   torch's ops in torch's order, and a ``_<name>`` function that picks one as torch's
-   functional API does. Never call ``torch.optim`` code; the helpers in ``base`` mirror
-   torch's private ones (``group_tensors_by_device_and_dtype``, ``to_scalar``, ...).
+2. Functions named as torch names them: ``_single_tensor_<name>``, ``_multi_tensor_<name>``
+   (and ``_fused_<name>``) run torch's ops in torch's order, and ``<name>`` picks one as
+   torch's functional API does, so that a torch upgrade diffs function by function against
+   ``torch/optim/<name>.py``. Never call ``torch.optim`` code; the helpers in ``base`` mirror
+   torch's private ones (``group_tensors_by_device_and_dtype``, ``to_scalar``, ...), and
+   those in ``_functional`` the blocks torch repeats in every module (the capturable device
+   check, the foreach step increment, ...).
 3. Register the class in ``registry._BUNDLED`` and export it here; declare its facts (state
    keys and how their shapes follow the parameter's, group defaults, ...) in
    ``specs.SPECS``, which ``tests/optim/test_specs.py`` checks against ``torch.optim``.

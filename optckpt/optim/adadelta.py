@@ -7,18 +7,27 @@ dtype (``foreach=True``). torch has no fused Adadelta. Each runs torch's ops in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
@@ -26,7 +35,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["Adadelta"]
+__all__ = ["Adadelta", "adadelta"]
 
 
 class Adadelta(Optimizer):
@@ -69,16 +78,11 @@ class Adadelta(Optimizer):
         differentiable: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_non_negative(eps, "Invalid epsilon value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
 
         defaults = {
             "lr": lr,
@@ -92,22 +96,14 @@ class Adadelta(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -122,17 +118,8 @@ class Adadelta(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("Adadelta does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "Adadelta does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 state["step"] = new_step(0.0, p, group)
                 state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -141,24 +128,14 @@ class Adadelta(Optimizer):
             square_avgs.append(state["square_avg"])
             acc_deltas.append(state["acc_delta"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adadelta step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one Adadelta step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -169,7 +146,7 @@ class Adadelta(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, square_avgs, acc_deltas, state_steps
             )
-            _adadelta(
+            adadelta(
                 params_with_grad,
                 grads,
                 square_avgs,
@@ -188,7 +165,7 @@ class Adadelta(Optimizer):
         return loss
 
 
-def _adadelta(
+def adadelta(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -204,14 +181,10 @@ def _adadelta(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _adadelta_foreach if foreach else _adadelta_for_loop
-    impl(
+    check_state_steps(state_steps)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_adadelta if foreach else _single_tensor_adadelta
+    func(
         params,
         grads,
         square_avgs,
@@ -222,19 +195,7 @@ def _adadelta(
     )
 
 
-def _check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -> None:
-    """Refuse capturable steps off a capturable device, as both of torch's paths do."""
-    supported = capturable_supported_devices(supports_xla=False)
-    if not all(
-        p.device.type == step.device.type and p.device.type in supported
-        for p, step in zip(params, state_steps, strict=True)
-    ):
-        raise AssertionError(
-            f"If capturable=True, params and state_steps must be on supported devices: {supported}."
-        )
-
-
-def _adadelta_for_loop(
+def _single_tensor_adadelta(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -250,9 +211,11 @@ def _adadelta_for_loop(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_adadelta``)."""
+    """One tensor at a time."""
     if capturable:
-        _check_capturable_devices(params, state_steps)
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False), params, state_steps
+        )
     lr = to_scalar(lr)
 
     for param, grad, square_avg, acc_delta, step in zip(
@@ -284,7 +247,7 @@ def _adadelta_for_loop(
         param.add_(delta, alpha=-lr)
 
 
-def _adadelta_foreach(
+def _multi_tensor_adadelta(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -300,11 +263,13 @@ def _adadelta_foreach(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_adadelta``)."""
+    """foreach ops per (device, dtype) bucket."""
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
-        _check_capturable_devices(params, state_steps)
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False), params, state_steps
+        )
     if not params:
         return
     lr = to_scalar(lr)
@@ -318,22 +283,15 @@ def _adadelta_foreach(
         if has_complex:
             view_as_real(device_params, device_grads, device_square_avgs, device_acc_deltas)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+            device_grads = foreach_add_weight_decay(
+                device_grads, device_params, weight_decay, maximize
+            )
 
         torch._foreach_mul_(device_square_avgs, rho)
         torch._foreach_addcmul_(device_square_avgs, device_grads, device_grads, value=1 - rho)

@@ -10,22 +10,26 @@ dimensions); vectors and scalars keep a full ``variance``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import increment_steps
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     group_tensors_by_device_and_dtype,
     scalar_tensor,
     to_scalar,
 )
 
-__all__ = ["Adafactor"]
+__all__ = ["Adafactor", "adafactor"]
 
 
 class Adafactor(Optimizer):
@@ -64,20 +68,15 @@ class Adafactor(Optimizer):
         maximize: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        check_lr(lr, "Learning rate should be >= 0 but is")
         if not beta2_decay <= 0.0:
             raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
         if eps[0] is not None and not eps[0] >= 0.0:
             raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
-        if not eps[1] >= 0.0:
-            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        check_non_negative(eps[1], "epsilon2 should be >= 0 but is")
         if not d >= 1.0:
             raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
+        check_non_negative(weight_decay, "weight_decay should be >= 0 but is")
 
         defaults = {
             "lr": lr,
@@ -90,19 +89,16 @@ class Adafactor(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill ``foreach`` and turn a number ``step`` into a tensor.
+    # torch's __setstate__: foreach where older checkpoints lack it, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {"foreach": None}
+    _NUMBER_STATE_KEYS = ("step",)
 
-        torch converts a Python-number ``step`` into the tensor a fresh step would be (always
-        on the CPU: Adafactor has no ``capturable`` or ``fused``), and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = scalar_tensor(float(p_state["step"]))
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
+    ) -> Tensor:
+        """The tensor a fresh step would be: always on the CPU, whatever keys a loaded group
+        holds (Adafactor has no ``capturable`` or ``fused``)."""
+        return scalar_tensor(float(value))
 
     def _init_group(
         self,
@@ -118,33 +114,25 @@ class Adafactor(Optimizer):
 
         Returns whether any is complex: never, since a complex parameter raises (as in torch).
         """
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if torch.is_complex(p):
-                raise RuntimeError("Adafactor does not support complex parameters")
-            if p.grad.is_sparse:
-                raise RuntimeError("Adafactor does not support sparse gradients")
-            params_with_grad.append(p)
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "Adafactor does not support sparse gradients"
+        complex_error = "Adafactor does not support complex parameters"
+        for _, grad, state in self._params_with_grad(
+            group, params_with_grad, grads, sparse_error, complex_error
+        ):
             if len(state) == 0:
                 # On the CPU, as torch hosts it (Adafactor has no capturable or fused mode).
                 state["step"] = scalar_tensor(0.0)
-                if p.grad.dim() > 1:
+                if grad.dim() > 1:
                     # The factors: the mean square over the last dimension (a column of
                     # rows) and over the penultimate one (a row of columns).
-                    row_shape = list(p.grad.shape)
+                    row_shape = list(grad.shape)
                     row_shape[-1] = 1
-                    state["row_var"] = p.grad.new_zeros(row_shape)
-                    col_shape = list(p.grad.shape)
+                    state["row_var"] = grad.new_zeros(row_shape)
+                    col_shape = list(grad.shape)
                     col_shape[-2] = 1
-                    state["col_var"] = p.grad.new_zeros(col_shape)
+                    state["col_var"] = grad.new_zeros(col_shape)
                 else:
-                    state["variance"] = torch.zeros_like(
-                        p.grad, memory_format=torch.preserve_format
-                    )
+                    state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
 
             row_vars.append(state.get("row_var", None))
             col_vars.append(state.get("col_var", None))
@@ -154,23 +142,14 @@ class Adafactor(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adafactor step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
+        """Take one Adafactor step over every param group; see :meth:`Optimizer.step`.
 
         Raises:
             RuntimeError: a parameter is complex or has a sparse gradient.
         """
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -183,7 +162,7 @@ class Adafactor(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, row_vars, col_vars, variances, state_steps
             )
-            _adafactor(
+            adafactor(
                 params_with_grad,
                 grads,
                 row_vars,
@@ -205,7 +184,7 @@ class Adafactor(Optimizer):
         return loss
 
 
-def _adafactor(
+def adafactor(
     params: list[Tensor],
     grads: list[Tensor],
     row_vars: list[Tensor | None],
@@ -225,11 +204,11 @@ def _adafactor(
     """
     if not all(isinstance(t, Tensor) for t in state_steps):
         raise RuntimeError("`state_steps` argument must contain a list of singleton tensors")
-    impl = _adafactor_foreach if foreach else _adafactor_for_loop
+    impl = _multi_tensor_adafactor if foreach else _single_tensor_adafactor
     impl(params, grads, row_vars, col_vars, variances, state_steps, grad_scale, found_inf, **hyper)
 
 
-def _adafactor_for_loop(
+def _single_tensor_adafactor(
     params: list[Tensor],
     grads: list[Tensor],
     row_vars: list[Tensor | None],
@@ -248,7 +227,7 @@ def _adafactor_for_loop(
     maximize: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_adafactor``)."""
+    """One tensor at a time."""
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Grad scaling should occur outside of optimizer.step()")
     lr = to_scalar(lr)
@@ -303,7 +282,7 @@ def _adafactor_for_loop(
         param.add_(update, alpha=-alpha / denom)
 
 
-def _group_by_device_dtype_and_is_multidim(
+def _group_tensors_by_device_dtype_and_is_multidim(
     tensorlists: list[list[Any]],
 ) -> dict[tuple[torch.device, torch.dtype, bool], list[list[Any]]]:
     """Split the lists by device, dtype and whether the grad has 2+ dimensions.
@@ -326,7 +305,7 @@ def _group_by_device_dtype_and_is_multidim(
     return split
 
 
-def _adafactor_foreach(
+def _multi_tensor_adafactor(
     params: list[Tensor],
     grads: list[Tensor],
     row_vars: list[Tensor | None],
@@ -345,14 +324,14 @@ def _adafactor_foreach(
     maximize: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype, factored) bucket (torch's ``_multi_tensor_adafactor``)."""
+    """foreach ops per (device, dtype, factored) bucket."""
     if len(params) == 0:
         return
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Grad scaling should occur outside of optimizer.step()")
     lr = to_scalar(lr)
 
-    buckets = _group_by_device_dtype_and_is_multidim(
+    buckets = _group_tensors_by_device_dtype_and_is_multidim(
         [params, grads, row_vars, col_vars, variances, state_steps]
     )
     for (_, dtype, is_multidim), bucket in buckets.items():
@@ -366,12 +345,7 @@ def _adafactor_foreach(
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1.0)
+        increment_steps(device_state_steps)
 
         # Python floats per tensor, from each step's value (torch also builds the unused
         # beta2_t = 1 - step ** beta2_decay list; it changes nothing).

@@ -12,18 +12,27 @@ value is the constructor's ``initial_accumulator_value`` (``defaults``), never a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_state_steps,
+    foreach_add_weight_decay,
+    fused_step,
+    increment_steps,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
+    check_lr,
+    check_non_negative,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     scalar_dtype,
@@ -33,7 +42,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["Adagrad"]
+__all__ = ["Adagrad", "adagrad"]
 
 
 class Adagrad(Optimizer):
@@ -79,20 +88,11 @@ class Adagrad(Optimizer):
         fused: bool | None = None,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not lr_decay >= 0.0:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not initial_accumulator_value >= 0.0:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
-            )
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_lr(lr)
+        check_non_negative(lr_decay, "Invalid lr_decay value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(initial_accumulator_value, "Invalid initial_accumulator_value value")
+        check_non_negative(eps, "Invalid epsilon value")
 
         defaults = {
             "lr": lr,
@@ -136,31 +136,34 @@ class Adagrad(Optimizer):
         init_value = complex(initial_value, initial_value) if torch.is_complex(p) else initial_value
         state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "fused": None,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
-        Like torch: a Python-number ``step`` (torch < 1.12) becomes the tensor a fresh state
-        would have; then, if the first state of all still has a number ``step`` (state of
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
+    ) -> Tensor:
+        """The tensor a fresh state would have: on the CPU unless the group is ``fused``."""
+        if group["fused"]:
+            return torch.tensor(
+                float(value), dtype=scalar_dtype(is_fused=group["fused"]), device=p.device
+            )
+        return torch.tensor(float(value), dtype=scalar_dtype())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Install loaded state as every optimizer does, then convert stray number steps.
+
+        Like torch: if the first state of all still has a number ``step`` (state of
         parameters in no group), every state's ``step`` is converted, with the last group's
         ``fused`` picking the dtype.
         """
         super().__setstate__(state)
-        fused = None
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            fused = group.setdefault("fused", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    step_val = float(p_state["step"])
-                    p_state["step"] = (
-                        torch.tensor(step_val, dtype=scalar_dtype(is_fused=fused), device=p.device)
-                        if group["fused"]
-                        else torch.tensor(step_val, dtype=scalar_dtype())
-                    )
-
+        fused = self.param_groups[-1]["fused"] if self.param_groups else None
         state_values = list(self.state.values())
         step_is_tensor = len(state_values) != 0 and torch.is_tensor(state_values[0]["step"])
         if not step_is_tensor:
@@ -210,18 +213,8 @@ class Adagrad(Optimizer):
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adagrad step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Take one Adagrad step over every param group; see :meth:`Optimizer.step`."""
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -231,7 +224,7 @@ class Adagrad(Optimizer):
             has_sparse_grad, has_complex = self._init_group(
                 group, params_with_grad, grads, state_sums, state_steps
             )
-            _adagrad(
+            adagrad(
                 params_with_grad,
                 grads,
                 state_sums,
@@ -252,7 +245,7 @@ class Adagrad(Optimizer):
         return loss
 
 
-def _adagrad(
+def adagrad(
     params: list[Tensor],
     grads: list[Tensor],
     state_sums: list[Tensor],
@@ -270,18 +263,15 @@ def _adagrad(
     With neither ``foreach`` nor ``fused`` set, torch's default rule decides (foreach on CUDA,
     the for-loop on the CPU; never fused). fused wins over foreach when a group asks for both.
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
+    check_state_steps(state_steps)
     if fused is None and foreach is None:
         _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
     if fused:
-        impl = _adagrad_fused
+        impl = _fused_adagrad
     elif foreach:
-        impl = _adagrad_foreach
+        impl = _multi_tensor_adagrad
     else:
-        impl = _adagrad_for_loop
+        impl = _single_tensor_adagrad
     impl(
         params,
         grads,
@@ -294,7 +284,7 @@ def _adagrad(
     )
 
 
-def _adagrad_for_loop(
+def _single_tensor_adagrad(
     params: list[Tensor],
     grads: list[Tensor],
     state_sums: list[Tensor],
@@ -311,7 +301,7 @@ def _adagrad_for_loop(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_adagrad``), sparse grads included."""
+    """One tensor at a time, sparse grads included."""
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
     lr = to_scalar(lr)
@@ -355,7 +345,7 @@ def _make_sparse(grad: Tensor, grad_indices: Tensor, values: Tensor) -> Tensor:
     return torch.sparse_coo_tensor(grad_indices, values, grad.size())
 
 
-def _adagrad_foreach(
+def _multi_tensor_adagrad(
     params: list[Tensor],
     grads: list[Tensor],
     state_sums: list[Tensor],
@@ -372,7 +362,7 @@ def _adagrad_foreach(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_adagrad``).
+    """foreach ops per (device, dtype) bucket.
 
     A bucket with a sparse grad runs the for-loop instead, as in torch.
     """
@@ -388,7 +378,7 @@ def _adagrad_foreach(
     for (device_params, device_grads, device_state_sums, device_state_steps), _ in buckets.values():
         device_has_sparse_grad = has_sparse_grad and any(g.is_sparse for g in device_grads)
         if device_has_sparse_grad:
-            _adagrad_for_loop(
+            _single_tensor_adagrad(
                 device_params,
                 device_grads,
                 device_state_sums,
@@ -412,19 +402,12 @@ def _adagrad_foreach(
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+            device_grads = foreach_add_weight_decay(
+                device_grads, device_params, weight_decay, maximize
+            )
 
         # Unlike the for-loop, torch negates lr before dividing.
         minus_clr = [-lr / (1 + (get_value(step) - 1) * lr_decay) for step in device_state_steps]
@@ -444,7 +427,7 @@ def _adagrad_foreach(
         torch._foreach_addcdiv_(device_params, numerator, std)
 
 
-def _adagrad_fused(
+def _fused_adagrad(
     params: list[Tensor],
     grads: list[Tensor],
     state_sums: list[Tensor],
@@ -461,7 +444,7 @@ def _adagrad_fused(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """torch's fused kernel per (device, dtype) bucket (torch's ``_fused_adagrad``).
+    """torch's fused kernel per (device, dtype) bucket.
 
     The arithmetic is the ATen kernel's own (``torch._fused_adagrad_``): the CPU kernel's SIMD
     code cannot be reproduced bit for bit with tensor ops, so fused parity comes from calling
@@ -475,41 +458,14 @@ def _adagrad_fused(
     if differentiable:
         raise RuntimeError("adagrad with fused=True does not support differentiable=True")
 
-    grad_scales = {grad_scale.device: grad_scale} if grad_scale is not None else {}
-    found_infs = {found_inf.device: found_inf} if found_inf is not None else {}
-    # A tensor lr off the CPU is copied to each bucket's device; on the CPU it stays as it is.
-    lrs = {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
-
-    buckets = group_tensors_by_device_and_dtype([params, grads, state_sums, state_steps])
-    for (device, _), (bucket, _) in buckets.items():
-        device_params, device_grads, device_state_sums, device_state_steps = bucket
-        device_grad_scale = (
-            grad_scales.setdefault(device, grad_scale.to(device, non_blocking=True))
-            if grad_scale is not None
-            else None
-        )
-        device_found_inf = (
-            found_infs.setdefault(device, found_inf.to(device, non_blocking=True))
-            if found_inf is not None
-            else None
-        )
-        if lrs is not None and device not in lrs:
-            lrs[device] = lr.to(device=device, non_blocking=True)
-            lr = lrs[device]
-        torch._foreach_add_(device_state_steps, 1)
-        torch._fused_adagrad_(
-            device_params,
-            device_grads,
-            device_state_sums,
-            device_state_steps,
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            grad_scale=device_grad_scale,
-            found_inf=device_found_inf,
-        )
-        if device_found_inf is not None:
-            # Undo the step count where the scaler found infs.
-            torch._foreach_sub_(device_state_steps, [device_found_inf] * len(device_state_steps))
+    fused_step(
+        torch._fused_adagrad_,
+        [params, grads, state_sums, state_steps],
+        grad_scale,
+        found_inf,
+        lr,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )

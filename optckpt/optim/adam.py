@@ -10,19 +10,30 @@ particular the bias corrections are Python floats (float64) on the plain paths b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    fused_step,
+    increment_steps,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
+    check_betas,
+    check_lr,
+    check_non_negative,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
@@ -31,7 +42,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["Adam"]
+__all__ = ["Adam", "adam"]
 
 
 class Adam(Optimizer):
@@ -81,23 +92,14 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(lr, Tensor) and foreach and not capturable:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
         if not (
             (isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
@@ -137,25 +139,17 @@ class Adam(Optimizer):
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "fused": None,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -171,19 +165,8 @@ class Adam(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 if group["fused"]:
                     device_dtype_check_for_fused(p)
@@ -209,24 +192,13 @@ class Adam(Optimizer):
                     "lr as a Tensor is not supported for capturable=False and foreach=True"
                 )
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adam step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one Adam step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -239,7 +211,7 @@ class Adam(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
             )
-            _adam(
+            adam(
                 params_with_grad,
                 grads,
                 exp_avgs,
@@ -265,7 +237,7 @@ class Adam(Optimizer):
         return loss
 
 
-def _adam(
+def adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -292,16 +264,13 @@ def _adam(
         _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
         if foreach and isinstance(lr, Tensor) and not capturable:
             foreach = False
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
+    check_state_steps(state_steps)
     if fused:
-        impl = _adam_fused
+        impl = _fused_adam
     elif foreach:
-        impl = _adam_foreach
+        impl = _multi_tensor_adam
     else:
-        impl = _adam_for_loop
+        impl = _single_tensor_adam
     impl(
         params,
         grads,
@@ -318,7 +287,7 @@ def _adam(
     )
 
 
-def _adam_for_loop(
+def _single_tensor_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -340,7 +309,7 @@ def _adam_for_loop(
     differentiable: bool,
     decoupled_weight_decay: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_adam``)."""
+    """One tensor at a time."""
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
     lr = to_scalar(lr)
@@ -359,12 +328,7 @@ def _adam_for_loop(
         step_t = state_steps[i]
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (param.device.type == step_t.device.type and param.device.type in supported):
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {supported}."
-                )
+            check_capturable_devices(capturable_supported_devices(), [param], [step_t])
 
         step_t += 1
 
@@ -450,7 +414,7 @@ def _adam_for_loop(
             max_exp_avg_sqs[i] = torch.view_as_complex(max_exp_avg_sqs[i])
 
 
-def _adam_foreach(
+def _multi_tensor_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -472,7 +436,7 @@ def _adam_foreach(
     differentiable: bool,
     decoupled_weight_decay: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_adam``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     for what, hyper in (("lr", lr), ("beta1", beta1), ("beta2", beta2)):
@@ -486,15 +450,9 @@ def _adam_foreach(
             if hyper.numel() != 1:
                 raise ValueError(f"Tensor {what} must be 1-element")
     if capturable:
-        supported = capturable_supported_devices(supports_xla=False)
-        if not all(
-            p.device.type == s.device.type and p.device.type in supported
-            for p, s in zip(params, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported "
-                f"devices: {supported}."
-            )
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False), params, state_steps
+        )
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
     if differentiable:
@@ -529,21 +487,15 @@ def _adam_foreach(
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-            elif maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
             else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+                device_grads = foreach_add_weight_decay(
+                    device_grads, device_params, weight_decay, maximize
+                )
 
         torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - device_beta1)
         torch._foreach_mul_(device_exp_avg_sqs, beta2)
@@ -604,7 +556,7 @@ def _foreach_second_moment_sqrt(
     return list(torch._foreach_sqrt(exp_avg_sqs))
 
 
-def _adam_fused(
+def _fused_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -626,7 +578,7 @@ def _adam_fused(
     differentiable: bool,
     decoupled_weight_decay: bool,
 ) -> None:
-    """torch's fused kernels per (device, dtype) bucket (torch's ``_fused_adam``).
+    """torch's fused kernels per (device, dtype) bucket.
 
     The arithmetic is the ATen kernel's own (``torch._fused_adam_``, or ``_fused_adamw_`` for
     decoupled weight decay): the CPU kernel's SIMD code (and its float64 scalar tail in
@@ -639,49 +591,17 @@ def _adam_fused(
         raise RuntimeError("Adam with fused=True does not support differentiable=True")
     beta1 = to_scalar(beta1)
     beta2 = to_scalar(beta2)
-    grad_scales = {grad_scale.device: grad_scale} if grad_scale is not None else {}
-    found_infs = {found_inf.device: found_inf} if found_inf is not None else {}
-    # A tensor lr off the CPU is copied to each bucket's device; on the CPU it stays a scalar.
-    lrs = {lr.device: lr} if isinstance(lr, Tensor) and str(lr.device) != "cpu" else None
-
-    buckets = group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    )
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
-    for (device, _), (bucket, _) in buckets.items():
-        device_params, device_grads, device_exp_avgs, device_exp_avg_sqs = bucket[:4]
-        device_max_exp_avg_sqs, device_state_steps = bucket[4], bucket[5]
-        device_grad_scale = (
-            grad_scales.setdefault(device, grad_scale.to(device, non_blocking=True))
-            if grad_scale is not None
-            else None
-        )
-        device_found_inf = (
-            found_infs.setdefault(device, found_inf.to(device, non_blocking=True))
-            if found_inf is not None
-            else None
-        )
-        if lrs is not None and device not in lrs:
-            lrs[device] = lr.to(device=device, non_blocking=True)
-            lr = lrs[device]
-        torch._foreach_add_(device_state_steps, 1)
-        kernel(
-            device_params,
-            device_grads,
-            device_exp_avgs,
-            device_exp_avg_sqs,
-            device_max_exp_avg_sqs,
-            device_state_steps,
-            amsgrad=amsgrad,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            grad_scale=device_grad_scale,
-            found_inf=device_found_inf,
-        )
-        if device_found_inf is not None:
-            # Undo the step count where the scaler found infs.
-            torch._foreach_sub_(device_state_steps, [device_found_inf] * len(device_state_steps))
+    fused_step(
+        kernel,
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
+        grad_scale,
+        found_inf,
+        lr,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )

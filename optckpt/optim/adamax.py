@@ -9,18 +9,28 @@ dtype on the ``capturable`` ones, as in torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
@@ -29,7 +39,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["Adamax"]
+__all__ = ["Adamax", "adamax"]
 
 
 class Adamax(Optimizer):
@@ -71,18 +81,10 @@ class Adamax(Optimizer):
         capturable: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
 
         defaults = {
             "lr": lr,
@@ -96,22 +98,14 @@ class Adamax(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -126,17 +120,8 @@ class Adamax(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("Adamax does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "Adamax does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 state["step"] = new_step(0.0, p, group)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -145,24 +130,14 @@ class Adamax(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_infs.append(state["exp_inf"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adamax step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one Adamax step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -174,7 +149,7 @@ class Adamax(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, exp_avgs, exp_infs, state_steps
             )
-            _adamax(
+            adamax(
                 params_with_grad,
                 grads,
                 exp_avgs,
@@ -194,7 +169,7 @@ class Adamax(Optimizer):
         return loss
 
 
-def _adamax(
+def adamax(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -210,14 +185,10 @@ def _adamax(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _adamax_foreach if foreach else _adamax_for_loop
-    impl(
+    check_state_steps(state_steps)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_adamax if foreach else _single_tensor_adamax
+    func(
         params,
         grads,
         exp_avgs,
@@ -228,7 +199,7 @@ def _adamax(
     )
 
 
-def _adamax_for_loop(
+def _single_tensor_adamax(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -245,7 +216,7 @@ def _adamax_for_loop(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_adamax``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
@@ -255,13 +226,7 @@ def _adamax_for_loop(
         step_t = state_steps[i]
 
         if capturable:
-            # torch's for-loop allows XLA here, its foreach path does not.
-            supported = capturable_supported_devices()
-            if not (param.device.type == step_t.device.type and param.device.type in supported):
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {supported}."
-                )
+            check_capturable_devices(capturable_supported_devices(), [param], [step_t])
 
         step_t += 1
 
@@ -299,7 +264,7 @@ def _adamax_for_loop(
             param.addcdiv_(exp_avg, exp_inf, value=-clr)
 
 
-def _adamax_foreach(
+def _multi_tensor_adamax(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -316,21 +281,15 @@ def _adamax_foreach(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_adamax``)."""
+    """foreach ops per (device, dtype) bucket."""
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if not params:
         return
     if capturable:
-        supported = capturable_supported_devices(supports_xla=False)
-        if not all(
-            p.device.type == step.device.type and p.device.type in supported
-            for p, step in zip(params, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported "
-                f"devices: {supported}."
-            )
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False), params, state_steps
+        )
     lr = to_scalar(lr)
 
     buckets = group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_infs, state_steps])
@@ -344,21 +303,12 @@ def _adamax_foreach(
         if maximize:
             grouped_grads = torch._foreach_neg(grouped_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if grouped_state_steps[0].is_cpu:
-            torch._foreach_add_(grouped_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(grouped_state_steps, 1)
+        increment_steps(grouped_state_steps)
 
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(grouped_grads, grouped_params, alpha=weight_decay)
-            else:
-                grouped_grads = torch._foreach_add(
-                    grouped_grads, grouped_params, alpha=weight_decay
-                )
+            grouped_grads = foreach_add_weight_decay(
+                grouped_grads, grouped_params, weight_decay, maximize
+            )
 
         # The biased first moment.
         torch._foreach_lerp_(grouped_exp_avgs, grouped_grads, 1 - beta1)

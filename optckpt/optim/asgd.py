@@ -14,18 +14,26 @@ of torch's scalar dtype) besides the average ``ax``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     scalar_dtype,
@@ -34,7 +42,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["ASGD"]
+__all__ = ["ASGD", "asgd"]
 
 
 class ASGD(Optimizer):
@@ -78,12 +86,8 @@ class ASGD(Optimizer):
         capturable: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
 
         defaults = {
             "lr": lr,
@@ -98,34 +102,26 @@ class ASGD(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn number scalars into tensors.
+    # torch's __setstate__: the group keys older checkpoints lack; step, eta and mu saved
+    # as numbers become tensors.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step", "eta", "mu")
 
-        Checkpoints from torch < 1.12 hold ``step``, ``eta`` and ``mu`` as Python numbers;
-        torch makes each a tensor of its scalar dtype on the parameter's device, and so do we.
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
+    ) -> Tensor:
+        """A tensor of torch's scalar dtype on the parameter's device, whether or not capturable.
+
+        eta and mu are converted as they are (no ``float()``), as torch does.
         """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0:
-                    if not torch.is_tensor(p_state["step"]):
-                        p_state["step"] = torch.tensor(
-                            float(p_state["step"]), dtype=scalar_dtype(), device=p.device
-                        )
-                    # eta and mu are converted as they are (no float()), as torch does.
-                    if not torch.is_tensor(p_state["eta"]):
-                        p_state["eta"] = torch.tensor(
-                            p_state["eta"], dtype=scalar_dtype(), device=p.device
-                        )
-                    if not torch.is_tensor(p_state["mu"]):
-                        p_state["mu"] = torch.tensor(
-                            p_state["mu"], dtype=scalar_dtype(), device=p.device
-                        )
+        return torch.tensor(
+            float(value) if key == "step" else value, dtype=scalar_dtype(), device=p.device
+        )
 
     def _init_group(
         self,
@@ -141,17 +137,8 @@ class ASGD(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("ASGD does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "ASGD does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 # Unlike most optimizers, torch puts the scalar state on the parameter's
                 # device even without capturable; eta starts at the group's lr.
@@ -168,24 +155,14 @@ class ASGD(Optimizer):
             axs.append(state["ax"])
             etas.append(state["eta"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one ASGD step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one ASGD step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -197,7 +174,7 @@ class ASGD(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, mus, axs, etas, state_steps
             )
-            _asgd(
+            asgd(
                 params_with_grad,
                 grads,
                 axs,
@@ -218,7 +195,7 @@ class ASGD(Optimizer):
         return loss
 
 
-def _asgd(
+def asgd(
     params: list[Tensor],
     grads: list[Tensor],
     axs: list[Tensor],
@@ -235,13 +212,12 @@ def _asgd(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU). Unlike its siblings, torch's ``asgd`` does not check that the steps are tensors.
     """
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _asgd_foreach if foreach else _asgd_for_loop
-    impl(params, grads, axs, mus, etas, state_steps, differentiable=differentiable, **hyper)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_asgd if foreach else _single_tensor_asgd
+    func(params, grads, axs, mus, etas, state_steps, differentiable=differentiable, **hyper)
 
 
-def _asgd_for_loop(
+def _single_tensor_asgd(
     params: list[Tensor],
     grads: list[Tensor],
     axs: list[Tensor],
@@ -259,7 +235,7 @@ def _asgd_for_loop(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_asgd``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
@@ -270,15 +246,14 @@ def _asgd_for_loop(
         step_t = state_steps[i]
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (
-                param.device.type == mu.device.type == eta.device.type == step_t.device.type
-                and param.device.type in supported
-            ):
-                raise AssertionError(
-                    "If capturable=True, params, mus, etas, and state_steps must be "
-                    f"on supported devices: {supported}."
-                )
+            check_capturable_devices(
+                capturable_supported_devices(),
+                [param],
+                [mu],
+                [eta],
+                [step_t],
+                names="params, mus, etas, and state_steps",
+            )
 
         if torch.is_complex(param):
             grad = torch.view_as_real(grad)
@@ -314,7 +289,7 @@ def _asgd_for_loop(
             mu.copy_(torch.as_tensor(1 / max(1, step - t0)))
 
 
-def _asgd_foreach(
+def _multi_tensor_asgd(
     params: list[Tensor],
     grads: list[Tensor],
     axs: list[Tensor],
@@ -332,22 +307,20 @@ def _asgd_foreach(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_asgd``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
-        supported = capturable_supported_devices(supports_xla=False)
-        if not all(
-            p.device.type == mu.device.type == eta.device.type == step.device.type
-            and p.device.type in supported
-            for p, mu, eta, step in zip(params, mus, etas, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params, mus, etas, and state_steps must be on "
-                f"supported devices: {supported}."
-            )
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False),
+            params,
+            mus,
+            etas,
+            state_steps,
+            names="params, mus, etas, and state_steps",
+        )
     lr = to_scalar(lr)
 
     buckets = group_tensors_by_device_and_dtype([params, grads, axs, mus, etas, state_steps])
@@ -361,22 +334,14 @@ def _asgd_foreach(
         if maximize:
             grouped_grads = torch._foreach_neg(grouped_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if grouped_state_steps[0].is_cpu:
-            torch._foreach_add_(grouped_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(grouped_state_steps, 1)
+        increment_steps(grouped_state_steps)
 
         # intermediate = grad (+ weight_decay * param) + lambd * param, so that
         # param * (1 - lambd * eta) - eta * grad becomes param - eta * intermediate.
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(grouped_grads, grouped_params, alpha=weight_decay)
-                intermediate = grouped_grads
-            else:
-                intermediate = torch._foreach_add(grouped_grads, grouped_params, alpha=weight_decay)
+            intermediate = foreach_add_weight_decay(
+                grouped_grads, grouped_params, weight_decay, maximize
+            )
             torch._foreach_add_(intermediate, grouped_params, alpha=lambd)
         else:
             intermediate = torch._foreach_add(grouped_grads, grouped_params, alpha=lambd)

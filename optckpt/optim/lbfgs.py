@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optckpt.optim.base import Optimizer, ParamsT, to_scalar
+from optckpt.optim.base import Optimizer, ParamsT, check_lr, to_scalar
 
 __all__ = ["LBFGS"]
 
@@ -62,10 +62,7 @@ class LBFGS(Optimizer):
         line_search_fn: str | None = None,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if max_eval is None:
             max_eval = max_iter * 5 // 4
         defaults = {

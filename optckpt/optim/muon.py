@@ -3,7 +3,7 @@
 Momentum SGD whose update is orthogonalized by a few Newton-Schulz iterations, for 2-D
 parameters only. torch has one implementation, a for-loop over tensors (asking its
 functional API for foreach raises; the class takes no ``foreach`` argument), and
-:func:`_muon_for_loop` runs its ops in its order, including the iterations in bfloat16.
+:func:`_single_tensor_muon` runs its ops in its order, including the iterations in bfloat16.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optckpt.optim.base import Hyper, Optimizer, ParamsT, to_scalar
+from optckpt.optim.base import (
+    Hyper,
+    Optimizer,
+    ParamsT,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
+    to_scalar,
+)
 
 __all__ = ["Muon"]
 
@@ -64,14 +72,9 @@ class Muon(Optimizer):
         adjust_lr_fn: str | None = None,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
-        if not momentum >= 0.0:
-            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        check_lr(lr, "Learning rate should be >= 0 but is")
+        check_non_negative(momentum, "momentum should be >= 0 but is")
+        check_non_negative(weight_decay, "weight decay should be >= 0 but is")
         if adjust_lr_fn is not None and adjust_lr_fn not in ["original", "match_rms_adamw"]:
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
 
@@ -108,51 +111,36 @@ class Muon(Optimizer):
 
         Returns whether any is complex: never, since a complex parameter raises (as in torch).
         """
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if torch.is_complex(p):
-                raise RuntimeError("Muon does not support complex parameters")
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            params_with_grad.append(p)
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "Muon does not support sparse gradients"
+        complex_error = "Muon does not support complex parameters"
+        for _, grad, state in self._params_with_grad(
+            group, params_with_grad, grads, sparse_error, complex_error
+        ):
             if "momentum_buffer" not in state:
                 # Zeros, unlike SGD's buffer, which starts at the first gradient.
                 state["momentum_buffer"] = torch.zeros_like(
-                    p.grad, memory_format=torch.preserve_format
+                    grad, memory_format=torch.preserve_format
                 )
             muon_momentum_bufs.append(state["momentum_buffer"])
         return False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Muon step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
+        """Take one Muon step over every param group; see :meth:`Optimizer.step`.
 
         Raises:
             RuntimeError: a parameter is complex or has a sparse gradient.
             ValueError: a gradient is not 2-D, or ``ns_steps`` or ``ns_coefficients`` is
                 invalid (checked at the first step, as in torch).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
             grads: list[Tensor] = []
             muon_momentum_bufs: list[Tensor] = []
             has_complex = self._init_group(group, params_with_grad, grads, muon_momentum_bufs)
-            _muon_for_loop(
+            _single_tensor_muon(
                 params_with_grad,
                 grads,
                 muon_momentum_bufs,
@@ -219,7 +207,7 @@ def _adjust_lr(lr: Hyper, adjust_lr_fn: str | None, param_shape: torch.Size) -> 
     return lr * adjusted_ratio
 
 
-def _muon_for_loop(
+def _single_tensor_muon(
     params: list[Tensor],
     grads: list[Tensor],
     muon_momentum_bufs: list[Tensor],
@@ -234,7 +222,7 @@ def _muon_for_loop(
     adjust_lr_fn: str | None,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_muon``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
     if has_complex:
         raise ValueError("Complex parameters are not supported")

@@ -10,18 +10,28 @@ step sizes derived from it mix float32 tensor values with Python floats exactly 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
@@ -30,7 +40,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["NAdam"]
+__all__ = ["NAdam", "nadam"]
 
 
 class NAdam(Optimizer):
@@ -78,20 +88,11 @@ class NAdam(Optimizer):
     ) -> None:
         # Validation in torch's order, with torch's exception types. Unlike Adam, torch takes
         # a tensor lr with foreach=True here (the foreach path reads it with .item()).
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not momentum_decay >= 0.0:
-            raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(momentum_decay, "Invalid momentum_decay value")
 
         defaults = {
             "lr": lr,
@@ -107,26 +108,16 @@ class NAdam(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and make number state tensors.
-
-        Checkpoints from torch < 1.12 hold ``step`` and ``mu_product`` as Python numbers;
-        torch converts each to the tensor a fresh step would hold, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0:
-                    if not torch.is_tensor(p_state["step"]):
-                        p_state["step"] = new_step(float(p_state["step"]), p, group)
-                    if not torch.is_tensor(p_state["mu_product"]):
-                        p_state["mu_product"] = new_step(p_state["mu_product"], p, group)
+    # torch's __setstate__: the group keys older checkpoints lack; step and mu_product
+    # saved as numbers become the tensors a fresh step would hold.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+    }
+    _NUMBER_STATE_KEYS = ("step", "mu_product")
 
     def _init_group(
         self,
@@ -142,17 +133,8 @@ class NAdam(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("NAdam does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "NAdam does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 # torch's key order: step, mu_product, exp_avg, exp_avg_sq.
                 state["step"] = new_step(0.0, p, group)
@@ -164,24 +146,14 @@ class NAdam(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             mu_products.append(state["mu_product"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one NAdam step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one NAdam step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -194,7 +166,7 @@ class NAdam(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps
             )
-            _nadam(
+            nadam(
                 params_with_grad,
                 grads,
                 exp_avgs,
@@ -217,7 +189,7 @@ class NAdam(Optimizer):
         return loss
 
 
-def _nadam(
+def nadam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -234,18 +206,11 @@ def _nadam(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if not all(isinstance(t, Tensor) for t in mu_products):
-        raise RuntimeError(
-            "API has changed, `mu_products` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _nadam_foreach if foreach else _nadam_for_loop
-    impl(
+    check_state_steps(state_steps)
+    check_state_steps(mu_products, "mu_products")
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_nadam if foreach else _single_tensor_nadam
+    func(
         params,
         grads,
         exp_avgs,
@@ -257,7 +222,7 @@ def _nadam(
     )
 
 
-def _nadam_for_loop(
+def _single_tensor_nadam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -277,7 +242,7 @@ def _nadam_for_loop(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_nadam``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
@@ -295,15 +260,13 @@ def _nadam_for_loop(
             exp_avg_sq = torch.view_as_real(exp_avg_sq)
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (
-                param.device.type == mu_product.device.type == step_t.device.type
-                and param.device.type in supported
-            ):
-                raise AssertionError(
-                    "If capturable=True, params, mu_products and state_steps must be "
-                    f"on supported devices: {supported}."
-                )
+            check_capturable_devices(
+                capturable_supported_devices(),
+                [param],
+                [mu_product],
+                [step_t],
+                names="params, mu_products and state_steps",
+            )
 
         step_t += 1
         # A tensor step (capturable) keeps the schedule on the device; else Python floats.
@@ -343,7 +306,7 @@ def _nadam_for_loop(
             param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_next))
 
 
-def _nadam_foreach(
+def _multi_tensor_nadam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -363,21 +326,19 @@ def _nadam_foreach(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_nadam``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
-        supported = capturable_supported_devices(supports_xla=False)
-        if not all(
-            p.device.type == mp.device.type == s.device.type and p.device.type in supported
-            for p, mp, s in zip(params, mu_products, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params, mu_products, and state_steps must be on "
-                f"supported devices: {supported}."
-            )
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False),
+            params,
+            mu_products,
+            state_steps,
+            names="params, mu_products, and state_steps",
+        )
 
     lr = to_scalar(lr)
     buckets = group_tensors_by_device_and_dtype(
@@ -393,21 +354,15 @@ def _nadam_foreach(
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload)
-        # rather than letting foreach wrap 1 for every tensor.
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-            elif maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
             else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+                device_grads = foreach_add_weight_decay(
+                    device_grads, device_params, weight_decay, maximize
+                )
 
         torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
         torch._foreach_mul_(device_exp_avg_sqs, beta2)

@@ -11,18 +11,28 @@ rectification term are Python floats on the plain paths and tensors on the ``cap
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
@@ -31,7 +41,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["RAdam"]
+__all__ = ["RAdam", "radam"]
 
 
 class RAdam(Optimizer):
@@ -75,18 +85,10 @@ class RAdam(Optimizer):
         differentiable: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
 
         # torch's key order: capturable before decoupled_weight_decay and differentiable.
         defaults = {
@@ -102,23 +104,15 @@ class RAdam(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -133,17 +127,8 @@ class RAdam(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("RAdam does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "RAdam does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 state["step"] = new_step(0.0, p, group)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -152,24 +137,14 @@ class RAdam(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one RAdam step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one RAdam step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -181,7 +156,7 @@ class RAdam(Optimizer):
             has_complex = self._init_group(
                 group, params_with_grad, grads, exp_avgs, exp_avg_sqs, state_steps
             )
-            _radam(
+            radam(
                 params_with_grad,
                 grads,
                 exp_avgs,
@@ -202,7 +177,7 @@ class RAdam(Optimizer):
         return loss
 
 
-def _radam(
+def radam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -218,14 +193,10 @@ def _radam(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _radam_foreach if foreach else _radam_for_loop
-    impl(
+    check_state_steps(state_steps)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_radam if foreach else _single_tensor_radam
+    func(
         params,
         grads,
         exp_avgs,
@@ -236,7 +207,7 @@ def _radam(
     )
 
 
-def _radam_for_loop(
+def _single_tensor_radam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -254,7 +225,7 @@ def _radam_for_loop(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_radam``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
@@ -264,12 +235,7 @@ def _radam_for_loop(
         step_t = state_steps[i]
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (param.device.type == step_t.device.type and param.device.type in supported):
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {supported}."
-                )
+            check_capturable_devices(capturable_supported_devices(), [param], [step_t])
 
         if torch.is_complex(param):
             param = torch.view_as_real(param)
@@ -302,8 +268,8 @@ def _radam_for_loop(
         if capturable:
             update = torch.where(
                 rho_t > 5.0,
-                _rect(rho_t, rho_inf)
-                * _adaptive_lr(exp_avg_sq, bias_correction2, eps, differentiable),
+                _compute_rect(rho_t, rho_inf)
+                * _compute_adaptive_lr(exp_avg_sq, bias_correction2, eps, differentiable),
                 1.0,
             )
             param.add_(bias_corrected_exp_avg * lr * update, alpha=-1.0)
@@ -311,29 +277,29 @@ def _radam_for_loop(
             param.add_(
                 bias_corrected_exp_avg
                 * lr
-                * _adaptive_lr(exp_avg_sq, bias_correction2, eps, differentiable)
-                * _rect(rho_t, rho_inf),
+                * _compute_adaptive_lr(exp_avg_sq, bias_correction2, eps, differentiable)
+                * _compute_rect(rho_t, rho_inf),
                 alpha=-1.0,
             )
         else:
             param.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
 
 
-def _rect(rho_t: Hyper, rho_inf: float) -> Hyper:
-    """The variance rectification term (torch's ``_compute_rect``)."""
+def _compute_rect(rho_t: Hyper, rho_inf: float) -> Hyper:
+    """The variance rectification term (nested in torch's ``_single_tensor_radam``)."""
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
 
 
-def _adaptive_lr(
+def _compute_adaptive_lr(
     exp_avg_sq: Tensor, bias_correction2: Hyper, eps: Hyper, differentiable: bool
 ) -> Tensor:
-    """sqrt(1 - beta2^t) / (sqrt(v) + eps) (torch's ``_compute_adaptive_lr``)."""
+    """sqrt(1 - beta2^t) / (sqrt(v) + eps) (nested in torch's ``_single_tensor_radam``)."""
     exp_avg_sq_sqrt = exp_avg_sq.sqrt()
     exp_avg_sq_sqrt = exp_avg_sq_sqrt.add(eps) if differentiable else exp_avg_sq_sqrt.add_(eps)
     return (bias_correction2**0.5) / exp_avg_sq_sqrt
 
 
-def _radam_foreach(
+def _multi_tensor_radam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -351,21 +317,15 @@ def _radam_foreach(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_radam``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
-        supported = capturable_supported_devices(supports_xla=False)
-        if not all(
-            p.device.type == s.device.type and p.device.type in supported
-            for p, s in zip(params, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported "
-                f"devices: {supported}."
-            )
+        check_capturable_devices(
+            capturable_supported_devices(supports_xla=False), params, state_steps
+        )
 
     lr = to_scalar(lr)
     buckets = group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
@@ -373,11 +333,7 @@ def _radam_foreach(
         device_params, device_grads, device_exp_avgs, device_exp_avg_sqs = bucket[:4]
         device_state_steps = bucket[4]
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload).
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if has_complex:
             view_as_real(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs)
@@ -411,11 +367,10 @@ def _radam_foreach(
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-            elif maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
             else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+                device_grads = foreach_add_weight_decay(
+                    device_grads, device_params, weight_decay, maximize
+                )
 
         torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
         torch._foreach_mul_(device_exp_avg_sqs, beta2)

@@ -8,18 +8,27 @@ dtype (``foreach=True``). torch has no fused RMSprop. Each runs torch's ops in t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    foreach_add_weight_decay,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_lr,
+    check_non_negative,
+    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
@@ -27,7 +36,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["RMSprop"]
+__all__ = ["RMSprop", "rmsprop"]
 
 
 class RMSprop(Optimizer):
@@ -75,18 +84,11 @@ class RMSprop(Optimizer):
     ) -> None:
         # Validation in torch's order, with torch's exception types (alpha is only checked
         # for being non-negative, as in torch).
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not momentum >= 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not alpha >= 0.0:
-            raise ValueError(f"Invalid alpha value: {alpha}")
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_non_negative(momentum, "Invalid momentum value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(alpha, "Invalid alpha value")
 
         defaults = {
             "lr": lr,
@@ -102,24 +104,16 @@ class RMSprop(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "momentum": 0,
+        "centered": False,
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -135,17 +129,8 @@ class RMSprop(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            if p.grad.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            grads.append(p.grad)
-
-            state = self.state[p]
+        sparse_error = "RMSprop does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:
                 state["step"] = new_step(0.0, p, group)
                 state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -163,24 +148,14 @@ class RMSprop(Optimizer):
                 momentum_buffer_list.append(state["momentum_buffer"])
             if group["centered"]:
                 grad_avgs.append(state["grad_avg"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params_with_grad)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one RMSprop step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one RMSprop step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -198,7 +173,7 @@ class RMSprop(Optimizer):
                 grad_avgs,
                 state_steps,
             )
-            _rmsprop(
+            rmsprop(
                 params_with_grad,
                 grads,
                 square_avgs,
@@ -220,7 +195,7 @@ class RMSprop(Optimizer):
         return loss
 
 
-def _rmsprop(
+def rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -237,14 +212,10 @@ def _rmsprop(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _rmsprop_foreach if foreach else _rmsprop_for_loop
-    impl(
+    check_state_steps(state_steps)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_rmsprop if foreach else _single_tensor_rmsprop
+    func(
         params,
         grads,
         square_avgs,
@@ -256,7 +227,7 @@ def _rmsprop(
     )
 
 
-def _rmsprop_for_loop(
+def _single_tensor_rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -275,19 +246,14 @@ def _rmsprop_for_loop(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_rmsprop``)."""
+    """One tensor at a time."""
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
         step = state_steps[i]
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (param.device.type == step.device.type and param.device.type in supported):
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {supported}."
-                )
+            check_capturable_devices(capturable_supported_devices(), [param], [step])
 
         grad = grads[i]
         grad = grad if not maximize else -grad
@@ -328,7 +294,7 @@ def _rmsprop_for_loop(
             param.addcdiv_(grad, avg, value=-lr)
 
 
-def _rmsprop_foreach(
+def _multi_tensor_rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
     square_avgs: list[Tensor],
@@ -347,22 +313,14 @@ def _rmsprop_foreach(
     capturable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_rmsprop``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
         # torch's RMSprop lists XLA here, unlike its other foreach optimizers.
-        supported = capturable_supported_devices()
-        if not all(
-            p.device.type == s.device.type and p.device.type in supported
-            for p, s in zip(params, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported "
-                f"devices: {supported}."
-            )
+        check_capturable_devices(capturable_supported_devices(), params, state_steps)
 
     lr = to_scalar(lr)
     buckets = group_tensors_by_device_and_dtype(
@@ -383,18 +341,12 @@ def _rmsprop_foreach(
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload).
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+            device_grads = foreach_add_weight_decay(
+                device_grads, device_params, weight_decay, maximize
+            )
 
         torch._foreach_mul_(device_square_avgs, alpha)
         torch._foreach_addcmul_(device_square_avgs, device_grads, device_grads, value=1 - alpha)

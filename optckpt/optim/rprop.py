@@ -9,18 +9,25 @@ the step sizes evolve by ``etas`` within ``step_sizes``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import (
+    check_capturable_devices,
+    check_state_steps,
+    increment_steps,
+    use_foreach,
+)
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     capturable_supported_devices,
-    default_to_fused_or_foreach,
+    check_lr,
+    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
@@ -28,7 +35,7 @@ from optckpt.optim.base import (
     view_as_real,
 )
 
-__all__ = ["Rprop"]
+__all__ = ["Rprop", "rprop"]
 
 
 class Rprop(Optimizer):
@@ -67,10 +74,7 @@ class Rprop(Optimizer):
         differentiable: bool = False,
     ) -> None:
         # Validation in torch's order, with torch's exception types (step_sizes unchecked).
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
 
@@ -85,22 +89,14 @@ class Rprop(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill missing group keys and turn a number ``step`` into a tensor.
-
-        Checkpoints from torch < 1.12 hold ``step`` as a Python number; torch converts it to
-        the tensor a fresh step would be, and so do we.
-        """
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step(float(p_state["step"]), p, group)
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+    _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(
         self,
@@ -115,18 +111,8 @@ class Rprop(Optimizer):
 
         Returns whether any of them is complex.
         """
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            params.append(p)
-            grad = p.grad
-            if grad.is_sparse:
-                raise RuntimeError("Rprop does not support sparse gradients")
-            grads.append(grad)
-
-            state = self.state[p]
+        sparse_error = "Rprop does not support sparse gradients"
+        for p, grad, state in self._params_with_grad(group, params, grads, sparse_error):
             if len(state) == 0:
                 state["step"] = new_step(0.0, p, group)
                 state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -140,24 +126,14 @@ class Rprop(Optimizer):
             prevs.append(state["prev"])
             step_sizes.append(state["step_size"])
             state_steps.append(state["step"])
-        return has_complex
+        return any(torch.is_complex(p) for p in params)
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Rprop step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one Rprop step over every param group; see :meth:`Optimizer.step`."""
         self._accelerator_graph_capture_health_check()
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -168,7 +144,7 @@ class Rprop(Optimizer):
             etaminus, etaplus = group["etas"]
             step_size_min, step_size_max = group["step_sizes"]
             has_complex = self._init_group(group, params, grads, prevs, step_sizes, state_steps)
-            _rprop(
+            rprop(
                 params,
                 grads,
                 prevs,
@@ -187,7 +163,7 @@ class Rprop(Optimizer):
         return loss
 
 
-def _rprop(
+def rprop(
     params: list[Tensor],
     grads: list[Tensor],
     prevs: list[Tensor],
@@ -203,17 +179,13 @@ def _rprop(
     With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
     CPU).
     """
-    if not all(isinstance(t, Tensor) for t in state_steps):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
-    if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    impl = _rprop_foreach if foreach else _rprop_for_loop
-    impl(params, grads, prevs, step_sizes, state_steps, differentiable=differentiable, **hyper)
+    check_state_steps(state_steps)
+    foreach = use_foreach(foreach, params, differentiable)
+    func = _multi_tensor_rprop if foreach else _single_tensor_rprop
+    func(params, grads, prevs, step_sizes, state_steps, differentiable=differentiable, **hyper)
 
 
-def _rprop_for_loop(
+def _single_tensor_rprop(
     params: list[Tensor],
     grads: list[Tensor],
     prevs: list[Tensor],
@@ -229,7 +201,7 @@ def _rprop_for_loop(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_rprop``)."""
+    """One tensor at a time."""
     for i, param in enumerate(params):
         grad = grads[i]
         grad = grad if not maximize else -grad
@@ -238,12 +210,7 @@ def _rprop_for_loop(
         step = state_steps[i]
 
         if capturable:
-            supported = capturable_supported_devices()
-            if not (param.device.type == step.device.type and param.device.type in supported):
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported "
-                    f"devices: {supported}."
-                )
+            check_capturable_devices(capturable_supported_devices(), [param], [step])
 
         step += 1
 
@@ -278,7 +245,7 @@ def _rprop_for_loop(
         prev.copy_(grad)
 
 
-def _rprop_foreach(
+def _multi_tensor_rprop(
     params: list[Tensor],
     grads: list[Tensor],
     prevs: list[Tensor],
@@ -294,32 +261,20 @@ def _rprop_foreach(
     differentiable: bool,
     has_complex: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_rprop``)."""
+    """foreach ops per (device, dtype) bucket."""
     if not params:
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if capturable:
-        supported = capturable_supported_devices()
-        if not all(
-            p.device.type == s.device.type and p.device.type in supported
-            for p, s in zip(params, state_steps, strict=True)
-        ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported "
-                f"devices: {supported}."
-            )
+        check_capturable_devices(capturable_supported_devices(), params, state_steps)
 
     buckets = group_tensors_by_device_and_dtype([params, grads, prevs, step_sizes, state_steps])
     for bucket, _ in buckets.values():
         device_params, device_grads, device_prevs, device_step_sizes = bucket[:4]
         device_state_steps = bucket[4]
 
-        # Steps on the CPU: torch adds a wrapped CPU scalar once (the alpha picks the overload).
-        if device_state_steps[0].is_cpu:
-            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_state_steps, 1)
+        increment_steps(device_state_steps)
 
         if has_complex:
             view_as_real(device_params, device_grads, device_prevs, device_step_sizes)

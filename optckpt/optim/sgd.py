@@ -8,24 +8,26 @@ Each runs torch's ops in torch's order, which is what makes the results bit-iden
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optckpt.optim._functional import foreach_add_weight_decay
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
     ParamsT,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
+    evaluate_closure,
     group_tensors_by_device_and_dtype,
     to_scalar,
     use_grad_for_differentiable,
 )
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "sgd"]
 
 
 class SGD(Optimizer):
@@ -100,15 +102,14 @@ class SGD(Optimizer):
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state; fill the group keys older checkpoints lack (as torch does)."""
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+    # torch's __setstate__: the group keys older checkpoints lack (SGD has no step).
+    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": False,
+    }
 
     def _init_group(
         self,
@@ -135,18 +136,8 @@ class SGD(Optimizer):
 
     @use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one SGD step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Take one SGD step over every param group; see :meth:`Optimizer.step`."""
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -154,7 +145,7 @@ class SGD(Optimizer):
             momentum_buffer_list: list[Tensor | None] = []
             has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
 
-            _sgd(
+            sgd(
                 params,
                 grads,
                 momentum_buffer_list,
@@ -179,7 +170,7 @@ class SGD(Optimizer):
         return loss
 
 
-def _sgd(
+def sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
@@ -200,11 +191,11 @@ def _sgd(
     if foreach is None and fused is None:
         fused, foreach = default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if foreach:
-        impl = _sgd_foreach
+        impl = _multi_tensor_sgd
     elif fused:
-        impl = _sgd_fused
+        impl = _fused_sgd
     else:
-        impl = _sgd_for_loop
+        impl = _single_tensor_sgd
     impl(
         params,
         grads,
@@ -216,7 +207,7 @@ def _sgd(
     )
 
 
-def _sgd_for_loop(
+def _single_tensor_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
@@ -231,7 +222,7 @@ def _sgd_for_loop(
     maximize: bool,
     has_sparse_grad: bool,
 ) -> None:
-    """One tensor at a time (torch's ``_single_tensor_sgd``)."""
+    """One tensor at a time."""
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
     lr = to_scalar(lr)
@@ -263,7 +254,7 @@ def _sgd_for_loop(
             param.add_(grad, alpha=-lr)
 
 
-def _sgd_foreach(
+def _multi_tensor_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
@@ -278,7 +269,7 @@ def _sgd_foreach(
     maximize: bool,
     has_sparse_grad: bool,
 ) -> None:
-    """foreach ops per (device, dtype) bucket (torch's ``_multi_tensor_sgd``)."""
+    """foreach ops per (device, dtype) bucket."""
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
     if not params:
@@ -295,11 +286,9 @@ def _sgd_foreach(
             device_grads = torch._foreach_neg(device_grads)
 
         if weight_decay != 0:
-            if maximize:
-                # Reuses the negated copy made above, as torch does.
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+            device_grads = foreach_add_weight_decay(
+                device_grads, device_params, weight_decay, maximize
+            )
 
         if momentum != 0:
             if all(buf is not None for buf in device_bufs):
@@ -331,7 +320,7 @@ def _sgd_foreach(
                 param.add_(grad, alpha=-lr)
 
 
-def _sgd_fused(
+def _fused_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
@@ -346,7 +335,7 @@ def _sgd_fused(
     maximize: bool,
     has_sparse_grad: bool,
 ) -> None:
-    """torch's fused kernel ``torch._fused_sgd_`` per (device, dtype) (torch's ``_fused_sgd``).
+    """torch's fused kernel ``torch._fused_sgd_`` per (device, dtype).
 
     The arithmetic is the ATen kernel's own: the CPU kernel's SIMD code cannot be reproduced
     bit for bit with tensor ops, so fused parity comes from calling the same kernel.

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optckpt.optim.base import Optimizer, ParamsT, to_scalar
+from optckpt.optim.base import Optimizer, ParamsT, check_betas, evaluate_closure, to_scalar
 
-__all__ = ["SparseAdam"]
+__all__ = ["SparseAdam", "sparse_adam"]
 
 
 class SparseAdam(Optimizer):
@@ -55,10 +55,7 @@ class SparseAdam(Optimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not eps > 0.0:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_betas(betas)
 
         defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}
         super().__init__(params, defaults)
@@ -90,21 +87,12 @@ class SparseAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one SparseAdam step over every param group.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
-
-        Returns:
-            The closure's loss, or ``None``.
+        """Take one SparseAdam step over every param group; see :meth:`Optimizer.step`.
 
         Raises:
             RuntimeError: a parameter has a dense gradient.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
 
         for group in self.param_groups:
             params_with_grad: list[Tensor] = []
@@ -140,7 +128,7 @@ class SparseAdam(Optimizer):
                 state["step"] += 1
                 state_steps.append(state["step"])
 
-            _sparse_adam(
+            sparse_adam(
                 params_with_grad,
                 grads,
                 exp_avgs,
@@ -156,7 +144,7 @@ class SparseAdam(Optimizer):
         return loss
 
 
-def _sparse_adam(
+def sparse_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
