@@ -24,12 +24,14 @@ from optckpt.errors import UnreadableCheckpointError
 __all__ = [
     "CHUNK",
     "MAX_EXCESS_BYTES",
+    "bits_dtype",
     "check_bounded",
     "chunk_slices",
     "chunks",
     "logical_bytes",
     "readable",
     "reducible",
+    "same_bits",
 ]
 
 CHUNK = 1 << 22
@@ -128,3 +130,32 @@ def reducible(chunk: torch.Tensor) -> torch.Tensor:
     if chunk.dtype in _NATIVE:
         return chunk
     return chunk.to(torch.complex128 if chunk.is_complex() else torch.float64)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The integer dtype whose view compares ``dtype`` bit by bit, where values should be
+    compared so: floats (equal NaNs are equal, -0.0 differs from 0.0), and dtypes the CPU
+    cannot compare by value (complex32, packed types); ``None`` for the others (integers and
+    bools, whose values are their bits; complex64 and complex128), and for a dtype that
+    needs a view but has none of its size."""
+    if dtype.is_floating_point or dtype == torch.complex32 or not readable(dtype):
+        return _BITS.get(dtype.itemsize)
+    return None
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bits: the same shape, dtype and device, and equal
+    elements through the :func:`bits_dtype` view (by value for the dtypes without one).
+
+    The one meaning of "bitwise" in optckpt: ``diff`` without a tolerance, and
+    ``resume-step --check-torch`` without ``--atol``. Reads the whole of both tensors.
+    """
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    bits = bits_dtype(a.dtype)
+    if bits is not None:
+        return torch.equal(a.view(bits), b.view(bits))
+    return torch.equal(a, b)

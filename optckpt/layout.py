@@ -164,23 +164,32 @@ def tied(model_state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     return {n: [m for m in names if m != n] for names in by_identity.values() for n in names}
 
 
-def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
-    """The model state dict of a checkpoint: the root if it is one, or under a usual key."""
+def _is_model_state(node: Any) -> bool:
+    return (
+        isinstance(node, Mapping)
+        and bool(node)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items())
+    )
 
-    def is_state(node: Any) -> bool:
-        return (
-            isinstance(node, Mapping)
-            and bool(node)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items())
-        )
 
-    if is_state(root):
-        return root
+def model_state_path(root: Any) -> tuple[str, ...] | None:
+    """The key path of a checkpoint's model state dict (see :func:`find_model_state`):
+    ``()`` for the root, ``("model",)`` for one under a usual key; ``None`` for none."""
+    if _is_model_state(root):
+        return ()
     if isinstance(root, Mapping):
         for key in _MODEL_KEYS:
-            if is_state(root.get(key)):
-                return root[key]
+            if _is_model_state(root.get(key)):
+                return (key,)
     return None
+
+
+def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
+    """The model state dict of a checkpoint: the root if it is one, or under a usual key."""
+    path = model_state_path(root)
+    if path is None:
+        return None
+    return root[path[0]] if path else root
 
 
 def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:

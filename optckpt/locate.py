@@ -4,41 +4,65 @@ A key path joins the keys from the root with dots: ``optimizer`` in ``{"model": 
 "optimizer": ...}``, ``optimizer_states.0`` in a Lightning checkpoint, ``optimizer.pt`` in a
 Trainer folder, and ``""`` for a bare state dict. Keys that contain dots themselves still
 resolve: at each level the longest key that fits the path wins.
+
+That text names what users type (``--key``); inside optckpt a place in a tree is a
+:data:`KeyPath`, the tuple of the keys themselves (``("optimizer", "state", 0, "exp_avg")``),
+which tells ``{0: ...}`` from ``{"0": ...}`` and ``{"a.b": ...}`` from ``{"a": {"b": ...}}``:
+saved devices (:attr:`optckpt.io.Checkpoint.placement`) are keyed by it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
 from optckpt.errors import NoOptimizerStateError, UnreadableCheckpointError, UsageError
 from optckpt.statedict import StateDict, is_optimizer_state_dict, validate_state_dict
 
+KeyPath: TypeAlias = tuple[Any, ...]
+"""The keys (and list indices) from a tree's root down to one of its values; ``()``: the root."""
+
 
 @dataclass(frozen=True)
 class Located:
-    """An optimizer state dict and where it sits in the checkpoint."""
+    """An optimizer state dict and where it sits in the checkpoint: ``key`` as users write it,
+    ``path`` the :data:`KeyPath` itself."""
 
     key: str
     state_dict: StateDict
+    path: KeyPath = ()
 
 
 def _join(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _walk(node: Any, prefix: str) -> Iterator[Located]:
+def _walk(node: Any, prefix: str, path: KeyPath) -> Iterator[Located]:
     if is_optimizer_state_dict(node):
-        yield Located(prefix, node)
+        yield Located(prefix, node, path)
     elif isinstance(node, Mapping):
         for key, value in node.items():
-            yield from _walk(value, _join(prefix, key))
+            yield from _walk(value, _join(prefix, key), (*path, key))
     elif isinstance(node, (list, tuple)):
         for index, value in enumerate(node):
-            yield from _walk(value, _join(prefix, index))
+            yield from _walk(value, _join(prefix, index), (*path, index))
+
+
+def tensor_paths(node: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, torch.Tensor]]:
+    """``(key path, tensor)`` for every tensor of a tree, in the tree's order (dicts by their
+    keys, lists and tuples by index); ``prefix`` is the path of ``node`` itself."""
+    stack: list[tuple[KeyPath, Any]] = [(prefix, node)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield path, value
+        elif isinstance(value, Mapping):
+            stack.extend(reversed([((*path, k), v) for k, v in value.items()]))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed([((*path, i), v) for i, v in enumerate(value)]))
 
 
 def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -56,15 +80,48 @@ def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
 
 def locate_optimizers(root: Any) -> list[Located]:
     """Every optimizer state dict in ``root``, in the order the checkpoint holds them."""
-    return list(_walk(root, ""))
+    return list(_walk(root, "", ()))
 
 
 def _children(node: Any) -> list[tuple[str, Any]]:
+    return [(str(k), v) for k, _, v in _keyed_children(node)]
+
+
+def _keyed_children(node: Any) -> list[tuple[str, Any, Any]]:
+    """``(key as text, key, child)`` for each child of a dict, list or tuple."""
     if isinstance(node, Mapping):
-        return [(str(k), v) for k, v in node.items()]
+        return [(str(k), k, v) for k, v in node.items()]
     if isinstance(node, (list, tuple)):
-        return [(str(i), v) for i, v in enumerate(node)]
+        return [(str(i), i, v) for i, v in enumerate(node)]
     return []
+
+
+def _resolve(root: Any, key: str) -> tuple[KeyPath, Any]:
+    node, rest = root, key
+    path: KeyPath = ()
+    while rest:
+        fits = [c for c in _keyed_children(node) if rest == c[0] or rest.startswith(c[0] + ".")]
+        if not fits:
+            raise KeyError(key)
+        text, k, node = max(fits, key=lambda c: len(c[0]))
+        path = (*path, k)
+        rest = rest[len(text) + 1 :]
+    return path, node
+
+
+def value_at(root: Any, path: KeyPath, default: Any = None) -> Any:
+    """The value at key path ``path`` of ``root``, or ``default`` where there is none."""
+    node = root
+    for key in path:
+        if isinstance(node, Mapping):
+            if key not in node:
+                return default
+            node = node[key]
+        elif isinstance(node, (list, tuple)) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        else:
+            return default
+    return node
 
 
 def resolve(root: Any, key: str) -> Any:
@@ -73,14 +130,7 @@ def resolve(root: Any, key: str) -> Any:
     Raises:
         KeyError: nothing is at that path.
     """
-    node, rest = root, key
-    while rest:
-        fits = [(k, v) for k, v in _children(node) if rest == k or rest.startswith(k + ".")]
-        if not fits:
-            raise KeyError(key)
-        k, node = max(fits, key=lambda kv: len(kv[0]))
-        rest = rest[len(k) + 1 :]
-    return node
+    return _resolve(root, key)[1]
 
 
 def _near_miss(node: Any, prefix: str) -> str | None:
@@ -147,7 +197,7 @@ def select_optimizers(root: Any, key: str | None) -> list[Located]:
         return found
     listed = ", ".join(repr(f.key) for f in found) or "none"
     try:
-        node = resolve(root, key)
+        path, node = _resolve(root, key)
     except KeyError:
         raise UsageError(
             f"--key {key!r}: no such key; optimizer state dicts are at: {listed}"
@@ -155,4 +205,22 @@ def select_optimizers(root: Any, key: str | None) -> list[Located]:
     if not is_optimizer_state_dict(node):
         raise UsageError(f"--key {key!r} is not an optimizer state dict; they are at: {listed}")
     validate_state_dict(node, where=key)
-    return [Located(key, node)]
+    return [Located(key, node, path)]
+
+
+def select_one(root: Any, key: str | None) -> Located:
+    """The one optimizer state dict a command that takes one works on (remap, resume-step):
+    the one at ``key``, or the only one in ``root``.
+
+    Raises:
+        UsageError: ``key`` is ``None`` and ``root`` holds several (they are listed), or as
+            :func:`select_optimizers` raises.
+        NoOptimizerStateError, UnreadableCheckpointError: as :func:`select_optimizers` raises.
+    """
+    found = select_optimizers(root, key)
+    if len(found) > 1:
+        listed = ", ".join(repr(f.key) for f in found)
+        raise UsageError(
+            f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
+        )
+    return found[0]

@@ -172,7 +172,7 @@ def _check_settings(
             )
 
 
-def _majority(sources: Sequence[int]) -> tuple[int, Counter[int]]:
+def majority(sources: Sequence[int]) -> tuple[int, Counter[int]]:
     """The source group most of a target group's carried parameters came from (the lowest
     index among equals), and the count of each."""
     counts = Counter(sources)
@@ -227,7 +227,7 @@ def plan_hyperparams(
             plan.groups.append(GroupHyperparams({}, ""))
             pending_new.append(index)
             continue
-        major, counts = _majority(sources)
+        major, counts = majority(sources)
         values = dict(saved[major])
         origin = f"source group {major}"
         if len(counts) > 1:
@@ -293,7 +293,7 @@ def _changes(
     for index, group in enumerate(plan.groups):
         sources = carried_from[index] if saved else []
         if sources:
-            major, counts = _majority(sources)
+            major, counts = majority(sources)
             references = [major, *sorted(g for g in counts if g != major)]
         elif saved:
             major, counts, references = 0, Counter[int](), [0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
@@ -384,20 +384,45 @@ def cast_value(
     return value.to(device=param.device)
 
 
-def _cast(param: torch.Tensor, value: Any, key: Hashable, placed: bool) -> Any:
+def cast_tree(
+    value: Any,
+    cast: Callable[[torch.Tensor, tuple[Any, ...]], Any],
+    path: tuple[Any, ...] = (),
+) -> Any:
+    """``value`` rebuilt with ``cast(tensor, path)`` in place of every tensor in it.
+
+    The recursion of torch's ``load_state_dict`` (its inner ``_cast``), shared by every
+    command that casts or moves state (:func:`cast_state`, ``move``, ``remap``): dicts are
+    rebuilt with their keys, every other iterable with ``type(value)(...)``, anything else
+    is kept. ``path`` holds the keys and indices from ``value`` down to the tensor; its last
+    item is the dict key torch's policy reads (``step``), or an index for the item of a list,
+    which torch casts with no key.
+
+    Args:
+        value: a state value, a state dict's ``state``, or a whole checkpoint tree.
+        cast: what a tensor becomes, given it and its path under ``value``.
+        path: the path of ``value`` itself (the paths given to ``cast`` start with it).
+    """
     if isinstance(value, torch.Tensor):
-        return cast_value(param, value, key=key, fused_or_capturable=placed)
+        return cast(value, path)
     if isinstance(value, Mapping):
-        return {k: _cast(param, v, k, placed) for k, v in value.items()}
+        return {k: cast_tree(v, cast, (*path, k)) for k, v in value.items()}
     # torch rebuilds every other iterable with ``type(value)(generator)``; that garbles str
     # and bytes and fails on namedtuples, so those are the two places optckpt differs.
     if isinstance(value, (str, bytes)):
         return value
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_cast(param, v, None, placed) for v in value))
+        return type(value)(*(cast_tree(v, cast, (*path, i)) for i, v in enumerate(value)))
     if isinstance(value, Iterable):
-        return type(value)(_cast(param, v, None, placed) for v in value)  # type: ignore[call-arg]
+        items = (cast_tree(v, cast, (*path, i)) for i, v in enumerate(value))
+        return type(value)(items)  # type: ignore[call-arg]
     return value
+
+
+def key_of(path: tuple[Any, ...]) -> Hashable:
+    """The key torch's casting policy sees for the tensor at ``path`` (see :func:`cast_tree`):
+    the dict key it sits under; an index (the item of a list) is never ``step``."""
+    return path[-1] if path else None
 
 
 def cast_state(
@@ -419,7 +444,13 @@ def cast_state(
         param_id: the saved ID, used to find the saved group's ``fused``/``capturable`` flags.
         saved_groups: the saved ``param_groups``.
     """
-    return _cast(param, value, None, _step_placement(param_id, saved_groups))
+    placed = _step_placement(param_id, saved_groups)
+    return cast_tree(
+        value,
+        lambda tensor, path: cast_value(
+            param, tensor, key=key_of(path), fused_or_capturable=placed
+        ),
+    )
 
 
 def unpack(

@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-MAX_SEED = 2**64 - 2
-"""The largest seed: the gradients' generator is seeded with ``seed + 1``, below 2**64."""
+from optckpt.seeds import MAX_SEED
 
-__all__ = ["Gradients", "seeded_parameters", "take_steps"]
+__all__ = ["MAX_SEED", "Gradients", "seeded_parameters", "take_steps"]
 
 
 def seeded_parameters(
