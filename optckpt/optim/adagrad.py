@@ -108,13 +108,8 @@ class Adagrad(Optimizer):
         super().__init__(params, defaults)
 
         if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            self._init_fused(differentiable, foreach)
             self._need_device_dtype_check_for_fused = True
-            # Read by torch.amp.GradScaler, which then sets grad_scale / found_inf on us.
-            self._step_supports_amp_scaling = True
 
         # torch creates every parameter's state here, from the constructor's
         # initial_accumulator_value (a group's own value is not consulted), and without the

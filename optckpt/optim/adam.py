@@ -132,12 +132,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
 
         if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            # Read by torch.amp.GradScaler, which then sets grad_scale / found_inf on us.
-            self._step_supports_amp_scaling = True
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            self._init_fused(differentiable, foreach)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {

@@ -736,6 +736,22 @@ class Optimizer:
 
     # --- for subclasses -------------------------------------------------------------------------
 
+    def _init_fused(self, differentiable: bool, foreach: bool | None) -> None:
+        """What torch's constructors do for ``fused=True`` (Adam, AdamW, Adagrad, SGD).
+
+        Refuse ``differentiable`` and ``foreach`` with it (in that order), and set the flag
+        ``torch.amp.GradScaler`` reads: the fused step unscales the grads itself, so the
+        scaler leaves them scaled and sets ``grad_scale`` and ``found_inf`` on the optimizer.
+
+        Raises:
+            RuntimeError: ``differentiable`` or ``foreach`` is set too.
+        """
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self._step_supports_amp_scaling = True
+
     def _params_with_grad(
         self,
         group: Mapping[str, Any],

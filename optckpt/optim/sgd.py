@@ -94,13 +94,8 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
 
         if fused:
-            # Read by torch.amp.GradScaler, which then sets grad_scale / found_inf on us.
-            self._step_supports_amp_scaling = True
+            self._init_fused(differentiable, foreach)
             self._need_device_dtype_check_for_fused = True
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     # torch's __setstate__: the group keys older checkpoints lack (SGD has no step).
     _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
