@@ -3,7 +3,7 @@
 A masked Adam for dense parameters with sparse gradients (``nn.Embedding(sparse=True)``): only
 the entries a gradient holds update the moments and the parameter. torch has one
 implementation (its functional ``sparse_adam`` in ``torch/optim/_functional.py``), a loop over
-tensors with no ``foreach`` or ``fused`` variant; :func:`_sparse_adam` runs its ops in its
+tensors with no ``foreach`` or ``fused`` variant; :func:`sparse_adam` runs its ops in its
 order. Unlike most optimizers, the ``step`` state is a Python ``int``, in torch as here.
 """
 
