@@ -8,18 +8,19 @@ hyperparameter, ``param_names``, Python-number ``step``s. The round trip
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.io import Checkpoint, load_checkpoint
-from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
-from optckpt.io.dcp.writer import check_output_folder, name_keyed_tree, wants_dcp, write_dcp
-from optckpt.io.write import check_output, format_for, save_checkpoint
+from optckpt.io.dcp import is_dcp
+from optckpt.io.dcp.writer import name_keyed_tree
+from optckpt.io.rewrite import plan_rewrite
+from optckpt.io.write import ProgressStart
 from optckpt.layout import model_state_of
-from optckpt.locate import check_optimizers, select_optimizers
+from optckpt.locate import check_optimizers
 from optckpt.names import KEYINGS, rekey
 from optckpt.optim.guess import guess_optimizer
 
@@ -80,32 +81,35 @@ def convert_checkpoint(
     path: str | Path,
     out: str | Path,
     *,
-    to: str | None = None,
+    fmt: str | None = None,
     optimizer: str | None = None,
     key: str | None = None,
     force: bool = False,
     allow_globals: Iterable[str] = (),
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressStart | None = None,
     keying: str | None = None,
+    to: str | None = None,
 ) -> ConvertResult:
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
     Args:
         path: the checkpoint file, or a DCP folder.
-        out: the output file; its extension picks the format unless ``to`` is given. A
-            DCP folder when ``to`` is ``"dcp"``, or ``out`` ends in ``/`` or is a folder.
-        to: ``"pt"``, ``"safetensors"`` or ``"dcp"``.
+        out: the output file; its extension picks the format unless ``fmt`` is given. A
+            DCP folder when ``fmt`` is ``"dcp"``, or ``out`` ends in ``/`` or is a folder.
+        fmt: ``"pt"``, ``"safetensors"`` or ``"dcp"`` (``--format``).
         optimizer: rewrite the optimizer state dicts (all, or the one at ``key``) for this
             torch optimizer class (Adam <-> AdamW).
         key: key path of the optimizer state dict ``optimizer`` and ``keying`` apply to.
         force: replace ``out`` if it exists.
         allow_globals: globals to allow while unpickling.
-        progress: byte-count callback while writing.
+        progress: told the bytes to write when writing starts; the callback it returns is
+            told each write.
         keying: ``"ids"`` or ``"names"``: rewrite the optimizer state dicts (all, or the one at
             ``key``) in that keying (:func:`optckpt.names.rekey`): ``ids`` for
             ``Optimizer.load_state_dict``, ``names`` (FQN-keyed) for
             ``set_optimizer_state_dict``. A DCP folder is read as ``ids`` unless asked
             otherwise, and written as ``names`` (as DCP keeps optimizer state).
+        to: deprecated name of ``fmt`` (``--to`` names a layout in every other command).
 
     Raises:
         UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``
@@ -114,19 +118,18 @@ def convert_checkpoint(
         UnreadableCheckpointError: the input cannot be read, or holds an optimizer state dict
             that is not a valid one (:func:`~optckpt.locate.check_optimizers`).
     """
-    to_dcp = wants_dcp(out, to)  # before Path() drops a trailing "/"
-    path, out = Path(path), Path(out)
-    if to_dcp:
-        target = "dcp"
-        check_output_folder(out, [path], force=force)
-    else:
-        target = format_for(out, to)
-        check_output(out, [path], force=force)
-    from_dcp = is_dcp(path)
-    if path.is_dir() and not from_dcp:
-        raise UsageError(
-            f"{path} is a folder; convert the optimizer file in it (e.g. {path}/optimizer.pt)"
+    if to is not None:
+        warnings.warn(
+            "convert_checkpoint(to=...) is deprecated; use fmt=...", DeprecationWarning, 2
         )
+        if fmt is not None and fmt != to:
+            raise UsageError(f"--format {fmt} and --to {to} disagree; give --format only")
+        fmt = to
+    job = plan_rewrite(
+        path, out, command="convert", force=force, kind=fmt, allow_globals=allow_globals, dcp=True
+    )
+    assert job.output is not None  # not a dry run
+    to_dcp = job.output.kind == "dcp"
     if key is not None and optimizer is None and keying is None:
         raise UsageError(
             "--key only picks the state dict --optimizer or --keying rewrites; give one of them"
@@ -138,63 +141,41 @@ def convert_checkpoint(
             "--keying ids: a DCP checkpoint keeps optimizer state keyed by parameter names "
             "(set_optimizer_state_dict loads it); write a .pt or .safetensors file for IDs"
         )
-    if from_dcp and not to_dcp and keying is None:
+    if is_dcp(job.source) and not to_dcp and keying is None:
         keying = "ids"  # what Optimizer.load_state_dict takes; --keying names keeps the FQNs
-    checkpoint: Checkpoint
-    if from_dcp:  # tensors are placeholders until written (below)
-        checkpoint = read_dcp(path, allow_globals=allow_globals, tensors="meta")
-    else:
-        checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+    checkpoint = job.load()
     # Everything is carried over as it is, but an optimizer state dict that no optimizer
     # could load is refused here, as every other command refuses it, not written on.
     check_optimizers(checkpoint.root)
+    # The loaded tree is ours (the file is mapped copy-on-write): edit it in place.
     rewritten = []
     if optimizer is not None:
-        for located in select_optimizers(checkpoint.root, key):
+        for located in job.select(checkpoint):
             new = retarget(located.state_dict, optimizer)
             if new is not located.state_dict:
-                # The loaded tree is ours (the file is mapped copy-on-write): edit it in place.
                 located.state_dict["param_groups"] = new["param_groups"]
                 rewritten.append(located.key)
+    model_state = model_state_of(checkpoint)
     rekeyed = []
     if keying is not None:
-        for located in select_optimizers(checkpoint.root, key):
-            keyed = rekey(
-                located.state_dict,
-                keying,
-                model_state=model_state_of(checkpoint),
-                where=str(path),
-            )
+        for located in job.select(checkpoint):
+            keyed = rekey(located.state_dict, keying, model_state=model_state, where=str(path))
             if keyed is not located.state_dict:
                 located.state_dict.clear()
                 located.state_dict.update(keyed)
                 rekeyed.append(located.key)
-    if isinstance(checkpoint, DcpCheckpoint):
-        # A file writer makes each tensor only when it writes it (a sharded one assembled
-        # then), so memory stays at the largest tensor; torch's DCP writer takes tensors.
-        checkpoint.root = checkpoint.resolved(checkpoint.root, lazy=not to_dcp)
-    if to_dcp:
-        model_state = model_state_of(checkpoint)
+    if to_dcp:  # DCP keeps optimizer state by parameter names
         named = name_keyed_tree(
             checkpoint.root,
             lambda sd: rekey(sd, "names", model_state=model_state, where=str(path)),
         )
         rekeyed += [k for k in named if k not in rekeyed]
-        write_dcp(checkpoint.root, out)
-    else:
-        save_checkpoint(
-            checkpoint.root,
-            out,
-            target,
-            progress=progress,
-            sources=checkpoint.sources,
-            saved_devices=checkpoint.saved_devices,
-        )
+    job.save(checkpoint, progress)
     return ConvertResult(
-        source=path,
-        out=out,
+        source=job.source,
+        out=job.output.path,
         source_format=checkpoint.format,
-        target_format=target,
+        target_format=job.output.kind,
         rewritten=rewritten,
         rekeyed=rekeyed,
         keying="names" if to_dcp else keying,

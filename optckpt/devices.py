@@ -1,118 +1,122 @@
-"""The devices a rewritten optimizer state dict records when it is written.
+"""Keeping a checkpoint's saved placement in step when a command replaces part of its tree.
 
-A checkpoint saved from CUDA and read to the CPU remembers where each storage was saved
-(:attr:`optckpt.io.Checkpoint.saved_devices`, by storage address); the writers tag each
-storage with that device again. Commands that make new tensors (``resume-step -o`` steps
-the state, ``remap`` casts it) use :func:`carry_devices` so that the new tensors record the
-device of the ones they replace, and a CUDA checkpoint comes out as it went in.
+A checkpoint saved from CUDA and read to the CPU remembers where each tensor was saved from,
+by key path (:attr:`optckpt.io.Checkpoint.placement`); the writers record those devices
+again. A command that swaps new tensors into the tree changes the placement of the paths it
+replaces, here, so that a CUDA checkpoint comes out as it went in:
+
+* ``move`` drops the placement of what it moved (:func:`forget_placement`): moved tensors
+  record where they went;
+* ``resume-step -o`` (the state it stepped) and ``remap`` (the state it carried, perhaps
+  cast) give the new state the devices of the tensors it replaces
+  (:func:`replace_placement`).
+
+Everything is matched by key path, never by memory address: an address is reused as soon as
+a tensor is freed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from optckpt.io import Checkpoint
-from optckpt.locate import tensors_in
+from optckpt.locate import KeyPath, tensor_paths, value_at
+
+_ABSENT = object()  # no counterpart in the old state dict
 
 
-def current_devices(checkpoint: Checkpoint) -> dict[int, str]:
-    """The saved device of every tensor the checkpoint's tree holds now, by storage address.
-
-    Taken before the tree is changed, so that no address belongs to a storage already freed
-    (whose memory a new tensor may have taken). Empty storages (address 0) are left out.
-    """
-    devices = {}
-    for _, tensor in tensors_in(checkpoint.root):
-        address = tensor.untyped_storage().data_ptr()
-        if address:
-            devices[address] = checkpoint.saved_device(tensor)
-    return devices
+def forget_placement(checkpoint: Checkpoint, under: KeyPath = ()) -> None:
+    """Drop the recorded devices of every tensor at or under ``under`` (``()``: all of them):
+    those tensors are written as being where they are."""
+    for key in [k for k in checkpoint.placement if k[: len(under)] == under]:
+        del checkpoint.placement[key]
 
 
-def carry_devices(
+def replace_placement(
     checkpoint: Checkpoint,
+    at: KeyPath,
     old: Mapping[str, Any],
     new: Mapping[str, Any],
     *,
-    same_ids: bool,
+    ids: Mapping[Any, Any] | None = None,
+    groups: Sequence[int | None] | None = None,
     param_devices: Mapping[Any, str] | None = None,
-) -> dict[int, str]:
-    """The devices to write ``checkpoint`` with once ``new`` replaces ``old`` in it.
+) -> None:
+    """Record the devices ``new``'s tensors were saved from, once ``new`` replaces the
+    optimizer state dict ``old`` at key path ``at`` of ``checkpoint``.
 
-    Call it before the tree is changed: it starts from :func:`current_devices` and adds
-    ``new``'s tensors.
-
-    A tensor of ``new`` takes the saved device of its counterpart in ``old``: the tensor at
-    the same key path of the same parameter ID (``same_ids``, when ``new`` keeps ``old``'s
-    IDs) or of the same group index, for hyperparameters. A tensor without one keeps the
-    device of its storage if ``old`` held it; else the saved device of its parameter (from
-    ``param_devices``, by ID) or, without one, the device ``old``'s state was mostly saved
-    from, except a ``step`` of a group neither fused nor capturable, which torch keeps on
-    the CPU.
+    Call it before the tree changes (``old`` is still where it was read). A tensor of
+    ``new`` takes the saved device of its counterpart in ``old``: the tensor at the same path
+    in the state of the same parameter (``ids`` maps each new ID to its old one; without it
+    IDs are kept), or in the group it came from, for hyperparameters (``groups`` maps each new
+    group index to an old one; without it indices are kept). A tensor without one takes the
+    saved device of its parameter (``param_devices``, by new ID) or, without one, the device
+    ``old``'s state was mostly saved from; except a ``step`` of a group neither fused nor
+    capturable, which torch keeps on the CPU.
 
     Args:
-        checkpoint: the checkpoint ``old`` was read from.
+        checkpoint: the checkpoint ``old`` was read from; its placement is updated.
+        at: the key path of ``old`` in the checkpoint's tree.
         old: the optimizer state dict as read.
         new: the state dict that replaces it.
-        same_ids: whether a parameter ID means the same parameter in both.
+        ids: new parameter ID -> old parameter ID, where the IDs changed (``remap``).
+        groups: new group index -> old group index (``None``: no old group), where the
+            groups changed.
         param_devices: the saved device of each parameter, by ID in ``new``, where known.
-
-    Returns:
-        Storage address -> device, for :func:`optckpt.io.write.save_checkpoint`.
     """
-    devices = current_devices(checkpoint)
-    counts = Counter(
-        checkpoint.saved_device(t)
-        for key, t in tensors_in(old.get("state", {}))
-        if key != "step" and t.untyped_storage().data_ptr()
-    )
+    placed = {}
+    for rel, tensor in tensor_paths(old.get("state", {}), ("state",)):
+        if rel[-1] != "step":
+            placed[rel] = checkpoint.saved_device(at + rel, tensor)
+    counts = Counter(d for d in placed.values() if d is not None)
     usual = counts.most_common(1)[0][0] if counts else "cpu"
-    old_groups = list(old.get("param_groups", []))
-    old_state = old.get("state", {}) if same_ids else {}
-    placed: dict[Any, bool] = {}
+
+    def saved(rel: KeyPath) -> str | None:
+        """The saved device of ``old``'s tensor at ``rel``, if it has one there."""
+        tensor = value_at(old, rel)
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        return checkpoint.saved_device(at + rel, tensor)
+
+    devices: dict[KeyPath, tuple[str | None, Any]] = {}
     for index, group in enumerate(new.get("param_groups", [])):
+        source = index if groups is None else groups[index]
+        for key, value in group.items():
+            if key == "params":
+                continue
+            for rel, tensor in tensor_paths(value, ("param_groups", index, key)):
+                there = None if source is None else saved(("param_groups", source, *rel[2:]))
+                devices[rel] = (there or usual, tensor)
+    fused = fused_or_capturable(new)
+    for pid, entry in new.get("state", {}).items():
+        before = pid if ids is None else ids.get(pid, _ABSENT)
+        device = (param_devices or {}).get(pid, usual)
+        step = device if fused.get(pid, False) else "cpu"
+        for rel, tensor in tensor_paths(entry, ("state", pid)):
+            there = None if before is _ABSENT else saved(("state", before, *rel[2:]))
+            devices[rel] = (there or (step if _is_step(rel[2:]) else device), tensor)
+
+    forget_placement(checkpoint, at)
+    for rel, (recorded, tensor) in devices.items():
+        if recorded is not None and recorded != str(tensor.device):
+            checkpoint.placement[at + rel] = recorded
+
+
+def _is_step(inner: KeyPath) -> bool:
+    """Whether a state tensor at ``inner`` (its path in a parameter's state) is a ``step``:
+    the nearest key above it, as torch's casting policy reads keys, is ``step``."""
+    return next((k for k in reversed(inner) if isinstance(k, str)), None) == "step"
+
+
+def fused_or_capturable(state_dict: Mapping[str, Any]) -> dict[Any, bool]:
+    """Each parameter ID's flag: its first group is ``fused`` or ``capturable``."""
+    flags: dict[Any, bool] = {}
+    for group in state_dict.get("param_groups", []):
         flag = bool(group.get("fused") or group.get("capturable"))
         for pid in group.get("params", []):
-            placed.setdefault(pid, flag)
-        saved = old_groups[index] if index < len(old_groups) else {}
-        for key, value in group.items():
-            if key != "params":
-                _pair(checkpoint, devices, value, saved.get(key), usual, key)
-    for pid, entry in new.get("state", {}).items():
-        device = (param_devices or {}).get(pid, usual)
-        step_default = device if placed.get(pid, False) else "cpu"
-        _pair(checkpoint, devices, entry, old_state.get(pid), device, None, step_default)
-    return devices
-
-
-def _pair(
-    checkpoint: Checkpoint,
-    devices: dict[int, str],
-    new: Any,
-    old: Any,
-    usual: str,
-    key: Any,
-    step_default: str | None = None,
-) -> None:
-    if isinstance(new, torch.Tensor):
-        address = new.untyped_storage().data_ptr()
-        if not address:
-            return
-        if isinstance(old, torch.Tensor):
-            devices[address] = checkpoint.saved_device(old)
-        elif address not in devices:
-            devices[address] = step_default if key == "step" and step_default else usual
-    elif isinstance(new, Mapping):
-        for k, v in new.items():
-            counterpart = old.get(k) if isinstance(old, Mapping) else None
-            _pair(checkpoint, devices, v, counterpart, usual, k, step_default)
-    elif isinstance(new, (list, tuple)):
-        olds = old if isinstance(old, (list, tuple)) else ()
-        for i, v in enumerate(new):
-            _pair(
-                checkpoint, devices, v, olds[i] if i < len(olds) else None, usual, key, step_default
-            )
+            flags.setdefault(pid, flag)
+    return flags

@@ -18,18 +18,17 @@ from typing import Any
 
 import torch
 
-from optckpt.chunks import check_bounded, chunk_slices, readable, reducible
+from optckpt.chunks import bits_dtype, check_bounded, chunk_slices, readable, reducible, same_bits
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
 from optckpt.layout import load_layout, model_state_of
-from optckpt.locate import Located, select_optimizers
+from optckpt.locate import KeyPath, Located, select_optimizers
 from optckpt.names import Pairing, pair_parameters
 from optckpt.statedict import group_of, param_ids, validate_state_dict
 
 _CHUNK = 1 << 22  # elements compared at a time
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -126,15 +125,6 @@ def _same(a: Any, b: Any) -> bool:
     return bool(type(a) is type(b) and a == b)
 
 
-def _bits(dtype: torch.dtype, element_size: int) -> torch.dtype | None:
-    """The integer dtype whose view compares ``dtype`` bit by bit, where values should be
-    compared so: floats (equal NaNs are equal, -0.0 differs from 0.0), and dtypes the CPU
-    cannot compare by value (complex32, packed types)."""
-    if dtype.is_floating_point or dtype == torch.complex32 or not readable(dtype):
-        return _BITS.get(element_size)
-    return None
-
-
 def _count_differing(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -159,8 +149,8 @@ def _count_differing(
             )
         check_bounded(tensor, where)
     numeric = readable(a.dtype) and readable(b.dtype)
-    bits = _bits(a.dtype, a.element_size()) if a.dtype == b.dtype else None
-    if _bitwise_equal(a, b, bits):
+    bits = bits_dtype(a.dtype) if a.dtype == b.dtype else None
+    if same_bits(a, b):
         # One read of each side, no temporaries: the common case of equal tensors. Equal bits
         # mean no differing element under either test (isclose has equal_nan=True).
         return 0, 0.0, 0.0
@@ -200,23 +190,6 @@ def _count_differing(
     return differing, max_abs, max_rel
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, bits: torch.dtype | None) -> bool:
-    """Whether two tensors of the same shape hold the same bits (same dtype only).
-
-    Dtypes that :func:`_bits` gives a view are compared through it, so NaNs with equal bits
-    are equal and -0.0 differs from 0.0, as the bitwise test counts them; other dtypes by
-    value (what ``!=`` counts). Dtypes that need a view but have none of their size answer
-    ``False`` and are left to the full count.
-    """
-    if a.dtype != b.dtype or a.device != b.device:
-        return False
-    if bits is not None:
-        return torch.equal(a.view(bits), b.view(bits))
-    if _bits(a.dtype, a.element_size()) is not None or not readable(a.dtype):
-        return False
-    return torch.equal(a, b)
-
-
 @dataclass
 class _Comparer:
     """Compares state values recursively, collecting :class:`Difference` s in ``found``."""
@@ -226,7 +199,9 @@ class _Comparer:
     ranges: FileRanges
     found: list[Difference] = field(default_factory=list)
 
-    def tensors(self, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    def tensors(
+        self, a: torch.Tensor, b: torch.Tensor, where: str, paths: tuple[KeyPath, KeyPath]
+    ) -> None:
         if a.shape != b.shape:
             self.found.append(Difference("shape", where, list(a.shape), list(b.shape)))
             return
@@ -240,7 +215,8 @@ class _Comparer:
                 or not (readable(a.dtype) and readable(b.dtype))
             ):
                 return  # with a tolerance, values of different dtypes are compared too
-        dev_a, dev_b = self.checkpoints[0].saved_device(a), self.checkpoints[1].saved_device(b)
+        dev_a = self.checkpoints[0].saved_device(paths[0], a)
+        dev_b = self.checkpoints[1].saved_device(paths[1], b)
         if dev_a != dev_b and dev_a is not None and dev_b is not None:  # None: DCP, unrecorded
             self.found.append(Difference("device", where, dev_a, dev_b))
         if a.device.type == "meta" or b.device.type == "meta":
@@ -262,9 +238,10 @@ class _Comparer:
         }
         self.found.append(Difference("values", where, None, None, detail))
 
-    def compare(self, a: Any, b: Any, where: str) -> None:
+    def compare(self, a: Any, b: Any, where: str, paths: tuple[KeyPath, KeyPath]) -> None:
+        """Compare ``a`` and ``b`` (``paths``: their key paths in their checkpoints)."""
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            self.tensors(a, b, where)
+            self.tensors(a, b, where, paths)
         elif isinstance(a, Mapping) and isinstance(b, Mapping):
             for k in a:
                 if k not in b:
@@ -278,10 +255,10 @@ class _Comparer:
                     )
             for k in a:
                 if k in b:
-                    self.compare(a[k], b[k], f"{where}.{k}")
+                    self.compare(a[k], b[k], f"{where}.{k}", ((*paths[0], k), (*paths[1], k)))
         elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
-                self.compare(x, y, f"{where}.{i}")
+                self.compare(x, y, f"{where}.{i}", ((*paths[0], i), (*paths[1], i)))
         elif where.endswith(".step") and _is_number(a) and _is_number(b):
             if _tensor_free_number(a) != _tensor_free_number(b) or type(a) is not type(b):
                 self.found.append(Difference("step", where, jsonable(a), jsonable(b)))
@@ -385,7 +362,9 @@ def _diff(a: Located, b: Located, comparer: _Comparer, pairing: Pairing) -> Pair
         if by_name and group_a.get(pid) != group_b.get(other) and len(ga) == len(gb):
             out.append(Difference("value", f"{label} group", group_a.get(pid), group_b.get(other)))
         state_a, state_b = sa["state"].get(pid, {}), sb["state"].get(other, {})
-        comparer.compare(state_a, state_b, label)
+        comparer.compare(
+            state_a, state_b, label, ((*a.path, "state", pid), (*b.path, "state", other))
+        )
     known_a = set(label_a.values())
     for pid in ids_b:
         if label_b[pid] not in known_a:

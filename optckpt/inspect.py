@@ -23,7 +23,7 @@ from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.pages import Releaser
 from optckpt.layout import model_state_of
-from optckpt.locate import Located, select_optimizers
+from optckpt.locate import KeyPath, Located, select_optimizers
 from optckpt.names import Naming, name_parameters
 from optckpt.optim.guess import Guess, guess_optimizer
 from optckpt.optim.specs import (
@@ -246,11 +246,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _info(tensor: torch.Tensor, checkpoint: Checkpoint) -> TensorInfo:
+def _info(tensor: torch.Tensor, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo:
     return TensorInfo(
         shape=tuple(tensor.shape),
         dtype=_dtype_name(tensor.dtype),
-        device=checkpoint.saved_device(tensor),
+        device=checkpoint.saved_device(path, tensor),
         numel=tensor.numel(),
         nbytes=tensor.numel() * tensor.element_size(),
     )
@@ -307,11 +307,12 @@ def _step_value(value: Any) -> float | None:
     return None
 
 
-def _state_entry(value: Any, checkpoint: Checkpoint) -> TensorInfo | Any:
+def _state_entry(value: Any, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo | Any:
+    """A state value as the report shows it; ``path``: its key path in the checkpoint."""
     if isinstance(value, torch.Tensor):
-        return _info(value, checkpoint)
+        return _info(value, checkpoint, path)
     if isinstance(value, (list, tuple)):
-        return [_state_entry(v, checkpoint) for v in value]
+        return [_state_entry(v, checkpoint, (*path, i)) for i, v in enumerate(value)]
     return value
 
 
@@ -428,12 +429,17 @@ def inspect_optimizer(
     releaser = Releaser(checkpoint.sources)
     for pid in ids:
         raw = state.get(pid, {})
-        raw = raw if isinstance(raw, Mapping) else {"<value>": raw}
+        at = (*located.path, "state", pid)
+        if isinstance(raw, Mapping):
+            entries = {str(k): _state_entry(v, checkpoint, (*at, k)) for k, v in raw.items()}
+        else:
+            entries = {"<value>": _state_entry(raw, checkpoint, at)}
+            raw = {"<value>": raw}
         report = ParamReport(
             id=pid,
             name=names.get(pid),
             group=groups_of.get(pid),
-            state={str(k): _state_entry(v, checkpoint) for k, v in raw.items()},
+            state=entries,
         )
         step = _step_value(raw.get("step"))
         if step is not None:

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from optckpt.chunks import check_bounded
-from optckpt.devices import current_devices
+from optckpt.devices import forget_placement, fused_or_capturable
 from optckpt.errors import UnreadableCheckpointError, UsageError
-from optckpt.io import load_checkpoint
 from optckpt.io.pages import Releaser
+from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.torch_format import Deferred, can_defer
-from optckpt.io.write import check_output, format_for, save_checkpoint
-from optckpt.locate import select_optimizers, tensors_in
+from optckpt.io.write import ProgressStart
+from optckpt.locate import KeyPath, tensor_paths
+from optckpt.statedict import cast_tree, key_of
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -63,42 +64,34 @@ def parse_dtype(text: str) -> torch.dtype:
         raise UsageError(f"--dtype {text!r}: choose one of {', '.join(DTYPES)}") from None
 
 
-def _move(
-    value: Any,
+def _moved(
+    tensor: torch.Tensor,
     key: Any,
     device: torch.device,
     dtype: torch.dtype | None,
     placed: bool,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
-    where: str = "a tensor",
 ) -> Any:
-    if isinstance(value, torch.Tensor):
-        _check_movable(value, device, where)
-        if key == "step":
-            return value.to(device=device, dtype=torch.float32) if placed else value
-        if dtype is not None and value.is_floating_point():
-            if lazy and device.type == "cpu" and can_defer(value, dtype):
-                # cast when written, so the cast copies are never all in memory at once
-                return Deferred(value, dtype)
-            moved = value.to(device=device, dtype=dtype)
-        else:
-            moved = value.to(device=device)
-        if on_read is not None and moved is not value:
-            on_read(value.numel() * value.element_size())
-        return moved
-    if isinstance(value, Mapping):
-        return {
-            k: _move(v, k, device, dtype, placed, on_read, lazy, f"{where}.{k}")
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        items = [
-            _move(v, None, device, dtype, placed, on_read, lazy, f"{where}.{i}")
-            for i, v in enumerate(value)
-        ]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+    """One tensor moved by the casting policy of the module doc (``placed``: its group is
+    fused or capturable)."""
+    if key == "step":
+        return tensor.to(device=device, dtype=torch.float32) if placed else tensor
+    if dtype is not None and tensor.is_floating_point():
+        if lazy and device.type == "cpu" and can_defer(tensor, dtype):
+            # cast when written, so the cast copies are never all in memory at once
+            return Deferred(tensor, dtype)
+        moved = tensor.to(device=device, dtype=dtype)
+    else:
+        moved = tensor.to(device=device)
+    if on_read is not None and moved is not tensor:
+        on_read(tensor.numel() * tensor.element_size())
+    return moved
+
+
+def _where(prefix: str, path: KeyPath) -> str:
+    """A tensor's place for a message: ``state.3.exp_avg``."""
+    return ".".join([prefix, *map(str, path)]) if prefix else ".".join(map(str, path))
 
 
 def _check_movable(tensor: torch.Tensor, device: torch.device, where: str) -> None:
@@ -131,28 +124,17 @@ def move_state(
         UnreadableCheckpointError: a meta tensor (no data) to move to a real device, or a
             tensor that claims far more elements than its storage holds (zero strides).
     """
-    placed: dict[Any, bool] = {}
-    for group in state_dict["param_groups"]:
-        flag = bool(group.get("fused") or group.get("capturable"))
-        for pid in group["params"]:
-            placed.setdefault(pid, flag)
-    state = {
-        pid: _move(
-            value, None, device, dtype, placed.get(pid, False), on_read, lazy, f"state.{pid}"
-        )
-        for pid, value in state_dict["state"].items()
-    }
+    placed = fused_or_capturable(state_dict)
+    # every tensor checked before any is copied
+    for path, tensor in tensor_paths(state_dict["state"]):
+        _check_movable(tensor, device, _where("state", path))
+
+    def mover(pid: Any) -> Callable[[torch.Tensor, KeyPath], Any]:
+        flag = placed.get(pid, False)
+        return lambda tensor, path: _moved(tensor, key_of(path), device, dtype, flag, on_read, lazy)
+
+    state = {pid: cast_tree(value, mover(pid)) for pid, value in state_dict["state"].items()}
     return {**state_dict, "state": state}
-
-
-def move_all(
-    node: Any, device: torch.device, dtype: torch.dtype | None, *, lazy: bool = False
-) -> Any:
-    """Every tensor of a tree (outside optimizer state) to ``device``; floating ones to ``dtype``.
-
-    ``lazy`` as for :func:`move_state`.
-    """
-    return _move(node, None, device, dtype, False, lazy=lazy)
 
 
 @dataclass(frozen=True)
@@ -177,78 +159,71 @@ def move_checkpoint(
     all_tensors: bool = False,
     force: bool = False,
     allow_globals: Iterable[str] = (),
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressStart | None = None,
 ) -> MoveResult:
     """Write ``path`` to ``out`` with its optimizer state moved to ``device`` / ``dtype``.
 
     Everything else in the file is kept as it was, unless ``all_tensors``: then every tensor
-    moves too (model weights take ``dtype`` as well, when floating).
+    outside the optimizer state dicts moves too (model weights take ``dtype`` as well, when
+    floating). ``progress`` is told the bytes to write when writing starts; the callback it
+    returns is told each write.
 
     Raises:
         UsageError: a bad device, dtype or output path.
         UnreadableCheckpointError: the input cannot be read, holds no valid optimizer state,
             or holds tensors that cannot be moved (see :func:`move_state`).
     """
-    path, out = Path(path), Path(out)
-    target = format_for(out)
     torch_device = parse_device(device)
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
-    check_output(out, [path], force=force)
-    if path.is_dir():
-        raise UsageError(
-            f"{path} is a folder; move the optimizer file in it (e.g. {path}/optimizer.pt)"
-        )
-    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
-    found = select_optimizers(checkpoint.root, key)
+    job = plan_rewrite(path, out, command="move", force=force, key=key, allow_globals=allow_globals)
+    checkpoint = job.load()
+    found = job.select(checkpoint)
     releaser = Releaser(checkpoint.sources)
-    # What stays records the device it was saved from (a CUDA checkpoint's model weights stay
-    # tagged cuda:0); what moves records where it went.
-    kept_devices = {} if all_tensors else current_devices(checkpoint)
-    moved = {
-        id(f.state_dict): move_state(
-            f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True
-        )
+    moved = [
+        move_state(f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True)
         for f in found
-    }
-    for state_dict in moved.values():  # casts made when written are new storages anyway
-        for _, tensor in tensors_in(state_dict["state"]):
-            kept_devices.pop(tensor.untyped_storage().data_ptr(), None)
+    ]
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
-    for f in found:
-        f.state_dict["state"] = moved[id(f.state_dict)]["state"]
-    root = checkpoint.root
+    # What moved records where it went; what stays, the device it was saved from (a CUDA
+    # checkpoint's model weights stay tagged cuda:0).
+    for located, state_dict in zip(found, moved, strict=True):
+        located.state_dict["state"] = state_dict["state"]
+        forget_placement(checkpoint, (*located.path, "state"))
     if all_tensors:
-        root = _move_outside(root, torch_device, torch_dtype, set(moved))
-    save_checkpoint(
-        root,
-        out,
-        target,
-        progress=progress,
-        sources=checkpoint.sources,
-        saved_devices=kept_devices,
-    )
+        checkpoint.root = _move_outside(
+            checkpoint.root, [f.path for f in found], torch_device, torch_dtype
+        )
+        forget_placement(checkpoint)
+    job.save(checkpoint, progress)
     return MoveResult(
-        out=out,
+        out=Path(out),
         device=str(torch_device),
         dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
         optimizers=[f.key for f in found],
         all_tensors=all_tensors,
         kept_on=sorted(
-            {kept_devices.get(t.untyped_storage().data_ptr(), "cpu") for _, t in tensors_in(root)}
+            {checkpoint.placement.get(p, "cpu") for p, _ in tensor_paths(checkpoint.root)}
             - {"cpu", str(torch_device)}
         ),
     )
 
 
 def _move_outside(
-    node: Any, device: torch.device, dtype: torch.dtype | None, done: set[int]
+    root: Any, done: list[KeyPath], device: torch.device, dtype: torch.dtype | None
 ) -> Any:
-    """Move every tensor but the optimizer states already moved (their dicts' ids in ``done``)."""
-    if id(node) in done:
-        return node
-    if isinstance(node, Mapping):
-        return {k: _move_outside(v, device, dtype, done) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        items = [_move_outside(v, device, dtype, done) for v in node]
-        return items if isinstance(node, list) else tuple(items)
-    return move_all(node, device, dtype, lazy=True)
+    """Every tensor of the tree moved, but those of the optimizer state dicts at ``done``
+    (their state moved already, their hyperparameters kept). Outside optimizer state no key
+    is a ``step``: every tensor there moves, and floating ones take ``dtype``."""
+
+    def outside(path: KeyPath) -> bool:
+        return not any(path[: len(d)] == d for d in done)
+
+    for path, tensor in tensor_paths(root):
+        if outside(path):
+            _check_movable(tensor, device, _where("", path))
+    return cast_tree(
+        root,
+        lambda tensor, path: (
+            _moved(tensor, None, device, dtype, False, lazy=True) if outside(path) else tensor
+        ),
+    )

@@ -24,8 +24,9 @@ from optckpt.layout import Layout, load_layout, split_top_level, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, gradients_of
+from optckpt.seeds import check_seed
 from optckpt.statedict import huge_int, show_value
-from optckpt.synthetic import MAX_SEED, Gradients, seeded_parameters, take_steps
+from optckpt.synthetic import Gradients, seeded_parameters, take_steps
 
 if TYPE_CHECKING:
     from optckpt.io.write import ProgressStart
@@ -375,8 +376,7 @@ def regenerate(
     cls = by_name(optimizer)
     if steps < 0:
         raise UsageError(f"--steps must be 0 or more, not {steps}")
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
+    check_seed(seed)
     if not layout.params:  # torch.optim refuses an empty parameter list too
         raise UsageError("the layout has no parameters")
     groups, kwargs, dropped = _groups(layout, defaults(cls), settings, cls.__name__)
@@ -482,13 +482,10 @@ def regenerate_checkpoint(
         IncompatibleStateError: the optimizer refuses the layout or the settings.
     """
     from optckpt.io import load_checkpoint
-    from optckpt.io.write import check_output, format_for, save_checkpoint, tensor_bytes
+    from optckpt.io.rewrite import prepare_output, save
     from optckpt.layout import find_model_state
 
-    out = Path(out)
-    fmt = format_for(out)
-    inputs = [] if isinstance(layout, Layout) else [Path(layout)]
-    check_output(out, inputs, force=force)
+    output = prepare_output(out, force=force, inputs=[layout], command="regenerate")
     parsed = [s if isinstance(s, Setting) else parse_setting(s) for s in settings]
     if group_rules and (isinstance(layout, Layout) or Path(layout).suffix == ".json"):
         raise UsageError(
@@ -507,17 +504,15 @@ def regenerate_checkpoint(
             assert model_state is not None  # load_layout found it
             values = {**model_state}
             params_from = f"model state dict {layout}"
-    if fmt == "safetensors":  # refused now, not after the steps
-        from optckpt.io.safetensors_format import check_storable
-
-        check_storable((n, getattr(torch, p.dtype)) for n, p in target.params.items())
+    # refused now, not after the steps
+    output.refuse_unstorable((n, getattr(torch, p.dtype)) for n, p in target.params.items())
     result = regenerate(
         optimizer, target, steps=steps, seed=seed, settings=parsed, values=values, names=names
     )
     tree: Any = result.optimizer if bare else {"model": result.model, "optimizer": result.optimizer}
-    save_checkpoint(tree, out, fmt, progress=progress(tensor_bytes(tree)) if progress else None)
+    save(output, tree, progress=progress)
     return RegenerateResult(
-        out=out,
+        out=output.path,
         optimizer=by_name(optimizer).__name__,
         steps=steps,
         seed=seed,

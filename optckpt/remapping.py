@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
+from optckpt.devices import replace_placement
 from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.io.rewrite import plan_rewrite
+from optckpt.io.write import ProgressStart
 from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of
 from optckpt.names import match_names, name_parameters, to_name_keyed
 from optckpt.optim.guess import guess_optimizer
@@ -39,10 +42,11 @@ from optckpt.remap_hyperparams import (
     HyperparamChange,
     KeptValue,
     Setting,
+    majority,
     parse_settings,
     plan_hyperparams,
 )
-from optckpt.statedict import StateDict, group_of, param_ids
+from optckpt.statedict import StateDict, cast_tree, group_of, key_of, param_ids
 
 
 @dataclass
@@ -72,6 +76,10 @@ class RemapPlan:
     # were not taken (optckpt.remap_hyperparams).
     hyperparam_changes: list[HyperparamChange] = field(default_factory=list)
     hyperparams_kept: list[KeptValue] = field(default_factory=list)
+    # Where the new state dict's parts came from, for its saved devices (not in the JSON):
+    # each new state key's source parameter ID, each target group's source group.
+    state_from: dict[Any, Any] = field(default_factory=dict)
+    groups_from: list[int | None] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as ``remap --json`` prints it."""
@@ -122,22 +130,9 @@ def _renamed(name: str, rules: Sequence[tuple[Pattern, str]]) -> str:
     return name
 
 
-def _cast(value: Any, key: Any, dtype: torch.dtype) -> Any:
-    """The casting policy for a new parameter dtype: floating state follows it, ``step`` never."""
-    if isinstance(value, torch.Tensor):
-        if key == "step" or not value.is_floating_point():
-            return value
-        return value.to(dtype=dtype)
-    if isinstance(value, Mapping):
-        return {k: _cast(v, k, dtype) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_cast(v, None, dtype) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_cast(v, None, dtype) for v in value)
-    return value
-
-
 def _carry(state: Any, source_dtype: str | None, spec: ParamSpec) -> Any:
+    """The state of a parameter whose dtype becomes the layout's: floating state follows it,
+    ``step`` never (the casting policy, through the core's recursion)."""
     target = getattr(torch, spec.dtype, None)
     if (
         not isinstance(target, torch.dtype)
@@ -145,7 +140,13 @@ def _carry(state: Any, source_dtype: str | None, spec: ParamSpec) -> Any:
         or spec.dtype == source_dtype
     ):
         return state
-    return _cast(state, None, target)
+
+    def cast(tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+        if key_of(path) == "step" or not tensor.is_floating_point():
+            return tensor
+        return tensor.to(dtype=target)
+
+    return cast_tree(state, cast)
 
 
 def _source_dtype(optimizer: str | None, state: Any) -> str | None:
@@ -250,6 +251,7 @@ def remap(
     mismatches: list[str] = []
     plans: list[GroupPlan] = []
     new_state: dict[int, Any] = {}
+    state_from: dict[Any, Any] = {}
     new_groups: list[dict[str, Any]] = []
     next_id = 0
     used: set[str] = set()
@@ -279,6 +281,7 @@ def remap(
                 continue
             if state is not None:
                 new_state[pid_new] = _carry(state, _source_dtype(optimizer, state), spec)
+                state_from[pid_new] = pid
             if old_name == matched.found[name]:  # no --rename rule changed it
                 plan.carried.append(name)
             else:
@@ -324,6 +327,7 @@ def remap(
         if not any("param_names" in g for g in saved_groups):
             new_groups[:] = [{k: v for k, v in g.items() if k != "param_names"} for g in new_groups]
         new_sd = to_name_keyed(new_sd, target_names)
+        state_from = {target_names[pid]: old for pid, old in state_from.items()}
     unchecked = _unchecked(optimizer, saved_state) if new_state else []
     if unchecked:
         warnings.append(
@@ -340,6 +344,9 @@ def remap(
         matched.stripped,
         hyperparam_changes=hyper.changes,
         hyperparams_kept=hyper.kept,
+        state_from=state_from,
+        # the values majority's group gives (a group of new parameters: the first group's)
+        groups_from=[majority(s)[0] if s else 0 for s in carried_from],
     )
 
 
@@ -366,13 +373,15 @@ def remap_checkpoint(
     key: str | None = None,
     force: bool = False,
     allow_globals: Iterable[str] = (),
+    progress: ProgressStart | None = None,
 ) -> RemapResult:
     """Remap the optimizer state of a checkpoint file and write the result to ``out``.
 
     Everything else in the file is kept. With ``out=None`` nothing is written (a dry run).
     ``hyperparams`` and ``settings`` decide the groups' hyperparameters (see :func:`remap`);
     without ``hyperparams`` the checkpoint's values are kept, except that values written in
-    ``group_rules`` (``--group 'REGEX:key=value'``) are asked for and win.
+    ``group_rules`` (``--group 'REGEX:key=value'``) are asked for and win. ``progress`` is
+    told the bytes to write when writing starts; the callback it returns is told each write.
 
     Raises:
         UsageError: bad options, an output that may not be written, several optimizer state
@@ -380,22 +389,18 @@ def remap_checkpoint(
         IncompatibleStateError: shapes changed (see :func:`remap`).
         UnreadableCheckpointError: the input cannot be read.
     """
-    from optckpt.devices import carry_devices
-    from optckpt.io import load_checkpoint
-    from optckpt.io.write import check_output, format_for, save_checkpoint
-    from optckpt.locate import select_optimizers
-
-    path = Path(path)
     if hyperparams is not None and hyperparams not in PREFERENCES:
         raise UsageError(f"--hyperparams {hyperparams!r}: expected checkpoint or layout")
     settings = parse_settings(settings)
-    if out is not None:
-        out = Path(out)
-        check_output(out, [path, to, source], force=force)
-        if path.is_dir():
-            raise UsageError(
-                f"{path} is a folder; remap the optimizer file in it (e.g. {path}/optimizer.pt)"
-            )
+    job = plan_rewrite(
+        path,
+        out,
+        command="remap",
+        force=force,
+        inputs=[to, source],
+        key=key,
+        allow_globals=allow_globals,
+    )
     target = to if isinstance(to, Layout) else load_layout(to, group_rules, allow_globals)
     if group_rules and isinstance(to, Layout):
         raise UsageError("--group applies to a --to model state dict file")
@@ -404,14 +409,8 @@ def remap_checkpoint(
         if isinstance(source, Layout) or source is None
         else load_layout(source, (), allow_globals)
     )
-    checkpoint = load_checkpoint(path, allow_globals=allow_globals)
-    found = select_optimizers(checkpoint.root, key)
-    if len(found) > 1:
-        listed = ", ".join(repr(f.key) for f in found)
-        raise UsageError(
-            f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
-        )
-    located = found[0]
+    checkpoint = job.load()
+    located = job.select_one(checkpoint)
     new, plan = remap(
         located.state_dict,
         to=target,
@@ -423,14 +422,19 @@ def remap_checkpoint(
         settings=settings,
         layout_why="--group" if hyperparams is None else "--hyperparams layout",
     )
-    if out is None:
+    if job.output is None:
         return RemapResult(located.key, plan, None)
-    # Carried state keeps its saved device; cast state takes the one the state was saved on.
-    devices = carry_devices(checkpoint, located.state_dict, new, same_ids=False)
+    # Carried state keeps its saved device, cast or not; new state takes the usual one.
+    replace_placement(
+        checkpoint,
+        located.path,
+        located.state_dict,
+        new,
+        ids=plan.state_from,
+        groups=plan.groups_from,
+    )
     # The loaded tree is ours (the file is mapped copy-on-write): swap the new state dict in.
     located.state_dict.clear()
     located.state_dict.update(new)
-    save_checkpoint(
-        checkpoint.root, out, format_for(out), sources=checkpoint.sources, saved_devices=devices
-    )
-    return RemapResult(located.key, plan, out)
+    job.save(checkpoint, progress)
+    return RemapResult(located.key, plan, job.output.path)

@@ -54,6 +54,17 @@ def assert_one_line_error(stderr: str, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def saved_devices(checkpoint: Any) -> dict[str, str | None]:
+    """The saved device of every tensor of a loaded checkpoint, by key path
+    (``/optimizer/state/0/exp_avg``, as :func:`tensors_by_path` spells it)."""
+    from optckpt.locate import tensor_paths
+
+    return {
+        "/" + "/".join(map(str, path)): checkpoint.saved_device(path, tensor)
+        for path, tensor in tensor_paths(checkpoint.root)
+    }
+
+
 def tensors_by_path(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint tree, by key path (``/optimizer/state/0/exp_avg``)."""
     if isinstance(node, torch.Tensor):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import tensors_by_path
+from checks import saved_devices
 from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
@@ -80,12 +80,11 @@ def test_cuda_checkpoint_keeps_its_saved_devices_both_ways(tmp_path: Path) -> No
     source = load_checkpoint(FIXTURES / "cuda_adam.pt")
     convert_checkpoint(FIXTURES / "cuda_adam.pt", tmp_path / "there.safetensors")
     convert_checkpoint(tmp_path / "there.safetensors", tmp_path / "back.pt")
-    expected = {key: source.saved_device(t) for key, t in tensors_by_path(source.root).items()}
+    expected = saved_devices(source)
     assert set(expected.values()) == {"cpu", "cuda:0"}  # the steps, and the rest
     for name in ("there.safetensors", "back.pt"):
         converted = load_checkpoint(tmp_path / name)
-        got = {key: converted.saved_device(t) for key, t in tensors_by_path(converted.root).items()}
-        assert got == expected, name
+        assert saved_devices(converted) == expected, name
     # torch itself sees the tags: without CUDA, loading the result needs a map_location
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):

@@ -1,8 +1,8 @@
 """Saved devices through the commands that make new tensors: resume-step -o, remap, convert.
 
 Inputs are "CUDA checkpoints" written on the CPU box: real torch.optim state saved with
-location tags (``save_torch(..., saved_devices=...)``, the mechanism the writers use), every
-tensor tagged ``cuda:0`` except the ``step``s torch keeps on the CPU.
+location tags (``save_torch(..., placement=...)``, the mechanism the writers use: devices by
+key path), every tensor tagged ``cuda:0`` except the ``step``s torch keeps on the CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from checks import tensors_by_path
+from checks import saved_devices as devices_of
 
 from optckpt.convert import convert_checkpoint
 from optckpt.io import load_checkpoint
 from optckpt.io.torch_format import save_torch
+from optckpt.locate import tensor_paths
 from optckpt.remapping import remap_checkpoint
 from optckpt.resume import resume_step
 
@@ -26,17 +27,14 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 def save_tagged(tree: Any, path: Path, cpu_steps: bool = True) -> Path:
     """Write ``tree`` as if saved on cuda:0 (``step``s on the CPU unless ``cpu_steps`` is off)."""
     devices = {
-        t.untyped_storage().data_ptr(): "cpu" if cpu_steps and key.endswith("/step") else "cuda:0"
-        for key, t in tensors_by_path(tree).items()
-        if t.numel()
+        key: "cpu" if cpu_steps and key[-1] == "step" else "cuda:0" for key, _ in tensor_paths(tree)
     }
-    save_torch(tree, path, saved_devices=devices)
+    save_torch(tree, path, placement=devices)
     return path
 
 
-def saved_devices(path: Path) -> dict[str, str]:
-    checkpoint = load_checkpoint(path)
-    return {key: checkpoint.saved_device(t) for key, t in tensors_by_path(checkpoint.root).items()}
+def saved_devices(path: Path) -> dict[str, str | None]:
+    return devices_of(load_checkpoint(path))
 
 
 def adam_checkpoint(**options: Any) -> dict[str, Any]:
@@ -104,16 +102,29 @@ def test_remap_cast_state_keeps_the_saved_device(tmp_path: Path) -> None:
         assert saved_devices(tmp_path / name) == saved_devices(src)
 
 
-def test_empty_tensors_read_as_cpu_tensors_without_mixing_devices(tmp_path: Path) -> None:
-    """An empty storage has no address: its saved device cannot be told apart, so it reads
-    as the CPU's and never lends a device to another empty tensor."""
+def test_empty_tensors_keep_their_own_saved_devices(tmp_path: Path) -> None:
+    """Devices are keyed by key path, not by storage address: an empty tensor (no address)
+    keeps its own saved device and never lends it to another empty tensor."""
     tree = {"a": torch.zeros(0), "b": torch.zeros(0), "w": torch.ones(2)}
-    devices = {tree["w"].untyped_storage().data_ptr(): "cuda:0", 0: "cuda:0"}
-    save_torch(tree, tmp_path / "in.pt", saved_devices=devices)
+    save_torch(tree, tmp_path / "in.pt", placement={("a",): "cuda:0", ("w",): "cuda:0"})
     convert_checkpoint(tmp_path / "in.pt", tmp_path / "x.safetensors")
     convert_checkpoint(tmp_path / "x.safetensors", tmp_path / "y.pt")
     for name in ("in.pt", "x.safetensors", "y.pt"):
-        assert saved_devices(tmp_path / name) == {"/a": "cpu", "/b": "cpu", "/w": "cuda:0"}, name
+        expected = {"/a": "cuda:0", "/b": "cpu", "/w": "cuda:0"}
+        assert saved_devices(tmp_path / name) == expected, name
+
+
+def test_a_storage_shared_by_a_moved_tensor_records_where_it_is(tmp_path: Path) -> None:
+    """One storage is one record of a torch file: when the tensors on it disagree (one was
+    moved, one kept), it records the CPU, where it is."""
+    w = torch.ones(3)
+    tree = {"model": {"w": w}, "state": {"w": w}}
+    save_torch(tree, tmp_path / "in.pt", placement={("model", "w"): "cuda:0"})
+    assert set(saved_devices(tmp_path / "in.pt").values()) == {"cpu"}
+    save_torch(
+        tree, tmp_path / "in.pt", placement={("model", "w"): "cuda:0", ("state", "w"): "cuda:0"}
+    )
+    assert set(saved_devices(tmp_path / "in.pt").values()) == {"cuda:0"}
 
 
 def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None:
@@ -123,17 +134,16 @@ def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None
         checkpoint = adam_checkpoint()
         if not with_state:
             checkpoint["optimizer"]["state"] = {}
-        model = checkpoint["model"]
         devices = {
-            t.untyped_storage().data_ptr(): "cuda:1" if name.startswith("1.") else "cuda:0"
-            for name, t in model.items()
+            ("model", name): "cuda:1" if name.startswith("1.") else "cuda:0"
+            for name in checkpoint["model"]
         }
         for pid, state in checkpoint["optimizer"]["state"].items():
-            for key, t in state.items():
+            for key in state:
                 device = "cuda:1" if pid >= 2 else "cuda:0"
-                devices[t.untyped_storage().data_ptr()] = "cpu" if key == "step" else device
+                devices["optimizer", "state", pid, key] = "cpu" if key == "step" else device
         src = tmp_path / f"in{with_state}.pt"
-        save_torch(checkpoint, src, saved_devices=devices)
+        save_torch(checkpoint, src, placement=devices)
         out = tmp_path / f"out{with_state}.pt"
         assert resume_step(src, out=out).ok
         got = saved_devices(out)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import saved_devices
 from safetensors.torch import load_file
 
 from optckpt.errors import (
@@ -33,6 +34,7 @@ from optckpt.errors import (
 )
 from optckpt.io import load_checkpoint
 from optckpt.io.safetensors_format import TREE_KEY, read_safetensors, write_safetensors
+from optckpt.locate import tensor_paths
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 HF_FOLDER = FIXTURES / "hf_trainer" / "checkpoint-2"
@@ -180,16 +182,28 @@ def test_zip_files_load_with_mmap_and_legacy_without(
 
 def test_saved_device_follows_the_location_tags_of_the_recipe() -> None:
     checkpoint = load_checkpoint(FIXTURES / "cuda_adam.pt")
-    tensors = list(tensors_in(checkpoint.root))
+    tensors = list(tensor_paths(checkpoint.root))
     assert tensors
-    for t in tensors:
+    for path, t in tensors:
         assert t.device.type == "cpu"  # mapped to the CPU, the default map_location
         expected = "cpu" if t.untyped_storage().nbytes() == 4 else "cuda:0"
-        assert checkpoint.saved_device(t) == expected
+        assert checkpoint.saved_device(path, t) == expected
     state = checkpoint.root["optimizer"]["state"]
-    assert {checkpoint.saved_device(s["exp_avg"]) for s in state.values()} == {"cuda:0"}
-    assert {checkpoint.saved_device(s["exp_avg_sq"]) for s in state.values()} == {"cuda:0"}
-    assert {checkpoint.saved_device(s["step"]) for s in state.values()} == {"cpu"}
+    for key, expected in (("exp_avg", "cuda:0"), ("exp_avg_sq", "cuda:0"), ("step", "cpu")):
+        devices = {
+            checkpoint.saved_device(("optimizer", "state", pid, key), s[key])
+            for pid, s in state.items()
+        }
+        assert devices == {expected}, key
+
+
+def test_saved_devices_are_keyed_by_key_path() -> None:
+    """Only the tensors saved from another device are listed, each under its key path."""
+    checkpoint = load_checkpoint(FIXTURES / "cuda_adam.pt")
+    assert checkpoint.placement
+    assert set(checkpoint.placement.values()) == {"cuda:0"}
+    assert ("optimizer", "state", 0, "exp_avg") in checkpoint.placement
+    assert ("optimizer", "state", 0, "step") not in checkpoint.placement  # on the CPU
 
 
 @pytest.mark.parametrize(
@@ -197,7 +211,8 @@ def test_saved_device_follows_the_location_tags_of_the_recipe() -> None:
 )
 def test_saved_device_is_cpu_for_cpu_checkpoints(relative: str) -> None:
     checkpoint = load_checkpoint(FIXTURES / relative)
-    assert {checkpoint.saved_device(t) for t in tensors_in(checkpoint.root)} == {"cpu"}
+    assert set(saved_devices(checkpoint).values()) == {"cpu"}
+    assert checkpoint.placement == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

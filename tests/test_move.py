@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import saved_devices
 from torch import nn
 
 from optckpt.errors import UsageError
@@ -120,8 +121,7 @@ def test_cuda_checkpoint_moves_to_cpu_without_a_gpu(tmp_path: Path) -> None:
     from optckpt.io import load_checkpoint
 
     moved = load_checkpoint(tmp_path / "out.pt")
-    state = moved.root["optimizer"]["state"][0]
-    assert moved.saved_device(state["exp_avg"]) == "cpu"
+    assert saved_devices(moved)["/optimizer/state/0/exp_avg"] == "cpu"
 
 
 @pytest.mark.parametrize("all_tensors", [False, True])
@@ -132,11 +132,11 @@ def test_what_does_not_move_keeps_its_saved_device(tmp_path: Path, all_tensors: 
     )
     from optckpt.io import load_checkpoint
 
-    moved = load_checkpoint(tmp_path / "out.pt")
-    weights = {moved.saved_device(t) for t in moved.root["model"].values()}
+    devices = saved_devices(load_checkpoint(tmp_path / "out.pt"))
+    weights = {d for key, d in devices.items() if key.startswith("/model/")}
     assert weights == ({"cpu"} if all_tensors else {"cuda:0"})
-    state = moved.root["optimizer"]["state"].values()
-    assert {moved.saved_device(t) for s in state for t in s.values()} == {"cpu"}
+    state = {d for key, d in devices.items() if key.startswith("/optimizer/state/")}
+    assert state == {"cpu"}
 
 
 def test_bad_device_and_dtype_are_usage_errors(tmp_path: Path) -> None:

@@ -8,8 +8,17 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force
-from optckpt.cli.render import byte_progress, human_bytes, safe
+from optckpt.cli.options import AllowGlobal, AsJson, Force
+from optckpt.cli.render import (
+    human_bytes,
+    print_json,
+    print_notes,
+    progress_when_writing,
+    safe,
+)
+
+# `--to` names a layout in every other command (remap's target); here it was the format.
+_TO_DEPRECATED = "--to is deprecated in convert; use --format (--to names a layout in remap)"
 
 
 def convert(
@@ -26,12 +35,17 @@ def convert(
             show_default=False,
         ),
     ],
-    to: Annotated[
+    fmt: Annotated[
         str | None,
         typer.Option(
-            "--to",
-            help="pt, safetensors or dcp (default: from -o: its extension, or a folder).",
+            "--format",
+            metavar="pt|safetensors|dcp",
+            help="Output format (default: from -o: its extension, or a folder).",
         ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="Deprecated: use --format.", hidden=True),
     ] = None,
     optimizer: Annotated[
         str | None,
@@ -55,18 +69,25 @@ def convert(
             "or by parameter FQNs (set_optimizer_state_dict).",
         ),
     ] = None,
+    as_json: AsJson = False,
     force: Force = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Convert a checkpoint between .pt, .safetensors and DCP folders, keeping everything in it."""
     from optckpt.convert import convert_checkpoint
+    from optckpt.errors import UsageError
 
-    size = path.stat().st_size if path.is_file() else _folder_size(path)
-    with byte_progress("converting", size) as progress:
+    notes = []
+    if to is not None:
+        if fmt is not None and fmt != to:
+            raise UsageError(f"--format {fmt} and --to {to} disagree; give --format only")
+        fmt = to
+        notes.append(_TO_DEPRECATED)
+    with progress_when_writing("converting", quiet=as_json) as progress:
         result = convert_checkpoint(
             path,
             out,
-            to=to,
+            fmt=fmt,
             optimizer=optimizer,
             key=key,
             force=force,
@@ -74,12 +95,26 @@ def convert(
             progress=progress,
             keying=keying,
         )
+    written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
+    if as_json:
+        data = {
+            "source": result.source,
+            "source_format": result.source_format,
+            "out": result.out,
+            "format": result.target_format,
+            "bytes": written,
+            "optimizer": optimizer,
+            "rewritten": result.rewritten,
+            "keying": result.keying,
+            "rekeyed": result.rekeyed,
+        }
+        print_json(data, notes)
+        return
     rewritten = (
         f"; rewrote {', '.join(repr(k) for k in result.rewritten)} for {optimizer}"
         if result.rewritten
         else ""
     )
-    written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
     line = (
         f"wrote {result.out} ({result.target_format}, {human_bytes(written)}) "
         f"from {result.source} ({result.source_format}){rewritten}"
@@ -90,6 +125,7 @@ def convert(
         )
     )
     sys.stdout.write(safe(line, markup=False) + "\n")
+    print_notes(notes)
 
 
 def _folder_size(folder: Path) -> int:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from optckpt.cli.options import AllowGlobal
-from optckpt.cli.render import console, safe
+from optckpt.cli.render import console, print_json, safe
 
 if TYPE_CHECKING:
     from optckpt.diff import Difference, DiffReport
@@ -59,7 +57,7 @@ def diff(
         from_b=from_b,
     )
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+        print_json(report.to_json())
     else:
         render(report)
     if not report.ok:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from optckpt.cli.options import AllowGlobal, Key
-from optckpt.cli.render import console, human_bytes, safe, short_dtype
+from optckpt.cli.render import console, human_bytes, print_json, safe, short_dtype
 
 if TYPE_CHECKING:
     from optckpt.inspect import InspectReport, OptimizerReport, ParamReport
@@ -44,7 +42,7 @@ def inspect(
 
     report = inspect_checkpoint(path, key=key, stats=stats, allow_globals=allow_global or ())
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        print_json(report.to_json())
         return
     render(report, show_all=show_all)
 

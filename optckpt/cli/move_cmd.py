@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, Key, Output
-from optckpt.cli.render import byte_progress, human_bytes, safe
+from optckpt.cli.options import AllowGlobal, AsJson, Force, Key, Output
+from optckpt.cli.render import (
+    human_bytes,
+    print_json,
+    print_notes,
+    progress_when_writing,
+    safe,
+)
 
 
 def move(
@@ -34,13 +40,14 @@ def move(
         ),
     ] = False,
     key: Key = None,
+    as_json: AsJson = False,
     force: Force = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Move optimizer state to another device and dtype, following torch's casting policy."""
     from optckpt.move import move_checkpoint
 
-    with byte_progress("moving", path.stat().st_size if path.is_file() else 0) as progress:
+    with progress_when_writing("moving", quiet=as_json) as progress:
         result = move_checkpoint(
             path,
             out,
@@ -52,6 +59,25 @@ def move(
             allow_globals=allow_global or (),
             progress=progress,
         )
+    notes = []
+    if result.kept_on:
+        notes.append(
+            f"the rest of the file stays saved on {', '.join(result.kept_on)} "
+            "(torch.load needs map_location where that device is missing); "
+            "--all-tensors moves it too"
+        )
+    if as_json:
+        data = {
+            "out": result.out,
+            "bytes": result.out.stat().st_size,
+            "device": result.device,
+            "dtype": result.dtype,
+            "optimizers": result.optimizers,
+            "all_tensors": result.all_tensors,
+            "kept_on": result.kept_on,
+        }
+        print_json(data, notes)
+        return
     what = (
         "every tensor"
         if result.all_tensors
@@ -60,9 +86,4 @@ def move(
     dtype_text = f", {result.dtype}" if result.dtype else ""
     line = f"wrote {result.out} ({human_bytes(result.out.stat().st_size)}): {what} on {result.device}{dtype_text}"
     sys.stdout.write(safe(line, markup=False) + "\n")
-    if result.kept_on:
-        sys.stdout.write(
-            f"note: the rest of the file stays saved on {safe(', '.join(result.kept_on), markup=False)} "
-            "(torch.load needs map_location where that device is missing); "
-            "--all-tensors moves it too\n"
-        )
+    print_notes(notes)

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-MAX_SEED = 2**64 - 2  # optckpt.synthetic.MAX_SEED, without importing torch here
+from optckpt.seeds import MAX_SEED
+
+__all__ = ["MAX_SEED", "AllowGlobal", "AsJson", "Force", "GroupRules", "Key", "Output"]
 
 Output = Annotated[
     Path,
@@ -19,6 +21,10 @@ Output = Annotated[
     ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]
+AsJson = Annotated[
+    bool,
+    typer.Option("--json", help='Print one JSON object (notes in its "notes") instead of text.'),
+]
 AllowGlobal = Annotated[
     list[str] | None,
     typer.Option(

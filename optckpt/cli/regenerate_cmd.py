@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +9,7 @@ from typing import Annotated
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, GroupRules, Output
-from optckpt.cli.render import progress_when_writing, safe
+from optckpt.cli.render import print_json, print_notes, progress_when_writing, safe
 
 
 def regenerate(
@@ -70,9 +68,15 @@ def regenerate(
             allow_globals=allow_global or (),
             progress=progress,
         )
+    notes = []
+    if result.dropped:
+        notes.append(
+            f"layout hyperparameters {result.optimizer} does not have were left out: "
+            f"{', '.join(result.dropped)}"
+        )
     if as_json:
         data = {
-            "out": str(result.out),
+            "out": result.out,
             "optimizer": result.optimizer,
             "steps": result.steps,
             "seed": result.seed,
@@ -82,7 +86,7 @@ def regenerate(
             "dropped": result.dropped,
             "bare": result.bare,
         }
-        sys.stdout.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
+        print_json(data, notes)
         return
     what = "optimizer state dict" if result.bare else "model and optimizer"
     line = (
@@ -91,20 +95,4 @@ def regenerate(
         f"parameters {result.params_from}"
     )
     sys.stdout.write(safe(line, markup=False) + "\n")
-    if result.dropped:
-        note = (
-            f"note: layout hyperparameters {result.optimizer} does not have were left out: "
-            f"{', '.join(result.dropped)}"
-        )
-        sys.stderr.write(safe(note, markup=False) + "\n")
-
-
-def _finite(value: object) -> object:
-    """``value`` with NaN and infinities as ``None``: JSON has no spelling for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    print_notes(notes)

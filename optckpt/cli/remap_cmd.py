@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key
-from optckpt.cli.render import console, safe
+from optckpt.cli.render import console, print_json, progress_when_writing, safe
 
 if TYPE_CHECKING:
     from optckpt.remapping import RemapPlan
@@ -88,27 +86,24 @@ def remap(
         raise UsageError("--dry-run writes nothing; drop -o")
     if not dry_run and out is None:
         raise UsageError("give -o OUT, or --dry-run to see the plan")
-    result = remap_checkpoint(
-        path,
-        to,
-        out,
-        source=source,
-        rename=rename or (),
-        group_rules=group or (),
-        reset_mismatched=reset_mismatched,
-        hyperparams=hyperparams,
-        settings=setting or (),
-        key=key,
-        force=force,
-        allow_globals=allow_global or (),
-    )
+    with progress_when_writing("remapping", quiet=as_json) as progress:
+        result = remap_checkpoint(
+            path,
+            to,
+            out,
+            source=source,
+            rename=rename or (),
+            group_rules=group or (),
+            reset_mismatched=reset_mismatched,
+            hyperparams=hyperparams,
+            settings=setting or (),
+            key=key,
+            force=force,
+            allow_globals=allow_global or (),
+            progress=progress,
+        )
     if as_json:
-        data = {
-            "key": result.key,
-            "out": None if result.out is None else str(result.out),
-            **result.plan.to_json(),
-        }
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        print_json({"key": result.key, "out": result.out, **result.plan.to_json()})
         return
     render(result.plan)
     if result.out is not None:

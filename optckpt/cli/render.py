@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -59,6 +61,39 @@ def safe(value: object, *, markup: bool = True) -> str:
 
     text = _UNPRINTABLE.sub(_visible, str(value))
     return escape(text) if markup else text
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` as JSON can hold it, by the one policy every ``--json`` follows (DESIGN.md):
+    non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such
+    numbers), tuples as lists, paths as strings, any other object as its ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {
+            plain_json(k) if isinstance(k, float) else k: plain_json(v) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def print_json(data: Mapping[str, Any], notes: Iterable[str] = ()) -> None:
+    """Print a command's one ``--json`` object on stdout, ``notes`` (what optckpt says about
+    its own run) added to its ``"notes"``; control characters come out escaped."""
+    out = {**data, "notes": [*data.get("notes", ()), *notes]}
+    sys.stdout.write(json.dumps(plain_json(out), indent=2, allow_nan=False) + "\n")
+
+
+def print_notes(notes: Iterable[str]) -> None:
+    """Print ``note: ...`` lines on stderr: what optckpt says about its own run stays out of
+    the report on stdout (DESIGN.md, one rule for streams)."""
+    for note in notes:
+        sys.stderr.write(f"note: {safe(note, markup=False)}\n")
 
 
 @cache

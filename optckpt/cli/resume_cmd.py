@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
-from optckpt.cli.render import console, progress_when_writing, safe
+from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
     from optckpt.resume import ResumeReport
@@ -80,7 +78,7 @@ def resume_step(
             from_layout=source,
         )
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        print_json(report.to_json())
     else:
         render(report)
     if not report.ok:
@@ -92,7 +90,8 @@ def _number(x: float | None) -> str:
 
 
 def render(report: ResumeReport) -> None:
-    """Print the checklist, then the update size per group and the notes (escaped: ``safe``)."""
+    """Print the checklist and the update size per group (escaped: ``safe``); the notes go
+    to stderr."""
     from rich.table import Table
 
     out = console()
@@ -126,8 +125,7 @@ def render(report: ResumeReport) -> None:
                 _number(g.effective_lr),
             )
         out.print(table)
-    for note in report.notes:
-        out.print(f"note: {safe(note)}", soft_wrap=True)
+    print_notes(report.notes)
     if report.out is not None:
         out.print(f"wrote {safe(report.out)}", soft_wrap=True)
     out.print("[green]ok[/]" if report.ok else "[red]resume-step failed[/]")

@@ -51,6 +51,7 @@ from optckpt.io.pickles import (
     why_dangerous,
 )
 from optckpt.io.safetensors_format import looks_like_safetensors, read_safetensors
+from optckpt.locate import KeyPath, tensor_paths
 
 # Files a training folder keeps its optimizer state in: Hugging Face Trainer writes
 # optimizer.pt, Accelerate optimizer.bin (optimizer_1.bin, ... for more than one).
@@ -88,9 +89,12 @@ class Checkpoint:
         root: the loaded object. For a folder, a dict from member file name to its content,
             holding only the optimizer files (the others are listed in ``members``).
         members: for a folder, the names of all its files; empty for a file.
-        saved_devices: the device each storage was saved from, by storage address, for
-            torch files read to the CPU and for safetensors files where optckpt recorded
-            devices (see :meth:`saved_device`). Writing the tree back with these keeps them.
+        placement: the device each tensor was saved from, by its key path in ``root``
+            (:func:`optckpt.locate.tensor_paths`), where that is not where it is now: a
+            checkpoint saved from CUDA and read to the CPU has ``cuda:0`` here (torch files,
+            and safetensors files where optckpt recorded devices). Commands that replace
+            part of the tree keep it in step (:mod:`optckpt.devices`), and the writers
+            record it, so the checkpoint is written back as it was saved.
         sources: the files read (memory-mapped where the format allows).
     """
 
@@ -99,12 +103,14 @@ class Checkpoint:
     size: int
     root: Any
     members: list[str] = field(default_factory=list)
-    saved_devices: dict[int, str] = field(default_factory=dict)
+    placement: dict[KeyPath, str] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
 
-    def saved_device(self, tensor: torch.Tensor) -> str:
-        """The device ``tensor`` was saved from (``cuda:0`` for a CUDA checkpoint read to CPU)."""
-        return self.saved_devices.get(tensor.untyped_storage().data_ptr(), str(tensor.device))
+    def saved_device(self, path: KeyPath, tensor: torch.Tensor) -> str | None:
+        """The device the tensor at key path ``path`` was saved from (``cuda:0`` for a CUDA
+        checkpoint read to the CPU); where it is, if nothing else was recorded. ``None``
+        where the format records no devices (DCP)."""
+        return self.placement.get(path, str(tensor.device))
 
 
 def resolve_globals(names: Iterable[str]) -> list[Any]:
@@ -312,21 +318,29 @@ def _check_pickles(path: Path, legacy: bool, allowed_names: set[str]) -> list[st
 
 
 def _torch_load(
-    path: Path, legacy: bool, map_location: str | None, allowed: Sequence[Any], seen: dict[int, str]
+    path: Path,
+    legacy: bool,
+    map_location: str | None,
+    allowed: Sequence[Any],
+    placement: dict[KeyPath, str],
 ) -> Any:
     location: Any = map_location
+    # Storages torch read to the CPU from another device, and that device. Keyed by the
+    # storage object, which torch keeps one of per storage; this map holds each, so none is
+    # freed (and its memory reused) before the tree's tensors are matched to it below.
+    moved: dict[torch.UntypedStorage, str] = {}
     if map_location == "cpu":
         # torch hands each storage to a callable map_location already on the CPU, with the
         # device it was saved from; keep the storage there and remember that device.
         def location(storage: Any, saved: str) -> Any:
-            if storage.data_ptr():  # an empty storage has no address to key on
-                seen[storage.data_ptr()] = saved
+            if saved != "cpu":
+                moved[storage] = saved
             return storage
 
     names = _check_pickles(path, legacy, {name for _, name in allowed})
     try:
         with _utf8_name(path) as name, torch.serialization.safe_globals(list(allowed)):
-            return torch.load(name, map_location=location, weights_only=True, mmap=not legacy)
+            root = torch.load(name, map_location=location, weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise UnreadableCheckpointError(f"{path}: corrupt pickle ({_first_line(e)})") from e
@@ -359,6 +373,12 @@ def _torch_load(
         raise UnreadableCheckpointError(
             f"{path}: truncated or corrupt torch file ({_first_line(e) or type(e).__name__})"
         ) from e
+    if moved:
+        for key, tensor in tensor_paths(root):
+            saved = moved.get(tensor.untyped_storage())
+            if saved is not None:
+                placement[key] = saved
+    return root
 
 
 @contextmanager
@@ -418,14 +438,16 @@ def sniff(path: Path) -> str:
 
 
 def _read_file(
-    path: Path, map_location: str | None, allowed: Sequence[Any], seen: dict[int, str]
+    path: Path, map_location: str | None, allowed: Sequence[Any], placement: dict[KeyPath, str]
 ) -> tuple[str, Any]:
+    """The file's format and tree; the devices its tensors were saved from go into
+    ``placement`` (see :attr:`Checkpoint.placement`), by key path in the file's tree."""
     kind = sniff(path)
     try:
         if kind == "safetensors":
-            root = read_safetensors(path, seen)
+            root = read_safetensors(path, placement)
         else:
-            root = _torch_load(path, kind == "torch-legacy", map_location, allowed, seen)
+            root = _torch_load(path, kind == "torch-legacy", map_location, allowed, placement)
         # Every command walks the tree: refuse one it would choke on, whatever the format.
         check_tree(root)
     except Refused as e:
@@ -453,9 +475,11 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
         )
     root = {}
     kinds = set()
-    seen: dict[int, str] = {}
+    placement: dict[KeyPath, str] = {}
     for p in optimizer_files:
-        kind, root[p.name] = _read_file(p, map_location, allowed, seen)
+        found: dict[KeyPath, str] = {}
+        kind, root[p.name] = _read_file(p, map_location, allowed, found)
+        placement.update({(p.name, *key): device for key, device in found.items()})
         kinds.add(kind)
     return Checkpoint(
         path=path,
@@ -463,7 +487,7 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
         size=sum(p.stat().st_size for p in files),
         root=root,
         members=members,
-        saved_devices=seen,
+        placement=placement,
         sources=optimizer_files,
     )
 
@@ -497,13 +521,13 @@ def load_checkpoint(
         raise UnreadableCheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         return _read_folder(path, map_location, allowed)
-    seen: dict[int, str] = {}
-    kind, root = _read_file(path, map_location, allowed, seen)
+    placement: dict[KeyPath, str] = {}
+    kind, root = _read_file(path, map_location, allowed, placement)
     return Checkpoint(
         path=path,
         format=kind,
         size=path.stat().st_size,
         root=root,
-        saved_devices=seen,
+        placement=placement,
         sources=[path],
     )

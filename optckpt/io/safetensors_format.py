@@ -42,8 +42,10 @@ from optckpt.io.torch_format import (
     end_output,
     open_output,
     recorded_location,
+    storage_locations,
     write_all,
 )
+from optckpt.locate import KeyPath, tensor_paths
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
 TREE_KEY = "optckpt.tree"
@@ -405,6 +407,7 @@ class _TreeDecoder:
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors = tensors
         self.where: list[Any] = []
+        self.placed: list[tuple[KeyPath, str]] = []  # (key path, tensor name) of each tensor
 
     def corrupt(self, reason: str) -> _CorruptTree:
         at = ".".join(
@@ -446,6 +449,7 @@ class _TreeDecoder:
     def as_tensor(self, value: Any) -> torch.Tensor:
         if not isinstance(value, str) or value not in self.tensors:
             raise self.corrupt(f"__tensor__ {_show(value)} names no tensor of the file")
+        self.placed.append((tuple(self.where), value))
         return self.tensors[value]
 
     def as_tuple(self, value: Any) -> tuple[Any, ...]:
@@ -531,8 +535,8 @@ def _device(value: Any) -> torch.device | None:
         return None
 
 
-def _saved_devices(devices: Any, tensors: Mapping[str, torch.Tensor]) -> dict[int, str]:
-    """The ``optckpt.devices`` map, checked, by storage address (see :func:`read_safetensors`)."""
+def _saved_devices(devices: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The ``optckpt.devices`` map, checked: tensor name -> device (see :func:`read_safetensors`)."""
     if not isinstance(devices, dict):
         raise _CorruptTree(f"{DEVICES_KEY} is {_kind(devices)}, not a mapping")
     out = {}
@@ -544,9 +548,7 @@ def _saved_devices(devices: Any, tensors: Mapping[str, torch.Tensor]) -> dict[in
         # written with "meta" as a location would load with its values gone
         if device is None or device.type == "meta":
             raise _CorruptTree(f"{DEVICES_KEY} gives {_show(name)} the device {_show(value)}")
-        address = tensors[name].untyped_storage().data_ptr()
-        if address:  # an empty tensor has none to key on: it reads as the CPU's
-            out[address] = str(device)
+        out[name] = str(device)
     return out
 
 
@@ -559,12 +561,12 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) -> Any:
+def read_safetensors(path: Path, placement: dict[KeyPath, str] | None = None) -> Any:
     """Read a safetensors file: the checkpoint tree when optckpt wrote it, else ``{name: tensor}``.
 
     Tensors are on the CPU. The device each was saved from, where optckpt recorded one other
-    than the CPU (metadata ``optckpt.devices``), goes into ``saved_devices`` by storage
-    address, as :func:`optckpt.io.load_checkpoint` records it for torch files; only once the
+    than the CPU (metadata ``optckpt.devices``), goes into ``placement`` by key path in the
+    tree, as :func:`optckpt.io.load_checkpoint` records it for torch files; only once the
     whole file has been read.
 
     Raises:
@@ -577,7 +579,8 @@ def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) ->
         return tensors
     try:
         devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
-        root = _TreeDecoder(tensors).decode(_tree_json(tree))
+        decoder = _TreeDecoder(tensors)
+        root = decoder.decode(_tree_json(tree))
     except _CorruptTree as e:
         raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
     except RecursionError as e:
@@ -588,8 +591,12 @@ def read_safetensors(path: Path, saved_devices: dict[int, str] | None = None) ->
         raise UnreadableCheckpointError(
             f"{path}: corrupt optckpt metadata ({_first_clause(e)})"
         ) from e
-    if saved_devices is not None:
-        saved_devices.update(devices)
+    if placement is not None and devices:
+        # where each tensor sits in the tree (a tensor used as a dict key sits nowhere)
+        at = {key for key, _ in tensor_paths(root)}
+        placement.update(
+            {key: devices[name] for key, name in decoder.placed if name in devices and key in at}
+        )
     return root
 
 
@@ -667,7 +674,7 @@ def write_safetensors(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
-    saved_devices: Mapping[int, str] | None = None,
+    placement: Mapping[KeyPath, str] | None = None,
 ) -> None:
     """Write a checkpoint tree as one safetensors file in optckpt's layout (see module doc).
 
@@ -685,9 +692,11 @@ def write_safetensors(
         progress: called with the number of bytes of each slice written.
         sources: memory-mapped input files (private mappings never written to) whose pages
             may be dropped and whose bytes may be copied from the files.
-        saved_devices: the device to record for CPU tensors, by storage address (see
-            :attr:`optckpt.io.Checkpoint.saved_devices`); tensors on another device record
-            theirs. Devices other than the CPU go into the metadata ``optckpt.devices``.
+        placement: the device to record for CPU tensors, by key path (see
+            :attr:`optckpt.io.Checkpoint.placement` and
+            :func:`~optckpt.io.torch_format.storage_locations`); tensors on another device
+            record theirs. Devices other than the CPU go into the metadata
+            ``optckpt.devices``.
 
     Raises:
         UsageError: the tree holds a value safetensors cannot represent.
@@ -699,7 +708,7 @@ def write_safetensors(
         VERSION_KEY: VERSION,
         TREE_KEY: json.dumps(encoded, allow_nan=False),
     }
-    devices = _devices(encoder.tensors, saved_devices or {})
+    devices = _devices(encoder.tensors, storage_locations(tree, placement or {}))
     if devices:
         metadata[DEVICES_KEY] = json.dumps(devices)
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -747,14 +756,15 @@ def write_safetensors(
 
 
 def _devices(
-    tensors: Mapping[str, torch.Tensor | Deferred], saved_devices: Mapping[int, str]
+    tensors: Mapping[str, torch.Tensor | Deferred],
+    locations: Mapping[torch.UntypedStorage, str],
 ) -> dict[str, str]:
     """The tensors saved from a device other than the CPU, by name (casts made here: the CPU)."""
     devices = {}
     for name, value in tensors.items():
         if isinstance(value, Deferred):
             continue
-        device = recorded_location(value.untyped_storage(), saved_devices)
+        device = recorded_location(value.untyped_storage(), locations)
         if device != "cpu":
             devices[name] = device
     return devices

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.locate import KeyPath, tensor_paths
 
 _PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 # Dtypes pickled through a TypedStorage and _rebuild_tensor_v2, whose reduction
@@ -170,13 +171,41 @@ def write_all(f: Any, data: Any) -> None:
         view = view[n:]
 
 
-def recorded_location(storage: torch.UntypedStorage, saved_devices: Mapping[int, str]) -> str:
-    """The device to record for ``storage``: the one it was saved from (``saved_devices``, by
-    address) if it is a CPU storage read from such a file, else where it is. An empty storage
-    has no address to look up."""
+def storage_locations(
+    tree: Any, placement: Mapping[KeyPath, str]
+) -> dict[torch.UntypedStorage, str]:
+    """The device to record for each CPU storage of ``tree`` saved from elsewhere.
+
+    ``placement`` gives it by key path (:attr:`optckpt.io.Checkpoint.placement`); a tensor
+    it does not name records where it is. A storage is one record in a torch file, so the
+    tensors on it must agree: where they do not (a moved tensor that is the same storage as
+    one left where it was), it records the CPU, where it is.
+
+    Returns:
+        Storage -> device, for the storages to record elsewhere than the CPU. Keyed by the
+        storage object, which torch keeps one of per storage while it lives; the map holds
+        each one for as long as the writing needs it.
+    """
+    found: dict[torch.UntypedStorage, str] = {}
+    for key, tensor in tensor_paths(tree):
+        if tensor.device.type != "cpu":
+            continue
+        device = placement.get(key, "cpu")
+        storage = tensor.untyped_storage()
+        if found.setdefault(storage, device) != device:
+            found[storage] = "cpu"
+    return {storage: device for storage, device in found.items() if device != "cpu"}
+
+
+def recorded_location(
+    storage: torch.UntypedStorage, locations: Mapping[torch.UntypedStorage, str]
+) -> str:
+    """The device to record for ``storage``: the one it was saved from (``locations``, from
+    :func:`storage_locations`) if it is a CPU storage read from such a file, else where it
+    is."""
     location: str = torch.serialization.location_tag(storage)
-    if location == "cpu" and storage.data_ptr():
-        return saved_devices.get(storage.data_ptr(), location)
+    if location == "cpu":
+        return locations.get(storage, location)
     return location
 
 
@@ -186,7 +215,7 @@ def write_torch(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
-    saved_devices: Mapping[int, str] | None = None,
+    placement: Mapping[KeyPath, str] | None = None,
 ) -> None:
     """Write ``tree`` to the open binary file ``f`` as ``torch.save`` would (see module doc).
 
@@ -198,14 +227,25 @@ def write_torch(
         sources: the memory-mapped files ``tree`` was read from (private mappings never
             written to): their pages are released as they are copied, and storages that are
             views of them are copied from the files in the kernel.
-        saved_devices: the location to record for CPU storages, by storage address (see
-            :attr:`optckpt.io.Checkpoint.saved_devices`), as if ``torch.save`` had written
-            them from that device; others record where they are.
+        placement: the device to record for CPU tensors, by key path (see
+            :attr:`optckpt.io.Checkpoint.placement` and :func:`storage_locations`), as if
+            ``torch.save`` had written them from that device; others record where they are.
     """
-    sources = list(sources)
-    saved_devices = saved_devices or {}
+    _write_torch(tree, f, progress, list(sources), storage_locations(tree, placement or {}))
+
+
+def _write_torch(
+    tree: Any,
+    f: Any,
+    progress: Callable[[int], None] | None,
+    sources: list[str | Path],
+    locations: Mapping[torch.UntypedStorage, str],
+) -> None:
     storages: dict[str, Any] = {}  # key -> UntypedStorage or Deferred, in order of first use
-    keys: dict[int, str] = {}  # storage._cdata or id(Deferred) -> key
+    # UntypedStorage or Deferred -> key: by the object (torch keys by storage._cdata, the
+    # StorageImpl, of which torch keeps one Python object); `storages` holds each one
+    keys: dict[object, str] = {}
+    # torch's check that no memory is saved as two dtypes, by where the data starts
     storage_dtypes: dict[int, torch.dtype] = {}
     normalize = torch.serialization.normalize_storage_type
 
@@ -213,7 +253,7 @@ def write_torch(
     def persistent_id(obj: Any) -> Any:
         if isinstance(obj, _Pending):
             d = obj.deferred
-            key = keys.setdefault(id(d), str(len(keys)))
+            key = keys.setdefault(d, str(len(keys)))
             storages[key] = d
             return ("storage", _storage_type(d.dtype), key, "cpu", d.numel())
         if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj):
@@ -234,9 +274,9 @@ def write_torch(
                         "Cannot save multiple tensors or storages that "
                         "view the same data as different types"
                     )
-            key = keys.setdefault(storage._cdata, str(len(keys)))
+            key = keys.setdefault(storage, str(len(keys)))
             storages[key] = storage
-            location = recorded_location(storage, saved_devices)
+            location = recorded_location(storage, locations)
             return ("storage", storage_type, key, location, storage_numel)
         return None
 
@@ -327,20 +367,20 @@ def save_torch(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
-    saved_devices: Mapping[int, str] | None = None,
+    placement: Mapping[KeyPath, str] | None = None,
 ) -> None:
     """Write ``tree`` into the file ``path`` (created or replaced) as ``torch.save`` does.
 
-    A tree without :class:`Deferred` casts or ``saved_devices`` to record goes through
-    ``torch.save`` itself; others through :func:`write_torch`. Either way, storages that are
-    views of the mapped ``sources`` are copied from their files in the kernel. The caller
-    fsyncs.
+    A tree without :class:`Deferred` casts or devices to record from ``placement`` goes
+    through ``torch.save`` itself; others through :func:`write_torch`. Either way, storages
+    that are views of the mapped ``sources`` are copied from their files in the kernel. The
+    caller fsyncs.
     """
     sources = list(sources)
-    elsewhere = {k: v for k, v in (saved_devices or {}).items() if v != "cpu"}
+    locations = storage_locations(tree, placement or {})
     with open_output(path) as f:
-        if elsewhere or _has_deferred(tree):
-            write_torch(tree, f, progress=progress, sources=sources, saved_devices=elsewhere)
+        if locations or _has_deferred(tree):
+            _write_torch(tree, f, progress, sources, locations)
         else:
             with FileRanges(sources) as ranges:
                 torch.save(tree, _Sink(f, progress, ranges))  # type: ignore[arg-type]

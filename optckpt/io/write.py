@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from optckpt.errors import Terminated, UnwritableOutputError, UsageError
 from optckpt.io.safetensors_format import write_safetensors
-from optckpt.io.torch_format import save_torch
-from optckpt.locate import tensors_in
+from optckpt.io.torch_format import Deferred, save_torch
+from optckpt.locate import KeyPath
 
 FORMATS = ("pt", "safetensors")
 
@@ -132,8 +134,19 @@ ProgressStart = Callable[[int], Callable[[int], None] | None]
 
 
 def tensor_bytes(tree: Any) -> int:
-    """The bytes of every tensor in a checkpoint tree (what writing it mostly costs)."""
-    return sum(t.numel() * t.element_size() for _, t in tensors_in(tree))
+    """The bytes of every tensor in a checkpoint tree, casts made when written
+    (:class:`~optckpt.io.torch_format.Deferred`) included: what writing it mostly costs."""
+    total = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (torch.Tensor, Deferred)):
+            total += node.numel() * node.element_size()
+        elif isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
 
 
 @contextlib.contextmanager
@@ -186,7 +199,7 @@ def save_checkpoint(
     *,
     progress: Callable[[int], None] | None = None,
     sources: Iterable[str | Path] = (),
-    saved_devices: Mapping[int, str] | None = None,
+    placement: Mapping[KeyPath, str] | None = None,
 ) -> None:
     """Write ``tree`` to ``out`` atomically, as a torch zip file (``pt``) or safetensors.
 
@@ -203,15 +216,13 @@ def save_checkpoint(
             never written to); their pages are released as they are copied, so memory stays
             flat, and tensors that are views of them are copied from the files in the
             kernel.
-        saved_devices: the device to record for CPU tensors, by storage address (a
-            :class:`~optckpt.io.Checkpoint`'s ``saved_devices``, less the tensors moved), so
+        placement: the device to record for CPU tensors, by key path (a
+            :class:`~optckpt.io.Checkpoint`'s ``placement``, kept in step with the tree), so
             that a checkpoint saved from CUDA and read to the CPU is written back as it was.
     """
     sources = list(sources)
     with atomic_output(out) as tmp:
         if fmt == "safetensors":
-            write_safetensors(
-                tree, tmp, progress=progress, sources=sources, saved_devices=saved_devices
-            )
+            write_safetensors(tree, tmp, progress=progress, sources=sources, placement=placement)
             return
-        save_torch(tree, tmp, progress=progress, sources=sources, saved_devices=saved_devices)
+        save_torch(tree, tmp, progress=progress, sources=sources, placement=placement)

@@ -1,6 +1,5 @@
-"""Writing the checkpoint after a resume step (``-o``): the output checked before anything is
-read, then the stepped state and weights swapped into the loaded tree, everything else kept,
-saved devices carried."""
+"""Writing the checkpoint after a resume step (``-o``): the stepped state and weights swapped
+into the loaded tree, everything else kept, saved devices carried."""
 
 from __future__ import annotations
 
@@ -10,49 +9,11 @@ from typing import Any
 
 import torch
 
-from optckpt.devices import carry_devices
-from optckpt.errors import UsageError
-from optckpt.io.safetensors_format import check_storable
-from optckpt.io.write import (
-    ProgressStart,
-    check_output,
-    format_for,
-    save_checkpoint,
-    tensor_bytes,
-)
-from optckpt.layout import tied
-from optckpt.locate import tensors_in
+from optckpt.devices import replace_placement
+from optckpt.io.write import ProgressStart, save_checkpoint, tensor_bytes
+from optckpt.layout import model_state_path, tied
 from optckpt.names import is_name_keyed, to_name_keyed
 from optckpt.resume.source import Source
-
-
-def check_out(
-    out: Path, path: Path, model: str | Path | None, from_layout: Any, *, force: bool
-) -> str:
-    """The format to write ``out`` in, once :func:`~optckpt.io.write.check_output` accepts it
-    (every input named: the checkpoint, ``model``, a ``from_layout`` file).
-
-    Raises:
-        UsageError: ``out`` is refused (see :func:`~optckpt.io.write.check_output`), or
-            ``path`` is a folder.
-        UnwritableOutputError: the folder of ``out`` cannot be written.
-    """
-    fmt = format_for(out)
-    layout_file = [Path(from_layout)] if isinstance(from_layout, (str, Path)) else []
-    check_output(out, [path, *([Path(model)] if model else []), *layout_file], force=force)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
-    return fmt
-
-
-def check_storable_as(checkpoint: Any, fmt: str) -> None:
-    """Refuse a checkpoint with tensors ``fmt`` cannot hold (safetensors lacks some dtypes).
-
-    Raises:
-        UsageError: names the first such tensor and its dtype.
-    """
-    if fmt == "safetensors":
-        check_storable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
 
 
 def write_checkpoint(
@@ -82,9 +43,14 @@ def write_checkpoint(
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
     from_file = {pid: names[pid] for pid in live if names.get(pid) in weights}
-    param_devices = {pid: checkpoint.saved_device(weights[name]) for pid, name in from_file.items()}
-    devices = carry_devices(
-        checkpoint, found.state_dict, new_state, same_ids=True, param_devices=param_devices
+    at = model_state_path(checkpoint.root) or ()
+    param_devices = {
+        pid: device
+        for pid, name in from_file.items()
+        if (device := checkpoint.saved_device((*at, name), weights[name])) is not None
+    }
+    replace_placement(
+        checkpoint, found.path, found.state_dict, new_state, param_devices=param_devices
     )
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
@@ -92,14 +58,13 @@ def write_checkpoint(
     aliases = tied(weights)
     for pid, name in from_file.items():
         stepped = live[pid].detach()
-        devices[stepped.untyped_storage().data_ptr()] = param_devices[pid]
         for alias in (name, *aliases[name]):
-            weights[alias] = stepped  # tied weights stay tied
+            weights[alias] = stepped  # tied weights stay tied (and keep their saved devices)
     save_checkpoint(
         checkpoint.root,
         out,
         fmt,
         sources=source.mapped,
-        saved_devices=devices,
+        placement=checkpoint.placement,
         progress=progress(tensor_bytes(checkpoint.root)) if progress else None,
     )

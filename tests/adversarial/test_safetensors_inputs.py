@@ -465,10 +465,10 @@ def test_saved_devices_are_untouched_when_the_tree_is_refused(tmp_path: Path) ->
         hyperparam={"__dtype__": "load"},
         devices='{"state.0.exp_avg": "cuda:0"}',
     )
-    seen: dict[int, str] = {}
+    placement: dict[tuple[object, ...], str] = {}
     with pytest.raises(UnreadableCheckpointError):
-        read_safetensors(path, seen)
-    assert seen == {}
+        read_safetensors(path, placement)
+    assert placement == {}
 
 
 # --- subprocess: the real entry point ------------------------------------------------------

@@ -100,6 +100,25 @@ def test_regenerate_notes_dropped_layout_keys_on_stderr(tmp_path: Path) -> None:
     assert result.stderr == (
         "note: layout hyperparameters Rprop does not have were left out: weight_decay\n"
     )
+    assert "note:" not in result.stdout
+    as_json = runner.invoke(
+        app,
+        [
+            "regenerate",
+            "--optimizer",
+            "rprop",
+            "--layout",
+            str(_layout(tmp_path)),
+            "-o",
+            str(tmp_path / "j.pt"),
+            "--json",
+        ],
+    )
+    assert as_json.exit_code == 0, as_json.output
+    assert as_json.stderr == ""
+    assert json.loads(as_json.stdout)["notes"] == [
+        "layout hyperparameters Rprop does not have were left out: weight_decay"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -299,8 +318,10 @@ def test_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
 
 
-def test_regenerate_json_writes_non_finite_numbers_as_null(tmp_path: Path) -> None:
+def test_regenerate_json_writes_non_finite_numbers_as_strings(tmp_path: Path) -> None:
+    """The one non-finite policy of every --json (DESIGN.md): "nan", "inf", "-inf"."""
     result = _regenerate(tmp_path, "a.pt", "--json", "--set", "eps=inf")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert data["groups"][0]["eps"] is None
+    assert data["groups"][0]["eps"] == "inf"
+    assert data["notes"] == []

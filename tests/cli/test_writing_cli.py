@@ -108,13 +108,68 @@ def test_convert_there_and_back(tmp_path: Path) -> None:
     assert "safetensors" in result.stdout
     back = runner.invoke(
         app,
-        ["convert", str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "l.ckpt"), "--to", "pt"],
+        [
+            "convert",
+            str(tmp_path / "l.safetensors"),
+            "-o",
+            str(tmp_path / "l.ckpt"),
+            "--format",
+            "pt",
+        ],
     )
     assert back.exit_code == 0, back.stderr
+    assert back.stderr == ""
     assert runner.invoke(app, ["diff", str(source), str(tmp_path / "l.ckpt")]).exit_code == 0
     loaded = torch.load(tmp_path / "l.ckpt", weights_only=True)
     assert loaded["pytorch-lightning_version"] == "2.4.0" and loaded["global_step"] == 2
     assert _sha(source) == before
+
+
+def test_convert_to_is_a_deprecated_alias_of_format(tmp_path: Path) -> None:
+    """`--to` names a layout everywhere else: in convert it still works, with a note."""
+    source = str(FIXTURES / "adamw_train.pt")
+    result = runner.invoke(app, ["convert", source, "-o", str(tmp_path / "a.x"), "--to", "pt"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        "note: --to is deprecated in convert; use --format (--to names a layout in remap)\n"
+    )
+    assert "optimizer" in torch.load(tmp_path / "a.x", weights_only=True)
+    as_json = runner.invoke(
+        app, ["convert", source, "-o", str(tmp_path / "b.x"), "--to", "safetensors", "--json"]
+    )
+    assert as_json.exit_code == 0, as_json.stderr
+    assert as_json.stderr == ""
+    data = json.loads(as_json.stdout)
+    assert data["format"] == "safetensors"
+    assert data["notes"] == [
+        "--to is deprecated in convert; use --format (--to names a layout in remap)"
+    ]
+    both = runner.invoke(
+        app, ["convert", source, "-o", str(tmp_path / "c.x"), "--to", "pt", "--format", "dcp"]
+    )
+    assert both.exit_code == 2
+    assert_one_line_error(both.stderr, "disagree")
+
+
+def test_convert_json(tmp_path: Path) -> None:
+    out = tmp_path / "a.safetensors"
+    result = runner.invoke(
+        app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == {
+        "source": str(FIXTURES / "adamw_train.pt"),
+        "source_format": "torch",
+        "out": str(out),
+        "format": "safetensors",
+        "bytes": out.stat().st_size,
+        "optimizer": None,
+        "rewritten": [],
+        "keying": None,
+        "rekeyed": [],
+        "notes": [],
+    }
 
 
 def test_convert_refuses_input_and_existing_output(tmp_path: Path) -> None:
@@ -203,14 +258,37 @@ def test_move_to_bfloat16(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     assert "bfloat16" in result.stdout
-    # the model weights were not asked to move: they stay saved on cuda:0, and the output says so
-    assert "the rest of the file stays saved on cuda:0" in result.stdout
+    # the model weights were not asked to move: they stay saved on cuda:0, and a note says so
+    assert "note:" not in result.stdout
+    assert result.stderr.startswith("note: the rest of the file stays saved on cuda:0 ")
     saved = torch.load(tmp_path / "m.pt", weights_only=True, map_location="cpu")
     state = saved["optimizer"]["state"]
     assert all(
         s["exp_avg"].dtype == torch.bfloat16 and s["step"].dtype == torch.float32
         for s in state.values()
     )
+
+
+def test_move_json_carries_the_note(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    result = runner.invoke(
+        app,
+        ["move", str(FIXTURES / "cuda_adam.pt"), "--device", "cpu", "-o", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    data = json.loads(result.stdout)
+    assert data == {
+        "out": str(out),
+        "bytes": out.stat().st_size,
+        "device": "cpu",
+        "dtype": None,
+        "optimizers": ["optimizer"],
+        "all_tensors": False,
+        "kept_on": ["cuda:0"],
+        "notes": [data["notes"][0]],
+    }
+    assert data["notes"][0].startswith("the rest of the file stays saved on cuda:0 ")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,294 @@
+"""One pipeline for every command that writes a checkpoint.
+
+``move``, ``convert``, ``remap``, ``regenerate`` and ``resume-step -o`` all go through the same
+steps, each a small function here:
+
+1. **validate the output** — :func:`prepare_output` (or :func:`plan_rewrite`, which also
+   carries what the rewrite reads): ``-o`` checked once, with every input the command reads
+   (:func:`~optckpt.io.write.check_output`), its kind decided, a folder refused as the
+   checkpoint to rewrite — all before anything is read;
+2. **load** — :meth:`Rewrite.load`, the one way in (:func:`optckpt.io.load_checkpoint`);
+3. **select** — :meth:`Rewrite.select` / :meth:`Rewrite.select_one` (``--key``);
+4. **replace** — the command's own work: it changes the loaded tree in place (the file is
+   mapped copy-on-write, never written back) and keeps its
+   :attr:`~optckpt.io.Checkpoint.placement` in step (:mod:`optckpt.devices`);
+5. **save** — :func:`save` (:meth:`Rewrite.save`), atomically, with progress: the caller's
+   :data:`~optckpt.io.write.ProgressStart` is told the bytes to write when writing starts,
+   and the callback it returns each write.
+
+Output kinds: an :class:`Output` names its kind, and :func:`save` dispatches on it through
+:data:`KINDS` (how a kind's output is checked, and how it is written). Files are ``"pt"`` and
+``"safetensors"``; ``"dcp"`` is a torch.distributed.checkpoint folder
+(:mod:`optckpt.io.dcp.writer`), for the commands that take ``dcp=True`` (``convert``), chosen
+by :func:`kind_for`. A folder output (a Trainer folder, issue 15) is one more entry there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
+from optckpt.io.dcp.writer import check_output_folder, wants_dcp, write_dcp
+from optckpt.io.read import Checkpoint, load_checkpoint
+from optckpt.io.safetensors_format import check_storable
+from optckpt.io.write import ProgressStart, check_output, format_for, save_checkpoint, tensor_bytes
+from optckpt.locate import KeyPath, Located, select_one, select_optimizers
+
+__all__ = [
+    "KINDS",
+    "Kind",
+    "Output",
+    "Rewrite",
+    "kind_for",
+    "plan_rewrite",
+    "prepare_output",
+    "save",
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one kind of output is checked before anything is read, and written at the end.
+
+    Attributes:
+        check: ``check(out, inputs, force)``; raises when ``out`` may not be written.
+        write: ``write(tree, out, placement, sources, progress)``; atomic.
+    """
+
+    check: Callable[[Path, Sequence[object], bool], None]
+    write: Callable[
+        [Any, Path, str, Mapping[KeyPath, str], Sequence[Path], Callable[[int], None] | None],
+        None,
+    ]
+
+
+def _check_file(out: Path, inputs: Sequence[object], force: bool) -> None:
+    check_output(out, inputs, force=force)
+
+
+def _write_file(
+    tree: Any,
+    out: Path,
+    kind: str,
+    placement: Mapping[KeyPath, str],
+    sources: Sequence[Path],
+    progress: Callable[[int], None] | None,
+) -> None:
+    save_checkpoint(tree, out, kind, progress=progress, sources=sources, placement=placement)
+
+
+def _check_dcp(out: Path, inputs: Sequence[object], force: bool) -> None:
+    check_output_folder(out, inputs, force=force)
+
+
+def _write_dcp(
+    tree: Any,
+    out: Path,
+    kind: str,
+    placement: Mapping[KeyPath, str],
+    sources: Sequence[Path],
+    progress: Callable[[int], None] | None,
+) -> None:
+    # DCP records no devices, and torch's writer reports no progress
+    write_dcp(tree, out)
+
+
+KINDS: dict[str, Kind] = {
+    "pt": Kind(_check_file, _write_file),
+    "safetensors": Kind(_check_file, _write_file),
+    "dcp": Kind(_check_dcp, _write_dcp),
+}
+"""Every output kind, by the name :func:`kind_for` gives it."""
+
+
+def kind_for(out: str | Path, requested: str | None = None, *, dcp: bool = False) -> str:
+    """The kind of output ``-o out`` asks for: ``requested`` (``--format``) if given, else
+    from ``out`` (see :func:`~optckpt.io.write.format_for`); with ``dcp``, a DCP folder for
+    ``--format dcp`` or an ``out`` that ends in ``/`` or is a folder (pass ``out`` as typed:
+    ``Path`` drops the ``/``).
+
+    Raises:
+        UsageError: an unknown ``requested`` kind.
+    """
+    if dcp and wants_dcp(out, requested):
+        return "dcp"
+    return format_for(Path(out), requested)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a writing command writes, and as what; made by :func:`prepare_output` only."""
+
+    path: Path
+    kind: str
+
+    def refuse_unstorable(self, tensors: Iterable[tuple[str, torch.dtype]]) -> None:
+        """Refuse now, not after the work, tensors this kind cannot hold (``(name, dtype)``).
+
+        Raises:
+            UsageError: a dtype safetensors has no name for.
+        """
+        if self.kind == "safetensors":
+            check_storable(tensors)
+
+
+def prepare_output(
+    out: str | Path,
+    *,
+    force: bool,
+    inputs: Iterable[object] = (),
+    kind: str | None = None,
+    rewrites: str | Path | None = None,
+    command: str = "optckpt",
+    dcp: bool = False,
+) -> Output:
+    """Check, once and before anything is read, that ``out`` may be written; decide its kind.
+
+    Args:
+        out: the ``-o`` path.
+        force: replace an existing output.
+        inputs: every other file the command reads (layouts, ``--model``); entries that are
+            not paths (``None``, an in-memory layout) are skipped.
+        kind: the kind asked for (``--format``); else from the extension of ``out``.
+        rewrites: the checkpoint the command rewrites, which must be a file (or, with
+            ``dcp``, a DCP folder), not a folder.
+        command: the command's name, for the message that refuses a folder.
+        dcp: whether the command reads and writes DCP folders (see :func:`kind_for`).
+
+    Raises:
+        UsageError: an unknown kind, an output that is an input or exists without ``force``
+            (see :func:`~optckpt.io.write.check_output`), a folder to rewrite.
+        UnwritableOutputError: the output's folder cannot be written.
+    """
+    path = Path(out)
+    output = Output(path, kind_for(out, kind, dcp=dcp))
+    sources = [rewrites, *inputs] if rewrites is not None else list(inputs)
+    KINDS[output.kind].check(path, sources, force)
+    if rewrites is not None and Path(rewrites).is_dir() and not (dcp and is_dcp(rewrites)):
+        raise UsageError(
+            f"{rewrites} is a folder; {command} the optimizer file in it "
+            f"(e.g. {rewrites}/optimizer.pt)"
+        )
+    return output
+
+
+def save(
+    output: Output,
+    tree: Any,
+    *,
+    placement: Mapping[KeyPath, str] | None = None,
+    sources: Iterable[str | Path] = (),
+    progress: ProgressStart | None = None,
+) -> None:
+    """Write ``tree`` as ``output`` says, atomically (the last step of every rewrite).
+
+    Args:
+        output: from :func:`prepare_output`.
+        tree: the checkpoint; may hold :class:`~optckpt.io.torch_format.Deferred` casts.
+        placement: the device to record for each tensor, by key path (a checkpoint's
+            :attr:`~optckpt.io.Checkpoint.placement`); others record where they are.
+        sources: memory-mapped files the tree was read from (copied in the kernel, their
+            pages released as they go).
+        progress: told the bytes to write when writing starts; the callback it returns is
+            told each write.
+    """
+    per_write = progress(tensor_bytes(tree)) if progress is not None else None
+    KINDS[output.kind].write(
+        tree, output.path, output.kind, placement or {}, [Path(s) for s in sources], per_write
+    )
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One checkpoint file to rewrite, its options checked once by :func:`plan_rewrite`.
+
+    Attributes:
+        source: the checkpoint file (or DCP folder, with ``dcp``).
+        output: where it goes; ``None`` for a dry run, which writes nothing.
+        key: the key path of the optimizer state dict to change (``--key``), or ``None``.
+        allow_globals: pickle globals to let through while reading.
+        dcp: whether DCP folders may be read and written.
+    """
+
+    source: Path
+    output: Output | None
+    key: str | None = None
+    allow_globals: tuple[str, ...] = ()
+    dcp: bool = False
+
+    def load(self) -> Checkpoint:
+        """Read the checkpoint (see :func:`optckpt.io.load_checkpoint`). A DCP folder's
+        tensors are placeholders (shape and dtype) until :meth:`save` writes them."""
+        if self.dcp and is_dcp(self.source):
+            return read_dcp(self.source, allow_globals=self.allow_globals, tensors="meta")
+        return load_checkpoint(self.source, allow_globals=self.allow_globals)
+
+    def select(self, checkpoint: Checkpoint) -> list[Located]:
+        """The optimizer state dict at ``key``, or every one (see
+        :func:`~optckpt.locate.select_optimizers`)."""
+        return select_optimizers(checkpoint.root, self.key)
+
+    def select_one(self, checkpoint: Checkpoint) -> Located:
+        """The one optimizer state dict to change (see :func:`~optckpt.locate.select_one`)."""
+        return select_one(checkpoint.root, self.key)
+
+    def save(self, checkpoint: Checkpoint, progress: ProgressStart | None = None) -> None:
+        """Write the changed checkpoint with its placement (see :func:`save`).
+
+        Raises:
+            UsageError: a dry run (no output) has nothing to write to.
+        """
+        if self.output is None:
+            raise ValueError("a dry run has no output to write")
+        root = checkpoint.root
+        if isinstance(checkpoint, DcpCheckpoint):
+            # A file writer makes each placeholder's tensor only when it writes it (a sharded
+            # one assembled then), so memory stays at the largest tensor; torch's DCP writer
+            # takes tensors, read now.
+            root = checkpoint.resolved(root, lazy=self.output.kind != "dcp")
+        save(
+            self.output,
+            root,
+            placement=checkpoint.placement,
+            sources=checkpoint.sources,
+            progress=progress,
+        )
+
+
+def plan_rewrite(
+    path: str | Path,
+    out: str | Path | None,
+    *,
+    command: str,
+    force: bool = False,
+    kind: str | None = None,
+    inputs: Iterable[object] = (),
+    key: str | None = None,
+    allow_globals: Iterable[str] = (),
+    dcp: bool = False,
+) -> Rewrite:
+    """Check a rewrite's output (:func:`prepare_output`) and carry its options.
+
+    Args:
+        path: the checkpoint file to rewrite.
+        out: the output; ``None`` for a dry run (nothing checked, nothing written).
+        command: the command's name, for messages.
+        force, kind, inputs, dcp: as :func:`prepare_output` takes them.
+        key: the key path of the optimizer state dict to change.
+        allow_globals: pickle globals to let through while reading.
+
+    Raises:
+        UsageError, UnwritableOutputError: as :func:`prepare_output` raises them.
+    """
+    output = None
+    if out is not None:
+        output = prepare_output(
+            out, force=force, inputs=inputs, kind=kind, rewrites=path, command=command, dcp=dcp
+        )
+    return Rewrite(Path(path), output, key, tuple(allow_globals), dcp)
