@@ -4,14 +4,15 @@ checkpoint written when every check passed."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from optckpt.errors import UsageError
-from optckpt.io.safetensors_format import check_storable
-from optckpt.io.write import ProgressStart, check_output, format_for
+from optckpt.io.write import ProgressStart
 from optckpt.layout import load_layout
-from optckpt.locate import tensors_in
 from optckpt.optim.specs import gradients_of
 from optckpt.resume.checks import (
     check_counters_advance,
@@ -28,18 +29,127 @@ from optckpt.resume.optimizer import (
     optimizer_class,
     uncapture,
 )
+from optckpt.resume.parameters import Params
 from optckpt.resume.report import Check, ResumeReport
 from optckpt.resume.source import Source
 from optckpt.resume.torch_compare import matches_torch
 from optckpt.resume.updates import GradientSquares, group_updates, is_adaptive
-from optckpt.resume.write import write_checkpoint
+from optckpt.resume.write import check_out, check_storable_as, write_checkpoint
 from optckpt.synthetic import MAX_SEED, Gradients, take_steps
 
 
-def _nothing_written(report: ResumeReport, out: Path | None) -> ResumeReport:
-    if out is not None:
-        report.notes.append(f"nothing written to {out}: a check failed")
-    return report
+def _check_options(*, steps: int, seed: int, check_torch: bool, atol: float | None) -> None:
+    """Refuse options out of range, before anything is read.
+
+    Raises:
+        UsageError: names the option and what it takes.
+    """
+    if steps < 1:
+        raise UsageError(f"--steps must be 1 or more, not {steps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
+    if atol is not None and not check_torch:
+        raise UsageError("--atol applies to --check-torch")
+    if atol is not None and not atol >= 0:
+        raise UsageError(f"--atol must be 0 or more, not {atol}")
+
+
+def _layout(from_layout: str | Path | Any | None, allow_globals: Iterable[str]) -> Any | None:
+    """``--from`` as a :class:`~optckpt.layout.Layout` (loaded when it is a path)."""
+    if isinstance(from_layout, (str, Path)):
+        return load_layout(from_layout, (), allow_globals)
+    return from_layout
+
+
+def _skipped(names: list[str], why: str) -> list[Check]:
+    return [Check(name, None, f"skipped: {why}") for name in names]
+
+
+@dataclass
+class _Stepped:
+    """The bundled optimizer after the steps, and its parameters by ID."""
+
+    optimizer: Any
+    live: dict[Any, torch.Tensor]
+
+
+def _take_steps(
+    optimizer: Any, name: str, ids: list[list[Any]], seed: int, steps: int
+) -> tuple[Check, GradientSquares]:
+    """The ``steps_taken`` check, and the gradients' squares seen on the way."""
+    grads = GradientSquares(
+        {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]},
+        [0.0] * len(ids),
+        [0] * len(ids),
+    )
+    try:
+        take_steps(optimizer, Gradients(seed, gradients_of(name)), steps, grads.observe)
+    except STEP_ERRORS as e:
+        return Check("steps_taken", False, describe_error(e)), grads
+    return Check("steps_taken", True, f"{steps} step(s) of {name}"), grads
+
+
+def _check_and_step(
+    report: ResumeReport,
+    source: Source,
+    cls: type,
+    params: Params,
+    state_dict: Any,
+    check_torch: bool,
+    atol: float | None,
+) -> _Stepped | None:
+    """Load the state into ``cls``, take the steps, and add each check to ``report`` in order;
+    ``None`` when a check stopped the run (the checks after it are added as skipped)."""
+    name, steps = cls.__name__, report.steps
+    ids = [list(g["params"]) for g in state_dict["param_groups"]]
+    owned = source.owned(state_dict)
+    # Checks of the saved state (copied exactly), before torch's cast can hide anything.
+    shapes = check_shapes(owned["state"], params, name)
+    agree = check_counters_agree(owned, params)
+    finite_before = check_finite("finite_before", owned["state"], params.by_id, params.names)
+    counters_before = steps_of(owned["state"], params.by_id)
+
+    ours = load_optimizer(cls, params, owned)
+    report.notes += uncapture(ours)
+    report.checks += [check_loads(state_dict, ids, name), shapes, agree, finite_before]
+    later = ["steps_taken", "step_counters_advance", "finite_after"]
+    later += ["matches_torch"] if check_torch else []
+    if not shapes.ok:
+        report.checks += _skipped(later, "the shapes do not fit")
+        return None
+    taken, grads = _take_steps(ours, name, ids, source.seed, steps)
+    report.checks.append(taken)
+    if not taken.ok:
+        report.checks += _skipped(later[1:], "the step failed")
+        return None
+
+    live = {
+        pid: p
+        for g, gid in zip(ours.param_groups, ids, strict=True)
+        for p, pid in zip(g["params"], gid, strict=True)
+    }
+    counters_after = steps_of({pid: ours.state.get(p, {}) for pid, p in live.items()}, live)
+    report.checks += [
+        check_counters_advance(counters_before, counters_after, params, steps),
+        check_finite("finite_after", ours.state_dict()["state"], live, params.names),
+    ]
+    report.groups = group_updates(
+        ours, ids, params.before(), grads.squares, grads.count, steps, is_adaptive(name)
+    )
+    if check_torch:
+        report.checks.append(matches_torch(source, cls, ours, params.names, steps, atol))
+    return _Stepped(ours, live)
+
+
+def _saved_on(checkpoint: Any, out: Path) -> list[str]:
+    """A note when the input was saved off the CPU: ``out`` keeps those devices."""
+    saved_on = sorted(set(checkpoint.placement.values()) - {"cpu"})
+    if not saved_on:
+        return []
+    return [
+        f"the input was saved on {', '.join(saved_on)}; {out} keeps those devices "
+        "(the steps ran on the CPU)"
+    ]
 
 
 def resume_step(
@@ -88,107 +198,28 @@ def resume_step(
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
     """
-
     path = Path(path)
-    if steps < 1:
-        raise UsageError(f"--steps must be 1 or more, not {steps}")
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
-    if atol is not None and not check_torch:
-        raise UsageError("--atol applies to --check-torch")
-    if atol is not None and not atol >= 0:
-        raise UsageError(f"--atol must be 0 or more, not {atol}")
-    if out is not None:
-        out = Path(out)
-        fmt = format_for(out)
-        layout_file = [Path(from_layout)] if isinstance(from_layout, (str, Path)) else []
-        check_output(out, [path, *([Path(model)] if model else []), *layout_file], force=force)
-        if path.is_dir():
-            raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
-
-    layout = from_layout
-    if isinstance(from_layout, (str, Path)):
-        layout = load_layout(from_layout, (), allow_globals)
-    source = Source(
-        path, key, None if model is None else Path(model), seed, tuple(allow_globals), layout
-    )
+    _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
+    out = None if out is None else Path(out)
+    fmt = None if out is None else check_out(out, path, model, from_layout, force=force)
+    layout = _layout(from_layout, allow_globals)
+    model = None if model is None else Path(model)
+    source = Source(path, key, model, seed, tuple(allow_globals), layout)
     checkpoint, found = source.read()
-    if out is not None and fmt == "safetensors":  # refused now, not after the steps
-        check_storable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
-    state_dict = found.state_dict
-    cls, optimizer_from = optimizer_class(state_dict, optimizer)
-    params = source.parameters(checkpoint, state_dict)
-    report = ResumeReport(
-        path=path,
-        key=found.key,
-        optimizer=cls.__name__,
-        optimizer_from=optimizer_from,
-        params_from=params.source,
-        steps=steps,
-        seed=seed,
-        notes=list(params.notes),
-    )
-    ids = [list(g["params"]) for g in state_dict["param_groups"]]
-    owned = source.owned(state_dict)
-
-    # Checks of the saved state (copied exactly), before torch's cast can hide anything.
-    shapes = check_shapes(owned["state"], params, cls.__name__)
-    agree = check_counters_agree(owned, params)
-    finite_before = check_finite("finite_before", owned["state"], params.by_id, params.names)
-    counters_before = steps_of(owned["state"], params.by_id)
-
-    ours = load_optimizer(cls, params, owned)
-    report.notes += uncapture(ours)
-    report.checks += [
-        check_loads(state_dict, ids, cls.__name__),
-        shapes,
-        agree,
-        finite_before,
-    ]
-    later = ["steps_taken", "step_counters_advance", "finite_after"]
-    later += ["matches_torch"] if check_torch else []
-    if not shapes.ok:
-        report.checks += [Check(name, None, "skipped: the shapes do not fit") for name in later]
-        return _nothing_written(report, out)
-
-    grads = GradientSquares(
-        {id(p): i for i, g in enumerate(ours.param_groups) for p in g["params"]},
-        [0.0] * len(ids),
-        [0] * len(ids),
-    )
-    try:
-        take_steps(ours, Gradients(seed, gradients_of(cls.__name__)), steps, grads.observe)
-    except STEP_ERRORS as e:
-        report.checks.append(Check("steps_taken", False, describe_error(e)))
-        report.checks += [Check(name, None, "skipped: the step failed") for name in later[1:]]
-        return _nothing_written(report, out)
-    report.checks.append(Check("steps_taken", True, f"{steps} step(s) of {cls.__name__}"))
-
-    live = {
-        pid: p
-        for g, gid in zip(ours.param_groups, ids, strict=True)
-        for p, pid in zip(g["params"], gid, strict=True)
-    }
-    counters_after = steps_of({pid: ours.state.get(p, {}) for pid, p in live.items()}, live)
-    report.checks += [
-        check_counters_advance(counters_before, counters_after, params, steps),
-        check_finite("finite_after", ours.state_dict()["state"], live, params.names),
-    ]
-    report.groups = group_updates(
-        ours, ids, params.before(), grads.squares, grads.count, steps, is_adaptive(cls.__name__)
-    )
-    if check_torch:
-        report.checks.append(matches_torch(source, cls, ours, params.names, steps, atol))
-
-    if out is not None:
-        if not report.ok:
-            return _nothing_written(report, out)
-        write_checkpoint(source, checkpoint, found, ours, live, params.weights, out, fmt, progress)
-        report.out = out
-        saved_on = sorted(set(checkpoint.placement.values()) - {"cpu"})
-        if saved_on:
-            report.notes.append(
-                f"the input was saved on {', '.join(saved_on)}; {out} keeps those devices "
-                "(the steps ran on the CPU)"
-            )
+    if fmt is not None:
+        check_storable_as(checkpoint, fmt)  # refused now, not after the steps
+    cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
+    params = source.parameters(checkpoint, found.state_dict)
+    report = ResumeReport(path, found.key, cls.__name__, optimizer_from, params.source, steps, seed)
+    report.notes += params.notes
+    stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
+    if out is None or fmt is None:
+        return report
+    if stepped is None or not report.ok:
+        report.notes.append(f"nothing written to {out}: a check failed")
+        return report
+    ours, live = stepped.optimizer, stepped.live
+    write_checkpoint(source, checkpoint, found, ours, live, params.weights, out, fmt, progress)
+    report.out = out
+    report.notes += _saved_on(checkpoint, out)
     return report
