@@ -517,3 +517,20 @@ def test_writing_reports_its_bytes_to_progress(tmp_path: Path) -> None:
     assert total <= sum(progress.written) <= out.stat().st_size
     assert resume_step(FIXTURES / "adamw_train.pt", progress=progress).ok  # nothing to write
     assert len(progress.started) == 1
+
+
+def test_check_torch_bitwise_means_the_same_bits_as_diff() -> None:
+    """One meaning of "bitwise" (chunks.same_bits): -0.0 is not 0.0, NaNs with equal bits are
+    equal, a NaN with other bits is not; within --atol, values compare as numbers."""
+    from optckpt.chunks import same_bits
+    from optckpt.resume.torch_compare import _same
+
+    zero, negative_zero = torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0])
+    nan = torch.tensor([float("nan")])
+    other_nan = nan.view(torch.int32).add(1).view(torch.float32)
+    for compare in (_same, lambda a, b, atol: same_bits(a, b)):
+        assert not compare(zero, negative_zero, None)
+        assert compare(nan, nan.clone(), None)
+        assert not compare(nan, other_nan, None)
+    assert _same(zero, negative_zero, 0.0)
+    assert _same({"lr": float("nan")}, {"lr": float("nan")}, None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +68,7 @@ class ResumeReport:
             "steps": self.steps,
             "seed": self.seed,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
-            "groups": [{k: _json_number(v) for k, v in vars(g).items()} for g in self.groups],
+            "groups": [dict(vars(g)) for g in self.groups],
             "notes": self.notes,
             "out": None if self.out is None else str(self.out),
         }
-
-
-def _json_number(value: Any) -> Any:
-    """``None`` for NaN and infinities, which JSON cannot hold."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value

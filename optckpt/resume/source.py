@@ -14,7 +14,7 @@ from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import FileRanges, release
 from optckpt.layout import find_model_state, model_state_of
-from optckpt.locate import select_optimizers
+from optckpt.locate import select_one
 from optckpt.resume.parameters import Params, params_from_weights, seeded_params
 
 
@@ -57,13 +57,7 @@ class Source:
         """A fresh read of the checkpoint and the one optimizer state dict located in it."""
         checkpoint = load_checkpoint(self.path, allow_globals=self.allow_globals)
         self.mapped.extend(checkpoint.sources)
-        found = select_optimizers(checkpoint.root, self.key)
-        if len(found) > 1:
-            listed = ", ".join(repr(f.key) for f in found)
-            raise UsageError(
-                f"the checkpoint holds several optimizer state dicts ({listed}); pick one with --key"
-            )
-        return checkpoint, found[0]
+        return checkpoint, select_one(checkpoint.root, self.key)
 
     def weights(self, checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
         """The model weights (of the checkpoint, or of ``--model``) and where they are."""

@@ -35,7 +35,8 @@ from optckpt.resume.source import Source
 from optckpt.resume.torch_compare import matches_torch
 from optckpt.resume.updates import GradientSquares, group_updates, is_adaptive
 from optckpt.resume.write import check_out, check_storable_as, write_checkpoint
-from optckpt.synthetic import MAX_SEED, Gradients, take_steps
+from optckpt.seeds import check_seed
+from optckpt.synthetic import Gradients, take_steps
 
 
 def _check_options(*, steps: int, seed: int, check_torch: bool, atol: float | None) -> None:
@@ -46,8 +47,7 @@ def _check_options(*, steps: int, seed: int, check_torch: bool, atol: float | No
     """
     if steps < 1:
         raise UsageError(f"--steps must be 1 or more, not {steps}")
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
+    check_seed(seed)
     if atol is not None and not check_torch:
         raise UsageError("--atol applies to --check-torch")
     if atol is not None and not atol >= 0:
@@ -200,26 +200,25 @@ def resume_step(
     """
     path = Path(path)
     _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
-    out = None if out is None else Path(out)
-    fmt = None if out is None else check_out(out, path, model, from_layout, force=force)
+    output = None if out is None else check_out(out, path, model, from_layout, force=force)
     layout = _layout(from_layout, allow_globals)
     model = None if model is None else Path(model)
     source = Source(path, key, model, seed, tuple(allow_globals), layout)
     checkpoint, found = source.read()
-    if fmt is not None:
-        check_storable_as(checkpoint, fmt)  # refused now, not after the steps
+    if output is not None:
+        check_storable_as(checkpoint, output)
     cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
     params = source.parameters(checkpoint, found.state_dict)
     report = ResumeReport(path, found.key, cls.__name__, optimizer_from, params.source, steps, seed)
     report.notes += params.notes
     stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
-    if out is None or fmt is None:
+    if output is None:
         return report
     if stepped is None or not report.ok:
-        report.notes.append(f"nothing written to {out}: a check failed")
+        report.notes.append(f"nothing written to {output.path}: a check failed")
         return report
     ours, live = stepped.optimizer, stepped.live
-    write_checkpoint(source, checkpoint, found, ours, live, params.weights, out, fmt, progress)
-    report.out = out
-    report.notes += _saved_on(checkpoint, out)
+    write_checkpoint(source, checkpoint, found, ours, live, params.weights, output, progress)
+    report.out = output.path
+    report.notes += _saved_on(checkpoint, output.path)
     return report

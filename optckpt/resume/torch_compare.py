@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from optckpt.chunks import same_bits
 from optckpt.optim.specs import gradients_of
 from optckpt.resume.checks import param_label, short_list
 from optckpt.resume.optimizer import STEP_ERRORS, build_optimizer, describe_error, uncapture
@@ -18,6 +19,9 @@ from optckpt.synthetic import Gradients, take_steps
 
 
 def _same(a: Any, b: Any, atol: float | None) -> bool:
+    """Equal: tensors within ``atol``, or without it bit for bit (:func:`~optckpt.chunks.
+    same_bits`, the meaning of "bitwise" ``diff`` has too: -0.0 is not 0.0, NaNs with the same
+    bits are equal); other values by ``==``, NaN equal to NaN."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -25,10 +29,7 @@ def _same(a: Any, b: Any, atol: float | None) -> bool:
             return False
         if atol is not None and (a.is_floating_point() or a.is_complex()):
             return bool(torch.allclose(a, b, rtol=0.0, atol=atol, equal_nan=True))
-        if torch.equal(a, b):
-            return True
-        both_nan = a.isnan() & b.isnan() if a.is_floating_point() or a.is_complex() else False
-        return bool(((a == b) | both_nan).all())
+        return same_bits(a, b)
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

@@ -1,6 +1,6 @@
-"""Writing the checkpoint after a resume step (``-o``): the output checked before anything is
-read, then the stepped state and weights swapped into the loaded tree, everything else kept,
-saved devices carried."""
+"""Writing the checkpoint after a resume step (``-o``), through the rewrite pipeline
+(:mod:`optckpt.io.rewrite`): the output checked before anything is read, then the stepped
+state and weights swapped into the loaded tree, everything else kept, saved devices carried."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ from typing import Any
 import torch
 
 from optckpt.devices import replace_placement
-from optckpt.errors import UsageError
-from optckpt.io.safetensors_format import check_storable
-from optckpt.io.write import (
-    ProgressStart,
-    check_output,
-    format_for,
-    save_checkpoint,
-    tensor_bytes,
-)
+from optckpt.io.rewrite import Output, prepare_output, save
+from optckpt.io.write import ProgressStart
 from optckpt.layout import model_state_path, tied
 from optckpt.locate import tensors_in
 from optckpt.names import is_name_keyed, to_name_keyed
@@ -27,32 +20,29 @@ from optckpt.resume.source import Source
 
 
 def check_out(
-    out: Path, path: Path, model: str | Path | None, from_layout: Any, *, force: bool
-) -> str:
-    """The format to write ``out`` in, once :func:`~optckpt.io.write.check_output` accepts it
-    (every input named: the checkpoint, ``model``, a ``from_layout`` file).
+    out: str | Path, path: Path, model: str | Path | None, from_layout: Any, *, force: bool
+) -> Output:
+    """The output, once :func:`~optckpt.io.rewrite.prepare_output` accepts it with every
+    input named: the checkpoint (a file, not a folder), ``model``, a ``from_layout`` file.
 
     Raises:
         UsageError: ``out`` is refused (see :func:`~optckpt.io.write.check_output`), or
             ``path`` is a folder.
         UnwritableOutputError: the folder of ``out`` cannot be written.
     """
-    fmt = format_for(out)
-    layout_file = [Path(from_layout)] if isinstance(from_layout, (str, Path)) else []
-    check_output(out, [path, *([Path(model)] if model else []), *layout_file], force=force)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give -o only for a checkpoint file")
-    return fmt
+    return prepare_output(
+        out, force=force, inputs=[model, from_layout], rewrites=path, command="resume-step"
+    )
 
 
-def check_storable_as(checkpoint: Any, fmt: str) -> None:
-    """Refuse a checkpoint with tensors ``fmt`` cannot hold (safetensors lacks some dtypes).
+def check_storable_as(checkpoint: Any, output: Output) -> None:
+    """Refuse now, not after the steps, tensors ``output`` cannot hold (safetensors lacks
+    some dtypes).
 
     Raises:
         UsageError: names the first such tensor and its dtype.
     """
-    if fmt == "safetensors":
-        check_storable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
+    output.refuse_unstorable((str(key), t.dtype) for key, t in tensors_in(checkpoint.root))
 
 
 def write_checkpoint(
@@ -62,8 +52,7 @@ def write_checkpoint(
     ours: Any,
     live: Mapping[Any, torch.Tensor],
     names: Mapping[Any, str],
-    out: Path,
-    fmt: str,
+    output: Output,
     progress: ProgressStart | None = None,
 ) -> None:
     """Write ``checkpoint`` with the stepped state and, when they came from it, weights
@@ -99,11 +88,10 @@ def write_checkpoint(
         stepped = live[pid].detach()
         for alias in (name, *aliases[name]):
             weights[alias] = stepped  # tied weights stay tied (and keep their saved devices)
-    save_checkpoint(
+    save(
+        output,
         checkpoint.root,
-        out,
-        fmt,
-        sources=source.mapped,
         placement=checkpoint.placement,
-        progress=progress(tensor_bytes(checkpoint.root)) if progress else None,
+        sources=source.mapped,
+        progress=progress,
     )

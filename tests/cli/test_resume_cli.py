@@ -207,10 +207,10 @@ def test_resume_step_exits_1_when_a_check_fails(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[-1] == "resume-step failed"
     as_json = runner.invoke(app, ["resume-step", str(path), "--json"])
     assert as_json.exit_code == 1
-    # strict JSON: the NaN update size of the broken group is null, not NaN
+    # strict JSON: the NaN update size of the broken group is "nan", as in every --json
     data = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["ok"] is False
-    assert data["groups"][1]["update_rms"] is None
+    assert data["groups"][1]["update_rms"] == "nan"
     failed = [c["name"] for c in data["checks"] if c["ok"] is False]
     assert failed == ["finite_before", "finite_after"]
 
