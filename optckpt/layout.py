@@ -133,15 +133,11 @@ def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch
     ``named_parameters()`` also yields only once.
     """
     found: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    seen: set[tuple[torch.UntypedStorage, int, tuple[int, ...]]] = set()
     for name, tensor in model_state.items():
         if not isinstance(tensor, torch.Tensor) or is_buffer(name, tensor):
             continue
-        identity = (
-            tensor.untyped_storage().data_ptr(),
-            int(tensor.storage_offset()),
-            tuple(tensor.shape),
-        )
+        identity = _alias_key(tensor)
         if tensor.numel() and identity in seen:
             continue
         seen.add(identity)
@@ -152,16 +148,17 @@ def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch
 def tied(model_state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """For each name, the other names of a model state dict that are the same tensor (tied
     weights: the same storage, offset and shape), which must change together."""
-    by_identity: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    by_identity: dict[tuple[torch.UntypedStorage, int, tuple[int, ...]], list[str]] = {}
     for name, tensor in model_state.items():
         if isinstance(tensor, torch.Tensor) and tensor.numel():
-            identity = (
-                tensor.untyped_storage().data_ptr(),
-                int(tensor.storage_offset()),
-                tuple(tensor.shape),
-            )
-            by_identity.setdefault(identity, []).append(name)
+            by_identity.setdefault(_alias_key(tensor), []).append(name)
     return {n: [m for m in names if m != n] for names in by_identity.values() for n in names}
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple[torch.UntypedStorage, int, tuple[int, ...]]:
+    """What two names of one tied weight share: the storage (the object, of which torch keeps
+    one per storage; the key holds it), the offset in it and the shape."""
+    return (tensor.untyped_storage(), int(tensor.storage_offset()), tuple(tensor.shape))
 
 
 def _is_model_state(node: Any) -> bool:

@@ -171,3 +171,39 @@ def test_move_dtype_keeps_the_device_of_a_weight_the_state_shares(tmp_path: Path
     assert devices["/model/w"] == "cuda:0"
     assert devices["/optimizer/state/0/master"] == "cpu"
     assert result.kept_on == ["cuda:0"]
+
+
+def test_remap_state_keeps_its_own_device_by_name(tmp_path: Path) -> None:
+    """A model split over two GPUs, remapped to a layout that lists the parameters in reverse
+    and casts one to bfloat16: each parameter's state keeps the device it was saved from,
+    found by name (the old ID at the new one's place), cast or not."""
+    checkpoint = adam_checkpoint()
+    devices: dict[tuple[object, ...], str] = {
+        ("model", name): "cuda:1" if name.startswith("1.") else "cuda:0"
+        for name in checkpoint["model"]
+    }
+    for pid, state in checkpoint["optimizer"]["state"].items():
+        for key in state:
+            device = "cuda:1" if pid >= 2 else "cuda:0"
+            devices["optimizer", "state", pid, key] = "cpu" if key == "step" else device
+    src = tmp_path / "in.pt"
+    save_torch(checkpoint, src, placement=devices)
+    names = ["1.bias", "1.weight", "0.bias", "0.weight"]
+    params = {n: {"shape": list(checkpoint["model"][n].shape)} for n in names}
+    params["0.weight"]["dtype"] = "bfloat16"
+    (tmp_path / "reversed.json").write_text(
+        json.dumps({"params": params, "groups": [{"params": names, "lr": 0.01}]})
+    )
+    remap_checkpoint(src, tmp_path / "reversed.json", tmp_path / "out.pt")
+    got = saved_devices(tmp_path / "out.pt")
+    assert load_checkpoint(tmp_path / "out.pt").root["optimizer"]["state"][3]["exp_avg"].dtype == (
+        torch.bfloat16
+    )
+    for new_pid, name in enumerate(names):
+        if name == "1.bias":  # no state before the remap, none after
+            assert f"/optimizer/state/{new_pid}/exp_avg" not in got
+            continue
+        expected = "cuda:1" if name.startswith("1.") else "cuda:0"
+        assert got[f"/optimizer/state/{new_pid}/exp_avg"] == expected, name
+        assert got[f"/optimizer/state/{new_pid}/step"] == "cpu", name
+    assert {got[f"/model/{n}"] for n in names} == {"cuda:0", "cuda:1"}  # the weights as they were

@@ -15,7 +15,14 @@ import torch
 
 from optckpt.errors import ExitCode, NoOptimizerStateError, UsageError
 from optckpt.io import load_checkpoint
-from optckpt.locate import locate_optimizers, resolve, select_optimizers
+from optckpt.locate import (
+    locate_optimizers,
+    resolve,
+    select_one,
+    select_optimizers,
+    tensor_paths,
+    value_at,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -177,3 +184,44 @@ def test_not_fooled_by_lookalikes(name: str) -> None:
 def test_lookalike_beside_a_real_one() -> None:
     root = {"opt": _state_dict(), "fake": LOOKALIKES["state is a list"]}
     assert _keys(root) == ["opt"]
+
+
+def test_tensor_paths_are_the_keys_themselves() -> None:
+    """A key path is the tuple of keys: int and str keys, and dotted keys, stay apart."""
+    a, b, c, d = (torch.zeros(1) for _ in range(4))
+    tree = {0: a, "0": b, "x.y": {"z": c}, "x": [{"y.z": d}], "n": 1}
+    assert [(path, t) for path, t in tensor_paths(tree)] == [
+        ((0,), a),
+        (("0",), b),
+        (("x.y", "z"), c),
+        (("x", 0, "y.z"), d),
+    ]
+    assert [path for path, _ in tensor_paths(a, ("at",))] == [("at",)]
+
+
+def test_value_at_follows_a_key_path() -> None:
+    tree = {"a": [{"b": 1}], 0: "zero"}
+    assert value_at(tree, ("a", 0, "b")) == 1
+    assert value_at(tree, (0,)) == "zero"
+    assert value_at(tree, ()) is tree
+    for missing in (("a", 1), ("a", "0"), ("b",), ("a", 0, "b", "c")):
+        assert value_at(tree, missing, "none") == "none", missing
+
+
+def test_located_carries_its_key_path() -> None:
+    sd = {"state": {}, "param_groups": [{"params": []}]}
+    tree = {"a.b": {"c": sd}, "l": [sd]}
+    assert [(f.key, f.path) for f in locate_optimizers(tree)] == [
+        ("a.b.c", ("a.b", "c")),
+        ("l.0", ("l", 0)),
+    ]
+    assert select_optimizers(tree, "a.b.c")[0].path == ("a.b", "c")
+    assert select_optimizers(tree, "l.0")[0].path == ("l", 0)
+
+
+def test_select_one_names_the_choices() -> None:
+    sd = {"state": {}, "param_groups": [{"params": []}]}
+    assert select_one({"opt": sd}, None).key == "opt"
+    assert select_one({"a": sd, "b": sd}, "b").path == ("b",)
+    with pytest.raises(UsageError, match=r"several optimizer state dicts \('a', 'b'\); pick one"):
+        select_one({"a": sd, "b": sd}, None)

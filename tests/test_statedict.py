@@ -9,7 +9,7 @@ own earlier output. str/bytes values and namedtuples in the state are documented
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from optckpt.errors import (
 )
 from optckpt.statedict import (
     cast_state,
+    cast_tree,
     cast_value,
     check_groups,
     group_of,
@@ -464,6 +465,30 @@ def test_cast_value_matches_torch_policy(
     assert type(state_error) is type(ref_error)
     if ref_error is None:
         assert_same(via_state, {key: ref}, {key: value})
+
+
+def test_cast_tree_gives_each_tensor_its_path_and_rebuilds_containers() -> None:
+    """The one recursion every cast goes through (cast_state, move, remap): dicts with their
+    keys, lists and tuples with indices (torch casts their items with no key), strings kept."""
+    from optckpt.statedict import key_of as policy_key
+
+    Pair = namedtuple("Pair", "x y")
+    t = torch.zeros(1)
+    tree = {"step": t, "hist": [t, (t,)], "pair": Pair(t, "s"), "name": "abc", "n": 1}
+    seen: list[tuple[Any, ...]] = []
+
+    def cast(tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+        seen.append(path)
+        return tensor + 1
+
+    out = cast_tree(tree, cast)
+    assert seen == [("step",), ("hist", 0), ("hist", 1, 0), ("pair", 0)]
+    assert [policy_key(p) for p in seen] == ["step", 0, 0, 0]  # only a dict key is ever "step"
+    assert isinstance(out["hist"][1], tuple) and isinstance(out["pair"], Pair)
+    assert out["pair"].y == "s" and out["name"] == "abc" and out["n"] == 1
+    assert float(out["hist"][1][0]) == 1.0 and float(t) == 0.0  # not mutated
+    assert cast_tree(t, lambda x, path: path) == ()
+    assert policy_key(()) is None
 
 
 # --------------------------------------------------------------------------- mismatches
