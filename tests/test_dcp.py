@@ -658,3 +658,17 @@ def test_convert_refuses_ids_keying_for_dcp(tmp_path: Path) -> None:
     result = _cli("convert", folder, "-o", f"{tmp_path / 'out'}/", "--keying", "ids")
     assert result.exit_code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_an_id_keyed_optimizer_saved_as_it_is_keeps_int_ids(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    _, optimizer = _trained()
+    dcp.save({"optim": optimizer.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    optim = read_dcp(tmp_path / "ckpt").root["optim"]
+    assert sorted(optim["state"]) == [0, 2, 3, 5]  # frozen 1 and never-stepped 4: no state
+    assert optim["param_groups"][1]["params"] == [3, 4, 5]
+    for pid, state in optimizer.state_dict()["state"].items():
+        assert torch.equal(optim["state"][pid]["exp_avg"], state["exp_avg"])
+    _, fresh = _trained(steps=1)
+    fresh.load_state_dict(optim)

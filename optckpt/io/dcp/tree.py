@@ -106,7 +106,22 @@ def _finish(where: str, node: Any, at: str) -> Any:
         return [done[i] for i in range(len(done))]
     if done and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in done):
         return unflatten_optimizer(where, at, done)
-    return done
+    return _int_ids(done)
+
+
+def _int_ids(node: dict[Any, Any]) -> dict[Any, Any]:
+    """An ID-keyed optimizer saved as it is (``dcp.save({"optim": opt.state_dict()})``) with
+    its ``state`` keys back to the ints its ``params`` list: DCP's flattening made them
+    strings (``optim.state.0.exp_avg``), as ``dcp_to_torch_save`` leaves them."""
+    state, groups = node.get("state"), node.get("param_groups")
+    if not (isinstance(state, dict) and isinstance(groups, list)):
+        return node
+    ids = {str(p): p for g in groups if isinstance(g, dict) for p in g.get("params", ())}
+    if not ids or not all(type(p) is int for p in ids.values()):
+        return node
+    if all(isinstance(k, str) and k in ids for k in state):
+        node["state"] = {ids[k]: v for k, v in state.items()}
+    return node
 
 
 def unflatten_optimizer(where: str, at: str, flat: Mapping[str, Any]) -> dict[str, Any]:
