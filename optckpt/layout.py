@@ -121,8 +121,10 @@ def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
 
 
 def is_buffer(name: str, tensor: torch.Tensor) -> bool:
-    """Whether a model state dict entry is a buffer rather than a trainable parameter."""
-    return name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES or not tensor.is_floating_point()
+    """Whether a model state dict entry is a buffer rather than a trainable parameter
+    (integer and bool tensors cannot be trained; complex ones can, like floating ones)."""
+    trainable = tensor.is_floating_point() or tensor.is_complex()
+    return name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES or not trainable
 
 
 def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -316,7 +316,8 @@ def remap(
             if to.names()
             else "no parameter kept its state: the layout names no parameters"
         )
-    orphans = [k for k in saved_state if k not in set(param_ids(state_dict))]
+    listed = set(param_ids(state_dict))  # once: per key it made remap quadratic
+    orphans = [k for k in saved_state if k not in listed]
     if orphans:
         warnings.append(
             f"dropped state under IDs in no param group: {', '.join(map(str, orphans))}"

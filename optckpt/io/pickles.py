@@ -371,6 +371,7 @@ _WHY: dict[str, tuple[str, ...]] = {
         "os", "posix", "nt", "subprocess", "_posixsubprocess", "pty", "signal",
         "multiprocessing", "torch.multiprocessing", "threading", "_thread", "concurrent",
         "pydoc", "distutils", "setuptools", "pip", "ensurepip", "venv",
+        "torch.utils.collect_env",
     ),
     "opens, reads or changes files": (
         "shutil", "tempfile", "io", "_io", "codecs", "fileinput", "mmap", "zipfile", "tarfile",
@@ -411,6 +412,18 @@ _DATA_BUILTINS = frozenset(
     {"set", "frozenset", "dict", "list", "tuple", "int", "float", "complex", "bool", "str",
      "bytes", "bytearray", "slice", "range"}
 )  # fmt: skip
+
+
+# Functions that rebuild plain data and nothing else: numpy's array and scalar reconstructors,
+# which old checkpoints holding numpy values name (torch's documentation suggests allowing
+# them). --allow-global otherwise lets only classes through.
+DATA_RECONSTRUCTORS = frozenset(
+    {
+        f"numpy.{core}.multiarray.{name}"
+        for core in ("core", "_core")
+        for name in ("_reconstruct", "scalar")
+    }
+)
 
 
 def why_dangerous(name: str) -> str | None:

@@ -42,6 +42,7 @@ import torch
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
 from optckpt.io.pickles import (
+    DATA_RECONSTRUCTORS,
     MAX_PICKLE_BYTES,
     PickleScan,
     Refused,
@@ -141,9 +142,36 @@ def resolve_globals(names: Iterable[str]) -> list[Any]:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
             raise UsageError(f"--allow-global {name}: cannot import it ({e})") from e
+        if name not in torch_allowed_globals() and name not in DATA_RECONSTRUCTORS:
+            _check_allowable(name, obj)
         # Allow-list under the name the pickle uses, which may differ from __qualname__.
         found.append((obj, name))
     return found
+
+
+def _check_allowable(name: str, obj: Any) -> None:
+    """Refuse what ``name`` turned out to be: a function or other non-class (a pickle calls
+    what it names, so a function can do anything: ``bz2._builtin_open`` is ``open``,
+    ``torch.utils.collect_env.run`` runs a shell), or a class whose own name is dangerous
+    (an alias of one that :func:`~optckpt.io.pickles.why_dangerous` refuses)."""
+    if not isinstance(obj, type):
+        raise UsageError(
+            f"--allow-global {name}: refused, because it is a {type(obj).__name__}, not a "
+            "class; a checkpoint calls what it names, and optckpt lets only classes through"
+        )
+    canonical = f"{obj.__module__}.{obj.__qualname__}"
+    why = why_dangerous(canonical)
+    if why:
+        raise UsageError(
+            f"--allow-global {name}: refused, because it is {canonical} and {why}; "
+            "optckpt never lets a checkpoint call it"
+        )
+
+
+def _looks_like_a_class(name: str) -> bool:
+    """Whether a global's last part is named as classes are (``Namespace``, not ``run``):
+    only those are worth suggesting for ``--allow-global``, which refuses anything else."""
+    return name in DATA_RECONSTRUCTORS or name.rpartition(".")[2][:1].isupper()
 
 
 # What torch's weights-only unpickler and its rebuild functions raise on mangled bytes, besides
@@ -181,6 +209,15 @@ def _zip_pickle(path: Path) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
+            # zipfile reads the last archive in a file and torch's reader the first: bytes
+            # before the archive zipfile found (two saves joined, or appended with "ab") would
+            # let torch load records that nothing here checked.
+            if infos and min(info.header_offset for info in infos) != 0:
+                raise UnreadableCheckpointError(
+                    f"{path}: holds data before its zip archive (two torch.save outputs joined, "
+                    "or a save appended to a file?); torch would read other records than "
+                    "the ones checked"
+                )
             if not infos or "/" not in infos[0].filename:
                 raise UnreadableCheckpointError(
                     f"{path}: not a torch zip file (its records are not in one folder)"
@@ -352,10 +389,18 @@ def _torch_load(
             ) from e
         # None of them is dangerous (_check_pickles refused those): a data class, perhaps.
         listed = ", ".join(names)
-        flags = " ".join(f"--allow-global {n}" for n in names)
+        functions = [n for n in names if not _looks_like_a_class(n)]
+        if functions:
+            advice = (
+                f"{', '.join(functions)} {'is' if len(functions) == 1 else 'are'} not named "
+                "as a class, and optckpt lets only classes through --allow-global"
+            )
+        else:
+            flags = " ".join(f"--allow-global {n}" for n in names)
+            advice = f"if you trust this file, pass {flags} (which imports their modules)"
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle globals outside torch's weights_only allow-list: "
-            f"{listed}; if you trust this file, pass {flags} (which imports their modules)",
+            f"{listed}; {advice}",
             names,
         ) from e
     except RuntimeError as e:

@@ -285,8 +285,9 @@ def test_no_global_a_file_names_is_imported_or_run(
         assert DANGEROUS[attack] in line and "can run code" in line
         assert "--allow-global" not in line.replace("with or without --allow-global", "")
     else:
-        # Not known to be dangerous: named, and allowing it is the user's call.
-        assert "--allow-global " in line
+        # Not known to be dangerous, but a function (--allow-global lets only classes through):
+        # named, with no suggestion
+        assert "is not named as a class" in line and "pass --allow-global" not in line
 
 
 @pytest.mark.parametrize("form", ["zip", "legacy"])
@@ -761,3 +762,62 @@ def test_sharded_dtensors_are_refused_with_advice_not_allow_global(tmp_path: Pat
     message = str(info.value)
     assert "sharded" in message and "full_state_dict=True" in message
     assert "--allow-global" not in message
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        # runs subprocess.Popen(cmd, shell=True)
+        ("torch.utils.collect_env.run", "torch.utils.collect_env runs programs"),
+        # builtins.open under other names: a checkpoint calling it truncates files
+        ("bz2._builtin_open", "not a class"),
+        ("tokenize._builtin_open", "not a class"),
+        # a function that is no known danger is refused all the same: only classes pass
+        ("json.dumps", "not a class"),
+    ],
+)
+def test_allow_global_lets_only_classes_through(name: str, why: str, tmp_path: Path) -> None:
+    body = _call(*name.rsplit(".", 1), "x")
+    path = _torch_zip(tmp_path / "x.pt", body)
+    result = run("inspect", path, "--allow-global", name)
+    assert_one_error_line(result.stderr, 2, result.exit_code, "refused", why)
+
+
+def test_an_alias_of_a_dangerous_class_is_refused_by_its_own_name() -> None:
+    # tokenize imports io's TextIOWrapper, a class that wraps open files
+    with pytest.raises(UsageError, match=r"it is _io\.TextIOWrapper and _io opens, reads or"):
+        resolve_globals(["tokenize.TextIOWrapper"])
+
+
+def test_numpy_reconstructors_may_be_allowed(tmp_path: Path) -> None:
+    found = resolve_globals(["numpy._core.multiarray._reconstruct", "numpy.dtype"])
+    assert [name for _, name in found] == ["numpy._core.multiarray._reconstruct", "numpy.dtype"]
+
+
+def test_a_function_global_gets_no_suggestion(tmp_path: Path) -> None:
+    path = _torch_zip(tmp_path / "x.pt", _call("json", "dumps", "x"))
+    line = assert_one_error_line(run("inspect", path).stderr, 3, run("inspect", path).exit_code)
+    assert "json.dumps is not named as a class" in line
+    assert "--allow-global json" not in line
+
+
+@pytest.mark.parametrize("what", ["two saves joined", "a save appended to a stale one"])
+def test_joined_zips_are_refused(what: str, tmp_path: Path) -> None:
+    """Python's zipfile reads the last archive of a file, torch's reader the first: the
+    checks would pass on one and torch would load the other (a CRC-broken or 10^6-deep
+    pickle loaded unchecked, a segfault)."""
+    first = _real_checkpoint(tmp_path / "a.pt").read_bytes()
+    second = _real_checkpoint(tmp_path / "b.pt").read_bytes()
+    if what == "two saves joined":
+        at = first.index(b"exp_avg_sq")
+        first = first[:at] + b"EXP_AVG_SQ" + first[at + 10 :]  # CRC left as it was
+    path = tmp_path / "joined.pt"
+    path.write_bytes(first + second)
+    for command in (["inspect", path], ["diff", path, path], ["resume-step", path]):
+        result = run(*command)
+        assert_one_error_line(
+            result.stderr, 3, result.exit_code, "holds data before its zip archive"
+        )
