@@ -22,6 +22,7 @@ Every value that differs from the one its parameters had in the checkpoint is a
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 
-from optckpt.errors import UsageError
+from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.optim import by_name
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, spec_of
 from optckpt.regenerate import Setting, parse_setting
 
@@ -276,7 +278,34 @@ def plan_hyperparams(
                 reasons[index, s.key] = "--set"
                 plan.kept = [k for k in plan.kept if (k.group, k.key) != (index, s.key)]
     plan.changes = _changes(plan, carried_from, saved, inherited, reasons)
+    _check_values(optimizer, plan, {index for index, _ in reasons})
     return plan
+
+
+def _check_values(optimizer: str | None, plan: HyperparamPlan, asked: set[int]) -> None:
+    """Refuse what torch's constructor refuses (``lr=-1``, ``lr=1e-4x``, ``betas=5``) in the
+    groups whose values came from the layout or ``--set``, as ``regenerate`` does: torch
+    checks only its constructor's arguments, so each group's values are tried as those.
+
+    Raises:
+        IncompatibleStateError: the optimizer refuses a group's values.
+    """
+    if optimizer is None or not asked:
+        return
+    try:
+        cls = by_name(optimizer)
+    except UsageError:  # not one of torch.optim's: nothing to check against
+        return
+    accepted = inspect.signature(cls.__init__).parameters
+    for index in sorted(asked):
+        values = plan.groups[index].values
+        kwargs = {k: v for k, v in values.items() if k in accepted and k != "params"}
+        try:
+            cls([torch.zeros(1, requires_grad=True)], **kwargs)
+        except (ValueError, TypeError, RuntimeError, AssertionError, OverflowError) as e:
+            raise IncompatibleStateError(
+                f"{cls.__name__} refuses the hyperparameters of target group {index}: {e}"
+            ) from e
 
 
 def _changes(

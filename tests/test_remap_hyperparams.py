@@ -343,3 +343,55 @@ def test_cli_shows_a_tensor_lr_as_a_tensor(tmp_path: Path) -> None:
     assert "0.lr tensor(0.5) (layout 0.5)" in result.stdout
     changed = runner.invoke(app, [*args, "--hyperparams", "layout"])
     assert "group 0 lr: tensor(0.5) -> 0.5 (--hyperparams layout)" in changed.stdout
+
+
+# --------------------------------------------------------------------------- values torch refuses
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("lr=1e-4x", "not supported between"),  # a typo: a string, not a number
+        ("lr=-1", "Invalid learning rate: -1"),
+        ("lr=nan", "Invalid learning rate: nan"),
+        ("betas=5", "not subscriptable"),
+        ("1.eps=-1", "Invalid epsilon value: -1"),
+    ],
+)
+def test_values_torch_refuses_are_refused_as_regenerate_refuses_them(
+    setting: str, needle: str
+) -> None:
+    """torch.optim.Adam's constructor is the judge (exit 4, as for regenerate --set): the
+    output would otherwise load and fail, or train with NaN, at the first step."""
+    with pytest.raises(optckpt.errors.IncompatibleStateError, match="target group") as e:
+        plan_hyperparams(_target({}, {}), [[0], [1]], _adam(), settings=[setting], optimizer="Adam")
+    assert needle in str(e.value)
+
+
+def test_the_checkpoints_own_values_are_not_judged() -> None:
+    """Only values the layout or --set brought in are tried: a checkpoint's trained values are
+    what torch loaded and stepped with, odd or not."""
+    saved = _adam()
+    saved[0]["lr"] = -1.0  # as a LambdaLR returning a negative factor would leave it
+    plan = plan_hyperparams(_target({}, {}), [[0], [1]], saved, optimizer="Adam")
+    assert plan.groups[0].values["lr"] == -1.0
+
+
+def test_remap_cli_refuses_a_set_torch_refuses(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    optimizer.step()
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "c.pt"
+    )
+    layout = tmp_path / "layout.json"
+    optckpt.save_layout(model, optimizer, layout)
+    out = tmp_path / "out.pt"
+    result = runner.invoke(
+        app,
+        ["remap", str(tmp_path / "c.pt"), "--to", str(layout), "-o", str(out), "--set", "lr=-1"],
+    )
+    assert result.exit_code == 4
+    assert_one_line_error(result.stderr, "Adam refuses the hyperparameters of target group 0")
+    assert not out.exists()
