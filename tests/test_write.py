@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from optckpt.errors import ExitCode, UsageError
-from optckpt.io import safetensors_format, torch_format
+from optckpt.io import torch_format
 from optckpt.io.safetensors_format import read_safetensors
+from optckpt.io.safetensors_format import writer as safetensors_writer
 from optckpt.io.write import atomic_output, check_output, format_for, save_checkpoint
 
 
@@ -85,7 +86,7 @@ def test_an_error_midway_leaves_nothing(
         real_write_all(f, data)
 
     monkeypatch.setattr(torch_format, "write_all", failing_write_all)
-    monkeypatch.setattr(safetensors_format, "write_all", failing_write_all)
+    monkeypatch.setattr(safetensors_writer, "write_all", failing_write_all)
     # torch's zip writer reports a failed write as a RuntimeError when it closes the archive;
     # Ctrl-C must still surface as KeyboardInterrupt.
     expected = (

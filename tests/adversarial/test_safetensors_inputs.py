@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import optckpt.io.safetensors_format as fmt
+import optckpt.io.safetensors_format.header as fmt_header
+import optckpt.io.safetensors_format.reader as fmt_reader
 from optckpt.cli.app import app
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io import load_checkpoint
@@ -663,7 +665,7 @@ def test_a_header_safetensors_refuses_is_refused(
     def refusing(*args: Any, **kwargs: Any) -> Any:
         raise SafetensorError("Error while deserializing header: invalid offset for tensor `t`")
 
-    monkeypatch.setattr(fmt, "safe_open", refusing)
+    monkeypatch.setattr(fmt_header, "safe_open", refusing)
     with pytest.raises(UnreadableCheckpointError, match="safetensors refuses the file"):
         read_header(_plain(tmp_path))
 
@@ -671,10 +673,10 @@ def test_a_header_safetensors_refuses_is_refused(
 def test_a_header_safetensors_reads_otherwise_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fmt, "safe_open", lambda *a, **k: _FakeSafeOpen(["u"], None))
+    monkeypatch.setattr(fmt_header, "safe_open", lambda *a, **k: _FakeSafeOpen(["u"], None))
     with pytest.raises(UnreadableCheckpointError, match="safetensors reads other tensors"):
         read_header(_plain(tmp_path))
-    monkeypatch.setattr(fmt, "safe_open", lambda *a, **k: _FakeSafeOpen(["t"], {"x": "y"}))
+    monkeypatch.setattr(fmt_header, "safe_open", lambda *a, **k: _FakeSafeOpen(["t"], {"x": "y"}))
     with pytest.raises(UnreadableCheckpointError, match="other tensors or metadata"):
         read_header(_plain(tmp_path))
 
@@ -685,7 +687,7 @@ def test_an_older_safetensors_without_a_dtype_is_no_disagreement(
     def old(*args: Any, **kwargs: Any) -> Any:
         raise SafetensorError("invalid JSON in header: unknown variant `C64`, expected one of")
 
-    monkeypatch.setattr(fmt, "safe_open", old)
+    monkeypatch.setattr(fmt_header, "safe_open", old)
     path = st_file(
         tmp_path / "c.safetensors", {"c": entry(dtype="C64", offsets=(0, 16))}, b"\0" * 16
     )
@@ -704,6 +706,6 @@ def test_a_file_that_shrinks_after_its_header_is_read(
             f.truncate(p.stat().st_size - 4)
         return found
 
-    monkeypatch.setattr(fmt, "read_header", then_truncate)
+    monkeypatch.setattr(fmt_reader, "read_header", then_truncate)
     with pytest.raises(UnreadableCheckpointError, match="changed size"):
         fmt.load_tensors(path)

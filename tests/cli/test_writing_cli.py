@@ -218,7 +218,7 @@ def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
 def test_convert_failing_midway_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import optckpt.io.safetensors_format as fmt
+    import optckpt.io.safetensors_format.writer as fmt
 
     written: list[int] = []
     real_copy = fmt.copy_range

@@ -1,0 +1,148 @@
+"""Writing a checkpoint tree as one safetensors file, tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optckpt.errors import UsageError
+from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.io.safetensors_format.header import _NAMES
+from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
+from optckpt.io.torch_format import (
+    Deferred,
+    end_output,
+    open_output,
+    recorded_location,
+    storage_locations,
+    write_all,
+)
+from optckpt.locate import KeyPath
+
+_SLICE = 16 * 1024 * 1024  # bytes per write call
+
+
+def check_storable(dtypes: Iterable[tuple[str, torch.dtype]]) -> None:
+    """Refuse, before any work, tensors safetensors cannot hold (``(name, dtype)`` pairs).
+
+    Raises:
+        UsageError: names the first such tensor and its dtype.
+    """
+    for name, dtype in dtypes:
+        if dtype not in _NAMES:
+            raise UsageError(f"cannot store {name} in safetensors: it has no {dtype}")
+
+
+def write_safetensors(
+    tree: Any,
+    path: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    sources: Iterable[str | Path] = (),
+    placement: Mapping[KeyPath, str] | None = None,
+) -> None:
+    """Write a checkpoint tree as one safetensors file in optckpt's layout
+    (see :mod:`optckpt.io.safetensors_format`).
+
+    The file is written tensor by tensor, so memory stays flat: a tensor that is a view of
+    one of the memory-mapped ``sources`` is copied from its file inside the kernel
+    (``os.copy_file_range``, as ``cp`` does); others are written in slices, and a
+    :class:`~optckpt.io.torch_format.Deferred` cast is made only when its turn comes. Pages of
+    the ``sources`` that have been copied are released as the writing goes
+    (:func:`optckpt.io.pages.release`). Tensors that share storage are stored separately;
+    the same tensor object twice is stored once.
+
+    Args:
+        tree: the checkpoint.
+        path: the file to write (the caller makes it atomic).
+        progress: called with the number of bytes of each slice written.
+        sources: memory-mapped input files (private mappings never written to) whose pages
+            may be dropped and whose bytes may be copied from the files.
+        placement: the device to record for CPU tensors, by key path (see
+            :attr:`optckpt.io.Checkpoint.placement` and
+            :func:`~optckpt.io.torch_format.storage_locations`); tensors on another device
+            record theirs. Devices other than the CPU go into the metadata
+            ``optckpt.devices``.
+
+    Raises:
+        UsageError: the tree holds a value safetensors cannot represent.
+    """
+    encoder = _Encoder()
+    encoded = encoder.encode(tree, "")
+    metadata = {
+        "format": "pt",
+        VERSION_KEY: VERSION,
+        TREE_KEY: json.dumps(encoded, allow_nan=False),
+    }
+    devices = _devices(encoder.tensors, storage_locations(tree, placement or {}))
+    if devices:
+        metadata[DEVICES_KEY] = json.dumps(devices)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in encoder.tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    sources = list(sources)
+    with open_output(path) as f, FileRanges(sources) as ranges:
+        write_all(f, struct.pack("<Q", len(blob)) + blob)
+        for value in encoder.tensors.values():
+            if not value.numel():
+                continue
+            tensor = _stored(value)
+            nbytes = tensor.numel() * tensor.element_size()
+            found = ranges.find(tensor.data_ptr(), nbytes)
+            done = 0
+            if found is not None:  # a view of a mapped input: copy it in the kernel, like cp
+                fd, offset = found
+                done = copy_range(fd, offset, f.fileno(), nbytes)
+            if progress is not None and done:
+                progress(done)
+            if done < nbytes:
+                data = tensor.reshape(-1).view(torch.uint8).numpy().data
+                for start in range(done, nbytes, _SLICE):
+                    piece = data[start : start + _SLICE]
+                    write_all(f, piece)
+                    if progress is not None:
+                        progress(len(piece))
+            del tensor
+            # pages read from a mapped input can go
+            read = value.source if isinstance(value, Deferred) else value
+            ranges.drop(read.data_ptr(), read.numel() * read.element_size())
+            if isinstance(value, Deferred):
+                trim_heap()  # see optckpt.io.pages.trim_heap
+        end_output(f)
+    release(sources)
+
+
+def _devices(
+    tensors: Mapping[str, torch.Tensor | Deferred],
+    locations: Mapping[torch.UntypedStorage, str],
+) -> dict[str, str]:
+    """The tensors saved from a device other than the CPU, by name (casts made here: the CPU)."""
+    devices = {}
+    for name, value in tensors.items():
+        if isinstance(value, Deferred):
+            continue
+        device = recorded_location(value.untyped_storage(), locations)
+        if device != "cpu":
+            devices[name] = device
+    return devices
+
+
+def _stored(value: torch.Tensor | Deferred) -> torch.Tensor:
+    """The tensor as safetensors stores it: contiguous, on the CPU."""
+    if isinstance(value, Deferred):
+        return value.materialize().contiguous()
+    return value.detach().to("cpu").contiguous()
