@@ -34,6 +34,14 @@ import numpy as np
 import torch
 
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.io.torch_zip import (
+    open_zipfile_writer,
+    pickle_storage_type,
+    rebuild_tensor_v2,
+    storage_alignment,
+    typed_storage_parts,
+    write_record,
+)
 from optckpt.locate import KeyPath, tensor_paths
 
 _PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -123,11 +131,11 @@ def _reduce_deferred(d: Deferred) -> Any:
         d.source.requires_grad,
         OrderedDict(),
     )
-    return (torch._utils._rebuild_tensor_v2, args)
+    return (rebuild_tensor_v2(), args)
 
 
 def _storage_type(dtype: torch.dtype) -> Any:
-    return getattr(torch, torch.empty(0, dtype=dtype)._typed_storage()._pickle_storage_type())
+    return pickle_storage_type(dtype)
 
 
 class _Sink:
@@ -258,10 +266,8 @@ def _write_torch(
             return ("storage", _storage_type(d.dtype), key, "cpu", d.numel())
         if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj):
             if isinstance(obj, torch.storage.TypedStorage):
-                storage = obj._untyped_storage
+                storage, storage_type, storage_numel = typed_storage_parts(obj)
                 storage_dtype = obj.dtype
-                storage_type = getattr(torch, obj._pickle_storage_type())
-                storage_numel = obj._size()
             else:
                 storage = obj
                 storage_dtype = torch.uint8
@@ -297,25 +303,25 @@ def _write_torch(
     made_bytes = 0  # bytes of Deferred casts made and freed since the heap was last trimmed
     with (
         FileRanges(sources) as ranges,
-        torch.serialization._open_zipfile_writer(_Sink(f, progress, ranges)) as writer,  # type: ignore[arg-type]
+        open_zipfile_writer(_Sink(f, progress, ranges)) as writer,
     ):
-        writer.write_record("data.pkl", pickled, len(pickled))
+        write_record(writer, "data.pkl", pickled, len(pickled))
         # the records torch._save writes before the storages
-        writer.write_record(".format_version", "1", len("1"))
-        alignment = getattr(torch.serialization, "_get_storage_alignment", None)
+        write_record(writer, ".format_version", "1", len("1"))
+        alignment = storage_alignment()
         if alignment is not None:
-            text = str(alignment())
-            writer.write_record(".storage_alignment", text, len(text))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+            text = str(alignment)
+            write_record(writer, ".storage_alignment", text, len(text))
+        write_record(writer, "byteorder", sys.byteorder, len(sys.byteorder))
         for key, entry in storages.items():
             name = f"data/{key}"
             if not isinstance(entry, Deferred):
                 storage = entry if entry.device.type == "cpu" else entry.cpu()
-                writer.write_record(name, storage, storage.nbytes())
+                write_record(writer, name, storage, storage.nbytes())
                 continue
             made = entry.materialize()
             storage = made.untyped_storage()
-            writer.write_record(name, storage, storage.nbytes())
+            write_record(writer, name, storage, storage.nbytes())
             del made, storage
             source = entry.source
             ranges.drop(source.data_ptr(), source.numel() * source.element_size())
