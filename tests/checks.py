@@ -89,3 +89,25 @@ class RecordedProgress:
     def __call__(self, total: int) -> Any:
         self.started.append(total)
         return self.written.append
+
+
+def flat_optimizer_state(optim: dict[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
+    """(FQN, state key) -> tensor, of a name-keyed optimizer state dict or of torch's
+    flattened one (``state.<fqn>.<key>``), as DCP tests compare them."""
+    if "state" in optim:
+        return {(fqn, k): v for fqn, st in optim["state"].items() for k, v in st.items()}
+    return {
+        tuple(key[len("state.") :].rsplit(".", 1)): v  # type: ignore[misc]
+        for key, v in optim.items()
+        if key.startswith("state.")
+    }
+
+
+def assert_same_bits(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> None:
+    """The same keys, and under each a tensor of the same dtype, shape and bytes."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(
+            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
+        ), k

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_same_bits, flat_optimizer_state
 from torch import nn
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
@@ -84,26 +85,6 @@ def _reference(folder: Path, tmp_path: Path) -> Any:
     return torch.load(out, weights_only=True)
 
 
-def _flat_state(optim: dict[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
-    """(FQN, state key) -> tensor, of a name-keyed state dict or a flattened one."""
-    if "state" in optim:
-        return {(fqn, k): v for fqn, st in optim["state"].items() for k, v in st.items()}
-    return {
-        tuple(key[len("state.") :].rsplit(".", 1)): v  # type: ignore[misc]
-        for key, v in optim.items()
-        if key.startswith("state.")
-    }
-
-
-def _assert_same_tensors(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(
-            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
-        ), k
-
-
 @pytest.mark.parametrize("flatten", [False, True], ids=["default", "flattened"])
 def test_read_equals_dcp_to_torch_save_by_name_and_bitwise(tmp_path: Path, flatten: bool) -> None:
     folder = tmp_path / "ckpt"
@@ -114,8 +95,8 @@ def test_read_equals_dcp_to_torch_save_by_name_and_bitwise(tmp_path: Path, flatt
     assert checkpoint.format == "dcp"
     root = checkpoint.root
     assert set(root) == {"model", "optim", "scheduler", "extra"}
-    _assert_same_tensors(root["model"], reference["model"])
-    _assert_same_tensors(_flat_state(root["optim"]), _flat_state(reference["optim"]))
+    assert_same_bits(root["model"], reference["model"])
+    assert_same_bits(flat_optimizer_state(root["optim"]), flat_optimizer_state(reference["optim"]))
     assert root["scheduler"] == reference["scheduler"]
     assert root["extra"] == {"epoch": 3, "note": "hi"}
     # name-keyed, as get_optimizer_state_dict returns it: the same groups, frozen and
@@ -631,15 +612,15 @@ def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
 
     names = load_checkpoint(tmp_path / "names.safetensors").root
     assert is_name_keyed(names["optim"])
-    _assert_same_tensors(_flat_state(names["optim"]), _flat_state(original["optim"]))
+    assert_same_bits(flat_optimizer_state(names["optim"]), flat_optimizer_state(original["optim"]))
 
     # back to DCP: an -o that ends in "/", and --to dcp
     result = _cli("convert", tmp_path / "ids.pt", "-o", f"{tmp_path / 'again'}/")
     assert result.exit_code == 0, result.stderr
     again = read_dcp(tmp_path / "again").root
     assert is_name_keyed(again["optim"])
-    _assert_same_tensors(_flat_state(again["optim"]), _flat_state(original["optim"]))
-    _assert_same_tensors(again["model"], original["model"])
+    assert_same_bits(flat_optimizer_state(again["optim"]), flat_optimizer_state(original["optim"]))
+    assert_same_bits(again["model"], original["model"])
     result = _cli(
         "convert", tmp_path / "names.safetensors", "-o", tmp_path / "again2", "--to", "dcp"
     )

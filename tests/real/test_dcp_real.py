@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_same_bits, flat_optimizer_state
 from torch import nn
 
 from optckpt.errors import UnsafeCheckpointError
@@ -141,25 +142,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _by_name(optim: dict[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
-    if "state" in optim:
-        return {(fqn, k): v for fqn, st in optim["state"].items() for k, v in st.items()}
-    return {
-        tuple(key[len("state.") :].rsplit(".", 1)): v  # type: ignore[misc]
-        for key, v in optim.items()
-        if key.startswith("state.")
-    }
-
-
-def _bitwise(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(
-            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
-        ), k
-
-
 @pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat"])
 def test_fsdp2_folders_read_as_dcp_to_torch_save_reads_them(run: Path, name: str) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -171,9 +153,13 @@ def test_fsdp2_folders_read_as_dcp_to_torch_save_reads_them(run: Path, name: str
         root = read_dcp(run / name, tensors=tensors).root  # type: ignore[arg-type]
         if tensors == "lazy":
             root = _made(root)
-        _bitwise(root["model"], reference["model"])
-        _bitwise(_by_name(root["optim"]), _by_name(reference["optim"]))
-        _bitwise(_by_name(root["optim"]), _by_name(full["optim"]))  # the gathered state too
+        assert_same_bits(root["model"], reference["model"])
+        assert_same_bits(
+            flat_optimizer_state(root["optim"]), flat_optimizer_state(reference["optim"])
+        )
+        assert_same_bits(
+            flat_optimizer_state(root["optim"]), flat_optimizer_state(full["optim"])
+        )  # the gathered state too
         assert is_name_keyed(root["optim"])
         assert [
             {k: v for k, v in g.items() if k != "params"} for g in root["optim"]["param_groups"]
