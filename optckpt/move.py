@@ -157,6 +157,7 @@ def move_checkpoint(
     dtype: str | None = None,
     key: str | None = None,
     all_tensors: bool = False,
+    fmt: str | None = None,
     force: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
@@ -168,15 +169,36 @@ def move_checkpoint(
     floating). ``progress`` is told the bytes to write when writing starts; the callback it
     returns is told each write.
 
+    A DCP folder is read too, and written when ``fmt`` is ``"dcp"`` or ``out`` ends in ``/``
+    or is a folder (as ``convert`` decides), from a DCP folder only and with device ``cpu``:
+    DCP records no device. The optimizer state keeps its keying (a DCP folder's names).
+
     Raises:
-        UsageError: a bad device, dtype or output path.
+        UsageError: a bad device, dtype or output path; a DCP output from a file, or to a
+            device other than ``cpu``.
         UnreadableCheckpointError: the input cannot be read, holds no valid optimizer state,
             or holds tensors that cannot be moved (see :func:`move_state`).
     """
     torch_device = parse_device(device)
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
-    job = plan_rewrite(path, out, command="move", force=force, key=key, allow_globals=allow_globals)
-    checkpoint = job.load()
+    job = plan_rewrite(
+        path,
+        out,
+        command="move",
+        force=force,
+        kind=fmt,
+        key=key,
+        allow_globals=allow_globals,
+        dcp=True,
+    )
+    job.refuse_file_to_dcp("move")
+    assert job.output is not None  # not a dry run
+    if job.output.kind == "dcp" and torch_device.type != "cpu":
+        raise UsageError(
+            f"--device {torch_device}: a DCP folder records no device (dcp.load puts tensors "
+            "where the model's are); give --device cpu, with --dtype to cast"
+        )
+    checkpoint = job.load(read=True)
     found = job.select(checkpoint)
     releaser = Releaser(checkpoint.sources)
     moved = [

@@ -375,6 +375,7 @@ def remap_checkpoint(
     force: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
+    fmt: str | None = None,
 ) -> RemapResult:
     """Remap the optimizer state of a checkpoint file and write the result to ``out``.
 
@@ -384,8 +385,12 @@ def remap_checkpoint(
     ``group_rules`` (``--group 'REGEX:key=value'``) are asked for and win. ``progress`` is
     told the bytes to write when writing starts; the callback it returns is told each write.
 
+    A DCP folder is read too (its optimizer state is keyed by names), and written when ``fmt``
+    is ``"dcp"`` or ``out`` ends in ``/`` or is a folder (as ``convert`` decides), from a DCP
+    folder only; the output keeps the input's keying.
+
     Raises:
-        UsageError: bad options, an output that may not be written, several optimizer state
+        UsageError: bad options, an output that may not be written (a DCP folder from a file), several optimizer state
             dicts and no ``key``, names that cannot be recovered.
         IncompatibleStateError: shapes changed (see :func:`remap`).
         UnreadableCheckpointError: the input cannot be read.
@@ -399,9 +404,12 @@ def remap_checkpoint(
         command="remap",
         force=force,
         inputs=[to, source],
+        kind=fmt,
         key=key,
         allow_globals=allow_globals,
+        dcp=True,
     )
+    job.refuse_file_to_dcp("remap")
     target = to if isinstance(to, Layout) else load_layout(to, group_rules, allow_globals)
     if group_rules and isinstance(to, Layout):
         raise UsageError("--group applies to a --to model state dict file")
@@ -410,7 +418,7 @@ def remap_checkpoint(
         if isinstance(source, Layout) or source is None
         else load_layout(source, (), allow_globals)
     )
-    checkpoint = job.load()
+    checkpoint = job.load(read=True)
     located = job.select_one(checkpoint)
     new, plan = remap(
         located.state_dict,

@@ -653,3 +653,150 @@ def test_an_id_keyed_optimizer_saved_as_it_is_keeps_int_ids(tmp_path: Path) -> N
         assert torch.equal(optim["state"][pid]["exp_avg"], state["exp_avg"])
     _, fresh = _trained(steps=1)
     fresh.load_state_dict(optim)
+
+
+def _save_all_stepped(folder: Path) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """dcp.save of get_state_dict's model and optimizer, every trainable parameter stepped
+    (set_optimizer_state_dict wants state for each)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = _trained(skip=False)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    return model, optimizer
+
+
+def _load_into(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, partial: bool = False
+) -> None:
+    """What a trainer does: dcp.load into get_state_dict's dicts, then set_optimizer_state_dict
+    with strict=False."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(
+        state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=partial)
+    )
+    set_optimizer_state_dict(
+        model, optimizer, state["optim"], options=StateDictOptions(strict=False)
+    )
+
+
+def _cast(flat: dict[Any, torch.Tensor], dtype: torch.dtype) -> dict[Any, torch.Tensor]:
+    """``flat`` as move casts it: floating state to ``dtype``, ``step`` kept."""
+    return {k: v if k[1] == "step" else v.to(dtype) for k, v in flat.items()}
+
+
+def test_move_casts_a_dcp_folder_to_dcp_and_to_a_file(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    _save_all_stepped(folder)
+    original = flat_optimizer_state(read_dcp(folder).root["optim"])
+    expected = _cast(original, torch.bfloat16)
+
+    # DCP -> DCP: an -o that ends in "/"
+    result = _cli(
+        "move", folder, "--device", "cpu", "--dtype", "bfloat16", "-o", f"{tmp_path / 'bf16'}/"
+    )
+    assert result.exit_code == 0, result.stderr
+    moved = read_dcp(tmp_path / "bf16").root
+    assert is_name_keyed(moved["optim"])
+    assert_same_bits(flat_optimizer_state(moved["optim"]), expected)
+    model, optimizer = _trained(steps=1, skip=False)
+    _load_into(tmp_path / "bf16", model, optimizer)
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state[p].items():
+            want = expected[(name, key)]
+            assert torch.equal(value, want.to(value.dtype)), (name, key)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()  # a step runs
+
+    # DCP -> .pt: name-keyed as the folder was; Optimizer.load_state_dict takes it
+    result = _cli(
+        "move", folder, "--device", "cpu", "--dtype", "bfloat16", "-o", tmp_path / "bf16.pt"
+    )
+    assert result.exit_code == 0, result.stderr
+    saved = torch.load(tmp_path / "bf16.pt", weights_only=True)
+    assert_same_bits(flat_optimizer_state(saved["optim"]), expected)
+    model, optimizer = _trained(steps=1, skip=False)
+    optimizer.load_state_dict(saved["optim"])
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, expected[(name, key)].to(value.dtype)), (name, key)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+
+    # --format dcp; a device DCP cannot record, and a DCP output from a file, are refused
+    result = _cli("move", folder, "--device", "cpu", "-o", tmp_path / "f", "--format", "dcp")
+    assert result.exit_code == 0, result.stderr
+    assert is_dcp(tmp_path / "f")
+    result = _cli("move", folder, "--device", "meta", "-o", f"{tmp_path / 'meta'}/")
+    assert result.exit_code == 2 and "records no device" in result.stderr
+    result = _cli("move", tmp_path / "bf16.pt", "--device", "cpu", "-o", f"{tmp_path / 'x'}/")
+    assert result.exit_code == 2 and "optckpt convert" in result.stderr
+    assert not (tmp_path / "meta").exists() and not (tmp_path / "x").exists()
+
+
+def test_remap_a_dcp_folder_to_a_layout_with_an_added_parameter(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    old_model, _ = _save_all_stepped(folder)
+    original = flat_optimizer_state(read_dcp(folder).root["optim"])
+
+    def grown() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = nn.Sequential(*_trained(steps=0)[0], nn.Linear(2, 2))  # adds 4.weight, 4.bias
+        model[0].bias.requires_grad_(False)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [model[0].weight, model[0].bias, model[2].weight], "weight_decay": 0.1},
+                {"params": list(model[2].parameters())[1:] + list(model[3].parameters())
+                 + list(model[4].parameters()), "weight_decay": 0.0},
+            ],
+            lr=1e-3,
+        )  # fmt: skip
+        return model, optimizer
+
+    model, optimizer = grown()
+    names = {id(p): n for n, p in model.named_parameters()}
+    layout = {
+        "params": {n: {"shape": list(p.shape)} for n, p in model.named_parameters()},
+        "groups": [{"params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups],
+    }
+    (tmp_path / "layout.json").write_text(__import__("json").dumps(layout))
+    result = _cli("remap", folder, "--to", tmp_path / "layout.json", "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 0, result.stderr
+    out = read_dcp(tmp_path / "out").root
+    assert is_name_keyed(out["optim"])
+    assert_same_bits(flat_optimizer_state(out["optim"]), original)  # carried bitwise, by name
+    assert_same_bits(out["model"], dict(read_dcp(folder).root["model"]))
+    # the grown model takes it: the new parameter's state is the optimizer's fresh one
+    with torch.no_grad():
+        for p, q in zip(old_model.parameters(), model.parameters()):
+            q.copy_(p)
+    _load_into(tmp_path / "out", model, optimizer, partial=True)
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state[p].items():
+            if name.startswith("4."):
+                continue
+            assert torch.equal(value, original[(name, key)]), (name, key)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+
+
+def test_resume_step_on_a_dcp_folder(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "ckpt"
+    _save_all_stepped(folder)
+    # names from the state's keys, parameters from the folder's model entries
+    result = _cli("resume-step", folder, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [g["num_params"] for g in report["groups"]] == [3, 3]
+    assert all(check["ok"] for check in report["checks"]), report["checks"]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, AsJson, Force, Key, Output
+from optckpt.cli.options import AllowGlobal, AsJson, Force, Key
 from optckpt.cli.render import (
     human_bytes,
     print_json,
@@ -20,12 +20,21 @@ from optckpt.cli.render import (
 
 def move(
     path: Annotated[
-        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+        Path,
+        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
     ],
     device: Annotated[
         str, typer.Option("--device", help="cpu, cuda, cuda:1, meta, ...", show_default=False)
     ],
-    out: Output,
+    out: Annotated[
+        str,  # not a Path, which would drop the "/" that asks for a DCP folder
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file, or DCP folder (ending in /) from a DCP folder; never an input.",
+            show_default=False,
+        ),
+    ],
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -39,6 +48,14 @@ def move(
             help="Move every tensor in the file (model weights too), not only optimizer state.",
         ),
     ] = False,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            metavar="pt|safetensors|dcp",
+            help="Output format (default: from -o: its extension, or a folder).",
+        ),
+    ] = None,
     key: Key = None,
     as_json: AsJson = False,
     force: Force = False,
@@ -55,10 +72,16 @@ def move(
             dtype=dtype,
             key=key,
             all_tensors=all_tensors,
+            fmt=fmt,
             force=force,
             allow_globals=allow_global or (),
             progress=progress,
         )
+    written = (
+        result.out.stat().st_size
+        if result.out.is_file()
+        else sum(p.stat().st_size for p in result.out.iterdir() if p.is_file())
+    )
     notes = []
     if result.kept_on:
         notes.append(
@@ -69,7 +92,7 @@ def move(
     if as_json:
         data = {
             "out": result.out,
-            "bytes": result.out.stat().st_size,
+            "bytes": written,
             "device": result.device,
             "dtype": result.dtype,
             "optimizers": result.optimizers,
@@ -84,6 +107,6 @@ def move(
         else "optimizer state at " + ", ".join(repr(k) for k in result.optimizers)
     )
     dtype_text = f", {result.dtype}" if result.dtype else ""
-    line = f"wrote {result.out} ({human_bytes(result.out.stat().st_size)}): {what} on {result.device}{dtype_text}"
+    line = f"wrote {result.out} ({human_bytes(written)}): {what} on {result.device}{dtype_text}"
     sys.stdout.write(safe(line, markup=False) + "\n")
     print_notes(notes)

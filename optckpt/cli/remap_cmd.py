@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 def remap(
     path: Annotated[
-        Path, typer.Argument(help="Checkpoint file.", metavar="PATH", show_default=False)
+        Path,
+        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
     ],
     to: Annotated[
         Path,
@@ -27,8 +28,21 @@ def remap(
         ),
     ],
     out: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Output file (never the input); not with --dry-run."),
+        str | None,  # not a Path, which would drop the "/" that asks for a DCP folder
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output file, or DCP folder (ending in /) from a DCP folder; never the input; "
+            "not with --dry-run.",
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            metavar="pt|safetensors|dcp",
+            help="Output format (default: from -o: its extension, or a folder).",
+        ),
     ] = None,
     source: Annotated[
         Path | None,
@@ -101,6 +115,7 @@ def remap(
             force=force,
             allow_globals=allow_global or (),
             progress=progress,
+            fmt=fmt,
         )
     if as_json:
         print_json({"key": result.key, "out": result.out, **result.plan.to_json()})

@@ -19,8 +19,9 @@ steps, each a small function here:
 Output kinds: an :class:`Output` names its kind, and :func:`save` dispatches on it through
 :data:`KINDS` (how a kind's output is checked, and how it is written). Files are ``"pt"`` and
 ``"safetensors"``; ``"dcp"`` is a torch.distributed.checkpoint folder
-(:mod:`optckpt.io.dcp.writer`), for the commands that take ``dcp=True`` (``convert``), chosen
-by :func:`kind_for`. A folder output (a Trainer folder, issue 15) is one more entry there.
+(:mod:`optckpt.io.dcp.writer`), for the commands that take ``dcp=True`` (``convert``; ``move``
+and ``remap`` from a DCP folder only), chosen by :func:`kind_for`. A folder output (a Trainer
+folder, issue 15) is one more entry there.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -222,12 +223,28 @@ class Rewrite:
     allow_globals: tuple[str, ...] = ()
     dcp: bool = False
 
-    def load(self) -> Checkpoint:
+    def load(self, *, read: bool = False) -> Checkpoint:
         """Read the checkpoint (see :func:`optckpt.io.load_checkpoint`). A DCP folder's
-        tensors are placeholders (shape and dtype) until :meth:`save` writes them."""
+        tensors are placeholders (shape and dtype) until :meth:`save` writes them, or, with
+        ``read`` (a command that computes on them: ``move``, ``remap``), read now."""
         if self.dcp and is_dcp(self.source):
-            return read_dcp(self.source, allow_globals=self.allow_globals, tensors="meta")
+            tensors: Literal["load", "meta"] = "load" if read else "meta"
+            return read_dcp(self.source, allow_globals=self.allow_globals, tensors=tensors)
         return load_checkpoint(self.source, allow_globals=self.allow_globals)
+
+    def refuse_file_to_dcp(self, command: str) -> None:
+        """Refuse, before anything is read, a DCP output from a checkpoint file: DCP keeps
+        optimizer state keyed by names, which ``convert`` recovers (``move`` and ``remap``
+        keep the input's keying).
+
+        Raises:
+            UsageError: a DCP output and a file input.
+        """
+        if self.output is not None and self.output.kind == "dcp" and not is_dcp(self.source):
+            raise UsageError(
+                f"{command} writes a DCP folder from a DCP folder only; "
+                f"`optckpt convert {self.source} -o OUT/` makes one from a file"
+            )
 
     def select(self, checkpoint: Checkpoint) -> list[Located]:
         """The optimizer state dict at ``key``, or every one (see
