@@ -2,6 +2,8 @@
 
 :func:`inspect_checkpoint` returns an :class:`InspectReport`; the CLI renders it, and
 :meth:`InspectReport.to_json` gives the object DESIGN.md specifies for ``inspect --json``.
+The report classes and the JSON form live in :mod:`optckpt.inspect_report` (re-exported here);
+this module reads a checkpoint into them.
 Without ``stats`` only shapes and dtypes are read, never tensor values, so a memory-mapped
 multi-GB checkpoint is inspected without paging its data in.
 """
@@ -10,8 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,23 @@ import torch
 
 from optckpt.chunks import check_bounded, chunks, readable, reducible
 from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.inspect_report import (  # re-exported: the report classes and JSON live there
+    GroupReport,
+    InspectReport,
+    OptimizerReport,
+    ParamReport,
+    TensorInfo,
+    TensorStats,
+    dtype_name,
+)
+from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.pages import Releaser
 from optckpt.layout import model_state_of
 from optckpt.locate import KeyPath, Located, select_optimizers
 from optckpt.names import Naming, name_parameters
-from optckpt.optim.guess import Guess, guess_optimizer
+from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
     expected_state_shape,
     is_second_moment,
@@ -40,216 +51,10 @@ from optckpt.statedict import group_of, param_ids
 _CHUNK = 1 << 22  # elements per chunk when reading values, so memory stays flat
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape, dtype and device of one state tensor (the device it was saved from)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    device: str | None  # None: not recorded (DCP)
-    numel: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    """Values of one state tensor: L2 norm, finite min/max, non-finite count, RMS, mean."""
-
-    norm: float
-    min: float | None
-    max: float | None
-    nonfinite: int
-    rms: float
-    mean: float
-
-
-@dataclass
-class ParamReport:
-    """One parameter ID: its group, name and state."""
-
-    id: Any
-    name: str | None
-    group: int | None
-    state: dict[str, TensorInfo | Any]
-    stats: dict[str, TensorStats] = field(default_factory=dict)
-
-    def tensor_infos(self) -> list[TensorInfo]:
-        """Every state tensor, including those inside lists (LBFGS keeps its history so)."""
-        return list(_tensor_infos(self.state.values()))
-
-    @property
-    def numel(self) -> int:
-        return sum(v.numel for v in self.tensor_infos())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.tensor_infos())
-
-
-def _tensor_infos(values: Iterable[Any]) -> Iterator[TensorInfo]:
-    for value in values:
-        if isinstance(value, TensorInfo):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from _tensor_infos(value)
-
-
-@dataclass(frozen=True)
-class GroupReport:
-    """One param group: its size, how many of its parameters have state, its hyperparameters."""
-
-    index: int
-    num_params: int
-    params_with_state: int
-    hyperparams: dict[str, Any]
-
-
-@dataclass
-class OptimizerReport:
-    """One optimizer state dict found in the checkpoint."""
-
-    key: str
-    guess: Guess
-    groups: list[GroupReport]
-    params: list[ParamReport]
-    steps: dict[Any, float]
-    names_source: str | None
-    warnings: list[str]
-    picture: str | None = None
-    names_from: str = ""  # the source of the names, in words
-
-    @property
-    def varying_hyperparams(self) -> set[str]:
-        """Hyperparameters whose value differs between groups."""
-        keys = {k for g in self.groups for k in g.hyperparams}
-        return {
-            k
-            for k in keys
-            if len({repr(g.hyperparams.get(k, "<missing>")) for g in self.groups}) > 1
-        }
-
-    def totals(self) -> dict[str, int]:
-        """Counts and sizes over every parameter's state."""
-        grouped = [p for p in self.params if p.group is not None]
-        return {
-            "params": len(grouped),
-            "params_with_state": sum(1 for p in grouped if p.state),
-            "numel": sum(p.numel for p in self.params),
-            "bytes": sum(p.nbytes for p in self.params),
-        }
-
-    def by_dtype(self) -> dict[str, dict[str, int]]:
-        """Elements and bytes of state tensors per dtype."""
-        out: dict[str, dict[str, int]] = defaultdict(lambda: {"numel": 0, "bytes": 0})
-        for p in self.params:
-            for v in p.tensor_infos():
-                out[v.dtype]["numel"] += v.numel
-                out[v.dtype]["bytes"] += v.nbytes
-        return dict(sorted(out.items()))
-
-
-@dataclass
-class InspectReport:
-    """Everything ``optckpt inspect`` shows."""
-
-    path: Path
-    format: str
-    size: int
-    top_level_keys: list[str]
-    optimizers: list[OptimizerReport]
-    storage: dict[str, Any] | None = None  # DCP: files, tensors, chunks, sharded tensors
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``inspect --json`` object of DESIGN.md."""
-        found: dict[str, Any] = {
-            "path": str(self.path),
-            "format": self.format,
-            "optimizers": [_optimizer_json(o) for o in self.optimizers],
-        }
-        if self.storage is not None:
-            found["dcp"] = self.storage
-        return found
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe form of a hyperparameter or state value.
-
-    Tuples become lists, 0-dim tensors numbers, other tensors their shape/dtype/device, and
-    non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.device.type != "meta":
-            return jsonable(value.item())
-        return {
-            "shape": list(value.shape),
-            "dtype": _dtype_name(value.dtype),
-            "device": str(value.device),
-        }
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return repr(value)
-
-
-def _optimizer_json(report: OptimizerReport) -> dict[str, Any]:
-    params = []
-    for p in report.params:
-        entry: dict[str, Any] = {
-            "id": jsonable(p.id),
-            "name": p.name,
-            "group": p.group,
-            "state": {str(k): _state_json(v) for k, v in p.state.items()},
-        }
-        if p.id in report.steps:
-            entry["step"] = jsonable(report.steps[p.id])  # nan in a damaged checkpoint
-        if p.stats:
-            entry["stats"] = {k: jsonable(vars(s)) for k, s in p.stats.items()}
-        params.append(entry)
-    return {
-        "key": report.key,
-        "optimizer": report.guess.name,
-        "optimizer_guess": {
-            "confidence": report.guess.confidence,
-            "candidates": list(report.guess.candidates),
-            "reason": report.guess.reason,
-        },
-        "names_source": report.names_source,
-        "param_groups": [
-            {
-                "index": g.index,
-                "num_params": g.num_params,
-                "params_with_state": g.params_with_state,
-                "hyperparams": jsonable(g.hyperparams),
-            }
-            for g in report.groups
-        ],
-        "params": params,
-        "totals": {**report.totals(), "by_dtype": report.by_dtype()},
-        "warnings": report.warnings,
-    }
-
-
-def _state_json(value: Any) -> Any:
-    if isinstance(value, TensorInfo):
-        return {"shape": list(value.shape), "dtype": value.dtype, "device": value.device}
-    if isinstance(value, (list, tuple)):
-        return [_state_json(v) for v in value]
-    return jsonable(value)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _info(tensor: torch.Tensor, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo:
     return TensorInfo(
         shape=tuple(tensor.shape),
-        dtype=_dtype_name(tensor.dtype),
+        dtype=dtype_name(tensor.dtype),
         device=checkpoint.saved_device(path, tensor),
         numel=tensor.numel(),
         nbytes=tensor.numel() * tensor.element_size(),
