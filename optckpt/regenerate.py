@@ -5,11 +5,14 @@ the gradients come from :mod:`optckpt.synthetic`, and the result is what trainin
 save: ``{"model": weights, "optimizer": optimizer.state_dict()}``. The same arguments give the
 same tensors on every run, and ``torch.optim`` fed the same parameters and gradients gives
 the same state bit for bit (tests/test_regenerate.py).
+
+This module owns building the checkpoint and checking, before any allocation, that it fits in
+memory (:func:`footprint`); parsing ``--set`` is :mod:`optckpt.settings` (:class:`Setting`
+and :func:`parse_setting` are re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.layout import Layout, load_layout, split_top_level, tied
+from optckpt.layout import Layout, load_layout, tied
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, gradients_of
 from optckpt.seeds import check_seed
+from optckpt.settings import Setting, parse_setting
 from optckpt.statedict import huge_int, show_value
 from optckpt.synthetic import Gradients, seeded_parameters, take_steps
 
@@ -44,69 +48,6 @@ __all__ = [
 # Group keys optckpt never carries from a layout into a regenerated optimizer: names are
 # given by the layout itself, and the others belong to LR schedulers and SWA.
 _NOT_HYPERPARAMETERS = frozenset({"params", "param_names"}) | SCHEDULER_GROUP_KEYS
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One ``--set``: ``key=value`` for every group (``group is None``) or for one group."""
-
-    group: int | None
-    key: str
-    value: Any
-
-
-def _value(text: str) -> Any:
-    """A JSON value where ``text`` parses as one (numbers, ``true``, lists); Python's
-    ``True``/``False``/``None`` and ``nan``/``inf`` too; a string otherwise."""
-    python = {"True": True, "False": False, "None": None}
-    if text.strip() in python:
-        return python[text.strip()]
-    if text.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
-        return float(text)
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return text
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _parenthesized(text: str) -> bool:
-    """Whether ``text`` is one ``( ... )`` whose opening parenthesis closes at the end."""
-    if not (text.startswith("(") and text.endswith(")")):
-        return False
-    depth = 0
-    for i, char in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            return i == len(text) - 1
-    return False
-
-
-def parse_setting(text: str) -> Setting:
-    """Parse ``--set``: ``KEY=VALUE`` or ``GROUP.KEY=VALUE``.
-
-    A value with top-level commas is a tuple (``betas=0.9,0.95``, also ``(0.9,0.95)`` and
-    ``[0.9,0.95]``); items and values are JSON where they parse.
-
-    Raises:
-        UsageError: no ``=``, or an empty key.
-    """
-    target, eq, raw = text.partition("=")
-    target = target.strip()
-    if not eq or not target:
-        raise UsageError(f"--set {text!r}: expected KEY=VALUE or GROUP.KEY=VALUE")
-    group: int | None = None
-    head, dot, rest = target.partition(".")
-    if dot and head.isdigit():
-        group, target = int(head), rest
-    if not target.isidentifier():
-        raise UsageError(f"--set {text!r}: {target!r} is not a hyperparameter name")
-    if _parenthesized(raw.strip()):  # Python's spelling: (0.9,0.95) is a tuple, (1) is 1
-        inner = raw.strip()[1:-1]
-        raw = f"[{inner}]" if len(split_top_level(inner)) > 1 else inner
-    items = split_top_level(raw)
-    value = tuple(_value(i) for i in items) if len(items) > 1 else _value(raw)
-    return Setting(group, target, value)
 
 
 # The dtypes ``torch.randn`` draws on the CPU (not the float8 family).
