@@ -18,8 +18,9 @@ torch's ``safe_globals`` mechanism (never a dangerous one).
 Work is bounded before it starts: a zip's ``data.pkl`` (or a legacy file's pickles) over
 :data:`~optckpt.io.pickles.MAX_PICKLE_BYTES`, a compressed record that inflates like a zip
 bomb, a record that fails its CRC, and nesting past :data:`~optckpt.io.pickles.MAX_NESTING`
-are refused; after loading, :func:`~optckpt.io.pickles.check_tree` refuses reference cycles
-and tensors whose shape claims far more bytes than their storage holds (zero strides).
+are refused (the zip checks are :mod:`optckpt.io.zip_checks`); after loading,
+:func:`~optckpt.io.pickles.check_tree` refuses reference cycles and tensors whose shape claims
+far more bytes than their storage holds (zero strides).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import pickle
 import re
 import struct
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +52,11 @@ from optckpt.io.pickles import (
     why_dangerous,
 )
 from optckpt.io.safetensors_format import looks_like_safetensors, read_safetensors
+
+# Re-exported: the zip bounds were defined here.
+from optckpt.io.zip_checks import MAX_COMPRESSION_RATIO as MAX_COMPRESSION_RATIO
+from optckpt.io.zip_checks import MAX_METADATA_BYTES as MAX_METADATA_BYTES
+from optckpt.io.zip_checks import first_line, zip_pickle
 from optckpt.locate import KeyPath, tensor_paths
 
 # Files a training folder keeps its optimizer state in: Hugging Face Trainer writes
@@ -64,12 +69,6 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # A legacy file is five pickles in a row (magic number, protocol version, system info, the
 # object, storage keys), then the storages' raw bytes (torch.serialization._legacy_save).
 _LEGACY_PICKLES = 5
-# Records of a torch zip other than data.pkl and the storages (version, byteorder,
-# .format_version, ...) hold a few bytes each; together they may hold at most this much.
-MAX_METADATA_BYTES = 16 * 2**20
-# torch.save stores every record uncompressed. A compressed record larger than a MiB that
-# inflates more than this many times its compressed size is a zip bomb.
-MAX_COMPRESSION_RATIO = 100
 # Where DTensor and its placement classes live (torch >= 2.5, and the older private path).
 _DTENSOR_MODULES = (
     "torch.distributed.tensor.",
@@ -192,108 +191,6 @@ _CORRUPT = (
 )
 
 
-def _zip_pickle(path: Path) -> bytes:
-    """``data.pkl`` of a torch zip file, once the records torch reads are checked.
-
-    torch's zip reader checks no CRC, so a changed byte in ``data.pkl`` would load as altered
-    names or values; Python's zipfile checks the CRC of a record read to its end. Only the
-    small records are read here (``data.pkl``, ``version``, ``byteorder``, ...): the
-    storages, which hold the tensor data, are memory-mapped in place by torch and their CRCs
-    are not checked, since that would mean reading the whole file.
-
-    Raises:
-        UnreadableCheckpointError: not the zip layout torch writes, a CRC failure, a
-            compressed storage, a zip bomb, or a ``data.pkl`` over
-            :data:`~optckpt.io.pickles.MAX_PICKLE_BYTES`.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            # zipfile reads the last archive in a file and torch's reader the first: bytes
-            # before the archive zipfile found (two saves joined, or appended with "ab") would
-            # let torch load records that nothing here checked.
-            if infos and min(info.header_offset for info in infos) != 0:
-                raise UnreadableCheckpointError(
-                    f"{path}: holds data before its zip archive (two torch.save outputs joined, "
-                    "or a save appended to a file?); torch would read other records than "
-                    "the ones checked"
-                )
-            if not infos or "/" not in infos[0].filename:
-                raise UnreadableCheckpointError(
-                    f"{path}: not a torch zip file (its records are not in one folder)"
-                )
-            # torch's reader takes the folder of the first record, and finds a record by
-            # its name without regard to case: two names it could confuse are refused.
-            folder = infos[0].filename.split("/", 1)[0].lower() + "/"
-            by_name = {info.filename.lower(): info for info in infos}
-            if len(by_name) != len(infos):
-                raise UnreadableCheckpointError(
-                    f"{path}: corrupt torch zip file (a record name repeats)"
-                )
-            if folder + "constants.pkl" in by_name:
-                raise UnreadableCheckpointError(
-                    f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint"
-                )
-            pickle_info = by_name.get(folder + "data.pkl")
-            if pickle_info is None:
-                raise UnreadableCheckpointError(f"{path}: not a torch.save file (no data.pkl)")
-            if pickle_info.file_size > MAX_PICKLE_BYTES:
-                raise UnreadableCheckpointError(
-                    f"{path}: its data.pkl holds {pickle_info.file_size:,} bytes of pickle, "
-                    f"over the {MAX_PICKLE_BYTES // 2**20} MiB that optckpt reads"
-                )
-            # Reading a record to its end raises BadZipFile on a CRC mismatch.
-            for info in _check_records(path, infos, folder):
-                if info is not pickle_info:
-                    archive.read(info)
-            return archive.read(pickle_info)
-    except zipfile.BadZipFile as e:
-        if "CRC" in str(e):
-            raise UnreadableCheckpointError(
-                f"{path}: corrupt torch zip file ({_first_line(e)}: the file was altered or damaged)"
-            ) from e
-        raise UnreadableCheckpointError(
-            f"{path}: truncated or corrupt torch zip file ({_first_line(e)})"
-        ) from e
-    except (zlib.error, EOFError, NotImplementedError, ValueError, struct.error) as e:
-        raise UnreadableCheckpointError(f"{path}: corrupt torch zip file ({_first_line(e)})") from e
-
-
-def _check_records(path: Path, infos: list[zipfile.ZipInfo], folder: str) -> list[zipfile.ZipInfo]:
-    """Refuse compressed storages and zip bombs; the records that are not storages."""
-    metadata = []
-    metadata_bytes = 0
-    for info in infos:
-        name = info.filename.lower()
-        compressed = info.compress_type != zipfile.ZIP_STORED
-        if (
-            compressed
-            and info.file_size > 2**20
-            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)
-        ):
-            raise UnreadableCheckpointError(
-                f"{path}: record {info.filename} inflates from {info.compress_size:,} to "
-                f"{info.file_size:,} bytes, over {MAX_COMPRESSION_RATIO} times (a zip bomb)"
-            )
-        if name.startswith(folder + "data/"):
-            if compressed:
-                # torch maps storages in place: a compressed one would be read as garbage.
-                raise UnreadableCheckpointError(
-                    f"{path}: storage {info.filename} is compressed; torch.save stores tensor "
-                    "data uncompressed (was the file re-zipped?)"
-                )
-            continue
-        metadata.append(info)
-        if name != folder + "data.pkl":
-            metadata_bytes += info.file_size
-    if metadata_bytes > MAX_METADATA_BYTES:
-        raise UnreadableCheckpointError(
-            f"{path}: its records besides data.pkl and the storages hold {metadata_bytes:,} "
-            f"bytes; torch.save writes a few bytes there"
-        )
-    return metadata
-
-
 def _legacy_pickles(path: Path) -> PickleScan:
     """Scan the pickles at the start of a legacy file, memory-mapped: the storages' raw
     bytes after them can be gigabytes that the scan never touches."""
@@ -314,7 +211,7 @@ def _check_pickles(path: Path, legacy: bool, allowed_names: set[str]) -> list[st
         UnsafeCheckpointError: the pickle names a callable that can run code.
     """
     try:
-        scan = _legacy_pickles(path) if legacy else scan_pickles(_zip_pickle(path))
+        scan = _legacy_pickles(path) if legacy else scan_pickles(zip_pickle(path))
     except Refused as e:
         raise UnreadableCheckpointError(f"{path}: {e}") from e
     from optckpt.io.dcp import sharded_state_error  # optckpt.io.dcp imports this module
@@ -380,7 +277,7 @@ def _torch_load(
             root = torch.load(name, map_location=location, weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise UnreadableCheckpointError(f"{path}: corrupt pickle ({_first_line(e)})") from e
+            raise UnreadableCheckpointError(f"{path}: corrupt pickle ({first_line(e)})") from e
         if not names:
             reason = re.search(r"WeightsUnpickler error: (.*)", str(e))
             detail = f" ({reason.group(1).split('. ')[0].rstrip('.')})" if reason else ""
@@ -404,7 +301,7 @@ def _torch_load(
             names,
         ) from e
     except RuntimeError as e:
-        message = _first_line(e)
+        message = first_line(e)
         if "central directory" in message or "zip archive" in message:
             raise UnreadableCheckpointError(
                 f"{path}: truncated or corrupt torch zip file ({message})"
@@ -416,7 +313,7 @@ def _torch_load(
         raise UnreadableCheckpointError(f"{path}: cannot read torch file ({message})") from e
     except _CORRUPT as e:
         raise UnreadableCheckpointError(
-            f"{path}: truncated or corrupt torch file ({_first_line(e) or type(e).__name__})"
+            f"{path}: truncated or corrupt torch file ({first_line(e) or type(e).__name__})"
         ) from e
     if moved:
         for key, tensor in tensor_paths(root):
@@ -447,14 +344,6 @@ def _utf8_name(path: Path) -> Iterator[str]:
             yield alias
         return
     yield name
-
-
-def _first_line(error: BaseException) -> str:
-    """The first sentence of an exception's message (torch's run to paragraphs)."""
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    return text.splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def sniff(path: Path) -> str:
