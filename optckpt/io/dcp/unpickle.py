@@ -19,7 +19,8 @@ A DCP folder holds two kinds of pickle. torch reads both with code this module r
   memory-mapped file.
 
 Before either is unpickled, :func:`~optckpt.io.dcp.scan.scan` reads its opcodes for the
-globals it names and how deep it nests.
+globals it names and how deep it nests. The records are :mod:`optckpt.io.dcp.records`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from typing import Any
 
 import torch
 
+from optckpt.io.dcp.records import (  # re-exported (__all__): the records live there
+    BytesEntry,
+    Chunk,
+    Metadata,
+    Stored,
+    TensorEntry,
+    TensorRecord,
+)
 from optckpt.io.dcp.scan import BadPickle, scan
 from optckpt.io.pickles import why_dangerous
 
@@ -44,80 +53,10 @@ class RefusedGlobals(ValueError):
         self.names = names
 
 
-# --------------------------------------------------------------------------- the records
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One chunk of a tensor: where it starts in the whole tensor, and its sizes."""
-
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """A tensor of the checkpoint: its global size and dtype, and the chunks it is saved in."""
-
-    size: tuple[int, ...]
-    dtype: torch.dtype
-    chunks: tuple[Chunk, ...]
-
-
-@dataclass(frozen=True)
-class BytesEntry:
-    """A value that is not a tensor (a number, a list of names, ...), saved with torch.save."""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """Where one chunk or bytes entry is: a file of the folder, and a byte range in it.
-
-    Attributes:
-        transforms: torch's stream transforms (compression, ...) applied to the bytes.
-    """
-
-    file: str
-    offset: int
-    length: int
-    transforms: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Metadata:
-    """What a DCP folder's ``.metadata`` holds, as plain records.
-
-    Attributes:
-        entries: every flat key (``optim.state.encoder.weight.exp_avg``) and what it is, in
-            the file's order.
-        planner_data: each flat key's path in the saved state dict
-            (``('optim', 'state', 'encoder.weight', 'exp_avg')``), where the file records it.
-        storage: where each bytes entry (by ``(key, None)``) and each tensor chunk (by
-            ``(key, chunk offsets)``) is stored.
-        version: the DCP format version (``"1.0.0"``), ``None`` before torch 2.4.
-    """
-
-    entries: dict[str, TensorEntry | BytesEntry]
-    planner_data: dict[str, tuple[str | int, ...]] | None
-    storage: dict[tuple[str, tuple[int, ...] | None], Stored]
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    """What a chunk's ``data.pkl`` says: the storage record and how the tensor views it."""
-
-    key: str
-    dtype: torch.dtype
-    storage_numel: int  # elements of the storage
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
 # --------------------------------------------------------------------------- stand-ins
 # What the allowed globals become while unpickling: objects that take in their pickled state
-# and nothing else. They are checked and turned into the records above once loading is done.
+# and nothing else. They are checked and turned into the records (optckpt.io.dcp.records) once
+# loading is done.
 
 
 class _Pickled:

@@ -1,0 +1,82 @@
+"""What a DCP folder's pickles say, as optckpt's own plain records.
+
+:class:`Metadata` (a ``.metadata`` file: its entries, :class:`TensorEntry` with its
+:class:`Chunk` list or :class:`BytesEntry`, and where each is :class:`Stored`) and
+:class:`TensorRecord` (a tensor chunk's ``data.pkl``). They hold only ints, strings, tuples
+and dtypes: nothing from ``torch.distributed``. Building them from the pickles, running
+nothing the pickles name, is :mod:`optckpt.io.dcp.unpickle`, which re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a tensor: where it starts in the whole tensor, and its sizes."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor of the checkpoint: its global size and dtype, and the chunks it is saved in."""
+
+    size: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class BytesEntry:
+    """A value that is not a tensor (a number, a list of names, ...), saved with torch.save."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one chunk or bytes entry is: a file of the folder, and a byte range in it.
+
+    Attributes:
+        transforms: torch's stream transforms (compression, ...) applied to the bytes.
+    """
+
+    file: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What a DCP folder's ``.metadata`` holds, as plain records.
+
+    Attributes:
+        entries: every flat key (``optim.state.encoder.weight.exp_avg``) and what it is, in
+            the file's order.
+        planner_data: each flat key's path in the saved state dict
+            (``('optim', 'state', 'encoder.weight', 'exp_avg')``), where the file records it.
+        storage: where each bytes entry (by ``(key, None)``) and each tensor chunk (by
+            ``(key, chunk offsets)``) is stored.
+        version: the DCP format version (``"1.0.0"``), ``None`` before torch 2.4.
+    """
+
+    entries: dict[str, TensorEntry | BytesEntry]
+    planner_data: dict[str, tuple[str | int, ...]] | None
+    storage: dict[tuple[str, tuple[int, ...] | None], Stored]
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What a chunk's ``data.pkl`` says: the storage record and how the tensor views it."""
+
+    key: str
+    dtype: torch.dtype
+    storage_numel: int  # elements of the storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
