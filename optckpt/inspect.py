@@ -20,15 +20,15 @@ import torch
 
 from optckpt.chunks import check_bounded, chunks, readable, reducible
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.inspect_report import (  # re-exported: the report classes and JSON live there
-    GroupReport,
-    InspectReport,
-    OptimizerReport,
-    ParamReport,
-    TensorInfo,
-    TensorStats,
-    dtype_name,
-)
+
+# Re-exported (``X as X``): the report classes and the JSON form live in optckpt.inspect_report.
+from optckpt.inspect_report import GroupReport as GroupReport
+from optckpt.inspect_report import InspectReport as InspectReport
+from optckpt.inspect_report import OptimizerReport as OptimizerReport
+from optckpt.inspect_report import ParamReport as ParamReport
+from optckpt.inspect_report import TensorInfo as TensorInfo
+from optckpt.inspect_report import TensorStats as TensorStats
+from optckpt.inspect_report import dtype_name
 from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
