@@ -188,7 +188,8 @@ def find_model_state(root: Any) -> Mapping[str, torch.Tensor] | None:
     path = model_state_path(root)
     if path is None:
         return None
-    return root[path[0]] if path else root
+    found: Mapping[str, torch.Tensor] | None = root[path[0]] if path else root
+    return found
 
 
 def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:

@@ -92,7 +92,7 @@ class Deferred:
         return made
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return self.materialize().__reduce_ex__(protocol)
+        return self.materialize().__reduce_ex__(protocol)  # type: ignore[no-untyped-call]
 
 
 def can_defer(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -271,7 +271,7 @@ def _write_torch(
             else:
                 storage = obj
                 storage_dtype = torch.uint8
-                storage_type = normalize(type(obj))
+                storage_type = normalize(type(obj))  # type: ignore[no-untyped-call]
                 storage_numel = storage.nbytes()
             if str(storage.device) != "meta" and storage.data_ptr() != 0:
                 seen = storage_dtypes.setdefault(storage.data_ptr(), storage_dtype)

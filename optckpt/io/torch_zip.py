@@ -30,7 +30,8 @@ def rebuild_tensor_v2() -> Callable[..., torch.Tensor]:
     Returns:
         The function itself (it is pickled by its name).
     """
-    return torch._utils._rebuild_tensor_v2  # type: ignore[attr-defined,no-any-return]
+    rebuild: Callable[..., torch.Tensor] = torch._utils._rebuild_tensor_v2
+    return rebuild
 
 
 def pickle_storage_type(dtype: torch.dtype) -> Any:
@@ -39,7 +40,8 @@ def pickle_storage_type(dtype: torch.dtype) -> Any:
     Wraps ``Tensor._typed_storage()._pickle_storage_type()``: the persistent ID of a
     :class:`~optckpt.io.torch_format.Deferred`'s storage names that class, as torch's does.
     """
-    name = torch.empty(0, dtype=dtype)._typed_storage()._pickle_storage_type()
+    storage = torch.empty(0, dtype=dtype)._typed_storage()  # type: ignore[no-untyped-call]
+    name = storage._pickle_storage_type()
     return getattr(torch, name)
 
 
@@ -50,7 +52,8 @@ def typed_storage_parts(obj: torch.storage.TypedStorage) -> tuple[torch.UntypedS
     ``TypedStorage._size()``, which ``torch.serialization._save``'s ``persistent_id`` reads;
     optckpt's copy of that function must read the same.
     """
-    return obj._untyped_storage, getattr(torch, obj._pickle_storage_type()), obj._size()
+    kind = obj._pickle_storage_type()  # type: ignore[no-untyped-call]
+    return obj._untyped_storage, getattr(torch, kind), obj._size()  # type: ignore[no-untyped-call]
 
 
 def open_zipfile_writer(f: Any) -> Any:

@@ -296,7 +296,8 @@ def _compute_adaptive_lr(
     """sqrt(1 - beta2^t) / (sqrt(v) + eps) (nested in torch's ``_single_tensor_radam``)."""
     exp_avg_sq_sqrt = exp_avg_sq.sqrt()
     exp_avg_sq_sqrt = exp_avg_sq_sqrt.add(eps) if differentiable else exp_avg_sq_sqrt.add_(eps)
-    return (bias_correction2**0.5) / exp_avg_sq_sqrt
+    rect: Tensor = (bias_correction2**0.5) / exp_avg_sq_sqrt
+    return rect
 
 
 def _multi_tensor_radam(

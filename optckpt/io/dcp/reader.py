@@ -78,7 +78,7 @@ class DcpCheckpoint(Checkpoint):
     files: dict[str, int] = field(default_factory=dict)
     _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
 
-    def saved_device(self, *args: Any, **kwargs: Any) -> str | None:  # type: ignore[override]
+    def saved_device(self, *args: Any, **kwargs: Any) -> str | None:
         """``None``: DCP does not record where a tensor was (whichever tensor is asked for)."""
         return None
 

@@ -217,7 +217,7 @@ def _record_start(mapped: mmap.mmap, base: int, info: zipfile.ZipInfo, where: st
         raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip ({e})") from e
     if fields[0] != _LOCAL_MAGIC:
         raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip (bad local header)")
-    return at + _LOCAL_HEADER.size + fields[9] + fields[10]
+    return int(at + _LOCAL_HEADER.size + fields[9] + fields[10])
 
 
 def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord, int]:

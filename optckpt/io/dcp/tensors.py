@@ -163,7 +163,7 @@ def _dense(record: Any) -> bool:
         if size > 1 and st != stride:
             return False
         stride *= size
-    return record.offset == 0 and record.storage_numel == stride
+    return bool(record.offset == 0 and record.storage_numel == stride)
 
 
 def _copy_into(dest: torch.Tensor, raw: torch.Tensor, record: Any) -> None:

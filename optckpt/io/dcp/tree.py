@@ -68,7 +68,8 @@ def build_tree(
         if path[-1] in node:
             raise UnreadableCheckpointError(f"{where}: two keys for {_joined(path)}")
         node[path[-1]] = _Leaf(value(key))
-    return _finish(where, root, "")
+    finished: dict[str, Any] = _finish(where, root, "")
+    return finished
 
 
 class _Leaf:

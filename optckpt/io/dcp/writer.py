@@ -164,7 +164,12 @@ def write_dcp(tree: Any, out: Path) -> None:
         raise UsageError(
             f"a DCP checkpoint holds a dict; this checkpoint is a {type(tree).__name__}"
         )
-    from torch.distributed.checkpoint import FileSystemWriter, save
+    # torch.distributed.checkpoint re-exports these without __all__ listing them for mypy;
+    # taken from there, where users (and tests) patch them
+    from torch.distributed.checkpoint import (  # type: ignore[attr-defined]
+        FileSystemWriter,
+        save,
+    )
     from torch.distributed.checkpoint.api import CheckpointException
 
     state = dict(_made(tree))
