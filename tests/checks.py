@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from torch.torch_version import TorchVersion
+
+from optckpt.io import load_checkpoint
+from optckpt.layout import find_model_state
 
 # optckpt's optimizers mirror torch 2.13 (the version constraints.txt pins); an older torch
 # behaves differently in a few places, each marked with this.
@@ -111,3 +116,21 @@ def assert_same_bits(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> 
         assert torch.equal(
             a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
         ), k
+
+
+class TiedNet(nn.Module):
+    """Embedding tied to the output head, a BatchNorm (buffers), a body layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def saved_model_state(model: nn.Module, path: Path) -> Any:
+    """The model's state dict as optckpt reads it back from a torch file (mmap'd)."""
+    torch.save({"model": model.state_dict()}, path)
+    return find_model_state(load_checkpoint(path).root)

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from checks import TiedNet, saved_model_state
 from safetensors.torch import save_file
 from torch import nn
 
 import optckpt
 from optckpt.errors import UnreadableCheckpointError, UsageError
-from optckpt.io import load_checkpoint
 from optckpt.io.safetensors_format import write_safetensors
 from optckpt.layout import (
     Layout,
@@ -31,24 +31,6 @@ from optckpt.layout import (
 )
 
 # --------------------------------------------------------------------------- models
-
-
-class TiedNet(nn.Module):
-    """Embedding tied to the output head, a BatchNorm (buffers), a body layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 6)
-        self.norm = nn.BatchNorm1d(6)
-        self.body = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 10, bias=False)
-        self.head.weight = self.embed.weight
-
-
-def _saved_model_state(model: nn.Module, path: Path) -> Any:
-    """The model's state dict as optckpt reads it back from a torch file (mmap'd)."""
-    torch.save({"model": model.state_dict()}, path)
-    return find_model_state(load_checkpoint(path).root)
 
 
 def _sequential() -> nn.Module:
@@ -135,7 +117,7 @@ def test_load_layout_missing_or_not_a_model(tmp_path: Path) -> None:
 
 def test_model_parameters_are_named_parameters_after_a_save_and_load(tmp_path: Path) -> None:
     model = TiedNet()
-    state = _saved_model_state(model, tmp_path / "m.pt")
+    state = saved_model_state(model, tmp_path / "m.pt")
     assert "head.weight" in state and "norm.running_mean" in state  # both are in the state dict
     found = model_parameters(state)
     assert list(found) == [n for n, _ in model.named_parameters()]

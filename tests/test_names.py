@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import TiedNet, saved_model_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,8 +22,7 @@ from torch import nn
 import optckpt
 from optckpt.alignment import Ambiguous, NoFit, Unsure, align
 from optckpt.errors import IncompatibleStateError, UsageError
-from optckpt.io import load_checkpoint
-from optckpt.layout import find_model_state, layout_from_model_state
+from optckpt.layout import layout_from_model_state
 from optckpt.names import (
     AmbiguousNamesError,
     Naming,
@@ -39,26 +39,8 @@ from optckpt.names import (
 PROPERTY = settings(max_examples=150, deadline=None)
 
 
-class TiedNet(nn.Module):
-    """Embedding tied to the output head, a BatchNorm (buffers), a body layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 6)
-        self.norm = nn.BatchNorm1d(6)
-        self.body = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 10, bias=False)
-        self.head.weight = self.embed.weight
-
-
 def _sequential() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3))
-
-
-def _saved_model_state(model: nn.Module, path: Path) -> Any:
-    """The model's state dict as optckpt reads it back from a torch file (mmap'd)."""
-    torch.save({"model": model.state_dict()}, path)
-    return find_model_state(load_checkpoint(path).root)
 
 
 def _stepped(groups: Any, cls: type = torch.optim.Adam) -> torch.optim.Optimizer:
@@ -94,7 +76,7 @@ def test_names_from_model_state_with_buffers_tied_weights_and_frozen_params(tmp_
     model.norm.requires_grad_(False)  # frozen params the optimizer leaves out
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sd = _stepped([p for _, p in trainable]).state_dict()
-    model_state = _saved_model_state(model, tmp_path / "m.pt")
+    model_state = saved_model_state(model, tmp_path / "m.pt")
     naming = name_parameters(sd, model_state=model_state, where="m.pt")
     assert naming.source == "recovered"
     assert naming.describe() == "the model weights in m.pt, aligned by shape and order"
@@ -108,7 +90,7 @@ def test_tied_weights_count_once(tmp_path: Path) -> None:
     )
     model[1].weight = model[0].weight
     sd = _stepped(list(model.parameters())).state_dict()
-    names = name_parameters(sd, model_state=_saved_model_state(model, tmp_path / "m.pt")).names
+    names = name_parameters(sd, model_state=saved_model_state(model, tmp_path / "m.pt")).names
     assert list(names.values()) == ["0.weight", "2.weight"]
 
 
@@ -120,7 +102,7 @@ def test_ambiguous_alignment_is_refused_naming_the_parameters(tmp_path: Path) ->
         AmbiguousNamesError,
         match=r"more than one way: ID 0 could be 0\.weight or 1\.weight.*--from",
     ) as info:
-        name_parameters(sd, model_state=_saved_model_state(model, tmp_path / "m.pt"))
+        name_parameters(sd, model_state=saved_model_state(model, tmp_path / "m.pt"))
     assert isinstance(info.value, UsageError)  # exit 2
 
 

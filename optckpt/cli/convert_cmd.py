@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, AsJson, Force
+from optckpt.cli.options import AllowGlobal, AsJson, Force, OutputFormat
 from optckpt.cli.render import (
     human_bytes,
     print_json,
@@ -35,14 +35,7 @@ def convert(
             show_default=False,
         ),
     ],
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            metavar="pt|safetensors|dcp",
-            help="Output format (default: from -o: its extension, or a folder).",
-        ),
-    ] = None,
+    fmt: OutputFormat = None,
     to: Annotated[
         str | None,
         typer.Option("--to", help="Deprecated: use --format.", hidden=True),

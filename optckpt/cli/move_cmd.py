@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, AsJson, Force, Key
+from optckpt.cli.options import AllowGlobal, AsJson, Force, Key, OutputFormat
 from optckpt.cli.render import (
     human_bytes,
     print_json,
@@ -48,14 +48,7 @@ def move(
             help="Move every tensor in the file (model weights too), not only optimizer state.",
         ),
     ] = False,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            metavar="pt|safetensors|dcp",
-            help="Output format (default: from -o: its extension, or a folder).",
-        ),
-    ] = None,
+    fmt: OutputFormat = None,
     key: Key = None,
     as_json: AsJson = False,
     force: Force = False,

@@ -9,7 +9,16 @@ import typer
 
 from optckpt.seeds import MAX_SEED
 
-__all__ = ["MAX_SEED", "AllowGlobal", "AsJson", "Force", "GroupRules", "Key", "Output"]
+__all__ = [
+    "MAX_SEED",
+    "AllowGlobal",
+    "AsJson",
+    "Force",
+    "GroupRules",
+    "Key",
+    "Output",
+    "OutputFormat",
+]
 
 Output = Annotated[
     Path,
@@ -18,6 +27,14 @@ Output = Annotated[
         "--output",
         help="Output file: new, or a regular file with --force; never an input.",
         show_default=False,
+    ),
+]
+OutputFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        metavar="pt|safetensors|dcp",
+        help="Output format (default: from -o: its extension, or a folder).",
     ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]

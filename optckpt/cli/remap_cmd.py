@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key
+from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key, OutputFormat
 from optckpt.cli.render import console, print_json, progress_when_writing, safe
 
 if TYPE_CHECKING:
@@ -36,14 +36,7 @@ def remap(
             "not with --dry-run.",
         ),
     ] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            metavar="pt|safetensors|dcp",
-            help="Output format (default: from -o: its extension, or a folder).",
-        ),
-    ] = None,
+    fmt: OutputFormat = None,
     source: Annotated[
         Path | None,
         typer.Option(

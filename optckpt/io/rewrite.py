@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -53,24 +53,24 @@ __all__ = [
 ]
 
 
+class _Check(Protocol):
+    def __call__(self, out: Path, inputs: Iterable[object], *, force: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class Kind:
     """How one kind of output is checked before anything is read, and written at the end.
 
     Attributes:
-        check: ``check(out, inputs, force)``; raises when ``out`` may not be written.
+        check: ``check(out, inputs, force=force)``; raises when ``out`` may not be written.
         write: ``write(tree, out, placement, sources, progress)``; atomic.
     """
 
-    check: Callable[[Path, Sequence[object], bool], None]
+    check: _Check
     write: Callable[
         [Any, Path, str, Mapping[KeyPath, str], Sequence[Path], Callable[[int], None] | None],
         None,
     ]
-
-
-def _check_file(out: Path, inputs: Sequence[object], force: bool) -> None:
-    check_output(out, inputs, force=force)
 
 
 def _write_file(
@@ -82,10 +82,6 @@ def _write_file(
     progress: Callable[[int], None] | None,
 ) -> None:
     save_checkpoint(tree, out, kind, progress=progress, sources=sources, placement=placement)
-
-
-def _check_dcp(out: Path, inputs: Sequence[object], force: bool) -> None:
-    check_output_folder(out, inputs, force=force)
 
 
 def _write_dcp(
@@ -101,9 +97,9 @@ def _write_dcp(
 
 
 KINDS: dict[str, Kind] = {
-    "pt": Kind(_check_file, _write_file),
-    "safetensors": Kind(_check_file, _write_file),
-    "dcp": Kind(_check_dcp, _write_dcp),
+    "pt": Kind(check_output, _write_file),
+    "safetensors": Kind(check_output, _write_file),
+    "dcp": Kind(check_output_folder, _write_dcp),
 }
 """Every output kind, by the name :func:`kind_for` gives it."""
 
@@ -170,7 +166,7 @@ def prepare_output(
     path = Path(out)
     output = Output(path, kind_for(out, kind, dcp=dcp))
     sources = [rewrites, *inputs] if rewrites is not None else list(inputs)
-    KINDS[output.kind].check(path, sources, force)
+    KINDS[output.kind].check(path, sources, force=force)
     if rewrites is not None and Path(rewrites).is_dir() and not (dcp and is_dcp(rewrites)):
         raise UsageError(
             f"{rewrites} is a folder; {command} the optimizer file in it "
