@@ -33,9 +33,8 @@ from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.pages import Releaser
-from optckpt.layout import model_state_of
 from optckpt.locate import KeyPath, Located, select_optimizers
-from optckpt.names import Naming, name_parameters
+from optckpt.names import Naming, name_parameters, sources_of
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
     expected_state_shape,
@@ -200,12 +199,13 @@ def picture_value(report: ParamReport, key: str) -> float | None:
 
 
 def _names(state_dict: Mapping[str, Any], checkpoint: Checkpoint) -> tuple[Naming, str | None]:
-    """The names :mod:`optckpt.names` gives (the checkpoint's model weights as the last
-    source), and why there are none when recovery refused: inspect then shows IDs only."""
+    """The names :mod:`optckpt.names` gives (with what the checkpoint offers: its model
+    weights, its other optimizers, a folder's model config), and why there are none when
+    recovery refused: inspect then shows IDs only."""
     try:
         naming = name_parameters(
             state_dict,
-            model_state=model_state_of(checkpoint),
+            sources=sources_of(checkpoint, state_dict),
             hint="remap and resume-step name them with --from OLD_LAYOUT",
         )
         return naming, None
@@ -287,6 +287,7 @@ def inspect_optimizer(
         names_from=naming.describe(),
         warnings=_warnings(sd, params, steps, guess.name) + ([unnamed] if unnamed else []),
         picture=_picture_key(params, guess.name) if stats else None,
+        notes=list(naming.notes),
     )
 
 

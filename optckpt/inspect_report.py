@@ -98,6 +98,7 @@ class OptimizerReport:
     warnings: list[str]
     picture: str | None = None
     names_from: str = ""  # the source of the names, in words
+    notes: list[str] = field(default_factory=list)  # about the run: why a source gave no names
 
     @property
     def varying_hyperparams(self) -> set[str]:
@@ -139,6 +140,11 @@ class InspectReport:
     top_level_keys: list[str]
     optimizers: list[OptimizerReport]
     storage: dict[str, Any] | None = None  # DCP: files, tensors, chunks, sharded tensors
+
+    @property
+    def notes(self) -> list[str]:
+        """What optckpt says about its run (``note:`` lines, ``"notes"`` in JSON), once each."""
+        return list(dict.fromkeys(n for o in self.optimizers for n in o.notes))
 
     def to_json(self) -> dict[str, Any]:
         """The ``inspect --json`` object of DESIGN.md."""

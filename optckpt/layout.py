@@ -201,6 +201,17 @@ def model_state_of(checkpoint: Any) -> Mapping[str, torch.Tensor] | None:
     return find_model_state(checkpoint.root)
 
 
+def sorted_by_name(checkpoint: Any) -> bool:
+    """Whether a checkpoint's tensors are sorted by name rather than kept in the model's
+    order: a plain safetensors file (not one optckpt wrote, which records its tree). Its
+    weights can be matched to parameters by name only, never aligned by order."""
+    from optckpt.io.safetensors_format import TREE_KEY, read_header
+
+    if checkpoint.format != "safetensors" or not Path(checkpoint.path).is_file():
+        return False
+    return TREE_KEY not in read_header(Path(checkpoint.path))[1]
+
+
 def split_top_level(text: str) -> list[str]:
     """Split at the commas outside JSON brackets and strings (``betas=[0.9,0.95],lr=1``)."""
     items: list[str] = []
@@ -279,7 +290,6 @@ def load_layout(
         UnreadableCheckpointError: the file cannot be read.
     """
     from optckpt.io import load_checkpoint
-    from optckpt.io.safetensors_format import TREE_KEY, read_header
 
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
@@ -296,7 +306,7 @@ def load_layout(
     model_state = find_model_state(checkpoint.root)
     if model_state is None:
         raise UsageError(f"{path}: neither a JSON layout nor a model state dict")
-    if checkpoint.format == "safetensors" and TREE_KEY not in read_header(path)[1]:
+    if sorted_by_name(checkpoint):
         # torch numbers an optimizer's parameters in the model's order; a plain safetensors
         # file keeps its tensors sorted by name, so a layout read from it would put state on
         # the wrong parameters when torch loads the result.

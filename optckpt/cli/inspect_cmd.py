@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optckpt.cli.options import AllowGlobal, Key
-from optckpt.cli.render import console, human_bytes, print_json, safe, short_dtype
+from optckpt.cli.render import (
+    console,
+    human_bytes,
+    print_json,
+    print_notes,
+    safe,
+    short_dtype,
+)
 
 if TYPE_CHECKING:
     from optckpt.inspect import InspectReport, OptimizerReport, ParamReport
@@ -42,9 +49,10 @@ def inspect(
 
     report = inspect_checkpoint(path, key=key, stats=stats, allow_globals=allow_global or ())
     if as_json:
-        print_json(report.to_json())
+        print_json(report.to_json(), report.notes)
         return
     render(report, show_all=show_all)
+    print_notes(report.notes)
 
 
 def render(report: InspectReport, *, show_all: bool = False) -> None:
