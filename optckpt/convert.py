@@ -19,9 +19,8 @@ from optckpt.io.dcp import is_dcp
 from optckpt.io.dcp.writer import name_keyed_tree
 from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
-from optckpt.layout import model_state_of
 from optckpt.locate import check_optimizers
-from optckpt.names import KEYINGS, rekey
+from optckpt.names import KEYINGS, rekey, sources_of
 from optckpt.optim.guess import guess_optimizer
 
 # Optimizers whose state dicts differ only in group flags, and the flags that make one the
@@ -155,11 +154,12 @@ def convert_checkpoint(
             if new is not located.state_dict:
                 located.state_dict["param_groups"] = new["param_groups"]
                 rewritten.append(located.key)
-    model_state = model_state_of(checkpoint)
+    where = str(path)
     rekeyed = []
     if keying is not None:
         for located in job.select(checkpoint):
-            keyed = rekey(located.state_dict, keying, model_state=model_state, where=str(path))
+            sources = sources_of(checkpoint, located.state_dict)
+            keyed = rekey(located.state_dict, keying, sources=sources, where=where)
             if keyed is not located.state_dict:
                 located.state_dict.clear()
                 located.state_dict.update(keyed)
@@ -167,7 +167,7 @@ def convert_checkpoint(
     if to_dcp:  # DCP keeps optimizer state by parameter names
         named = name_keyed_tree(
             checkpoint.root,
-            lambda sd: rekey(sd, "names", model_state=model_state, where=str(path)),
+            lambda sd: rekey(sd, "names", sources=sources_of(checkpoint, sd), where=where),
         )
         rekeyed += [k for k in named if k not in rekeyed]
     job.save(checkpoint, progress)

@@ -23,9 +23,9 @@ from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
-from optckpt.layout import load_layout, model_state_of
+from optckpt.layout import load_layout
 from optckpt.locate import KeyPath, Located, select_optimizers
-from optckpt.names import Pairing, pair_parameters
+from optckpt.names import Pairing, pair_parameters, sources_of
 from optckpt.statedict import group_of, param_ids, validate_state_dict
 
 _CHUNK = 1 << 22  # elements compared at a time
@@ -315,7 +315,10 @@ def diff_state_dicts(
         a.state_dict,
         b.state_dict,
         layouts=layouts,
-        model_states=(model_state_of(checkpoints[0]), model_state_of(checkpoints[1])),
+        sources=(
+            sources_of(checkpoints[0], a.state_dict),
+            sources_of(checkpoints[1], b.state_dict),
+        ),
         wheres=(str(checkpoints[0].path), str(checkpoints[1].path)),
         hints=(
             "pass --from-a OLD_LAYOUT (the layout A was saved with) to name them",

@@ -192,7 +192,7 @@ def from_model(state_dict: Mapping[str, Any], model: ModelParams) -> tuple[dict[
             found: dict[Any, str] = {}
             for own, members in zip(groups, model.groups):
                 positions = align([own], shapes, [shape_of[n] for n in members])
-                found.update({pid: members[p] for pid, p in positions.items()})
+                found.update({pid: members[positions[pid]] for pid in own})
             return found, "named_parameters() in the Trainer's weight-decay groups"
         except (NoFit, Ambiguous, Unsure):
             pass  # grouped some other way: try model order alone
@@ -211,7 +211,8 @@ def from_model(state_dict: Mapping[str, Any], model: ModelParams) -> tuple[dict[
             f"cannot prove that {ids} fit {built} in only one way (IDs "
             f"{_listed(map(str, e.open_ids))} left open)"
         ) from None
-    return {pid: names[p] for pid, p in positions.items()}, "named_parameters() aligned by shape"
+    found = {pid: names[positions[pid]] for own in groups for pid in own}
+    return found, "named_parameters() aligned by shape"
 
 
 def _version() -> str:

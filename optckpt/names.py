@@ -234,19 +234,23 @@ def _jointly(
     together with one model's parameters, each parameter in one optimizer (Lightning's
     optimizers over parts of one module); ``None`` unless exactly one assignment fits.
 
-    A sibling that names its own parameters (keys, ``param_names``) takes them out of the
-    candidates; the others join as more groups."""
-    taken = {name for sd in siblings for name in _direct(sd).values()}
-    keep = [p for p, name in enumerate(candidates) if name not in taken]
+    A sibling whose own names (keys, ``param_names``) are all the model's takes those
+    parameters out of the candidates; the others (unnamed, or named relative to a submodule,
+    as ``self.generator.named_parameters()`` names them) join as more groups."""
+    known = set(candidates)
+    taken: set[str] = set()
     groups: list[list[Any]] = []
     shapes: dict[Any, Shape | None] = {}
     for k, sd in enumerate([state_dict, *siblings]):
-        if k and _direct(sd):
+        named = set(_direct(sd).values()) if k else set()
+        if named and named <= known:
+            taken |= named
             continue
         own = group_ids(sd)
         own_shapes = id_shapes(sd, own)
         groups += [[(k, pid) for pid in ids] for ids in own]
         shapes.update({(k, pid): shape for pid, shape in own_shapes.items()})
+    keep = [p for p, name in enumerate(candidates) if name not in taken]
     try:
         positions = align(groups, shapes, [model_shapes[p] for p in keep])
     except (NoFit, Ambiguous, Unsure):
@@ -329,9 +333,9 @@ def _recover(
             ) from None
         positions = joint
     else:
-        return {pid: candidates[p] for pid, p in positions.items()}, ""
+        return {pid: candidates[positions[pid]] for ids in groups for pid in ids}, ""
     how = f", together with the file's {len(siblings)} other optimizer(s)"
-    return {pid: candidates[p] for pid, p in positions.items()}, how
+    return {pid: candidates[positions[pid]] for ids in groups for pid in ids}, how
 
 
 def name_parameters(
@@ -426,12 +430,14 @@ def pair_parameters(
     ),
     wheres: tuple[str, str] = ("A", "B"),
     hints: tuple[str, str] = (FROM_HINT, FROM_HINT),
+    sources: tuple[NameSources | None, NameSources | None] = (None, None),
 ) -> Pairing:
     """Pair the parameters of two state dicts, by name wherever names can be had.
 
     When both carry names (keys or ``param_names``) they pair by name. When only one does, or
     a layout is given for a side, the other side is named from its sources (its layout, its
-    model weights) as :func:`name_parameters` does; recovery refusing is an error, since the
+    model weights, what ``sources`` offers) as :func:`name_parameters` does; recovery
+    refusing is an error, since the
     names are needed. When neither carries names and no layout is given, IDs pair with equal
     IDs, as torch's ``load_state_dict`` pairs them (no recovery is tried: two checkpoints of
     one run pair exactly so, even where recovery would be ambiguous). A side that stays
@@ -449,6 +455,7 @@ def pair_parameters(
                     sd,
                     layout=layouts[side],
                     model_state=model_states[side],
+                    sources=sources[side],
                     where=wheres[side],
                     hint=hints[side],
                 ).names
@@ -477,13 +484,15 @@ def rekey(
     *,
     model_state: Mapping[str, torch.Tensor] | None = None,
     where: str = "the checkpoint",
+    sources: NameSources | None = None,
 ) -> Mapping[str, Any]:
     """``state_dict`` in the keying asked for (``convert --keying``); itself if already so.
 
     ``"ids"``: torch's ID-keyed form with ``param_names`` (:func:`to_id_keyed`), which
     ``Optimizer.load_state_dict`` loads. ``"names"``: the FQN-keyed form
     (:func:`to_name_keyed`), which ``set_optimizer_state_dict`` loads; the names come from
-    :func:`name_parameters` (``param_names``, or recovered from ``model_state``).
+    :func:`name_parameters` (``param_names``, or recovered from ``model_state``, or from
+    what ``sources`` offers: :func:`sources_of`).
 
     Raises:
         UsageError: an unknown keying, or an ID-keyed state dict that cannot be named.
@@ -499,10 +508,14 @@ def rekey(
         "name them first: `optckpt remap PATH --to OLD_LAYOUT --from OLD_LAYOUT -o NAMED` "
         "writes groups with param_names"
     )
-    naming = name_parameters(state_dict, model_state=model_state, where=where, hint=hint)
+    naming = name_parameters(
+        state_dict, model_state=model_state, sources=sources, where=where, hint=hint
+    )
     if naming.source is None:
         raise UsageError(
             "the state dict's groups carry no param_names and the checkpoint holds no model "
-            f"state dict, so its parameters have no names to key it by; {hint}"
+            "state dict, so its parameters have no names to key it by"
+            + "".join(f"; {note}" for note in naming.notes)
+            + f"; {hint}"
         )
     return to_name_keyed(state_dict, naming.names)

@@ -26,8 +26,8 @@ from optckpt.devices import replace_placement
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
-from optckpt.layout import Layout, ParamSpec, load_layout, model_state_of
-from optckpt.names import match_names, name_parameters, to_name_keyed
+from optckpt.layout import Layout, ParamSpec, load_layout
+from optckpt.names import NameSources, match_names, name_parameters, sources_of, to_name_keyed
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
     SPECS,
@@ -66,7 +66,7 @@ class GroupPlan:
 class RemapPlan:
     """The whole plan: per target group, plus what is dropped and what to watch."""
 
-    names_source: str | None  # "keys", "param_names", "layout" or "recovered" (optckpt.names)
+    names_source: str | None  # "keys", "param_names", "layout", "model config", "recovered"
     groups: list[GroupPlan]
     dropped: list[str]
     warnings: list[str]
@@ -190,6 +190,7 @@ def remap(
     hyperparams: str = "checkpoint",
     settings: Iterable[str | Setting] = (),
     layout_why: str = "--hyperparams layout",
+    name_sources: NameSources | None = None,
 ) -> tuple[StateDict, RemapPlan]:
     """Rebuild an optimizer state dict for the layout ``to``, matching parameters by name.
 
@@ -207,6 +208,8 @@ def remap(
         settings: ``--set [N.]KEY=VALUE`` settings (as ``regenerate --set`` parses them),
             which win over both.
         layout_why: what asked for the layout's values, as the plan says it.
+        name_sources: what the checkpoint offers to name the parameters besides ``model_state``
+            (its other optimizers, a Trainer folder's model config: :func:`optckpt.names.sources_of`).
 
     Returns:
         ``(new_state_dict, plan)``. Carried state tensors are the source's own objects
@@ -221,11 +224,14 @@ def remap(
             both shapes; for every optimizer, as :mod:`optckpt.optim.specs` declares its
             state) and ``reset_mismatched`` is off.
     """
-    naming = name_parameters(state_dict, layout=source, model_state=model_state)
+    naming = name_parameters(
+        state_dict, layout=source, model_state=model_state, sources=name_sources
+    )
     if naming.source is None:
         raise UsageError(
-            "the checkpoint's groups carry no param_names and it holds no model state dict; "
-            "pass --from OLD_LAYOUT to name its parameters"
+            "the checkpoint's groups carry no param_names and it holds no model state dict"
+            + "".join(f"; {note}" for note in naming.notes)
+            + "; pass --from OLD_LAYOUT to name its parameters"
         )
     names = naming.names
     rules = [parse_rename(r) for r in rename]
@@ -426,10 +432,10 @@ def remap_checkpoint(
         source=old,
         rename=rename,
         reset_mismatched=reset_mismatched,
-        model_state=model_state_of(checkpoint),
         hyperparams=hyperparams or ("layout" if group_rules else "checkpoint"),
         settings=settings,
         layout_why="--group" if hyperparams is None else "--hyperparams layout",
+        name_sources=sources_of(checkpoint, located.state_dict),
     )
     if job.output is None:
         return RemapResult(located.key, plan, None)

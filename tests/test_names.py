@@ -25,6 +25,7 @@ from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.layout import layout_from_model_state
 from optckpt.names import (
     AmbiguousNamesError,
+    NameSources,
     Naming,
     canonical,
     is_name_keyed,
@@ -127,6 +128,71 @@ def test_alignment_that_does_not_exist_is_incompatible() -> None:
     wrong_shape = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(IncompatibleStateError, match=r"with the shape of ID 4's state \[3, 6\]"):
         name_parameters(sd, model_state=wrong_shape.state_dict())
+
+
+class _Gan(nn.Module):
+    """Two parts of one module, one optimizer each (as a Lightning GAN has them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.discriminator = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+
+def _sources(model: nn.Module, *optimizers: torch.optim.Optimizer, path: Path) -> list[Any]:
+    """Each optimizer's state dict and what a file holding all of them offers to name it."""
+    model_state = saved_model_state(model, path)
+    sds = [o.state_dict() for o in optimizers]
+    return [(sd, NameSources(model_state, tuple(o for o in sds if o is not sd))) for sd in sds]
+
+
+def test_each_of_several_optimizers_is_named_together_with_the_others(tmp_path: Path) -> None:
+    model = _Gan()
+    opt_g = _stepped(list(model.generator.parameters()))
+    opt_d = _stepped(list(model.discriminator.parameters()), torch.optim.SGD)
+    (sd_g, with_d), (sd_d, with_g) = _sources(model, opt_g, opt_d, path=tmp_path / "gan.pt")
+    # Alone, the discriminator's first IDs fit the generator's layers as well.
+    with pytest.raises(AmbiguousNamesError, match=r"ID 0 could be generator\.0\.weight"):
+        name_parameters(sd_d, model_state=with_g.model_state)
+    for sd, sources, part in ((sd_g, with_d, "generator"), (sd_d, with_g, "discriminator")):
+        naming = name_parameters(sd, sources=sources, where="gan.pt")
+        assert naming.source == "recovered"
+        truth = [f"{part}.{n}" for n, _ in getattr(model, part).named_parameters()]
+        assert list(naming.names.values()) == truth
+    assert naming.describe().endswith("together with the file's 1 other optimizer(s)")
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_sibling_with_param_names(tmp_path: Path, relative: bool) -> None:
+    # Named by the model's FQNs, it takes its parameters out; named relative to its part
+    # (self.generator.named_parameters()), it joins the alignment as an unnamed one does.
+    model = _Gan()
+    generator = model.generator if relative else model
+    named = [(n, p) for n, p in generator.named_parameters() if relative or "generator" in n]
+    opt_g = _stepped(named)
+    opt_d = _stepped(list(model.discriminator.parameters()))
+    _, (sd_d, with_g) = _sources(model, opt_g, opt_d, path=tmp_path / "gan.pt")
+    assert opt_g.state_dict()["param_groups"][0]["param_names"][0] == (
+        "0.weight" if relative else "generator.0.weight"
+    )
+    names = name_parameters(sd_d, sources=with_g).names
+    assert list(names.values()) == [
+        f"discriminator.{n}" for n, _ in model.discriminator.named_parameters()
+    ]
+
+
+def test_several_optimizers_that_could_swap_are_refused(tmp_path: Path) -> None:
+    # Two optimizers over two layers of one shape: either could hold either layer.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    first = _stepped(list(model[0].parameters()))
+    second = _stepped(list(model[1].parameters()), torch.optim.SGD)
+    (sd, sources), _ = _sources(model, first, second, path=tmp_path / "m.pt")
+    with pytest.raises(
+        AmbiguousNamesError,
+        match=r"more than one way, also together with the file's 1 other optimizer\(s\), each "
+        r"parameter in one optimizer: ID 0 could be 0\.weight or 1\.weight",
+    ):
+        name_parameters(sd, sources=sources)
 
 
 def test_no_source_of_names_is_unnamed() -> None:
