@@ -122,6 +122,20 @@ def test_resume_step_uses_the_folders_weights_by_name(training_outputs: Training
         assert "config.json" in report["params_from"]
 
 
+def test_a_folder_with_pytorch_model_bin(trainer_copy: Path) -> None:
+    # What save_pretrained wrote before safetensors (transformers 4, save_safetensors=False):
+    # torch.save of the state dict, which transformers still loads.
+    from safetensors.torch import load_file
+
+    weights = load_file(trainer_copy / "model.safetensors")
+    torch.save(weights, trainer_copy / "pytorch_model.bin")
+    (trainer_copy / "model.safetensors").unlink()
+    result = runner.invoke(app, ["resume-step", str(trainer_copy), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "pytorch_model.bin" in report["params_from"] and "config.json" in report["params_from"]
+
+
 def test_unknown_architecture_gives_no_names_and_a_note(trainer_copy: Path) -> None:
     edit_config(trainer_copy, architectures=["NoSuchModelForCausalLM"])
     report = inspect_json(trainer_copy)
