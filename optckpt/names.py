@@ -300,12 +300,6 @@ def _recover(
     n = len(shapes)
     ids = f"the checkpoint's {n} parameter IDs (group sizes {[len(g) for g in groups]})"
     weights = f"the {len(candidates)} parameters of the model weights in {where}"
-    others = (
-        f", also together with the file's {len(siblings)} other optimizer(s), each parameter "
-        "in one optimizer"
-        if siblings
-        else ""
-    )
     try:
         positions = align(groups, shapes, model_shapes)
     except NoFit as e:
@@ -313,29 +307,35 @@ def _recover(
             f"{ids} do not fit {weights} by shape in model order: {e.reason} (were the weights "
             f"saved for another model, or the groups not built in model order?); {hint}"
         ) from None
-    except Ambiguous as e:
+    except (Ambiguous, Unsure) as e:
         joint = _jointly(state_dict, siblings, candidates, model_shapes) if siblings else None
         if joint is None:
-            shown = [
-                f"ID {pid} could be {candidates[a]} or {candidates[b]}" for pid, a, b in e.choices
-            ]
-            raise AmbiguousNamesError(
-                f"{ids} fit {weights} in more than one way{others}: {_listed(shown, 4)} "
-                f"(parameters of equal shape that could be swapped, or without state); {hint}"
-            ) from None
+            together = (
+                f"; aligned together with the file's {len(siblings)} other optimizer(s), each "
+                "parameter in one optimizer, they do not fit in one way only either"
+                if siblings
+                else ""
+            )
+            if isinstance(e, Ambiguous):
+                shown = [
+                    f"ID {pid} could be {candidates[a]} or {candidates[b]}"
+                    for pid, a, b in e.choices
+                ]
+                why = (
+                    f"{ids} fit {weights} in more than one way: {_listed(shown, 4)} (parameters "
+                    "of equal shape that could be swapped, or without state)"
+                )
+            else:
+                why = (
+                    f"cannot prove that {ids} fit {weights} in only one way (IDs "
+                    f"{_listed(map(str, e.open_ids))} left open)"
+                )
+            raise AmbiguousNamesError(f"{why}{together}; {hint}") from None
         positions = joint
-    except Unsure as e:
-        joint = _jointly(state_dict, siblings, candidates, model_shapes) if siblings else None
-        if joint is None:
-            raise AmbiguousNamesError(
-                f"cannot prove that {ids} fit {weights} in only one way{others} (IDs "
-                f"{_listed(map(str, e.open_ids))} left open); {hint}"
-            ) from None
-        positions = joint
+        how = f", together with the file's {len(siblings)} other optimizer(s)"
     else:
-        return {pid: candidates[positions[pid]] for ids in groups for pid in ids}, ""
-    how = f", together with the file's {len(siblings)} other optimizer(s)"
-    return {pid: candidates[positions[pid]] for ids in groups for pid in ids}, how
+        how = ""
+    return {pid: candidates[positions[pid]] for own in groups for pid in own}, how
 
 
 def name_parameters(

@@ -189,8 +189,8 @@ def test_several_optimizers_that_could_swap_are_refused(tmp_path: Path) -> None:
     (sd, sources), _ = _sources(model, first, second, path=tmp_path / "m.pt")
     with pytest.raises(
         AmbiguousNamesError,
-        match=r"more than one way, also together with the file's 1 other optimizer\(s\), each "
-        r"parameter in one optimizer: ID 0 could be 0\.weight or 1\.weight",
+        match=r"more than one way: ID 0 could be 0\.weight or 1\.weight.*; aligned together with "
+        r"the file's 1 other optimizer\(s\), each parameter in one optimizer, they do not fit",
     ):
         name_parameters(sd, sources=sources)
 
