@@ -107,6 +107,8 @@ def _build(config: Path, size: int) -> tuple[ModelParams | None, str | None]:
             f"{config} describes the model: with transformers installed "
             f"(`{INSTALL_HINT}`), optckpt names the parameters from it"
         )
+    except Exception as e:  # an installed transformers that fails to import (a broken env)
+        return None, f"{unnamed}: transformers failed to import ({type(e).__name__}: {e})"
     model_type, architectures = data.get("model_type"), data.get("architectures")
     if not isinstance(architectures, list) or not architectures:
         return None, f"{unnamed}: it names no model class (architectures)"

@@ -111,6 +111,46 @@ def test_trainer_names_are_the_trainers_groups(
     assert len(set(names)) == len(names) and "lm_head.weight" not in names
 
 
+def _tiny(kind: str) -> Any:
+    """A tiny model of another architecture, built by transformers from a config."""
+    import transformers as hf
+
+    if kind == "llama":  # no biases, RMSNorm, untied head
+        config = hf.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=40,
+        )
+        return hf.LlamaForCausalLM(config)
+    if kind == "bert":  # pooler and a classification head
+        config = hf.BertConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=40,
+        )
+        return hf.BertForSequenceClassification(config)
+    config = hf.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=40)
+    return hf.T5ForConditionalGeneration(config)  # encoder-decoder, shared embedding tied
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "t5"])
+def test_other_architectures_are_built_as_transformers_builds_them(
+    kind: str, tmp_path: Path
+) -> None:
+    from optckpt.hf_names import config_model
+
+    model = _tiny(kind)
+    model.save_pretrained(tmp_path)
+    built, note = config_model(tmp_path)
+    assert note is None and built is not None
+    assert list(built.params) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
 def test_resume_step_uses_the_folders_weights_by_name(training_outputs: TrainingOutputs) -> None:
     folder = training_outputs.trainer / "checkpoint-2"
     for args in ([], ["--model", str(folder / "model.safetensors")]):
