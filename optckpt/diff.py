@@ -71,6 +71,7 @@ class DiffReport:
     path_b: Path
     pairs: list[PairDiff]
     tolerance: tuple[float, float] | None
+    notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
 
     @property
     def ok(self) -> bool:
@@ -105,6 +106,7 @@ class DiffReport:
                 }
                 for p in self.pairs
             ],
+            "notes": self.notes,
         }
 
 
@@ -436,4 +438,5 @@ def diff_checkpoints(
             for x, y in pairs
         ],
         tolerance=tolerance,
+        notes=ca.notes() + cb.notes(),
     )

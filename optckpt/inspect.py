@@ -334,4 +334,5 @@ def inspect_checkpoint(
         top_level_keys=top,
         optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
         storage=checkpoint.summary() if isinstance(checkpoint, DcpCheckpoint) else None,
+        read_notes=checkpoint.notes(),
     )

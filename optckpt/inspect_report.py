@@ -140,11 +140,14 @@ class InspectReport:
     top_level_keys: list[str]
     optimizers: list[OptimizerReport]
     storage: dict[str, Any] | None = None  # DCP: files, tensors, chunks, sharded tensors
+    read_notes: list[str] = field(default_factory=list)  # which checkpoint-N was read
 
     @property
     def notes(self) -> list[str]:
-        """What optckpt says about its run (``note:`` lines, ``"notes"`` in JSON), once each."""
-        return list(dict.fromkeys(n for o in self.optimizers for n in o.notes))
+        """What optckpt says about its run (``note:`` lines, ``"notes"`` in JSON), once each:
+        how it read the checkpoint, then what each optimizer's names need."""
+        found = (n for o in self.optimizers for n in o.notes)
+        return list(dict.fromkeys([*self.read_notes, *found]))
 
     def to_json(self) -> dict[str, Any]:
         """The ``inspect --json`` object of DESIGN.md."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optckpt.cli.options import AllowGlobal
-from optckpt.cli.render import console, print_json, safe
+from optckpt.cli.render import console, print_json, print_notes, safe
 
 if TYPE_CHECKING:
     from optckpt.diff import Difference, DiffReport
@@ -60,6 +60,7 @@ def diff(
         print_json(report.to_json())
     else:
         render(report)
+        print_notes(report.notes)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -6,7 +6,8 @@
   mmap, which the legacy format does not allow;
 * safetensors files (optckpt's layout, see :mod:`optckpt.io.safetensors_format`, or plain);
 * checkpoint folders such as a Hugging Face Trainer ``checkpoint-N/``: the optimizer files in
-  it (``optimizer.pt``, ``optimizer.bin``, ...) are read as above.
+  it (``optimizer.pt``, ``optimizer.bin``, ...) are read as above; a Trainer's ``output_dir``
+  stands for its newest ``checkpoint-N/`` (:mod:`optckpt.io.folders`).
 
 Nothing ever falls back to ``weights_only=False``, and nothing a file names is ever imported:
 before torch sees a pickle, :mod:`optckpt.io.pickles` reads its opcodes for the globals it
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
+from optckpt.io.folders import OPTIMIZER_FILE, Resolved, resolve_folder
 from optckpt.io.pickles import (
     DATA_RECONSTRUCTORS,
     MAX_PICKLE_BYTES,
@@ -58,10 +60,6 @@ from optckpt.io.zip_checks import MAX_COMPRESSION_RATIO as MAX_COMPRESSION_RATIO
 from optckpt.io.zip_checks import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from optckpt.io.zip_checks import first_line, zip_pickle
 from optckpt.locate import KeyPath, tensor_paths
-
-# Files a training folder keeps its optimizer state in: Hugging Face Trainer writes
-# optimizer.pt, Accelerate optimizer.bin (optimizer_1.bin, ... for more than one).
-_OPTIMIZER_FILE = re.compile(r"^optimizer(_\d+)?\.(pt|pth|bin)$")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # A legacy torch file starts with a pickled magic number: protocol 2 and a LONG1 opcode.
@@ -96,6 +94,8 @@ class Checkpoint:
             part of the tree keep it in step (:mod:`optckpt.devices`), and the writers
             record it, so the checkpoint is written back as it was saved.
         sources: the files read (memory-mapped where the format allows).
+        given: the path given, where it was a training output folder and ``path`` the
+            newest ``checkpoint-N`` in it (:func:`optckpt.io.folders.resolve_folder`).
     """
 
     path: Path
@@ -105,6 +105,12 @@ class Checkpoint:
     members: list[str] = field(default_factory=list)
     placement: dict[KeyPath, str] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    given: Path | None = None
+
+    def notes(self) -> list[str]:
+        """What a command says about how it read the checkpoint: which ``checkpoint-N`` of a
+        training output folder it used."""
+        return Resolved(self.path, self.given).notes()
 
     def saved_device(self, path: KeyPath, tensor: torch.Tensor) -> str | None:
         """The device the tensor at key path ``path`` was saved from (``cuda:0`` for a CUDA
@@ -401,11 +407,12 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
         return read_dcp(path, allowed=allowed)  # DCP records no devices: read to the CPU
     files = sorted(p for p in path.rglob("*") if p.is_file())
     members = [str(p.relative_to(path)) for p in files]
-    optimizer_files = [p for p in files if p.parent == path and _OPTIMIZER_FILE.match(p.name)]
+    optimizer_files = [p for p in files if p.parent == path and OPTIMIZER_FILE.match(p.name)]
     if not optimizer_files:
         listed = ", ".join(members[:10]) + (" ..." if len(members) > 10 else "") or "nothing"
         raise UnreadableCheckpointError(
-            f"{path}: folder holds no optimizer file (optimizer.pt, optimizer.bin); it has: {listed}"
+            f"{path}: folder holds no optimizer file (optimizer.pt, optimizer.bin) and no "
+            f"checkpoint-N folder; it has: {listed}"
         )
     root = {}
     kinds = set()
@@ -435,7 +442,9 @@ def load_checkpoint(
     """Read a checkpoint file or folder safely, whatever its format.
 
     Args:
-        path: a torch file (zip or legacy), a safetensors file, or a training folder.
+        path: a torch file (zip or legacy), a safetensors file, or a training folder (an
+            output folder stands for its newest ``checkpoint-N``; see
+            :func:`optckpt.io.folders.resolve_folder`).
         map_location: where tensors go (``"cpu"`` by default, so checkpoints saved from CUDA
             open on machines without one); ``None`` keeps the saved devices.
         allow_globals: ``module.Name`` globals to let through torch's ``weights_only``
@@ -454,7 +463,10 @@ def load_checkpoint(
     if not path.exists():
         raise UnreadableCheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _read_folder(path, map_location, allowed)
+        resolved = resolve_folder(path)
+        checkpoint = _read_folder(resolved.path, map_location, allowed)
+        checkpoint.given = resolved.given
+        return checkpoint
     placement: dict[KeyPath, str] = {}
     kind, root = _read_file(path, map_location, allowed, placement)
     return Checkpoint(

@@ -210,7 +210,7 @@ def resume_step(
     cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
     params = source.parameters(checkpoint, found.state_dict)
     report = ResumeReport(path, found.key, cls.__name__, optimizer_from, params.source, steps, seed)
-    report.notes += params.notes
+    report.notes += checkpoint.notes() + params.notes
     stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
     if output is None:
         return report

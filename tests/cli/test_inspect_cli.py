@@ -286,3 +286,18 @@ def test_help_does_not_import_torch() -> None:
     done = _python("-c", code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_trainer_output_folder_reads_its_newest_checkpoint() -> None:
+    # fixtures/hf_trainer is a Trainer output_dir: no optimizer file, one checkpoint-2/
+    run_dir = FIXTURES / "hf_trainer"
+    result = run("inspect", run_dir, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["path"] == str(run_dir / "checkpoint-2")
+    assert [o["key"] for o in data["optimizers"]] == ["optimizer.pt"]
+    assert any(str(run_dir / "checkpoint-2") in note for note in data["notes"])
+    text = run("inspect", run_dir)
+    assert text.exit_code == 0
+    assert text.stdout.startswith(str(run_dir / "checkpoint-2"))
+    assert text.stderr.startswith("note: ") and "newest checkpoint-N" in text.stderr

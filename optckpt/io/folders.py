@@ -1,0 +1,82 @@
+"""Training folders: which files hold optimizer state, and which checkpoint a run folder means.
+
+* A checkpoint folder (a Hugging Face Trainer ``checkpoint-N/``, an Accelerate ``save_state``
+  folder) keeps each optimizer in a file of its own at its top level: Trainer writes
+  ``optimizer.pt``, Accelerate ``optimizer.bin`` (``optimizer_1.bin``, ... for more than one).
+* A training output folder (the Trainer's ``output_dir``) holds no optimizer file itself but
+  ``checkpoint-N/`` folders; it stands for its newest one, found by the rule of transformers'
+  ``trainer_utils.get_last_checkpoint``, which ``Trainer.train(resume_from_checkpoint=True)``
+  uses: the entries whose name is ``checkpoint-`` and a number (the pattern searched as
+  transformers does, so ``\\d`` is any Unicode digit and a trailing newline is allowed), that
+  are folders (symlinks followed), the one with the largest number (on a tie, the first that
+  ``os.listdir`` lists, as transformers' ``max`` takes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Files a training folder keeps its optimizer state in.
+OPTIMIZER_FILE = re.compile(r"^optimizer(_\d+)?\.(pt|pth|bin)$")
+
+# transformers.trainer_utils._re_checkpoint (PREFIX_CHECKPOINT_DIR = "checkpoint").
+_CHECKPOINT_DIR = re.compile(r"^checkpoint\-(\d+)$")
+
+
+def optimizer_files(folder: Path) -> list[Path]:
+    """The optimizer files at the top of ``folder``, by name."""
+    return sorted(p for p in folder.iterdir() if OPTIMIZER_FILE.match(p.name) and p.is_file())
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder in ``folder`` by transformers' rule (see the module
+    doc), or ``None`` where there is none."""
+    numbered = []
+    for name in os.listdir(folder):
+        found = _CHECKPOINT_DIR.search(name)
+        if found is not None and os.path.isdir(os.path.join(folder, name)):
+            numbered.append((name, int(found.group(1))))
+    if not numbered:
+        return None
+    return folder / max(numbered, key=lambda entry: entry[1])[0]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The checkpoint a path given on the command line stands for.
+
+    Attributes:
+        path: what is read: the path given, or the newest ``checkpoint-N`` in it.
+        given: the path given, where it is a training output folder; else ``None``.
+    """
+
+    path: Path
+    given: Path | None = None
+
+    def notes(self) -> list[str]:
+        """What a command says about the choice (nothing when the path was read as given)."""
+        if self.given is None:
+            return []
+        return [
+            f"{self.given} is a training output folder: read {self.path}, its newest "
+            "checkpoint-N (the rule of transformers' get_last_checkpoint)"
+        ]
+
+
+def resolve_folder(path: str | Path) -> Resolved:
+    """The checkpoint ``path`` stands for: a training output folder (a folder with no
+    optimizer file of its own and no DCP checkpoint, that holds ``checkpoint-N/`` folders)
+    stands for its newest ``checkpoint-N``; anything else for itself (a folder without either
+    is refused when it is read)."""
+    path = Path(path)
+    if not path.is_dir():
+        return Resolved(path)
+    from optckpt.io.dcp import is_dcp  # optckpt.io.dcp imports optckpt.io.read
+
+    if is_dcp(path) or optimizer_files(path):
+        return Resolved(path)
+    newest = last_checkpoint(path)
+    return Resolved(path) if newest is None else Resolved(newest, path)
