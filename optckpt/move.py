@@ -67,23 +67,24 @@ def parse_dtype(text: str) -> torch.dtype:
 def _moved(
     tensor: torch.Tensor,
     key: Any,
-    device: torch.device,
+    device: torch.device | None,
     dtype: torch.dtype | None,
     placed: bool,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
 ) -> Any:
     """One tensor moved by the casting policy of the module doc (``placed``: its group is
-    fused or capturable)."""
+    fused or capturable); ``device`` ``None`` keeps it where it is."""
+    where = tensor.device if device is None else device
     if key == "step":
-        return tensor.to(device=device, dtype=torch.float32) if placed else tensor
+        return tensor.to(device=where, dtype=torch.float32) if placed else tensor
     if dtype is not None and tensor.is_floating_point():
-        if lazy and device.type == "cpu" and can_defer(tensor, dtype):
+        if lazy and where.type == "cpu" and can_defer(tensor, dtype):
             # cast when written, so the cast copies are never all in memory at once
             return Deferred(tensor, dtype)
-        moved = tensor.to(device=device, dtype=dtype)
+        moved = tensor.to(device=where, dtype=dtype)
     else:
-        moved = tensor.to(device=device)
+        moved = tensor.to(device=where)
     if on_read is not None and moved is not tensor:
         on_read(tensor.numel() * tensor.element_size())
     return moved
@@ -94,11 +95,11 @@ def _where(prefix: str, path: KeyPath) -> str:
     return ".".join([prefix, *map(str, path)]) if prefix else ".".join(map(str, path))
 
 
-def _check_movable(tensor: torch.Tensor, device: torch.device, where: str) -> None:
+def _check_movable(tensor: torch.Tensor, device: torch.device | None, where: str) -> None:
     """Refuse, before anything is copied, what a move cannot copy: a meta tensor (it has no
     data) to a real device, and a zero-stride view that claims far more than it holds (a
     cast or a device copy materialises every logical element)."""
-    if tensor.device.type == "meta" and device.type != "meta":
+    if tensor.device.type == "meta" and device is not None and device.type != "meta":
         raise UnreadableCheckpointError(
             f"{where} is a meta tensor: it has no data to move to {device}"
         )
@@ -107,13 +108,15 @@ def _check_movable(tensor: torch.Tensor, device: torch.device, where: str) -> No
 
 def move_state(
     state_dict: Mapping[str, Any],
-    device: torch.device,
+    device: torch.device | None,
     dtype: torch.dtype | None = None,
     *,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
 ) -> dict[str, Any]:
-    """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``).
+    """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``);
+    ``device`` ``None`` keeps each tensor where it is (``step`` included: torch's policy
+    moves it only to follow its parameter).
 
     Hyperparameters are left as they are (a Tensor ``lr`` stays where it was). ``on_read``
     is told the bytes of every tensor copied (to release memory-mapped input as it goes).
@@ -142,7 +145,7 @@ class MoveResult:
     """What :func:`move_checkpoint` did."""
 
     out: Path
-    device: str
+    device: str | None  # None: every tensor stayed where it was (a --dtype-only move)
     dtype: str | None
     optimizers: list[str]
     all_tensors: bool
@@ -153,7 +156,7 @@ def move_checkpoint(
     path: str | Path,
     out: str | Path,
     *,
-    device: str,
+    device: str | None = None,
     dtype: str | None = None,
     key: str | None = None,
     all_tensors: bool = False,
@@ -164,6 +167,8 @@ def move_checkpoint(
 ) -> MoveResult:
     """Write ``path`` to ``out`` with its optimizer state moved to ``device`` / ``dtype``.
 
+    At least one of the two is given. Without ``device`` every tensor stays on the device it
+    was saved from (a CUDA checkpoint stays tagged ``cuda:0``) and only ``dtype`` changes.
     Everything else in the file is kept as it was, unless ``all_tensors``: then every tensor
     outside the optimizer state dicts moves too (model weights take ``dtype`` as well, when
     floating). ``progress`` is told the bytes to write when writing starts; the callback it
@@ -174,12 +179,14 @@ def move_checkpoint(
     DCP records no device. The optimizer state keeps its keying (a DCP folder's names).
 
     Raises:
-        UsageError: a bad device, dtype or output path; a DCP output from a file, or to a
-            device other than ``cpu``.
+        UsageError: neither ``device`` nor ``dtype``; a bad device, dtype or output path; a
+            DCP output from a file, or to a device other than ``cpu``.
         UnreadableCheckpointError: the input cannot be read, holds no valid optimizer state,
             or holds tensors that cannot be moved (see :func:`move_state`).
     """
-    torch_device = parse_device(device)
+    if device is None and dtype is None:
+        raise UsageError("move needs --device, --dtype or both")
+    torch_device = parse_device(device) if device is not None else None
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     job = plan_rewrite(
         path,
@@ -193,7 +200,7 @@ def move_checkpoint(
     )
     job.refuse_file_to_dcp("move")
     assert job.output is not None  # not a dry run
-    if job.output.kind == "dcp" and torch_device.type != "cpu":
+    if job.output.kind == "dcp" and torch_device is not None and torch_device.type != "cpu":
         raise UsageError(
             f"--device {torch_device}: a DCP folder records no device (dcp.load puts tensors "
             "where the model's are); give --device cpu, with --dtype to cast"
@@ -207,31 +214,32 @@ def move_checkpoint(
     ]
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
     # What moved records where it went; what stays, the device it was saved from (a CUDA
-    # checkpoint's model weights stay tagged cuda:0).
+    # checkpoint's model weights stay tagged cuda:0), as does all of it without a device.
     for located, state_dict in zip(found, moved, strict=True):
         located.state_dict["state"] = state_dict["state"]
-        forget_placement(checkpoint, (*located.path, "state"))
+        if torch_device is not None:
+            forget_placement(checkpoint, (*located.path, "state"))
     if all_tensors:
         checkpoint.root = _move_outside(
             checkpoint.root, [f.path for f in found], torch_device, torch_dtype
         )
-        forget_placement(checkpoint)
+        if torch_device is not None:
+            forget_placement(checkpoint)
     job.save(checkpoint, progress)
+    saved_on = {checkpoint.placement.get(p, "cpu") for p, _ in tensor_paths(checkpoint.root)}
     return MoveResult(
         out=Path(out),
-        device=str(torch_device),
+        device=None if torch_device is None else str(torch_device),
         dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
         optimizers=[f.key for f in found],
         all_tensors=all_tensors,
-        kept_on=sorted(
-            {checkpoint.placement.get(p, "cpu") for p, _ in tensor_paths(checkpoint.root)}
-            - {"cpu", str(torch_device)}
-        ),
+        # without a device nothing moved: nothing was left behind either
+        kept_on=[] if torch_device is None else sorted(saved_on - {"cpu", str(torch_device)}),
     )
 
 
 def _move_outside(
-    root: Any, done: list[KeyPath], device: torch.device, dtype: torch.dtype | None
+    root: Any, done: list[KeyPath], device: torch.device | None, dtype: torch.dtype | None
 ) -> Any:
     """Every tensor of the tree moved, but those of the optimizer state dicts at ``done``
     (their state moved already, their hyperparameters kept). Outside optimizer state no key

@@ -139,6 +139,37 @@ def test_what_does_not_move_keeps_its_saved_device(tmp_path: Path, all_tensors: 
     assert state == {"cpu"}
 
 
+@pytest.mark.parametrize(("all_tensors", "suffix"), [(False, ".pt"), (True, ".safetensors")])
+def test_dtype_without_device_casts_where_each_tensor_was_saved(
+    tmp_path: Path, all_tensors: bool, suffix: str
+) -> None:
+    """A CUDA checkpoint cast without --device: every tensor keeps its saved device, floating
+    state takes the dtype (the weights too with --all-tensors), step keeps its own."""
+    src = FIXTURES / "cuda_adam.pt"
+    out = tmp_path / f"out{suffix}"
+    result = move_checkpoint(src, out, dtype="bfloat16", all_tensors=all_tensors)
+    assert (result.device, result.kept_on) == (None, [])
+    from optckpt.io import load_checkpoint
+
+    assert saved_devices(load_checkpoint(out)) == saved_devices(load_checkpoint(src))
+    original = torch.load(src, weights_only=True, map_location="cpu")
+    moved = load_checkpoint(out).root
+    for pid, state in original["optimizer"]["state"].items():
+        for key, value in state.items():
+            want = value if key == "step" else value.bfloat16()
+            assert moved["optimizer"]["state"][pid][key].dtype == want.dtype
+            assert torch.equal(moved["optimizer"]["state"][pid][key], want)
+    for name, value in original["model"].items():
+        want = value.bfloat16() if all_tensors and value.is_floating_point() else value
+        assert moved["model"][name].dtype == want.dtype and torch.equal(moved["model"][name], want)
+
+
+def test_move_needs_a_device_or_a_dtype(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--device, --dtype or both"):
+        move_checkpoint(FIXTURES / "adamw_train.pt", tmp_path / "o.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_device_and_dtype_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a device"):
         parse_device("gpu0")

@@ -23,9 +23,6 @@ def move(
         Path,
         typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
     ],
-    device: Annotated[
-        str, typer.Option("--device", help="cpu, cuda, cuda:1, meta, ...", show_default=False)
-    ],
     out: Annotated[
         str,  # not a Path, which would drop the "/" that asks for a DCP folder
         typer.Option(
@@ -35,6 +32,14 @@ def move(
             show_default=False,
         ),
     ],
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu, cuda, cuda:1, meta, ...; without it tensors stay where they were saved.",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -99,7 +104,10 @@ def move(
         if result.all_tensors
         else "optimizer state at " + ", ".join(repr(k) for k in result.optimizers)
     )
-    dtype_text = f", {result.dtype}" if result.dtype else ""
-    line = f"wrote {result.out} ({human_bytes(written)}): {what} on {result.device}{dtype_text}"
+    if result.device is None:
+        where = f"cast to {result.dtype}, on the devices it was saved from"
+    else:
+        where = f"on {result.device}" + (f", {result.dtype}" if result.dtype else "")
+    line = f"wrote {result.out} ({human_bytes(written)}): {what} {where}"
     sys.stdout.write(safe(line, markup=False) + "\n")
     print_notes(notes)

@@ -26,7 +26,7 @@ import os
 import pickle
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,22 +179,22 @@ def write_all(f: Any, data: Any) -> None:
         view = view[n:]
 
 
-def storage_locations(
-    tree: Any, placement: Mapping[KeyPath, str]
-) -> dict[torch.UntypedStorage, str]:
-    """The device to record for each CPU storage of ``tree`` saved from elsewhere.
+def storage_locations(tree: Any, placement: Mapping[KeyPath, str]) -> dict[Any, str]:
+    """The device to record for each CPU storage of ``tree`` saved from elsewhere, and for
+    each :class:`Deferred` cast (a cast kept on the device it was saved from: ``move
+    --dtype`` without ``--device``).
 
     ``placement`` gives it by key path (:attr:`optckpt.io.Checkpoint.placement`); a tensor
-    it does not name records where it is. A storage is one record in a torch file, so the
-    tensors on it must agree: where they do not (a moved tensor that is the same storage as
-    one left where it was), it records the CPU, where it is.
+    it does not name records where it is, a cast the CPU. A storage is one record in a torch
+    file, so the tensors on it must agree: where they do not (a moved tensor that is the same
+    storage as one left where it was), it records the CPU, where it is.
 
     Returns:
-        Storage -> device, for the storages to record elsewhere than the CPU. Keyed by the
-        storage object, which torch keeps one of per storage while it lives; the map holds
-        each one for as long as the writing needs it.
+        Storage or Deferred -> device, for those to record elsewhere than the CPU. Keyed by
+        the object (torch keeps one storage object per storage while it lives); the map
+        holds each one for as long as the writing needs it.
     """
-    found: dict[torch.UntypedStorage, str] = {}
+    found: dict[Any, str] = {}
     for key, tensor in tensor_paths(tree):
         if tensor.device.type != "cpu":
             continue
@@ -202,12 +202,25 @@ def storage_locations(
         storage = tensor.untyped_storage()
         if found.setdefault(storage, device) != device:
             found[storage] = "cpu"
+    for key, deferred in _deferred_paths(tree):
+        found[deferred] = placement.get(key, "cpu")
     return {storage: device for storage, device in found.items() if device != "cpu"}
 
 
-def recorded_location(
-    storage: torch.UntypedStorage, locations: Mapping[torch.UntypedStorage, str]
-) -> str:
+def _deferred_paths(tree: Any) -> Iterator[tuple[KeyPath, Deferred]]:
+    """``(key path, cast)`` for every :class:`Deferred` of a tree."""
+    stack: list[tuple[KeyPath, Any]] = [((), tree)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Deferred):
+            yield path, value
+        elif isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+
+
+def recorded_location(storage: torch.UntypedStorage, locations: Mapping[Any, str]) -> str:
     """The device to record for ``storage``: the one it was saved from (``locations``, from
     :func:`storage_locations`) if it is a CPU storage read from such a file, else where it
     is."""
@@ -247,7 +260,7 @@ def _write_torch(
     f: Any,
     progress: Callable[[int], None] | None,
     sources: list[str | Path],
-    locations: Mapping[torch.UntypedStorage, str],
+    locations: Mapping[Any, str],
 ) -> None:
     storages: dict[str, Any] = {}  # key -> UntypedStorage or Deferred, in order of first use
     # UntypedStorage or Deferred -> key: by the object (torch keys by storage._cdata, the
@@ -263,7 +276,7 @@ def _write_torch(
             d = obj.deferred
             key = keys.setdefault(d, str(len(keys)))
             storages[key] = d
-            return ("storage", _storage_type(d.dtype), key, "cpu", d.numel())
+            return ("storage", _storage_type(d.dtype), key, locations.get(d, "cpu"), d.numel())
         if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj):
             if isinstance(obj, torch.storage.TypedStorage):
                 storage, storage_type, storage_numel = typed_storage_parts(obj)

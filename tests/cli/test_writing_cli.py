@@ -296,6 +296,7 @@ def test_move_json_carries_the_note(tmp_path: Path) -> None:
     [
         (["--device", "nowhere"], "not a device"),
         (["--device", "cpu", "--dtype", "int8"], "bfloat16"),
+        ([], "needs --device, --dtype or both"),
     ],
 )
 def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -305,6 +306,28 @@ def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_move_dtype_only_keeps_every_saved_device(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    result = runner.invoke(
+        app,
+        ["move", str(FIXTURES / "cuda_adam.pt"), "--dtype", "bfloat16", "-o", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["device"], data["dtype"], data["kept_on"], data["notes"]) == (
+        None,
+        "bfloat16",
+        [],
+        [],
+    )
+    text = runner.invoke(
+        app,
+        ["move", str(FIXTURES / "cuda_adam.pt"), "--dtype", "float64", "-o", str(out), "--force"],
+    )
+    assert text.exit_code == 0, text.stderr
+    assert "cast to float64, on the devices it was saved from" in text.stdout
 
 
 def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:

@@ -128,14 +128,16 @@ def write_safetensors(
 
 def _devices(
     tensors: Mapping[str, torch.Tensor | Deferred],
-    locations: Mapping[torch.UntypedStorage, str],
+    locations: Mapping[Any, str],
 ) -> dict[str, str]:
-    """The tensors saved from a device other than the CPU, by name (casts made here: the CPU)."""
+    """The tensors saved from a device other than the CPU, by name (a cast records the device
+    ``locations`` gives it, else the CPU, where it is made)."""
     devices = {}
     for name, value in tensors.items():
         if isinstance(value, Deferred):
-            continue
-        device = recorded_location(value.untyped_storage(), locations)
+            device = locations.get(value, "cpu")
+        else:
+            device = recorded_location(value.untyped_storage(), locations)
         if device != "cpu":
             devices[name] = device
     return devices
