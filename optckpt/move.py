@@ -256,4 +256,5 @@ def _move_outside(
         lambda tensor, path: (
             _moved(tensor, None, device, dtype, False, lazy=True) if outside(path) else tensor
         ),
+        keep_types=True,  # a model state dict stays an OrderedDict with its _metadata
     )

@@ -18,7 +18,7 @@ need no cast: the unpacked state may share tensors with the state dict it came f
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any
@@ -202,6 +202,8 @@ def cast_tree(
     value: Any,
     cast: Callable[[torch.Tensor, tuple[Any, ...]], Any],
     path: tuple[Any, ...] = (),
+    *,
+    keep_types: bool = False,
 ) -> Any:
     """``value`` rebuilt with ``cast(tensor, path)`` in place of every tensor in it.
 
@@ -216,21 +218,37 @@ def cast_tree(
         value: a state value, a state dict's ``state``, or a whole checkpoint tree.
         cast: what a tensor becomes, given it and its path under ``value``.
         path: the path of ``value`` itself (the paths given to ``cast`` start with it).
+        keep_types: rebuild an ``OrderedDict`` as one, with its attributes (a model state
+            dict's ``_metadata``, which ``Module.load_state_dict`` reads), where torch's
+            ``_cast`` makes a plain dict: for a whole checkpoint tree, not optimizer state.
     """
     if isinstance(value, torch.Tensor):
         return cast(value, path)
     if isinstance(value, Mapping):
-        return {k: cast_tree(v, cast, (*path, k)) for k, v in value.items()}
+        items = {k: cast_tree(v, cast, (*path, k), keep_types=keep_types) for k, v in value.items()}
+        return same_mapping(value, items) if keep_types else items
     # torch rebuilds every other iterable with ``type(value)(generator)``; that garbles str
     # and bytes and fails on namedtuples, so those are the two places optckpt differs.
     if isinstance(value, (str, bytes)):
         return value
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(cast_tree(v, cast, (*path, i)) for i, v in enumerate(value)))
+        return type(value)(
+            *(cast_tree(v, cast, (*path, i), keep_types=keep_types) for i, v in enumerate(value))
+        )
     if isinstance(value, Iterable):
-        items = (cast_tree(v, cast, (*path, i)) for i, v in enumerate(value))
-        return type(value)(items)  # type: ignore[call-arg]
+        each = (cast_tree(v, cast, (*path, i), keep_types=keep_types) for i, v in enumerate(value))
+        return type(value)(each)  # type: ignore[call-arg]
     return value
+
+
+def same_mapping(original: Mapping[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """``items`` as the kind of mapping ``original`` is: an ``OrderedDict`` with
+    ``original``'s attributes (``_metadata``, shared, not copied) for one, else a dict."""
+    if not isinstance(original, OrderedDict):
+        return items
+    rebuilt = OrderedDict(items)
+    rebuilt.__dict__.update(vars(original))
+    return rebuilt
 
 
 def key_of(path: tuple[Any, ...]) -> Hashable:

@@ -29,7 +29,8 @@ FILES = [
 
 
 def same(a: Any, b: Any) -> bool:
-    """Exact equality: same container types, same keys in order, tensors bitwise with dtype."""
+    """Exact equality: same container types (an OrderedDict with the same attributes, its
+    ``_metadata``), same keys in order, tensors bitwise with dtype."""
     if isinstance(a, torch.Tensor):
         return (
             isinstance(b, torch.Tensor)
@@ -41,7 +42,12 @@ def same(a: Any, b: Any) -> bool:
             )
         )
     if isinstance(a, dict):
-        return type(b) is dict and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        return (
+            type(b) is type(a)
+            and getattr(a, "__dict__", {}) == getattr(b, "__dict__", {})
+            and list(a) == list(b)
+            and all(same(a[k], b[k]) for k in a)
+        )
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b

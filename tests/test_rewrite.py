@@ -8,11 +8,14 @@ the kind chosen and dispatched, and one progress protocol for every command.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from checks import RecordedProgress
+from torch import nn
 
 from optckpt.convert import convert_checkpoint
 from optckpt.errors import UsageError
@@ -130,3 +133,44 @@ def test_one_progress_protocol_for_every_writing_command(tmp_path: Path, command
     (total,) = progress.started
     assert total > 0
     assert command == "dcp" or sum(progress.written) >= total
+
+
+def _model_and_optimizer(path: Path) -> dict[str, Any]:
+    """A checkpoint whose model state dict is what torch makes: an OrderedDict whose
+    ``_metadata`` gives each module's version (BatchNorm's is 2)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.step()
+    saved = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    torch.save(saved, path)
+    return saved
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["move", "move --all-tensors", "convert", "convert --keying names", "remap", "resume-step"],
+)
+def test_every_writing_command_keeps_ordered_dicts_and_their_metadata(
+    tmp_path: Path, command: str
+) -> None:
+    source = tmp_path / "in.pt"
+    model_state = _model_and_optimizer(source)["model"]
+    assert type(model_state) is OrderedDict and model_state._metadata  # what torch makes
+    out = tmp_path / "out.safetensors"
+    if command.startswith("move"):
+        move_checkpoint(source, out, dtype="float64", all_tensors="--all" in command)
+    elif command.startswith("convert"):
+        convert_checkpoint(source, out, keying="names" if "keying" in command else None)
+    elif command == "remap":
+        weights = tmp_path / "weights.pt"
+        torch.save(model_state, weights)
+        remap_checkpoint(source, weights, out)
+    else:
+        assert resume_step(source, out=out).ok
+    back = tmp_path / "back.pt"  # and through .pt again: safetensors -> pt keeps them too
+    convert_checkpoint(out, back)
+    for written in (load_checkpoint(out).root, torch.load(back, weights_only=True)):
+        assert type(written["model"]) is OrderedDict
+        assert written["model"]._metadata == model_state._metadata
+        assert list(written["model"]) == list(model_state)

@@ -368,6 +368,18 @@ tree_case("dict-an-object", "__dict__", hyperparam={"__dict__": {"a": 1}})
 tree_case("dict-list-key", "hashable", hyperparam={"__dict__": [[[1], 2]]})
 tree_case("dict-dict-key", "hashable", hyperparam={"__dict__": [[{"a": 1}, 2]]})
 tree_case("tuple-a-string", "__tuple__", hyperparam={"__tuple__": "ab"})
+tree_case("odict-not-a-pair", "__odict__ is not a list", hyperparam={"__odict__": [{}]})
+tree_case("odict-items-a-list", "two mappings", hyperparam={"__odict__": [[1], {}]})
+tree_case(
+    "odict-dunder-attribute",
+    "attribute name",
+    hyperparam={"__odict__": [{}, {"__dict__": [["__class__", 1]]}]},
+)
+tree_case(
+    "odict-number-attribute",
+    "attribute name",
+    hyperparam={"__odict__": [{}, {"__dict__": [[1, 2]]}]},
+)
 tree_case("unknown-tag", "unknown tag '__code__'", hyperparam={"__code__": "print(1)"})
 tree_case("tag-among-keys", "unknown tag '__tensor__'", hyperparam={"__tensor__": "x", "a": 1})
 tree_case("nested-past-the-bound", "nested more than", hyperparam=json.loads("[" * 150 + "]" * 150))

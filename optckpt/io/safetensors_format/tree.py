@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +38,9 @@ class _TreeDecoder:
 
     A tag decodes only to a value of its own kind: ``__dtype__`` to a ``torch.dtype`` by its
     name, ``__device__`` to a device of a known type, ``__float__`` to a float from its repr,
-    ``__tensor__`` to a tensor of this file, ``__tuple__`` and ``__dict__`` from lists. A dict
+    ``__tensor__`` to a tensor of this file, ``__tuple__`` and ``__dict__`` from lists,
+    ``__odict__`` to an ``OrderedDict`` with its attributes (string names, none of them
+    ``__dunder__``: what ``torch.load(weights_only=True)`` sets on one). A dict
     key that starts with ``__`` outside a tag is never written (the writer puts such dicts in
     ``__dict__``), so it is refused too. The key path being decoded is kept as a stack and
     spelled out only in an error message.
@@ -115,6 +118,21 @@ class _TreeDecoder:
         self.where.pop()
         return out
 
+    def as_ordered(self, value: Any) -> OrderedDict[Any, Any]:
+        if not isinstance(value, list) or len(value) != 2:
+            raise self.corrupt("__odict__ is not a list of [items, attributes]")
+        items = self.decode(value[0])
+        self.where.append("<attributes>")
+        attributes = self.decode(value[1])
+        self.where.pop()
+        if not isinstance(items, dict) or not isinstance(attributes, dict):
+            raise self.corrupt("__odict__ holds something other than two mappings")
+        if not all(isinstance(k, str) and not k.startswith("__") for k in attributes):
+            raise self.corrupt("__odict__ has an attribute name that is not a plain string")
+        ordered = OrderedDict(items)
+        ordered.__dict__.update(attributes)
+        return ordered
+
     def as_float(self, value: Any) -> float:
         # repr() of 'nan', 'inf', '-inf' or a finite float gives the string back; anything
         # else (' nan', 'infinity', '1e999', '1_0', 'load') is not what the writer stores
@@ -143,6 +161,7 @@ _TAGS: dict[str, Callable[[_TreeDecoder, Any], Any]] = {
     "__tensor__": _TreeDecoder.as_tensor,
     "__tuple__": _TreeDecoder.as_tuple,
     "__dict__": _TreeDecoder.as_dict,
+    "__odict__": _TreeDecoder.as_ordered,
     "__float__": _TreeDecoder.as_float,
     "__dtype__": _TreeDecoder.as_dtype,
     "__device__": _TreeDecoder.as_device,
@@ -241,6 +260,10 @@ class _Encoder:
         if isinstance(node, Mapping):
             if is_optimizer_state_dict(node):
                 return self.optimizer(node, name)
+            if isinstance(node, OrderedDict):
+                # a model state dict: its type and _metadata (read by Module.load_state_dict)
+                attributes = self.encode(vars(node), f"{name}.<attributes>")
+                return {"__odict__": [self.mapping(node, name, {}), attributes]}
             return self.mapping(node, name, {})
         raise UsageError(
             f"cannot store a {type(node).__name__} at {name or 'the top level'} in safetensors"
