@@ -534,3 +534,58 @@ def test_check_torch_bitwise_means_the_same_bits_as_diff() -> None:
         assert not compare(nan, other_nan, None)
     assert _same(zero, negative_zero, 0.0)
     assert _same({"lr": float("nan")}, {"lr": float("nan")}, None)
+
+
+def _two_optimizers(tmp_path: Path, *, nan: bool = False) -> Path:
+    """A checkpoint with two torch.optim state dicts (Adam and RMSprop, as a GAN saves
+    them); with ``nan``, a NaN planted in the second one's state."""
+    checkpoint = {
+        "gen": torch_checkpoint("Adam")["optimizer"],
+        "disc": torch_checkpoint("RMSprop")["optimizer"],
+    }
+    if nan:
+        checkpoint["disc"]["state"][0]["square_avg"].view(-1)[0] = float("nan")
+    return save(tmp_path, checkpoint, "nan.pt" if nan else "two.pt")
+
+
+def test_every_optimizer_is_checked_on_its_own(tmp_path: Path) -> None:
+    from optckpt.resume import resume_each
+
+    run = resume_each(_two_optimizers(tmp_path, nan=True))
+    assert [(r.key, r.optimizer, r.ok) for r in run.results] == [
+        ("gen", "Adam", True),
+        ("disc", "RMSprop", False),
+    ]
+    assert not run.ok
+    data = run.to_json()
+    assert data["ok"] is False and [r["key"] for r in data["results"]] == ["gen", "disc"]
+    # one optimizer, or --key: the report of that one, as it always was
+    one = resume_each(_two_optimizers(tmp_path), key="gen").to_json()
+    assert one["key"] == "gen" and "results" not in one
+
+
+def test_out_holds_every_optimizer_stepped_as_each_alone(tmp_path: Path) -> None:
+    from optckpt.resume import resume_each
+
+    path = _two_optimizers(tmp_path)
+    run = resume_each(path, steps=2, out=tmp_path / "both.pt")
+    assert run.ok and run.out == tmp_path / "both.pt"
+    both = torch.load(tmp_path / "both.pt", weights_only=True)
+    for key in ("gen", "disc"):
+        assert resume_step(path, key=key, steps=2, out=tmp_path / f"{key}.pt").ok
+        alone = torch.load(tmp_path / f"{key}.pt", weights_only=True)
+        assert_bitwise_equal(both[key], alone[key])
+    # nothing is written when one of them fails
+    run = resume_each(_two_optimizers(tmp_path, nan=True), out=tmp_path / "never.pt")
+    assert not run.ok and run.out is None and not (tmp_path / "never.pt").exists()
+    assert any("nothing written" in note for note in run.notes)
+
+
+def test_one_optimizer_apis_refuse_several_and_list_them(tmp_path: Path) -> None:
+    from optckpt.resume import resume_each
+
+    path = _two_optimizers(tmp_path)
+    with pytest.raises(UsageError, match="several optimizer state dicts \\('gen', 'disc'\\)"):
+        resume_step(path)
+    with pytest.raises(UsageError, match=r"--optimizer names one optimizer.*'gen', 'disc'"):
+        resume_each(path, optimizer="adam")

@@ -1,4 +1,5 @@
-"""``optckpt resume-step``: call :func:`optckpt.resume.resume_step`, render the checklist."""
+"""``optckpt resume-step``: call :func:`optckpt.resume.resume_each`, render the checklist of
+each optimizer state dict."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
 from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
-    from optckpt.resume import ResumeReport
+    from optckpt.resume import ResumeReport, ResumeRun
 
 
 def resume_step(
@@ -59,10 +60,10 @@ def resume_step(
     allow_global: AllowGlobal = None,
 ) -> None:
     """Load the optimizer state, take N seeded steps, and check that it resumes (exit 1 if not)."""
-    from optckpt.resume import resume_step as run
+    from optckpt.resume import resume_each
 
     with progress_when_writing("writing", quiet=as_json) as progress:
-        report = run(
+        run = resume_each(
             path,
             key=key,
             optimizer=optimizer,
@@ -78,10 +79,10 @@ def resume_step(
             from_layout=source,
         )
     if as_json:
-        print_json(report.to_json())
+        print_json(run.to_json())
     else:
-        render(report)
-    if not report.ok:
+        render_run(run)
+    if not run.ok:
         raise typer.Exit(1)
 
 
@@ -89,9 +90,27 @@ def _number(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+def render_run(run: ResumeRun) -> None:
+    """Print each optimizer's checklist, then the verdict; the notes go to stderr."""
+    out = console()
+    print_notes(run.notes)
+    for index, report in enumerate(run.results):
+        if index:
+            out.print()
+        render(report)
+    if run.out is not None:
+        out.print(f"wrote {safe(run.out)}", soft_wrap=True)
+    if run.ok:
+        out.print("[green]ok[/]")
+        return
+    failed = [r.key for r in run.results if not r.ok]
+    which = f" at {safe(', '.join(map(repr, failed)))}" if len(run.results) > 1 else ""
+    out.print(f"[red]resume-step failed{which}[/]")
+
+
 def render(report: ResumeReport) -> None:
-    """Print the checklist and the update size per group (escaped: ``safe``); the notes go
-    to stderr."""
+    """Print one optimizer's checklist and the update size per group (escaped: ``safe``);
+    its notes go to stderr."""
     from rich.table import Table
 
     out = console()
@@ -126,6 +145,3 @@ def render(report: ResumeReport) -> None:
             )
         out.print(table)
     print_notes(report.notes)
-    if report.out is not None:
-        out.print(f"wrote {safe(report.out)}", soft_wrap=True)
-    out.print("[green]ok[/]" if report.ok else "[red]resume-step failed[/]")

@@ -8,12 +8,13 @@ weights), loads the state into the
 bundled optimizer through optckpt's core, takes N steps on seeded synthetic gradients
 (:mod:`optckpt.synthetic`), and reports each check. With ``check_torch`` the same steps are
 taken by the matching ``torch.optim`` class from a fresh read of the same checkpoint, and
-the two results are compared.
+the two results are compared. :func:`resume_each` does it for every optimizer state dict of
+a checkpoint that holds several (an Accelerate folder of two models, a Lightning GAN).
 """
 
 from __future__ import annotations
 
-from optckpt.resume.report import Check, GroupUpdate, ResumeReport
-from optckpt.resume.step import resume_step
+from optckpt.resume.report import Check, GroupUpdate, ResumeReport, ResumeRun
+from optckpt.resume.step import resume_each, resume_step
 
-__all__ = ["Check", "GroupUpdate", "ResumeReport", "resume_step"]
+__all__ = ["Check", "GroupUpdate", "ResumeReport", "ResumeRun", "resume_each", "resume_step"]

@@ -72,3 +72,41 @@ class ResumeReport:
             "notes": self.notes,
             "out": None if self.out is None else str(self.out),
         }
+
+
+@dataclass
+class ResumeRun:
+    """What :func:`~optckpt.resume.resume_each` found: one report per optimizer state dict
+    checked, in the checkpoint's order (``ok``: all of them passed).
+
+    Attributes:
+        path: the checkpoint given.
+        results: one :class:`ResumeReport` per optimizer state dict.
+        notes: about the run as a whole (which ``checkpoint-N`` was read, nothing written).
+        out: where the checkpoint was written, if it was.
+    """
+
+    path: Path
+    results: list[ResumeReport]
+    notes: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether every optimizer state dict passed every check."""
+        return all(r.ok for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object: one optimizer's report as it is (its ``notes`` after the
+        run's), or for several ``{"ok", "path", "results": [report, ...], "notes", "out"}``."""
+        out = None if self.out is None else str(self.out)
+        if len(self.results) == 1:
+            (only,) = self.results
+            return {**only.to_json(), "notes": self.notes + only.notes, "out": out}
+        return {
+            "ok": self.ok,
+            "path": str(self.path),
+            "results": [r.to_json() for r in self.results],
+            "notes": self.notes,
+            "out": out,
+        }

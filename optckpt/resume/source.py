@@ -14,7 +14,7 @@ from optckpt.errors import UsageError
 from optckpt.io import load_checkpoint
 from optckpt.io.pages import FileRanges, release
 from optckpt.layout import find_model_state, model_state_of, sorted_by_name
-from optckpt.locate import select_one
+from optckpt.locate import Located, select_one, select_optimizers
 from optckpt.names import FROM_HINT, sources_of
 from optckpt.resume.parameters import Params, Unnamed, params_from_weights, seeded_params
 
@@ -60,6 +60,15 @@ class Source:
         checkpoint = load_checkpoint(self.path, allow_globals=self.allow_globals)
         self.mapped.extend(checkpoint.sources)
         return checkpoint, select_one(checkpoint.root, self.key)
+
+    def read_every(self, *, only_one: bool = False) -> tuple[Any, list[Located]]:
+        """The checkpoint and the optimizer state dict at ``key``, or every one in it (with
+        ``only_one``, the only one: several and no ``key`` are refused, listed)."""
+        checkpoint = load_checkpoint(self.path, allow_globals=self.allow_globals)
+        self.mapped.extend(checkpoint.sources)
+        if only_one:
+            return checkpoint, [select_one(checkpoint.root, self.key)]
+        return checkpoint, select_optimizers(checkpoint.root, self.key)
 
     def weights(self, checkpoint: Any) -> tuple[Mapping[str, torch.Tensor] | None, str]:
         """The model weights (of the checkpoint, or of ``--model``) and where they are."""

@@ -3,8 +3,8 @@ checkpoint written when every check passed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from optckpt.errors import UsageError
 from optckpt.io.write import ProgressStart
 from optckpt.layout import load_layout
+from optckpt.locate import Located
 from optckpt.optim.specs import gradients_of
 from optckpt.resume.checks import (
     check_counters_advance,
@@ -30,7 +31,7 @@ from optckpt.resume.optimizer import (
     uncapture,
 )
 from optckpt.resume.parameters import Params
-from optckpt.resume.report import Check, ResumeReport
+from optckpt.resume.report import Check, ResumeReport, ResumeRun
 from optckpt.resume.source import Source
 from optckpt.resume.torch_compare import matches_torch
 from optckpt.resume.updates import GradientSquares, group_updates, is_adaptive
@@ -66,11 +67,14 @@ def _skipped(names: list[str], why: str) -> list[Check]:
 
 
 @dataclass
-class _Stepped:
-    """The bundled optimizer after the steps, and its parameters by ID."""
+class Stepped:
+    """The bundled optimizer after the steps, its parameters by ID, the state dict it was
+    loaded from and each ID's name in the model weights (what ``-o`` writes back)."""
 
     optimizer: Any
     live: dict[Any, torch.Tensor]
+    found: Located | None = None
+    names: Mapping[Any, str] = field(default_factory=dict)
 
 
 def _take_steps(
@@ -97,7 +101,7 @@ def _check_and_step(
     state_dict: Any,
     check_torch: bool,
     atol: float | None,
-) -> _Stepped | None:
+) -> Stepped | None:
     """Load the state into ``cls``, take the steps, and add each check to ``report`` in order;
     ``None`` when a check stopped the run (the checks after it are added as skipped)."""
     name, steps = cls.__name__, report.steps
@@ -138,7 +142,7 @@ def _check_and_step(
     )
     if check_torch:
         report.checks.append(matches_torch(source, cls, ours, params.names, steps, atol))
-    return _Stepped(ours, live)
+    return Stepped(ours, live)
 
 
 def _saved_on(checkpoint: Any, out: Path) -> list[str]:
@@ -150,6 +154,96 @@ def _saved_on(checkpoint: Any, out: Path) -> list[str]:
         f"the input was saved on {', '.join(saved_on)}; {out} keeps those devices "
         "(the steps ran on the CPU)"
     ]
+
+
+def _resume_one(
+    source: Source,
+    checkpoint: Any,
+    found: Located,
+    optimizer: str | None,
+    steps: int,
+    check_torch: bool,
+    atol: float | None,
+) -> tuple[ResumeReport, Stepped | None]:
+    """The checks of one optimizer state dict, and what its steps left to write (``None``
+    when a check stopped the run)."""
+    cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
+    params = source.parameters(checkpoint, found.state_dict)
+    report = ResumeReport(
+        source.path, found.key, cls.__name__, optimizer_from, params.source, steps, source.seed
+    )
+    report.notes += params.notes
+    stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
+    if stepped is not None:
+        stepped.found, stepped.names = found, params.weights
+    return report, stepped
+
+
+def resume_each(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    optimizer: str | None = None,
+    model: str | Path | None = None,
+    steps: int = 1,
+    seed: int = 0,
+    check_torch: bool = False,
+    atol: float | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    allow_globals: Iterable[str] = (),
+    progress: ProgressStart | None = None,
+    from_layout: str | Path | Any | None = None,
+    only_one: bool = False,
+) -> ResumeRun:
+    """Take the resume steps of :func:`resume_step` for every optimizer state dict of the
+    checkpoint (or the one at ``key``), each checked on its own.
+
+    Arguments are those of :func:`resume_step`; ``optimizer`` needs a ``key`` where the
+    checkpoint holds several. ``only_one``: refuse a checkpoint with several and no ``key``
+    (what :func:`resume_step` takes). ``out`` is written once, with every state dict
+    stepped, when every check of every one passed.
+
+    Returns:
+        The :class:`ResumeRun`: a report per state dict.
+
+    Raises:
+        As :func:`resume_step`; UsageError for ``optimizer`` over several state dicts.
+    """
+    path = Path(path)
+    _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
+    output = None if out is None else check_out(out, path, model, from_layout, force=force)
+    layout = _layout(from_layout, allow_globals)
+    model = None if model is None else Path(model)
+    source = Source(path, key, model, seed, tuple(allow_globals), layout)
+    checkpoint, every = source.read_every(only_one=only_one)
+    if optimizer is not None and len(every) > 1:
+        listed = ", ".join(repr(f.key) for f in every)
+        raise UsageError(
+            f"--optimizer names one optimizer; the checkpoint holds several ({listed}): "
+            "pick one with --key"
+        )
+    if output is not None:
+        check_storable_as(checkpoint, output)
+    run = ResumeRun(path, [], notes=checkpoint.notes())
+    done = []
+    for found in every:
+        report, stepped = _resume_one(
+            replace(source, key=found.key), checkpoint, found, optimizer, steps, check_torch, atol
+        )
+        run.results.append(report)
+        done.append(stepped)
+    if output is None:
+        return run
+    if not run.ok:
+        run.notes.append(f"nothing written to {output.path}: a check failed")
+        return run
+    write_checkpoint(source, checkpoint, [d for d in done if d is not None], output, progress)
+    run.out = output.path
+    for report in run.results:
+        report.out = output.path
+    run.notes += _saved_on(checkpoint, output.path)
+    return run
 
 
 def resume_step(
@@ -189,7 +283,8 @@ def resume_step(
             ``param_names`` (see :mod:`optckpt.names`).
 
     Returns:
-        The :class:`ResumeReport`; ``report.ok`` says whether every check passed.
+        The :class:`ResumeReport`; ``report.ok`` says whether every check passed. (For
+        every state dict of a checkpoint that holds several, :func:`resume_each`.)
 
     Raises:
         UsageError: bad options, several optimizer state dicts and no ``key``, IDs that fit the
@@ -198,27 +293,23 @@ def resume_step(
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
     """
-    path = Path(path)
-    _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
-    output = None if out is None else check_out(out, path, model, from_layout, force=force)
-    layout = _layout(from_layout, allow_globals)
-    model = None if model is None else Path(model)
-    source = Source(path, key, model, seed, tuple(allow_globals), layout)
-    checkpoint, found = source.read()
-    if output is not None:
-        check_storable_as(checkpoint, output)
-    cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
-    params = source.parameters(checkpoint, found.state_dict)
-    report = ResumeReport(path, found.key, cls.__name__, optimizer_from, params.source, steps, seed)
-    report.notes += checkpoint.notes() + params.notes
-    stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
-    if output is None:
-        return report
-    if stepped is None or not report.ok:
-        report.notes.append(f"nothing written to {output.path}: a check failed")
-        return report
-    ours, live = stepped.optimizer, stepped.live
-    write_checkpoint(source, checkpoint, found, ours, live, params.weights, output, progress)
-    report.out = output.path
-    report.notes += _saved_on(checkpoint, output.path)
+    run = resume_each(
+        path,
+        key=key,
+        optimizer=optimizer,
+        model=model,
+        steps=steps,
+        seed=seed,
+        check_torch=check_torch,
+        atol=atol,
+        out=out,
+        force=force,
+        allow_globals=allow_globals,
+        progress=progress,
+        from_layout=from_layout,
+        only_one=True,
+    )
+    (report,) = run.results
+    report.notes[:0] = [n for n in run.notes if n not in report.notes]
+    report.out = run.out
     return report

@@ -4,7 +4,7 @@ state and weights swapped into the loaded tree, everything else kept, saved devi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,45 @@ def check_storable_as(checkpoint: Any, output: Output) -> None:
 def write_checkpoint(
     source: Source,
     checkpoint: Any,
+    stepped: Sequence[Any],
+    output: Output,
+    progress: ProgressStart | None = None,
+) -> None:
+    """Write ``checkpoint`` with the state of each stepped optimizer
+    (:class:`~optckpt.resume.step.Stepped`: the optimizer, its parameters by ID, the state
+    dict it came from and each ID's key in the model weights) and, when they came from it,
+    weights. Each state keeps its keying."""
+    loaded = source.weights(checkpoint)[0] if source.model is None else None
+    weights = loaded if isinstance(loaded, dict) else {}  # this file's weights, stepped below
+    at = model_state_path(checkpoint.root) or ()
+    aliases = tied(weights)
+    for one in stepped:
+        _swap_in(checkpoint, one.found, one.optimizer, one.live, one.names, weights, at)
+    for one in stepped:
+        from_file = {pid: one.names[pid] for pid in one.live if one.names.get(pid) in weights}
+        for pid, name in from_file.items():
+            moved = one.live[pid].detach()
+            for alias in (name, *aliases[name]):
+                weights[alias] = moved  # tied weights stay tied (and keep their saved devices)
+    save(
+        output,
+        checkpoint.root,
+        placement=checkpoint.placement,
+        sources=source.mapped,
+        progress=progress,
+    )
+
+
+def _swap_in(
+    checkpoint: Any,
     found: Any,
     ours: Any,
     live: Mapping[Any, torch.Tensor],
     names: Mapping[Any, str],
-    output: Output,
-    progress: ProgressStart | None = None,
+    weights: Mapping[str, torch.Tensor],
+    at: tuple[Any, ...],
 ) -> None:
-    """Write ``checkpoint`` with the stepped state and, when they came from it, weights
-    (``names``: each ID's key in those weights). The state keeps its keying."""
-    loaded = source.weights(checkpoint)[0] if source.model is None else None
-    weights = loaded if isinstance(loaded, dict) else {}  # this file's weights, stepped below
+    """Put the stepped state of ``ours`` where ``found`` was read, saved devices carried."""
     new_state = ours.state_dict()
     if is_name_keyed(found.state_dict):  # name-keyed in, name-keyed out, under the same keys
         saved_ids = [pid for g in found.state_dict["param_groups"] for pid in g["params"]]
@@ -71,7 +99,6 @@ def write_checkpoint(
     # Each stepped tensor records the device its input tensor was saved from (a CUDA
     # checkpoint comes out tagged cuda:0 as it went in); the rest of the file keeps its own.
     from_file = {pid: names[pid] for pid in live if names.get(pid) in weights}
-    at = model_state_path(checkpoint.root) or ()
     param_devices = {
         pid: device
         for pid, name in from_file.items()
@@ -83,15 +110,3 @@ def write_checkpoint(
     # The loaded tree is ours to change (never written back): swap the stepped state in.
     found.state_dict.clear()
     found.state_dict.update(new_state)
-    aliases = tied(weights)
-    for pid, name in from_file.items():
-        stepped = live[pid].detach()
-        for alias in (name, *aliases[name]):
-            weights[alias] = stepped  # tied weights stay tied (and keep their saved devices)
-    save(
-        output,
-        checkpoint.root,
-        placement=checkpoint.placement,
-        sources=source.mapped,
-        progress=progress,
-    )

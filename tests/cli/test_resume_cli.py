@@ -325,3 +325,44 @@ def test_regenerate_json_writes_non_finite_numbers_as_strings(tmp_path: Path) ->
     data = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["groups"][0]["eps"] == "inf"
     assert data["notes"] == []
+
+
+def _two_optimizers(tmp_path: Path) -> Path:
+    """Two torch.optim state dicts in one file (a GAN's), the second with a NaN planted."""
+    gen, disc = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt_g = torch.optim.Adam(gen.parameters())
+    opt_d = torch.optim.RMSprop(disc.parameters())
+    disc(gen(torch.randn(4, 3))).sum().backward()
+    opt_g.step()
+    opt_d.step()
+    checkpoint = {"gen": opt_g.state_dict(), "disc": opt_d.state_dict()}
+    checkpoint["disc"]["state"][0]["square_avg"][0, 0] = float("nan")
+    path = tmp_path / "gan.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_resume_step_checks_every_optimizer_without_key(tmp_path: Path) -> None:
+    path = _two_optimizers(tmp_path)
+    result = runner.invoke(app, ["resume-step", str(path)])
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith(str(path))] == [
+        f"{path} at 'gen'",
+        f"{path} at 'disc'",
+    ]
+    assert lines[-1] == "resume-step failed at 'disc'"
+    data = json.loads(runner.invoke(app, ["resume-step", str(path), "--json"]).stdout)
+    assert data["ok"] is False
+    assert [(r["key"], r["ok"]) for r in data["results"]] == [("gen", True), ("disc", False)]
+    only_gen = runner.invoke(app, ["resume-step", str(path), "--key", "gen"])
+    assert only_gen.exit_code == 0 and only_gen.stdout.splitlines()[-1] == "ok"
+
+
+def test_remap_asks_for_key_once_listing_them(tmp_path: Path) -> None:
+    path = _two_optimizers(tmp_path)
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"params": {"w": {"shape": [2, 3]}}}))
+    result = runner.invoke(app, ["remap", str(path), "--to", str(layout), "--dry-run"])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "several optimizer state dicts ('gen', 'disc')", "--key")
