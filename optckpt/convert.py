@@ -44,6 +44,7 @@ class ConvertResult:
     rewritten: list[str]  # key paths of optimizer state dicts given a new optimizer class
     rekeyed: list[str] = field(default_factory=list)  # key paths given the --keying asked for
     keying: str | None = None  # the keying they were given (DCP: ids in, names out)
+    notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
 
 
 def _canonical(name: str) -> str:
@@ -92,7 +93,8 @@ def convert_checkpoint(
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
     Args:
-        path: the checkpoint file, or a DCP folder.
+        path: the checkpoint file, a DCP folder, or a training folder (written as a folder:
+            see :mod:`optckpt.io.folder_writer`).
         out: the output file; its extension picks the format unless ``fmt`` is given. A
             DCP folder when ``fmt`` is ``"dcp"``, or ``out`` ends in ``/`` or is a folder.
         fmt: ``"pt"``, ``"safetensors"`` or ``"dcp"`` (``--format``).
@@ -111,7 +113,7 @@ def convert_checkpoint(
         to: deprecated name of ``fmt`` (``--to`` names a layout in every other command).
 
     Raises:
-        UsageError: bad output path or format, a folder input, ``key`` without ``optimizer``
+        UsageError: bad output path or format (a training folder takes none), ``key`` without ``optimizer``
             or ``keying``, parameters that cannot be named for ``keying="names"``.
         IncompatibleStateError: an optimizer that cannot become ``optimizer``.
         UnreadableCheckpointError: the input cannot be read, or holds an optimizer state dict
@@ -179,4 +181,5 @@ def convert_checkpoint(
         rewritten=rewritten,
         rekeyed=rekeyed,
         keying="names" if to_dcp else keying,
+        notes=checkpoint.notes(),
     )

@@ -150,6 +150,7 @@ class MoveResult:
     optimizers: list[str]
     all_tensors: bool
     kept_on: list[str] = field(default_factory=list)  # devices of tensors left where they were
+    notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
 
 
 def move_checkpoint(
@@ -200,6 +201,11 @@ def move_checkpoint(
     )
     job.refuse_file_to_dcp("move")
     assert job.output is not None  # not a dry run
+    if all_tensors and job.output.kind == "folder":
+        raise UsageError(
+            "--all-tensors moves every tensor of one file; a folder's model weights are files "
+            f"of their own (move {path}/model.safetensors -o ... on its own)"
+        )
     if job.output.kind == "dcp" and torch_device is not None and torch_device.type != "cpu":
         raise UsageError(
             f"--device {torch_device}: a DCP folder records no device (dcp.load puts tensors "
@@ -235,6 +241,7 @@ def move_checkpoint(
         all_tensors=all_tensors,
         # without a device nothing moved: nothing was left behind either
         kept_on=[] if torch_device is None else sorted(saved_on - {"cpu", str(torch_device)}),
+        notes=checkpoint.notes(),
     )
 
 

@@ -364,6 +364,7 @@ class RemapResult:
     key: str
     plan: RemapPlan
     out: Path | None
+    notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
 
 
 def remap_checkpoint(
@@ -438,7 +439,7 @@ def remap_checkpoint(
         name_sources=sources_of(checkpoint, located.state_dict),
     )
     if job.output is None:
-        return RemapResult(located.key, plan, None)
+        return RemapResult(located.key, plan, None, checkpoint.notes())
     # Carried state keeps its saved device, cast or not; new state takes the usual one.
     replace_placement(
         checkpoint,
@@ -452,4 +453,4 @@ def remap_checkpoint(
     located.state_dict.clear()
     located.state_dict.update(new)
     job.save(checkpoint, progress)
-    return RemapResult(located.key, plan, job.output.path)
+    return RemapResult(located.key, plan, job.output.path, checkpoint.notes())

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_bitwise_equal
 from torch import nn
 
 import optckpt
@@ -484,14 +485,21 @@ def test_hugging_face_folder_is_named_from_a_from_layout(tmp_path: Path) -> None
     layout = optckpt.layout_of(new, new_optimizer)
     with pytest.raises(UsageError, match="pass --from"):
         remap_checkpoint(HF_FOLDER, layout)
-    with pytest.raises(UsageError, match="is a folder; remap the optimizer file in it"):
-        remap_checkpoint(HF_FOLDER, layout, tmp_path / "out.pt")
+    with pytest.raises(UsageError, match="pass --from"):
+        remap_checkpoint(HF_FOLDER, layout, tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()
     with pytest.raises(UsageError, match="pass --from"):
         remap_checkpoint(HF_FOLDER / "optimizer.pt", layout, tmp_path / "out.pt")
     result = remap_checkpoint(
         HF_FOLDER / "optimizer.pt", layout, tmp_path / "out.pt", source=old_layout
     )
     assert result.plan.groups[0].new == ["4.weight", "4.bias"]
+    # the folder itself comes out a folder, its optimizer.pt the file remapped alone
+    remap_checkpoint(HF_FOLDER, layout, tmp_path / "folder", source=old_layout)
+    assert_bitwise_equal(
+        torch.load(tmp_path / "folder" / "optimizer.pt", weights_only=True),
+        torch.load(tmp_path / "out.pt", weights_only=True),
+    )
     saved = torch.load(HF_FOLDER / "optimizer.pt", weights_only=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     new_optimizer.load_state_dict(out)

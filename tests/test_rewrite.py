@@ -38,7 +38,7 @@ def test_kinds_from_the_output() -> None:
     assert kind_for("out/", dcp=True) == kind_for("x.pt", "dcp", dcp=True) == "dcp"
     with pytest.raises(UsageError, match="unknown format 'zip'"):
         kind_for("a.pt", "zip")
-    assert set(KINDS) == {"pt", "safetensors", "dcp"}
+    assert set(KINDS) == {"pt", "safetensors", "dcp", "folder"}
 
 
 def test_the_output_is_checked_with_every_input(tmp_path: Path) -> None:
@@ -53,31 +53,37 @@ def test_the_output_is_checked_with_every_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["move", "remap", "resume-step"])
-def test_a_folder_to_rewrite_is_refused_in_one_message(tmp_path: Path, command: str) -> None:
+def test_a_folder_to_rewrite_is_written_as_a_folder(tmp_path: Path, command: str) -> None:
     folder = tmp_path / "checkpoint-7"
     folder.mkdir()
-    with pytest.raises(UsageError) as refused:
-        plan_rewrite(folder, tmp_path / "out.pt", command=command)
-    assert str(refused.value) == (
-        f"{folder} is a folder; {command} the optimizer file in it (e.g. {folder}/optimizer.pt)"
-    )
+    output = prepare_output(tmp_path / "out", force=False, rewrites=folder, command=command)
+    assert (output.path, output.kind, output.folder) == (tmp_path / "out", "folder", folder)
+    run = tmp_path / "run"  # an output_dir: its newest checkpoint-N is the folder rewritten
+    (run / "checkpoint-3").mkdir(parents=True)
+    (run / "checkpoint-12").mkdir()
+    output = prepare_output(tmp_path / "out", force=False, rewrites=run, command=command)
+    assert output.folder == run / "checkpoint-12"
 
 
-def test_every_writing_command_refuses_a_folder_alike(tmp_path: Path) -> None:
+def test_every_writing_command_writes_a_folder_alike(tmp_path: Path) -> None:
+    """A folder with one optimizer file: each command writes a folder of the same files."""
     folder = tmp_path / "checkpoint-7"
     folder.mkdir()
-    (folder / "optimizer.pt").write_bytes((FIXTURES / "adamw_train.pt").read_bytes())
-    out = tmp_path / "out.pt"
-    layout = FIXTURES / "layouts/toy.json"
+    torch.save(torch.load(FIXTURES / "adamw_train.pt", weights_only=True), folder / "optimizer.pt")
+    (folder / "scheduler.pt").write_bytes(b"carried")
+    weights = tmp_path / "weights.pt"  # a model state dict is a layout
+    torch.save(torch.load(folder / "optimizer.pt", weights_only=True)["model"], weights)
     for verb, call in (
-        ("move", lambda: move_checkpoint(folder, out, device="cpu")),
-        ("convert", lambda: convert_checkpoint(folder, out)),
-        ("remap", lambda: remap_checkpoint(folder, layout, out)),
-        ("resume-step", lambda: resume_step(folder, out=out)),
+        ("move", lambda out: move_checkpoint(folder, out, device="cpu")),
+        ("convert", lambda out: convert_checkpoint(folder, out)),
+        ("remap", lambda out: remap_checkpoint(folder, weights, out)),
+        ("resume-step", lambda out: resume_step(folder, out=out)),
     ):
-        with pytest.raises(UsageError, match=f"is a folder; {verb} the optimizer file in it"):
-            call()
-    assert not out.exists()
+        out = tmp_path / verb
+        call(out)
+        assert sorted(p.name for p in out.iterdir()) == ["optimizer.pt", "scheduler.pt"], verb
+        assert (out / "scheduler.pt").stat().st_ino == (folder / "scheduler.pt").stat().st_ino
+        assert load_checkpoint(out).root["optimizer.pt"]["epoch"] == 3, verb
 
 
 def test_a_dry_run_reads_and_writes_nothing(tmp_path: Path) -> None:

@@ -24,14 +24,18 @@ _TO_DEPRECATED = "--to is deprecated in convert; use --format (--to names a layo
 def convert(
     path: Annotated[
         Path,
-        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
+        typer.Argument(
+            help="Checkpoint file, training folder or DCP folder.",
+            metavar="PATH",
+            show_default=False,
+        ),
     ],
     out: Annotated[
         str,  # not a Path, which would drop the "/" that asks for a DCP folder
         typer.Option(
             "-o",
             "--output",
-            help="Output file, or DCP folder (ending in /); never an input.",
+            help="Output file, DCP folder (ending in /), or a folder for a training folder; never an input.",
             show_default=False,
         ),
     ],
@@ -88,6 +92,7 @@ def convert(
             progress=progress,
             keying=keying,
         )
+    notes += result.notes
     written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
     if as_json:
         data = {
@@ -122,5 +127,6 @@ def convert(
 
 
 def _folder_size(folder: Path) -> int:
-    """Bytes of the files in a folder (a DCP checkpoint); 0 for anything else."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    """Bytes of the files in a folder (a DCP checkpoint, a training folder), however deep;
+    0 for anything else."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0

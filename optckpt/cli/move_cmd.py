@@ -21,14 +21,18 @@ from optckpt.cli.render import (
 def move(
     path: Annotated[
         Path,
-        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
+        typer.Argument(
+            help="Checkpoint file, training folder or DCP folder.",
+            metavar="PATH",
+            show_default=False,
+        ),
     ],
     out: Annotated[
         str,  # not a Path, which would drop the "/" that asks for a DCP folder
         typer.Option(
             "-o",
             "--output",
-            help="Output file, or DCP folder (ending in /) from a DCP folder; never an input.",
+            help="Output file, DCP folder (ending in /) from a DCP folder, or a folder for a training folder; never an input.",
             show_default=False,
         ),
     ],
@@ -78,9 +82,9 @@ def move(
     written = (
         result.out.stat().st_size
         if result.out.is_file()
-        else sum(p.stat().st_size for p in result.out.iterdir() if p.is_file())
+        else sum(p.stat().st_size for p in result.out.rglob("*") if p.is_file())
     )
-    notes = []
+    notes = list(result.notes)
     if result.kept_on:
         notes.append(
             f"the rest of the file stays saved on {', '.join(result.kept_on)} "

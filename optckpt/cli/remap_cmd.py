@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key, OutputFormat
-from optckpt.cli.render import console, print_json, progress_when_writing, safe
+from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
     from optckpt.remapping import RemapPlan
@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 def remap(
     path: Annotated[
         Path,
-        typer.Argument(help="Checkpoint file, or DCP folder.", metavar="PATH", show_default=False),
+        typer.Argument(
+            help="Checkpoint file, training folder or DCP folder.",
+            metavar="PATH",
+            show_default=False,
+        ),
     ],
     to: Annotated[
         Path,
@@ -32,8 +36,8 @@ def remap(
         typer.Option(
             "-o",
             "--output",
-            help="Output file, or DCP folder (ending in /) from a DCP folder; never the input; "
-            "not with --dry-run.",
+            help="Output file, DCP folder (ending in /) from a DCP folder, or a folder for a "
+            "training folder; never the input; not with --dry-run.",
         ),
     ] = None,
     fmt: OutputFormat = None,
@@ -111,11 +115,12 @@ def remap(
             fmt=fmt,
         )
     if as_json:
-        print_json({"key": result.key, "out": result.out, **result.plan.to_json()})
+        print_json({"key": result.key, "out": result.out, **result.plan.to_json()}, result.notes)
         return
     render(result.plan)
     if result.out is not None:
         console().print(f"wrote {safe(result.out)}", soft_wrap=True)
+    print_notes(result.notes)
 
 
 def _names(items: list[str], limit: int = 6) -> str:

@@ -53,7 +53,11 @@ def resume_step(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     out: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Write the checkpoint after the steps (if all pass)."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Write the checkpoint after the steps (if all pass); a folder for a folder.",
+        ),
     ] = None,
     key: Key = None,
     force: Force = False,

@@ -5,8 +5,8 @@ steps, each a small function here:
 
 1. **validate the output** — :func:`prepare_output` (or :func:`plan_rewrite`, which also
    carries what the rewrite reads): ``-o`` checked once, with every input the command reads
-   (:func:`~optckpt.io.write.check_output`), its kind decided, a folder refused as the
-   checkpoint to rewrite — all before anything is read;
+   (:func:`~optckpt.io.write.check_output`), its kind decided — all before anything is
+   read;
 2. **load** — :meth:`Rewrite.load`, the one way in (:func:`optckpt.io.load_checkpoint`);
 3. **select** — :meth:`Rewrite.select` / :meth:`Rewrite.select_one` (``--key``);
 4. **replace** — the command's own work: it changes the loaded tree in place (the file is
@@ -20,8 +20,11 @@ Output kinds: an :class:`Output` names its kind, and :func:`save` dispatches on 
 :data:`KINDS` (how a kind's output is checked, and how it is written). Files are ``"pt"`` and
 ``"safetensors"``; ``"dcp"`` is a torch.distributed.checkpoint folder
 (:mod:`optckpt.io.dcp.writer`), for the commands that take ``dcp=True`` (``convert``; ``move``
-and ``remap`` from a DCP folder only), chosen by :func:`kind_for`. A folder output (a Trainer
-folder, issue 15) is one more entry there.
+and ``remap`` from a DCP folder only), chosen by :func:`kind_for`. ``"folder"`` is a training
+folder (a Trainer ``checkpoint-N/``, an Accelerate ``save_state`` folder; an output folder
+stands for its newest ``checkpoint-N``): the checkpoint to rewrite is one, so the output is
+one too, its optimizer files rewritten in their own names and formats and every other file
+carried over (:mod:`optckpt.io.folder_writer`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch
 from optckpt.errors import UsageError
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.dcp.writer import check_output_folder, wants_dcp, write_dcp
+from optckpt.io.folder_writer import check_training_folder_output, write_training_folder
+from optckpt.io.folders import resolve_folder
 from optckpt.io.read import Checkpoint, load_checkpoint
 from optckpt.io.safetensors_format import check_storable
 from optckpt.io.write import ProgressStart, check_output, format_for, save_checkpoint, tensor_bytes
@@ -63,43 +68,55 @@ class Kind:
 
     Attributes:
         check: ``check(out, inputs, force=force)``; raises when ``out`` may not be written.
-        write: ``write(tree, out, placement, sources, progress)``; atomic.
+        write: ``write(tree, output, placement, sources, progress)``; atomic.
     """
 
     check: _Check
     write: Callable[
-        [Any, Path, str, Mapping[KeyPath, str], Sequence[Path], Callable[[int], None] | None],
+        [Any, Output, Mapping[KeyPath, str], Sequence[Path], Callable[[int], None] | None],
         None,
     ]
 
 
 def _write_file(
     tree: Any,
-    out: Path,
-    kind: str,
+    output: Output,
     placement: Mapping[KeyPath, str],
     sources: Sequence[Path],
     progress: Callable[[int], None] | None,
 ) -> None:
-    save_checkpoint(tree, out, kind, progress=progress, sources=sources, placement=placement)
+    save_checkpoint(
+        tree, output.path, output.kind, progress=progress, sources=sources, placement=placement
+    )
 
 
 def _write_dcp(
     tree: Any,
-    out: Path,
-    kind: str,
+    output: Output,
     placement: Mapping[KeyPath, str],
     sources: Sequence[Path],
     progress: Callable[[int], None] | None,
 ) -> None:
     # DCP records no devices, and torch's writer reports no progress
-    write_dcp(tree, out)
+    write_dcp(tree, output.path)
+
+
+def _write_folder(
+    tree: Any,
+    output: Output,
+    placement: Mapping[KeyPath, str],
+    sources: Sequence[Path],
+    progress: Callable[[int], None] | None,
+) -> None:
+    assert output.folder is not None  # prepare_output sets it for this kind
+    write_training_folder(tree, output.path, output.folder, placement, sources, progress)
 
 
 KINDS: dict[str, Kind] = {
     "pt": Kind(check_output, _write_file),
     "safetensors": Kind(check_output, _write_file),
     "dcp": Kind(check_output_folder, _write_dcp),
+    "folder": Kind(check_training_folder_output, _write_folder),
 }
 """Every output kind, by the name :func:`kind_for` gives it."""
 
@@ -120,10 +137,18 @@ def kind_for(out: str | Path, requested: str | None = None, *, dcp: bool = False
 
 @dataclass(frozen=True)
 class Output:
-    """Where a writing command writes, and as what; made by :func:`prepare_output` only."""
+    """Where a writing command writes, and as what; made by :func:`prepare_output` only.
+
+    Attributes:
+        path: the ``-o`` path.
+        kind: its entry in :data:`KINDS`.
+        folder: for ``"folder"``, the checkpoint folder rewritten (whose other files are
+            carried over).
+    """
 
     path: Path
     kind: str
+    folder: Path | None = None
 
     def refuse_unstorable(self, tensors: Iterable[tuple[str, torch.dtype]]) -> None:
         """Refuse now, not after the work, tensors this kind cannot hold (``(name, dtype)``).
@@ -153,24 +178,36 @@ def prepare_output(
         inputs: every other file the command reads (layouts, ``--model``); entries that are
             not paths (``None``, an in-memory layout) are skipped.
         kind: the kind asked for (``--format``); else from the extension of ``out``.
-        rewrites: the checkpoint the command rewrites, which must be a file (or, with
-            ``dcp``, a DCP folder), not a folder.
-        command: the command's name, for the message that refuses a folder.
+        rewrites: the checkpoint the command rewrites. A training folder (not DCP) makes the
+            output a folder of the same files (kind ``"folder"``); an output folder stands
+            for its newest ``checkpoint-N`` (:func:`~optckpt.io.folders.resolve_folder`).
+        command: the command's name, for messages.
         dcp: whether the command reads and writes DCP folders (see :func:`kind_for`).
 
     Raises:
-        UsageError: an unknown kind, an output that is an input or exists without ``force``
-            (see :func:`~optckpt.io.write.check_output`), a folder to rewrite.
+        UsageError: an unknown kind, or one asked of a training folder; an output that is an
+            input or exists without ``force`` (see :func:`~optckpt.io.write.check_output`).
         UnwritableOutputError: the output's folder cannot be written.
     """
     path = Path(out)
-    output = Output(path, kind_for(out, kind, dcp=dcp))
     sources = [rewrites, *inputs] if rewrites is not None else list(inputs)
+    if rewrites is not None and Path(rewrites).is_dir() and not is_dcp(rewrites):
+        if kind is not None:
+            raise UsageError(
+                f"--format {kind}: {command} writes a training folder as a folder of the same "
+                "files, each optimizer file in the format its library loads (torch.load reads "
+                "optimizer.pt and optimizer.bin); to write one file, name one optimizer file "
+                f"of {rewrites} as the input"
+            )
+        folder = resolve_folder(rewrites).path
+        check_training_folder_output(path, [*sources, folder], force=force)
+        return Output(path, "folder", folder)
+    output = Output(path, kind_for(out, kind, dcp=dcp))
     KINDS[output.kind].check(path, sources, force=force)
-    if rewrites is not None and Path(rewrites).is_dir() and not (dcp and is_dcp(rewrites)):
+    if rewrites is not None and Path(rewrites).is_dir() and not dcp:
         raise UsageError(
-            f"{rewrites} is a folder; {command} the optimizer file in it "
-            f"(e.g. {rewrites}/optimizer.pt)"
+            f"{command} writes no DCP folder; convert {rewrites} to a file first "
+            f"(optckpt convert {rewrites} -o FILE.pt)"
         )
     return output
 
@@ -196,9 +233,7 @@ def save(
             told each write.
     """
     per_write = progress(tensor_bytes(tree)) if progress is not None else None
-    KINDS[output.kind].write(
-        tree, output.path, output.kind, placement or {}, [Path(s) for s in sources], per_write
-    )
+    KINDS[output.kind].write(tree, output, placement or {}, [Path(s) for s in sources], per_write)
 
 
 @dataclass(frozen=True)

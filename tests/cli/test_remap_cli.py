@@ -543,7 +543,7 @@ def test_hugging_face_folder(tmp_path: Path) -> None:
 
     written = runner.invoke(app, ["remap", str(folder), *to, "-o", str(tmp_path / "o.pt")])
     assert written.exit_code == 2
-    assert_one_line_error(written.stderr, "is a folder", f"{folder}/optimizer.pt")
+    assert_one_line_error(written.stderr, "a training folder is written as a folder")
     # model.safetensors is sorted by name, so it does not name the IDs
     dry = runner.invoke(app, ["remap", str(folder), *to, "--dry-run"])
     assert dry.exit_code == 2

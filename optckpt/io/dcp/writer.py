@@ -38,16 +38,31 @@ def wants_dcp(out: str | os.PathLike[str], to: str | None) -> bool:
     return text.endswith(("/", os.sep)) or Path(text).is_dir()
 
 
-def check_output_folder(out: Path, inputs: Iterable[object], *, force: bool) -> None:
-    """Refuse a DCP output folder that would lose data or cannot be written.
+def check_output_folder(
+    out: Path,
+    inputs: Iterable[object],
+    *,
+    force: bool,
+    replaceable: Callable[[Path], bool] = is_dcp,
+    holding: str = "a DCP checkpoint",
+) -> None:
+    """Refuse an output folder that would lose data or cannot be written.
 
-    ``out`` may be absent or an empty folder; a folder that holds a DCP checkpoint is
-    replaced only with ``force``, and never one that holds an input.
+    ``out`` may be absent or an empty folder; a folder that holds a checkpoint of its kind
+    (``replaceable``: a DCP checkpoint by default) is replaced only with ``force``, and never
+    one that is, holds or lies inside an input.
+
+    Args:
+        out: the ``-o`` folder.
+        inputs: what the command reads (entries that are not paths are skipped).
+        force: replace a checkpoint folder at ``out``.
+        replaceable: whether a non-empty folder is a checkpoint ``force`` may replace.
+        holding: what such a folder holds, for messages.
 
     Raises:
         UsageError: ``out`` is or holds an input, lies inside an input folder, is a file, a
-            non-empty folder that is no DCP checkpoint, a DCP checkpoint without ``force``,
-            or its parent folder does not exist.
+            non-empty folder that is no such checkpoint, one without ``force``, or its
+            parent folder does not exist.
         UnwritableOutputError: the parent folder cannot be written.
     """
     resolved = out.resolve()
@@ -58,12 +73,12 @@ def check_output_folder(out: Path, inputs: Iterable[object], *, force: bool) -> 
         if source.is_dir() and resolved.is_relative_to(where):
             raise UsageError(f"-o {out} is inside the input folder {source}")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out} is a file; a DCP checkpoint is a folder")
+        raise UsageError(f"-o {out} is a file; {holding} is a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not is_dcp(out):
-            raise UsageError(f"-o {out} is a folder that holds files and no DCP checkpoint")
+        if not replaceable(out):
+            raise UsageError(f"-o {out} is a folder that holds files and no {holding[2:]}")
         if not force:
-            raise UsageError(f"{out} holds a DCP checkpoint; pass --force to replace it")
+            raise UsageError(f"{out} holds {holding}; pass --force to replace it")
     parent = resolved.parent
     if not parent.is_dir():
         raise UsageError(f"-o {out}: folder {parent} does not exist")
@@ -83,8 +98,9 @@ def _fsync(path: Path) -> None:
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, else it goes.
 
-    An existing ``out`` (empty, or a DCP checkpoint :func:`check_output_folder` let through)
-    is renamed aside first and removed once the new folder is in place.
+    Every regular file and folder in it is fsynced (symlinks are not followed). An existing
+    ``out`` (empty, or a checkpoint :func:`check_output_folder` let through) is renamed
+    aside first and removed once the new folder is in place.
 
     Raises:
         UnwritableOutputError: an :class:`OSError` while creating, syncing or renaming.
@@ -97,8 +113,13 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        for f in tmp.iterdir():
-            _fsync(f)
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync(Path(root, name))
+            for name in dirs:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync(Path(root, name))
         _fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)

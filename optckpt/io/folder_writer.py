@@ -1,0 +1,132 @@
+"""Writing a training folder: the optimizer files rewritten, every other file carried over.
+
+A checkpoint folder (a Trainer ``checkpoint-N/``, an Accelerate ``save_state`` folder) is
+read as its optimizer files (:mod:`optckpt.io.folders`); a command that rewrites it writes
+a folder the library that made it loads again (``Trainer.train(resume_from_checkpoint=)``,
+``Accelerator.load_state``):
+
+* each optimizer file under its own name and in its own format (a torch file as
+  ``torch.save`` writes it, whatever extension the library gave it: Accelerate loads
+  ``optimizer.bin`` with ``torch.load``);
+* every other file (model weights, scheduler, RNG states, ``trainer_state.json``, ...) and
+  subfolder carried over as it is: hard-linked where the file system allows (``os.link``:
+  no bytes copied), else copied; a symlink stays a symlink. optckpt never opens a carried
+  file for writing, before or after: a hard link shares its data with the input, so nothing
+  may ever write into one (every writer here makes new files and renames them);
+* atomically: everything goes into a temporary folder beside the target, every file and
+  folder in it is fsynced, then it is renamed onto the target
+  (:func:`~optckpt.io.dcp.writer.atomic_folder`); on any failure, Ctrl-C included, the
+  temporary folder goes and nothing appears at ``-o``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optckpt.errors import UsageError
+from optckpt.io.dcp.writer import atomic_folder, check_output_folder
+from optckpt.io.folders import optimizer_files
+from optckpt.io.read import sniff
+from optckpt.io.safetensors_format import write_safetensors
+from optckpt.io.torch_format import save_torch
+from optckpt.locate import KeyPath
+
+# Names that ask for one file, not a folder: a folder output takes none of them.
+_FILE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".safetensors"})
+
+
+def is_training_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder that holds optimizer files (what ``--force`` may replace)."""
+    return path.is_dir() and bool(optimizer_files(path))
+
+
+def check_training_folder_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
+    """Refuse a folder output that would lose data or cannot be written.
+
+    ``out`` may be absent or an empty folder; a folder that holds a checkpoint (optimizer
+    files) is replaced only with ``force``, and never one that is, holds or lies inside an
+    input.
+
+    Raises:
+        UsageError: ``out`` is named as a file (``.pt``, ``.safetensors``, ...), is or holds
+            an input, lies inside an input folder, is a file, a non-empty folder that is no
+            checkpoint, one without ``force``, or its parent folder does not exist.
+        UnwritableOutputError: the parent folder cannot be written.
+    """
+    if out.suffix in _FILE_SUFFIXES:
+        raise UsageError(
+            f"-o {out}: a training folder is written as a folder (its optimizer files "
+            "rewritten, the other files carried over); give a folder name, or name one "
+            "optimizer file of it as the input to write one file"
+        )
+    check_output_folder(
+        out, inputs, force=force, replaceable=is_training_folder, holding="a checkpoint"
+    )
+
+
+def _carry(source: Path, target: Path) -> None:
+    """``target`` made the same file as ``source``: a hard link, else a copy (another file
+    system, or one without hard links); a symlink is copied as a symlink."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP, ...: copy the bytes instead
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _of_file(placement: Mapping[KeyPath, str], name: str) -> dict[KeyPath, str]:
+    """The saved devices of one optimizer file's tree (the folder's are keyed by file name)."""
+    return {key[1:]: device for key, device in placement.items() if key and key[0] == name}
+
+
+def write_training_folder(
+    tree: Mapping[str, Any],
+    out: Path,
+    folder: Path,
+    placement: Mapping[KeyPath, str],
+    sources: Sequence[Path],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Write the checkpoint folder ``folder`` to ``out`` with its optimizer files replaced by
+    ``tree`` (file name -> its tree, as :func:`~optckpt.io.load_checkpoint` reads a folder),
+    atomically (see the module doc).
+
+    Args:
+        tree: each optimizer file's tree, by its name in ``folder``.
+        out: the target folder (checked by :func:`check_training_folder_output`).
+        folder: the folder read, whose other files are carried over.
+        placement: saved devices by key path, the file name first.
+        sources: the memory-mapped files the trees were read from.
+        progress: told the bytes of each write of the optimizer files.
+
+    Raises:
+        UnwritableOutputError: an :class:`OSError` while writing (disk full, ...).
+    """
+    with atomic_folder(out) as tmp:
+        for root, dirs, files in os.walk(folder):
+            here = Path(root)
+            where = tmp / here.relative_to(folder)
+            for name in dirs:
+                if (here / name).is_symlink():
+                    _carry(here / name, where / name)
+                else:
+                    (where / name).mkdir()
+            for name in files:
+                if here == folder and name in tree:
+                    fmt = sniff(here / name)
+                    write = write_safetensors if fmt == "safetensors" else save_torch
+                    write(
+                        tree[name],
+                        where / name,
+                        progress=progress,
+                        sources=sources,
+                        placement=_of_file(placement, name),
+                    )
+                else:
+                    _carry(here / name, where / name)

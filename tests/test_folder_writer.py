@@ -1,0 +1,170 @@
+"""optckpt.io.folder_writer: a training folder in, a training folder out.
+
+The folder is the Trainer fixture (``fixtures/hf_trainer/checkpoint-2``), copied under
+``tmp_path`` with a subfolder and a symlink added; the written optimizer file is checked
+against ``torch.load`` of the input, every other file against the input's bytes and inode.
+Each writing command on a real Trainer and Accelerate folder, resumed by its library, is in
+``tests/real/test_folders_real.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from checks import assert_bitwise_equal
+
+from optckpt.convert import convert_checkpoint
+from optckpt.errors import UsageError
+from optckpt.io.rewrite import prepare_output
+from optckpt.move import move_checkpoint
+from optckpt.resume import resume_each
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Every file of a folder (symlinks as their targets' names), by relative path."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A Trainer output_dir: checkpoint-1/ (older) and checkpoint-2/, the latter with a
+    subfolder and a symlink beside the Trainer's files."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-2", run / "checkpoint-2")
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-2", run / "checkpoint-1")
+    (run / "checkpoint-2" / "extra").mkdir()
+    (run / "checkpoint-2" / "extra" / "notes.txt").write_text("kept")
+    (run / "checkpoint-2" / "latest").symlink_to("trainer_state.json")
+    return run
+
+
+def test_convert_writes_the_newest_checkpoint_as_a_folder(run_dir: Path, tmp_path: Path) -> None:
+    before = _digests(run_dir)
+    out = tmp_path / "out"
+    result = convert_checkpoint(run_dir, out)
+    source = run_dir / "checkpoint-2"
+    assert result.target_format == "folder" and result.out == out
+    assert any("checkpoint-2" in note for note in result.notes)
+    assert _digests(run_dir) == before  # the input is untouched
+    written, original = _digests(out), _digests(source)
+    assert set(written) == set(original)
+    for name in set(original) - {"optimizer.pt"}:
+        assert written[name] == original[name], name
+    # carried files are hard links of the input's (one file system here), symlinks symlinks
+    for name in ("model.safetensors", "scheduler.pt", "extra/notes.txt"):
+        assert (out / name).stat().st_ino == (source / name).stat().st_ino
+    assert (out / "latest").is_symlink()
+    # the optimizer file is rewritten, as torch.save writes it: equal to the input's
+    assert (out / "optimizer.pt").stat().st_ino != (source / "optimizer.pt").stat().st_ino
+    assert_bitwise_equal(
+        torch.load(out / "optimizer.pt", weights_only=True),
+        torch.load(source / "optimizer.pt", weights_only=True),
+    )
+
+
+def test_carried_files_are_copied_where_links_fail(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(18, "Invalid cross-device link")  # EXDEV: another file system
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "out"
+    convert_checkpoint(run_dir / "checkpoint-2", out)
+    source = run_dir / "checkpoint-2"
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").stat().st_ino != (source / "model.safetensors").stat().st_ino
+
+
+def test_move_and_resume_step_rewrite_only_the_optimizer_file(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    source = run_dir / "checkpoint-2"
+    move_checkpoint(run_dir, tmp_path / "moved", dtype="bfloat16")
+    moved = torch.load(tmp_path / "moved" / "optimizer.pt", weights_only=True)
+    cast = {v.dtype for s in moved["state"].values() for k, v in s.items() if k != "step"}
+    assert cast == {torch.bfloat16}
+    with pytest.raises(UsageError, match="--all-tensors moves every tensor of one file"):
+        move_checkpoint(run_dir, tmp_path / "all", dtype="bfloat16", all_tensors=True)
+    assert not (tmp_path / "all").exists()
+    run = resume_each(source, out=tmp_path / "stepped")
+    assert run.ok and run.out == tmp_path / "stepped"
+    saved = torch.load(source / "optimizer.pt", weights_only=True)["state"]
+    stepped = torch.load(tmp_path / "stepped" / "optimizer.pt", weights_only=True)["state"]
+    assert all(stepped[pid]["step"] == saved[pid]["step"] + 1 for pid in saved)
+    written, original = _digests(tmp_path / "stepped"), _digests(source)
+    assert {k for k in original if written[k] != original[k]} == {"optimizer.pt"}
+
+
+@pytest.mark.parametrize("where", ["inside the output_dir", "inside the checkpoint", "same"])
+def test_output_in_or_at_the_input_is_refused(run_dir: Path, where: str) -> None:
+    out = {
+        "inside the output_dir": run_dir / "checkpoint-3",
+        "inside the checkpoint": run_dir / "checkpoint-2" / "new",
+        "same": run_dir / "checkpoint-2",
+    }[where]
+    before = _digests(run_dir)
+    with pytest.raises(UsageError, match="input"):
+        convert_checkpoint(run_dir, out, force=True)
+    assert _digests(run_dir) == before
+
+
+def test_output_holding_the_input_is_refused_even_with_force(run_dir: Path) -> None:
+    # -o the output_dir itself, with --force, would replace the folder the input is in
+    with pytest.raises(UsageError, match="holds the input"):
+        convert_checkpoint(run_dir / "checkpoint-2", run_dir, force=True)
+
+
+def test_output_names_and_kinds(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="written as a folder"):
+        prepare_output(tmp_path / "x.pt", force=False, rewrites=run_dir)
+    with pytest.raises(UsageError, match="--format safetensors: convert writes a training folder"):
+        prepare_output(
+            tmp_path / "x", force=False, rewrites=run_dir, kind="safetensors", command="convert"
+        )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds files and no checkpoint"):
+        prepare_output(tmp_path / "notes", force=True, rewrites=run_dir)
+    convert_checkpoint(run_dir, tmp_path / "out")
+    with pytest.raises(UsageError, match="holds a checkpoint; pass --force"):
+        prepare_output(tmp_path / "out", force=False, rewrites=run_dir)
+    stale = tmp_path / "out" / "stale.txt"
+    stale.write_text("from before")
+    convert_checkpoint(run_dir, tmp_path / "out", force=True)  # replaced as a whole
+    assert not stale.exists() and (tmp_path / "out" / "optimizer.pt").is_file()
+
+
+def test_an_interrupted_write_leaves_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    calls = []
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        if len(calls) == 3:  # a few files in
+            raise KeyboardInterrupt
+        real_link(*args, **kwargs)  # type: ignore[arg-type]
+
+    real_link = os.link
+    monkeypatch.setattr(os, "link", interrupted)
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(run_dir, out)
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == listing, "no temporary folder left behind"
