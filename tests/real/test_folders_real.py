@@ -1,0 +1,108 @@
+"""Every writing command on the folders real training libraries write, each output resumed by
+the library that wrote the input (issue 15: folders in, folders out).
+
+The commands run once per module through the CLI, on the session's Trainer ``output_dir``
+(read as its newest ``checkpoint-N``) and Accelerate ``save_state`` folder (two optimizers):
+``convert`` of the Trainer run; ``move --dtype bfloat16`` of the Accelerate folder; ``remap``
+of one of its optimizers then ``resume-step -o`` (both optimizers, no ``--key``) on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from optckpt.cli.app import app
+
+from .conftest import TrainingOutputs
+from .training import resume
+
+pytestmark = pytest.mark.slow
+
+runner = CliRunner()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the commands wrote, what they printed, and the inputs' digests before."""
+
+    trainer: Path  # convert of the Trainer output_dir
+    moved: Path  # move --dtype bfloat16 of the Accelerate folder
+    stepped: Path  # remap of optimizer_1.bin, then resume-step -o of both optimizers
+    results: dict[str, Result]
+    before: dict[str, dict[str, str]]
+
+
+def _ok(result: Result) -> Result:
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def written(training_outputs: TrainingOutputs, tmp_path_factory: pytest.TempPathFactory) -> Written:
+    inputs = {"trainer": training_outputs.trainer, "accelerate": training_outputs.accelerate}
+    before = {name: _digests(path) for name, path in inputs.items()}
+    out = tmp_path_factory.mktemp("written")
+    layout = out / "linear.json"  # the second model of the Accelerate run: nn.Linear(2, 3)
+    layout.write_text(json.dumps({"params": {"weight": {"shape": [3, 2]}, "bias": {"shape": [3]}}}))
+    acc = str(training_outputs.accelerate)
+    remap = ["--key", "optimizer_1.bin", "--from", str(layout), "--to", str(layout)]
+    results = {
+        "convert": runner.invoke(
+            app, ["convert", str(training_outputs.trainer), "-o", str(out / "trainer"), "--json"]
+        ),
+        "move": runner.invoke(app, ["move", acc, "--dtype", "bfloat16", "-o", str(out / "moved")]),
+        "remap": runner.invoke(app, ["remap", acc, *remap, "-o", str(out / "remapped")]),
+    }
+    results["resume-step"] = runner.invoke(
+        app, ["resume-step", str(out / "remapped"), "--json", "-o", str(out / "stepped")]
+    )
+    return Written(out / "trainer", out / "moved", out / "stepped", results, before)
+
+
+def test_each_command_writes_a_folder(written: Written, training_outputs: TrainingOutputs) -> None:
+    for result in written.results.values():
+        _ok(result)
+    converted = json.loads(written.results["convert"].stdout)
+    newest = training_outputs.trainer / "checkpoint-2"
+    assert converted["format"] == "folder" and any(str(newest) in n for n in converted["notes"])
+    stepped = json.loads(written.results["resume-step"].stdout)
+    keys = [(r["key"], r["ok"]) for r in stepped["results"]]
+    assert keys == [("optimizer.bin", True), ("optimizer_1.bin", True)]
+    for folder, source in (
+        (written.trainer, newest),
+        (written.moved, training_outputs.accelerate),
+        (written.stepped, training_outputs.accelerate),
+    ):
+        names = {p.name for p in source.iterdir()}
+        assert {p.name for p in folder.iterdir()} == names
+        for name in names - {"optimizer.pt", "optimizer.bin", "optimizer_1.bin"}:
+            # carried over as hard links (tmp_path is one file system)
+            assert (folder / name).stat().st_ino == (source / name).stat().st_ino, name
+
+
+def test_the_inputs_are_untouched(written: Written, training_outputs: TrainingOutputs) -> None:
+    assert _digests(training_outputs.trainer) == written.before["trainer"]
+    assert _digests(training_outputs.accelerate) == written.before["accelerate"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "which"), [("trainer", "trainer"), ("accelerate", "moved"), ("accelerate", "stepped")]
+)
+def test_the_library_resumes_what_optckpt_wrote(written: Written, kind: str, which: str) -> None:
+    result = resume(kind, getattr(written, which))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("resumed")
