@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -206,8 +207,10 @@ def test_streamed_casts_write_what_torch_save_of_the_cast_tree_writes(
     loaded = torch.load(src, weights_only=True)
     torch_dtype = parse_dtype(dtype)
     loaded["optimizer"] = move_state(loaded["optimizer"], torch.device("cpu"), torch_dtype)
-    if all_tensors:
-        loaded["model"] = {k: v.to(torch_dtype) for k, v in loaded["model"].items()}
+    if all_tensors:  # the model state dict stays an OrderedDict with its _metadata
+        cast = OrderedDict((k, v.to(torch_dtype)) for k, v in loaded["model"].items())
+        cast._metadata = loaded["model"]._metadata  # type: ignore[attr-defined]
+        loaded["model"] = cast
     buffer = io.BytesIO()
     torch.save(loaded, buffer)
     assert (tmp_path / "out.pt").read_bytes() == buffer.getvalue()
