@@ -4,7 +4,9 @@ the library that wrote the input (issue 15: folders in, folders out).
 The commands run once per module through the CLI, on the session's Trainer ``output_dir``
 (read as its newest ``checkpoint-N``) and Accelerate ``save_state`` folder (two optimizers):
 ``convert`` of the Trainer run; ``move --dtype bfloat16`` of the Accelerate folder; ``remap``
-of one of its optimizers then ``resume-step -o`` (both optimizers, no ``--key``) on that.
+of one of its optimizers then ``resume-step -o`` (both optimizers, no ``--key``) on that; and
+``resume-step -o`` of the Lightning GAN (two optimizers in one ``.ckpt``, each stepping its
+own modules' weights).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner, Result
 
 from optckpt.cli.app import app
@@ -42,6 +45,7 @@ class Written:
     trainer: Path  # convert of the Trainer output_dir
     moved: Path  # move --dtype bfloat16 of the Accelerate folder
     stepped: Path  # remap of optimizer_1.bin, then resume-step -o of both optimizers
+    gan: Path  # resume-step -o of the Lightning GAN's two optimizers
     results: dict[str, Result]
     before: dict[str, dict[str, str]]
 
@@ -55,6 +59,7 @@ def _ok(result: Result) -> Result:
 def written(training_outputs: TrainingOutputs, tmp_path_factory: pytest.TempPathFactory) -> Written:
     inputs = {"trainer": training_outputs.trainer, "accelerate": training_outputs.accelerate}
     before = {name: _digests(path) for name, path in inputs.items()}
+    before["lightning"] = {"": hashlib.sha256(training_outputs.lightning.read_bytes()).hexdigest()}
     out = tmp_path_factory.mktemp("written")
     layout = out / "linear.json"  # the second model of the Accelerate run: nn.Linear(2, 3)
     layout.write_text(json.dumps({"params": {"weight": {"shape": [3, 2]}, "bias": {"shape": [3]}}}))
@@ -70,7 +75,12 @@ def written(training_outputs: TrainingOutputs, tmp_path_factory: pytest.TempPath
     results["resume-step"] = runner.invoke(
         app, ["resume-step", str(out / "remapped"), "--json", "-o", str(out / "stepped")]
     )
-    return Written(out / "trainer", out / "moved", out / "stepped", results, before)
+    results["resume-step gan"] = runner.invoke(
+        app, ["resume-step", str(training_outputs.lightning), "-o", str(out / "gan.ckpt")]
+    )
+    return Written(
+        out / "trainer", out / "moved", out / "stepped", out / "gan.ckpt", results, before
+    )
 
 
 def test_each_command_writes_a_folder(written: Written, training_outputs: TrainingOutputs) -> None:
@@ -94,13 +104,32 @@ def test_each_command_writes_a_folder(written: Written, training_outputs: Traini
             assert (folder / name).stat().st_ino == (source / name).stat().st_ino, name
 
 
+def test_every_optimizer_of_the_gan_steps_its_own_weights(
+    written: Written, training_outputs: TrainingOutputs
+) -> None:
+    lines = _ok(written.results["resume-step gan"]).stdout.splitlines()
+    assert lines[-1] == "ok"
+    before = torch.load(training_outputs.lightning, weights_only=False)["state_dict"]
+    after = torch.load(written.gan, weights_only=False)["state_dict"]
+    moved = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {"generator", "discriminator"}
+
+
 def test_the_inputs_are_untouched(written: Written, training_outputs: TrainingOutputs) -> None:
     assert _digests(training_outputs.trainer) == written.before["trainer"]
     assert _digests(training_outputs.accelerate) == written.before["accelerate"]
+    lightning = hashlib.sha256(training_outputs.lightning.read_bytes()).hexdigest()
+    assert written.before["lightning"] == {"": lightning}
 
 
 @pytest.mark.parametrize(
-    ("kind", "which"), [("trainer", "trainer"), ("accelerate", "moved"), ("accelerate", "stepped")]
+    ("kind", "which"),
+    [
+        ("trainer", "trainer"),
+        ("accelerate", "moved"),
+        ("accelerate", "stepped"),
+        ("lightning", "gan"),
+    ],
 )
 def test_the_library_resumes_what_optckpt_wrote(written: Written, kind: str, which: str) -> None:
     result = resume(kind, getattr(written, which))
