@@ -111,6 +111,24 @@ def test_move_to_cpu_and_back_loads_like_torch(tmp_path: Path, impl: str) -> Non
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
+def test_dtype_only_move_keeps_every_tensor_on_its_gpu(tmp_path: Path, impl: str) -> None:
+    """move --dtype without --device: each tensor where torch saved it (fused and capturable
+    steps on the GPU too), the optimizer's floating state cast, steps and weights as saved."""
+    src, out = tmp_path / "in.pt", tmp_path / "bf16.pt"
+    _saved_on_cuda(src, impl)
+    move_checkpoint(src, out, dtype="bfloat16")
+    original = tensors_by_path(torch.load(src, weights_only=True, map_location=None))
+    moved = tensors_by_path(torch.load(out, weights_only=True, map_location=None))
+    assert moved.keys() == original.keys()
+    for key, before in original.items():
+        cast = key.startswith("/optimizer/state/") and not key.endswith("/step")
+        want = before.to(torch.bfloat16) if cast and before.is_floating_point() else before
+        after = moved[key]
+        assert (after.device, after.dtype) == (before.device, want.dtype), key
+        assert torch.equal(after, want), key
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
 def test_convert_round_trip_keeps_cuda_devices(tmp_path: Path, impl: str) -> None:
     src = tmp_path / "in.pt"
     _saved_on_cuda(src, impl)
