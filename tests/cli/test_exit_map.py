@@ -279,6 +279,7 @@ def test_head_c1_exits_0_quietly() -> None:
 _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
+import optckpt.io.folder_writer as folder_writer
 import optckpt.io.write as write
 
 ready = Path(sys.argv.pop(1))
@@ -288,20 +289,26 @@ def slow(tree, path, **kwargs):
     ready.touch()
     time.sleep(120)
 
-write.save_torch = slow
+write.save_torch = folder_writer.save_torch = slow
 from optckpt.cli.app import main
 main()
 """
 
 
+@pytest.mark.parametrize(
+    ("source", "out"),
+    [(CKPT, "out.pt"), (FIXTURES / "hf_trainer", "checkpoint-2")],  # a file; a training folder
+)
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_midway_removes_the_temporary_file(tmp_path: Path, signum: int, code: int) -> None:
+def test_signal_midway_removes_the_temporary_file(
+    tmp_path: Path, signum: int, code: int, source: Path, out: str
+) -> None:
     script = tmp_path / "slow.py"
     script.write_text(_SLOW_WRITER)
     ready, out_dir = tmp_path / "ready", tmp_path / "out"
     out_dir.mkdir()
     process = _python(
-        str(script), str(ready), "convert", str(CKPT), "-o", str(out_dir / "out.pt"),
+        str(script), str(ready), "convert", str(source), "-o", str(out_dir / out),
         stdout=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -310,7 +317,7 @@ def test_signal_midway_removes_the_temporary_file(tmp_path: Path, signum: int, c
         assert time.monotonic() < deadline, "the writer never started"
         time.sleep(0.05)
     (temporary,) = out_dir.iterdir()
-    assert temporary.name.startswith(".out.pt.")
+    assert temporary.name.startswith(f".{out}.")
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr.decode()
