@@ -109,6 +109,10 @@ def test_trainer_names_are_the_trainers_groups(
     # Every parameter once, the tied lm_head.weight under its first name only.
     names = [p["name"] for p in optimizer["params"]]
     assert len(set(names)) == len(names) and "lm_head.weight" not in names
+    # The output_dir reads its newest checkpoint-N, named the same way.
+    from_output_dir = inspect_json(training_outputs.trainer)["optimizers"][0]
+    assert from_output_dir["names_source"] == "model config"
+    assert named_groups(from_output_dir) == truth
 
 
 def _tiny(kind: str) -> Any:
@@ -153,12 +157,16 @@ def test_other_architectures_are_built_as_transformers_builds_them(
 
 def test_resume_step_uses_the_folders_weights_by_name(training_outputs: TrainingOutputs) -> None:
     folder = training_outputs.trainer / "checkpoint-2"
-    for args in ([], ["--model", str(folder / "model.safetensors")]):
-        result = runner.invoke(app, ["resume-step", str(folder), "--json", *args])
+    for path, args in (
+        (folder, []),
+        (folder, ["--model", str(folder / "model.safetensors")]),
+        (training_outputs.trainer, []),  # the output_dir: its newest checkpoint-N
+    ):
+        result = runner.invoke(app, ["resume-step", str(path), "--json", *args])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["ok"]
-        assert "model.safetensors" in report["params_from"]
+        assert str(folder / "model.safetensors") in report["params_from"]
         assert "config.json" in report["params_from"]
 
 
