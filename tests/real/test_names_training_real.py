@@ -290,24 +290,42 @@ def test_hyper_parameters_survive_every_writing_command(
     training_outputs: TrainingOutputs, tmp_path: Path
 ) -> None:
     source = training_outputs.lightning
-    saved = torch.load(source, weights_only=True)["hyper_parameters"]
+    loaded = torch.load(source, weights_only=True)
+    saved = loaded["hyper_parameters"]
     assert saved  # the module saved its hyperparameters
     as_safetensors = tmp_path / "gan.safetensors"
+    # The discriminator as it is: remap names its optimizer's IDs (aligned with the other).
+    layout = tmp_path / "discriminator.json"
+    params = {
+        n: {"shape": list(t.shape), "dtype": "float32"}
+        for n, t in loaded["state_dict"].items()
+        if n.startswith("discriminator.")
+    }
+    layout.write_text(json.dumps({"params": params, "groups": [{"params": list(params)}]}))
     commands = {
         "convert": ["convert", str(source), "-o", str(as_safetensors)],
         "convert back": ["convert", str(as_safetensors), "-o", str(tmp_path / "back.ckpt")],
         "move": ["move", str(source), "--device", "cpu", "--dtype", "float64", "-o"],
         "resume-step": ["resume-step", str(source), "--key", "optimizer_states.1", "-o"],
+        "remap": ["remap", str(source), "--key", "optimizer_states.1", "--to", str(layout), "-o"],
     }
     for name, args in commands.items():
         out = tmp_path / f"{name.replace(' ', '-')}.ckpt"
         argv = [*args, str(out)] if args[-1] == "-o" else args
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, (name, result.output)
-    for written in ("back.ckpt", "move.ckpt", "resume-step.ckpt"):
+    for written in ("back.ckpt", "move.ckpt", "resume-step.ckpt", "remap.ckpt"):
         loaded = torch.load(tmp_path / written, weights_only=True)
         assert loaded["hyper_parameters"] == saved, written
         assert type(loaded["hyper_parameters"]) is type(saved), written
+    # remap named the discriminator's optimizer as its own parameters, in the same order.
+    remapped = torch.load(tmp_path / "remap.ckpt", weights_only=True)["optimizer_states"][1]
+    assert remapped["param_groups"][0]["param_names"] == list(params)
+    before = loaded["optimizer_states"][1]["state"]
+    assert all(
+        torch.equal(remapped["state"][i]["momentum_buffer"], before[i]["momentum_buffer"])
+        for i in before
+    )
     # The names survive the round trip too.
     report = inspect_json(tmp_path / "back.ckpt")
     assert [o["names_source"] for o in report["optimizers"]] == ["recovered", "recovered"]
