@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,18 @@ def saved_model_state(model: nn.Module, path: Path) -> Any:
     """The model's state dict as optckpt reads it back from a torch file (mmap'd)."""
     torch.save({"model": model.state_dict()}, path)
     return find_model_state(load_checkpoint(path).root)
+
+
+def folder_digests(path: Path) -> dict[str, str]:
+    """What a file or folder holds, to tell that nothing changed it: each file's SHA-256 and
+    each symlink's target, by path relative to ``path`` (``""`` for a file itself)."""
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    found = {}
+    for entry in sorted(path.rglob("*")):
+        key = str(entry.relative_to(path))
+        if entry.is_symlink():
+            found[key] = "-> " + os.readlink(entry)
+        elif entry.is_file():
+            found[key] = hashlib.sha256(entry.read_bytes()).hexdigest()
+    return found

@@ -9,14 +9,13 @@ Each writing command on a real Trainer and Accelerate folder, resumed by its lib
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from checks import assert_bitwise_equal
+from checks import assert_bitwise_equal, folder_digests
 
 from optckpt.convert import convert_checkpoint
 from optckpt.errors import UsageError
@@ -25,18 +24,6 @@ from optckpt.move import move_checkpoint
 from optckpt.resume import resume_each
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    """Every file of a folder (symlinks as their targets' names), by relative path."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            found[key] = "-> " + os.readlink(path)
-        elif path.is_file():
-            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture
@@ -53,14 +40,14 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def test_convert_writes_the_newest_checkpoint_as_a_folder(run_dir: Path, tmp_path: Path) -> None:
-    before = _digests(run_dir)
+    before = folder_digests(run_dir)
     out = tmp_path / "out"
     result = convert_checkpoint(run_dir, out)
     source = run_dir / "checkpoint-2"
     assert result.target_format == "folder" and result.out == out
     assert any("checkpoint-2" in note for note in result.notes)
-    assert _digests(run_dir) == before  # the input is untouched
-    written, original = _digests(out), _digests(source)
+    assert folder_digests(run_dir) == before  # the input is untouched
+    written, original = folder_digests(out), folder_digests(source)
     assert set(written) == set(original)
     for name in set(original) - {"optimizer.pt"}:
         assert written[name] == original[name], name
@@ -106,7 +93,7 @@ def test_move_and_resume_step_rewrite_only_the_optimizer_file(
     saved = torch.load(source / "optimizer.pt", weights_only=True)["state"]
     stepped = torch.load(tmp_path / "stepped" / "optimizer.pt", weights_only=True)["state"]
     assert all(stepped[pid]["step"] == saved[pid]["step"] + 1 for pid in saved)
-    written, original = _digests(tmp_path / "stepped"), _digests(source)
+    written, original = folder_digests(tmp_path / "stepped"), folder_digests(source)
     assert {k for k in original if written[k] != original[k]} == {"optimizer.pt"}
 
 
@@ -117,10 +104,10 @@ def test_output_in_or_at_the_input_is_refused(run_dir: Path, where: str) -> None
         "inside the checkpoint": run_dir / "checkpoint-2" / "new",
         "same": run_dir / "checkpoint-2",
     }[where]
-    before = _digests(run_dir)
+    before = folder_digests(run_dir)
     with pytest.raises(UsageError, match="input"):
         convert_checkpoint(run_dir, out, force=True)
-    assert _digests(run_dir) == before
+    assert folder_digests(run_dir) == before
 
 
 def test_output_holding_the_input_is_refused_even_with_force(run_dir: Path) -> None:

@@ -11,13 +11,13 @@ own modules' weights).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from checks import folder_digests
 from typer.testing import CliRunner, Result
 
 from optckpt.cli.app import app
@@ -28,14 +28,6 @@ from .training import resume
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @dataclass(frozen=True)
@@ -58,8 +50,8 @@ def _ok(result: Result) -> Result:
 @pytest.fixture(scope="module")
 def written(training_outputs: TrainingOutputs, tmp_path_factory: pytest.TempPathFactory) -> Written:
     inputs = {"trainer": training_outputs.trainer, "accelerate": training_outputs.accelerate}
-    before = {name: _digests(path) for name, path in inputs.items()}
-    before["lightning"] = {"": hashlib.sha256(training_outputs.lightning.read_bytes()).hexdigest()}
+    before = {name: folder_digests(path) for name, path in inputs.items()}
+    before["lightning"] = folder_digests(training_outputs.lightning)
     out = tmp_path_factory.mktemp("written")
     layout = out / "linear.json"  # the second model of the Accelerate run: nn.Linear(2, 3)
     layout.write_text(json.dumps({"params": {"weight": {"shape": [3, 2]}, "bias": {"shape": [3]}}}))
@@ -116,10 +108,9 @@ def test_every_optimizer_of_the_gan_steps_its_own_weights(
 
 
 def test_the_inputs_are_untouched(written: Written, training_outputs: TrainingOutputs) -> None:
-    assert _digests(training_outputs.trainer) == written.before["trainer"]
-    assert _digests(training_outputs.accelerate) == written.before["accelerate"]
-    lightning = hashlib.sha256(training_outputs.lightning.read_bytes()).hexdigest()
-    assert written.before["lightning"] == {"": lightning}
+    assert folder_digests(training_outputs.trainer) == written.before["trainer"]
+    assert folder_digests(training_outputs.accelerate) == written.before["accelerate"]
+    assert folder_digests(training_outputs.lightning) == written.before["lightning"]
 
 
 @pytest.mark.parametrize(
