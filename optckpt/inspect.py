@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from optckpt.chunks import check_bounded, chunks, readable, reducible
+from optckpt.companions import inspect_companions
 from optckpt.errors import IncompatibleStateError, UsageError
 
 # Re-exported (``X as X``): the report classes and the JSON form live in optckpt.inspect_report.
@@ -33,7 +34,7 @@ from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
 from optckpt.io.pages import Releaser
-from optckpt.locate import KeyPath, Located, select_optimizers
+from optckpt.locate import KeyPath, Located, locate_optimizers, select_optimizers
 from optckpt.names import Naming, name_parameters, sources_of
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
@@ -335,4 +336,11 @@ def inspect_checkpoint(
         optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
         storage=checkpoint.summary() if isinstance(checkpoint, DcpCheckpoint) else None,
         read_notes=checkpoint.notes(),
+        companions=inspect_companions(
+            checkpoint.root,
+            [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)],
+            folder=checkpoint.path if checkpoint.members else None,
+            members=checkpoint.members,
+            allow_globals=allow_globals,
+        ),
     )

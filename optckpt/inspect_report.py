@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from optckpt.companions import CompanionReport
 from optckpt.optim.guess import Guess
 
 
@@ -141,6 +142,8 @@ class InspectReport:
     optimizers: list[OptimizerReport]
     storage: dict[str, Any] | None = None  # DCP: files, tensors, chunks, sharded tensors
     read_notes: list[str] = field(default_factory=list)  # which checkpoint-N was read
+    # LR schedulers, GradScalers, trainer counters (optckpt.companions)
+    companions: list[CompanionReport] = field(default_factory=list)
 
     @property
     def notes(self) -> list[str]:
@@ -155,6 +158,7 @@ class InspectReport:
             "path": str(self.path),
             "format": self.format,
             "optimizers": [_optimizer_json(o) for o in self.optimizers],
+            "companions": [c.to_json() for c in self.companions],
         }
         if self.storage is not None:
             found["dcp"] = self.storage

@@ -222,6 +222,15 @@ def check_schema(obj: Any) -> None:
         for key in ("params", "params_with_state", "numel", "bytes"):
             assert isinstance(totals[key], int)
         assert all(isinstance(w, str) for w in opt["warnings"])
+    for companion in obj["companions"]:
+        assert isinstance(companion["key"], str)
+        assert companion["kind"] in {"lr_scheduler", "grad_scaler", "trainer"}
+        assert companion["class"] is None or isinstance(companion["class"], str)
+        assert isinstance(companion["summary"], dict)
+        if companion["kind"] == "lr_scheduler":
+            assert {"last_epoch", "step_count", "last_lrs"} <= set(companion["summary"])
+        if companion["kind"] == "trainer":
+            assert {"global_step", "epoch"} <= set(companion["summary"])
     json.dumps(obj, allow_nan=False)
 
 

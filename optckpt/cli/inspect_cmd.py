@@ -19,6 +19,7 @@ from optckpt.cli.render import (
 )
 
 if TYPE_CHECKING:
+    from optckpt.companions import CompanionReport
     from optckpt.inspect import InspectReport, OptimizerReport, ParamReport
 
 _ROWS = 50  # parameters shown without --all
@@ -76,6 +77,45 @@ def render(report: InspectReport, *, show_all: bool = False) -> None:
     for optimizer in report.optimizers:
         out.print()
         _render_optimizer(optimizer, show_all)
+    for companion in report.companions:
+        out.print()
+        render_companion(companion)
+
+
+def render_companion(companion: CompanionReport) -> None:
+    """Print one companion: where, its class, its summary, then observations and warnings."""
+    out = console()
+    kind = companion.kind.replace("_", " ")
+    guess = companion.guess
+    named = guess.name or ("counters" if companion.kind == "trainer" else "unknown class")
+    if guess.name and len(guess.candidates) > 1:
+        named = f"{guess.name}? (or {', '.join(c for c in guess.candidates if c != guess.name)})"
+    verb = "counts the steps of" if companion.kind == "trainer" else "drives"
+    drives = f", {verb} {companion.optimizer!r}" if companion.optimizer else ""
+    out.print(
+        f"[bold]{safe(kind)} at {safe(repr(companion.key) if companion.key else 'the top level')}"
+        f"[/]: {safe(named)}{safe(drives)}",
+        soft_wrap=True,
+    )
+    _render_summary(companion.summary, "  ")
+    for line in companion.observations:
+        out.print(f"  {safe(line)}", soft_wrap=True)
+    for warning in companion.warnings:
+        out.print(f"[yellow]warning:[/] {safe(warning)}", soft_wrap=True)
+
+
+def _render_summary(summary: dict[str, Any], indent: str) -> None:
+    out = console()
+    children = summary.get("schedulers")
+    shown = ", ".join(
+        f"{k}={_fmt(v)}" for k, v in summary.items() if k != "schedulers" and v is not None
+    )
+    out.print(f"{indent}{safe(shown)}", soft_wrap=True)
+    for i, child in enumerate(children or []):
+        out.print(
+            f"{indent}scheduler {i}: {safe(child['class'] or 'unknown class')}", soft_wrap=True
+        )
+        _render_summary(child["summary"], indent + "  ")
 
 
 def _fmt(value: Any) -> str:
