@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from optckpt.chunks import bits_dtype, check_bounded, chunk_slices, readable, reducible, same_bits
+from optckpt.companions import checkpoint_companions
+from optckpt.companions.diff import CompanionDifference, diff_companions
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
@@ -72,11 +74,13 @@ class DiffReport:
     pairs: list[PairDiff]
     tolerance: tuple[float, float] | None
     notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
+    # LR schedulers, GradScalers, trainer counters (optckpt.companions.diff)
+    companions: list[CompanionDifference] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when nothing differs."""
-        return not any(p.differences for p in self.pairs)
+        return not any(p.differences for p in self.pairs) and not self.companions
 
     def to_json(self) -> dict[str, Any]:
         """The ``diff --json`` object."""
@@ -107,6 +111,7 @@ class DiffReport:
                 for p in self.pairs
             ],
             "notes": self.notes,
+            "companions": [c.to_json() for c in self.companions],
         }
 
 
@@ -409,7 +414,9 @@ def diff_checkpoints(
 
     Without keys, a file holding one state dict is paired with the other's one, and files
     holding several are paired key by key. With ``rtol`` or ``atol`` (the other defaults to
-    0), values are compared with ``torch.isclose``; otherwise bitwise.
+    0), values are compared with ``torch.isclose``; otherwise bitwise. Without keys, the
+    companions (LR schedulers, GradScalers, trainer counters) are compared too
+    (:func:`optckpt.companions.diff.diff_companions`); with a key, only those optimizers.
 
     Raises:
         UsageError: unpairable state dicts, a bad key or a negative tolerance, a side that
@@ -439,4 +446,11 @@ def diff_checkpoints(
         ],
         tolerance=tolerance,
         notes=ca.notes() + cb.notes(),
+        companions=diff_companions(
+            checkpoint_companions(ca, allow_globals),
+            checkpoint_companions(cb, allow_globals),
+            tolerance,
+        )
+        if key_a is None and key_b is None
+        else [],
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from optckpt.chunks import check_bounded, chunks, readable, reducible
-from optckpt.companions import inspect_companions
+from optckpt.companions import checkpoint_companions, report_companions
 from optckpt.errors import IncompatibleStateError, UsageError
 
 # Re-exported (``X as X``): the report classes and the JSON form live in optckpt.inspect_report.
@@ -336,11 +336,8 @@ def inspect_checkpoint(
         optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
         storage=checkpoint.summary() if isinstance(checkpoint, DcpCheckpoint) else None,
         read_notes=checkpoint.notes(),
-        companions=inspect_companions(
-            checkpoint.root,
+        companions=report_companions(
+            checkpoint_companions(checkpoint, allow_globals),
             [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)],
-            folder=checkpoint.path if checkpoint.members else None,
-            members=checkpoint.members,
-            allow_globals=allow_globals,
         ),
     )

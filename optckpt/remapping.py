@@ -22,11 +22,19 @@ from typing import Any
 
 import torch
 
+from optckpt.companions.remap import (
+    GroupMapping,
+    SchedulerChange,
+    apply_remaps,
+    driving,
+    follow_groups,
+)
 from optckpt.devices import replace_placement
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
 from optckpt.layout import Layout, ParamSpec, load_layout
+from optckpt.locate import locate_optimizers
 from optckpt.names import NameSources, match_names, name_parameters, sources_of, to_name_keyed
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
@@ -80,6 +88,11 @@ class RemapPlan:
     # each new state key's source parameter ID, each target group's source group.
     state_from: dict[Any, Any] = field(default_factory=dict)
     groups_from: list[int | None] = field(default_factory=list)
+    # Per target group, the source group of each parameter it carries (not in the JSON).
+    group_sources: list[list[int]] = field(default_factory=list)
+    # The LR schedulers' per-group entries that change (optckpt.companions.remap); None
+    # where no scheduler drives the optimizer.
+    scheduler_changes: list[SchedulerChange] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The plan as ``remap --json`` prints it."""
@@ -104,7 +117,11 @@ class RemapPlan:
             "hyperparams_kept": [k.to_json() for k in self.hyperparams_kept],
             "dropped": self.dropped,
             "warnings": self.warnings,
-        }
+        } | (
+            {}
+            if self.scheduler_changes is None
+            else {"scheduler_changes": [c.to_json() for c in self.scheduler_changes]}
+        )
 
 
 def parse_rename(rule: str) -> tuple[Pattern, str]:
@@ -354,6 +371,7 @@ def remap(
         state_from=state_from,
         # the values majority's group gives (a group of new parameters: the first group's)
         groups_from=[majority(s)[0] if s else 0 for s in carried_from],
+        group_sources=carried_from,
     )
 
 
@@ -383,6 +401,7 @@ def remap_checkpoint(
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
     fmt: str | None = None,
+    drop_scheduler: bool = False,
 ) -> RemapResult:
     """Remap the optimizer state of a checkpoint file and write the result to ``out``.
 
@@ -392,6 +411,10 @@ def remap_checkpoint(
     ``group_rules`` (``--group 'REGEX:key=value'``) are asked for and win. ``progress`` is
     told the bytes to write when writing starts; the callback it returns is told each write.
 
+    LR schedulers that drive the optimizer follow the new groups
+    (:mod:`optckpt.companions.remap`); one that cannot is refused, or with ``drop_scheduler``
+    left out of the output.
+
     A DCP folder is read too (its optimizer state is keyed by names), and written when ``fmt``
     is ``"dcp"`` or ``out`` ends in ``/`` or is a folder (as ``convert`` decides), from a DCP
     folder only; the output keeps the input's keying.
@@ -399,7 +422,8 @@ def remap_checkpoint(
     Raises:
         UsageError: bad options, an output that may not be written (a DCP folder from a file), several optimizer state
             dicts and no ``key``, names that cannot be recovered.
-        IncompatibleStateError: shapes changed (see :func:`remap`).
+        IncompatibleStateError: shapes changed (see :func:`remap`), or a scheduler cannot
+            follow the new groups and ``drop_scheduler`` is off.
         UnreadableCheckpointError: the input cannot be read.
     """
     if hyperparams is not None and hyperparams not in PREFERENCES:
@@ -438,8 +462,17 @@ def remap_checkpoint(
         layout_why="--group" if hyperparams is None else "--hyperparams layout",
         name_sources=sources_of(checkpoint, located.state_dict),
     )
+    optimizers = [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)]
+    schedulers = driving(checkpoint.root, optimizers, located.key)
+    mapping = GroupMapping(
+        plan.group_sources, new["param_groups"], len(located.state_dict["param_groups"])
+    )
+    followed = follow_groups(schedulers, mapping, drop=drop_scheduler)
+    if schedulers:
+        plan.scheduler_changes = [c for f in followed for c in f.changes]
     if job.output is None:
         return RemapResult(located.key, plan, None, checkpoint.notes())
+    apply_remaps(checkpoint.root, followed)
     # Carried state keeps its saved device, cast or not; new state takes the usual one.
     replace_placement(
         checkpoint,

@@ -21,6 +21,11 @@ def _keep(epoch: int) -> float:
     return 0.95
 
 
+def _per_group(optimizer: torch.optim.Optimizer, first: float) -> list[float]:
+    """A different value per group: ``first``, twice it, ..."""
+    return [first * (i + 1) for i in range(len(optimizer.param_groups))]
+
+
 SCHEDULERS: dict[str, Factory] = {
     "StepLR": lambda o: sched.StepLR(o, step_size=2, gamma=0.5),
     "MultiStepLR": lambda o: sched.MultiStepLR(o, milestones=[1, 3, 3], gamma=0.5),
@@ -30,8 +35,8 @@ SCHEDULERS: dict[str, Factory] = {
     "LinearLR": lambda o: sched.LinearLR(o, start_factor=0.25, total_iters=4),
     "ConstantLR": lambda o: sched.ConstantLR(o, factor=0.5, total_iters=2),
     "PolynomialLR": lambda o: sched.PolynomialLR(o, total_iters=6, power=2.0),
-    "OneCycleLR": lambda o: sched.OneCycleLR(o, max_lr=[1.0, 2.0], total_steps=10),
-    "CyclicLR": lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=[0.1, 0.2], step_size_up=2),
+    "OneCycleLR": lambda o: sched.OneCycleLR(o, max_lr=_per_group(o, 1.0), total_steps=10),
+    "CyclicLR": lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=_per_group(o, 0.1), step_size_up=2),
     "LambdaLR": lambda o: sched.LambdaLR(o, lr_lambda=_decay),
     "MultiplicativeLR": lambda o: sched.MultiplicativeLR(o, lr_lambda=_keep),
     "SequentialLR": lambda o: sched.SequentialLR(

@@ -116,5 +116,12 @@ def render(report: DiffReport) -> None:
         for d in pair.differences:
             table.add_row(*(safe(x) for x in (d.kind, d.where, _cell(d.a), _cell(d.b), _detail(d))))
         out.print(table)
-    total = sum(len(p.differences) for p in report.pairs)
+    if report.companions:
+        table = Table(title="companions", title_justify="left", show_edge=False)
+        for column in ("what", "where", "A", "B"):
+            table.add_column(column)
+        for c in report.companions:
+            table.add_row(*(safe(x) for x in (c.kind, c.where, _cell(c.a), _cell(c.b))))
+        out.print(table)
+    total = sum(len(p.differences) for p in report.pairs) + len(report.companions)
     out.print(f"{total} differences")

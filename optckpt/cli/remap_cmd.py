@@ -85,6 +85,14 @@ def remap(
         bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    drop_scheduler: Annotated[
+        bool,
+        typer.Option(
+            "--drop-scheduler",
+            help="Leave out an LR scheduler that cannot follow the new groups, instead of "
+            "refusing.",
+        ),
+    ] = False,
     key: Key = None,
     force: Force = False,
     allow_global: AllowGlobal = None,
@@ -113,6 +121,7 @@ def remap(
             allow_globals=allow_global or (),
             progress=progress,
             fmt=fmt,
+            drop_scheduler=drop_scheduler,
         )
     if as_json:
         print_json({"key": result.key, "out": result.out, **result.plan.to_json()}, result.notes)
@@ -168,6 +177,13 @@ def render(plan: RemapPlan) -> None:
         if g.reset:
             out.print(f"group {g.index} reset (shape changed): " + _names(g.reset), soft_wrap=True)
     _render_hyperparams(plan)
+    for c in plan.scheduler_changes or ():
+        at = "" if c.group < 0 else f" group {c.group}"
+        out.print(
+            f"scheduler {safe(c.key)}{at}: {safe(_value(c.old))} -> {safe(_value(c.new))} "
+            f"({safe(c.why)})",
+            soft_wrap=True,
+        )
     if plan.dropped:
         out.print(f"dropped: {_names(plan.dropped)}", soft_wrap=True)
     for warning in plan.warnings:

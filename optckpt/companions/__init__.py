@@ -11,8 +11,8 @@ from optckpt.companions.find import Companion, find_in_folder, find_in_tree
 from optckpt.companions.kinds import guess_scheduler, is_scaler_state, is_scheduler_state
 from optckpt.companions.report import (
     CompanionReport,
+    checkpoint_companions,
     find_companions,
-    inspect_companions,
     report_companion,
     report_companions,
 )
@@ -20,11 +20,11 @@ from optckpt.companions.report import (
 __all__ = [
     "Companion",
     "CompanionReport",
+    "checkpoint_companions",
     "find_companions",
     "find_in_folder",
     "find_in_tree",
     "guess_scheduler",
-    "inspect_companions",
     "is_scaler_state",
     "is_scheduler_state",
     "report_companion",

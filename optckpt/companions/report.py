@@ -68,6 +68,17 @@ def find_companions(
     return found
 
 
+def checkpoint_companions(checkpoint: Any, allow_globals: Iterable[str] = ()) -> list[Companion]:
+    """Every companion of a checkpoint as :func:`optckpt.io.load_checkpoint` reads it (its
+    ``root``; for a training folder, whose ``members`` are listed, its companion files too).
+
+    Raises:
+        UnreadableCheckpointError, UnsafeCheckpointError: a companion file cannot be read.
+    """
+    folder = Path(checkpoint.path) if checkpoint.members else None
+    return find_companions(checkpoint.root, folder, checkpoint.members, allow_globals)
+
+
 def report_companion(
     companion: Companion, optimizers: Sequence[tuple[str, Mapping[str, Any]]]
 ) -> CompanionReport:
@@ -102,28 +113,3 @@ def report_companions(
 ) -> list[CompanionReport]:
     """:func:`report_companion` for each companion, in the order found."""
     return [report_companion(c, optimizers) for c in companions]
-
-
-def inspect_companions(
-    root: Any,
-    optimizers: Sequence[tuple[str, Mapping[str, Any]]],
-    *,
-    folder: Path | None = None,
-    members: Iterable[str] = (),
-    allow_globals: Iterable[str] = (),
-) -> list[CompanionReport]:
-    """Find every companion of a checkpoint and report it (what ``inspect`` calls).
-
-    Args:
-        root: the checkpoint's tree.
-        optimizers: every optimizer state dict in it, ``(key, state dict)``.
-        folder: a training folder the checkpoint was read from (its companion files are
-            read too), else ``None``.
-        members: the folder's files, relative to it.
-        allow_globals: pickle globals allowed while reading companion files.
-
-    Raises:
-        UnreadableCheckpointError, UnsafeCheckpointError: a companion file cannot be read.
-    """
-    found = find_companions(root, folder, members, allow_globals)
-    return report_companions(found, optimizers)
