@@ -22,6 +22,7 @@ from optckpt.io.write import ProgressStart
 from optckpt.locate import check_optimizers
 from optckpt.names import KEYINGS, rekey, sources_of
 from optckpt.optim.guess import guess_optimizer
+from optckpt.sanitize import Sanitized, sanitize_tree
 
 # Optimizers whose state dicts differ only in group flags, and the flags that make one the
 # other. In torch >= 2.6 AdamW is Adam with decoupled_weight_decay=True: same state keys,
@@ -45,6 +46,7 @@ class ConvertResult:
     rekeyed: list[str] = field(default_factory=list)  # key paths given the --keying asked for
     keying: str | None = None  # the keying they were given (DCP: ids in, names out)
     notes: list[str] = field(default_factory=list)  # which checkpoint-N of a folder was read
+    sanitized: list[Sanitized] | None = None  # --sanitize: each value made plain
 
 
 def _canonical(name: str) -> str:
@@ -89,6 +91,7 @@ def convert_checkpoint(
     progress: ProgressStart | None = None,
     keying: str | None = None,
     to: str | None = None,
+    sanitize: bool = False,
 ) -> ConvertResult:
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
@@ -111,6 +114,9 @@ def convert_checkpoint(
             ``set_optimizer_state_dict``. A DCP folder is read as ``ids`` unless asked
             otherwise, and written as ``names`` (as DCP keeps optimizer state).
         to: deprecated name of ``fmt`` (``--to`` names a layout in every other command).
+        sanitize: rewrite numpy values, ``argparse.Namespace`` and paths into plain types
+            (:func:`optckpt.sanitize.sanitize_tree`), so that the output loads with
+            ``torch.load(weights_only=True)`` and no allow-list.
 
     Raises:
         UsageError: bad output path or format (a training folder takes none), ``key`` without ``optimizer``
@@ -145,6 +151,9 @@ def convert_checkpoint(
     if is_dcp(job.source) and not to_dcp and keying is None:
         keying = "ids"  # what Optimizer.load_state_dict takes; --keying names keeps the FQNs
     checkpoint = job.load()
+    sanitized = None
+    if sanitize:
+        checkpoint.root, sanitized = sanitize_tree(checkpoint.root)
     # Everything is carried over as it is, but an optimizer state dict that no optimizer
     # could load is refused here, as every other command refuses it, not written on.
     check_optimizers(checkpoint.root)
@@ -182,4 +191,5 @@ def convert_checkpoint(
         rekeyed=rekeyed,
         keying="names" if to_dcp else keying,
         notes=checkpoint.notes(),
+        sanitized=sanitized,
     )

@@ -66,6 +66,14 @@ def convert(
             "or by parameter FQNs (set_optimizer_state_dict).",
         ),
     ] = None,
+    sanitize: Annotated[
+        bool,
+        typer.Option(
+            "--sanitize",
+            help="Rewrite numpy values, argparse.Namespace and paths into plain types, so the "
+            "output loads with torch.load(weights_only=True); lists each rewrite.",
+        ),
+    ] = False,
     as_json: AsJson = False,
     force: Force = False,
     allow_global: AllowGlobal = None,
@@ -91,6 +99,7 @@ def convert(
             allow_globals=allow_global or (),
             progress=progress,
             keying=keying,
+            sanitize=sanitize,
         )
     notes += result.notes
     written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
@@ -106,6 +115,8 @@ def convert(
             "keying": result.keying,
             "rekeyed": result.rekeyed,
         }
+        if result.sanitized is not None:
+            data["sanitized"] = [s.to_json() for s in result.sanitized]
         print_json(data, notes)
         return
     rewritten = (
@@ -123,6 +134,12 @@ def convert(
         )
     )
     sys.stdout.write(safe(line, markup=False) + "\n")
+    for s in result.sanitized or ():
+        sys.stdout.write(
+            safe(f"sanitized {s.key or '<root>'}: {s.was} -> {s.now}", markup=False) + "\n"
+        )
+    if result.sanitized == []:
+        sys.stdout.write("sanitized: nothing to rewrite\n")
     print_notes(notes)
 
 

@@ -284,6 +284,12 @@ def _torch_load(
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise UnreadableCheckpointError(f"{path}: corrupt pickle ({first_line(e)})") from e
+        # A class reached only while building another (numpy's dtype classes, such as
+        # numpy.dtypes.Float64DType, behind numpy.dtype) is no global of the pickle's own:
+        # torch names it in its message.
+        built = re.search(r"but got <class '([\w.]+)'>", str(e))
+        if not names and built:
+            names = [built.group(1)]
         if not names:
             reason = re.search(r"WeightsUnpickler error: (.*)", str(e))
             detail = f" ({reason.group(1).split('. ')[0].rstrip('.')})" if reason else ""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from optckpt.companions import CompanionReport
 
 
 @dataclass
@@ -50,6 +53,8 @@ class ResumeReport:
     groups: list[GroupUpdate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     out: Path | None = None
+    # the LR schedulers, scalers and counters beside the optimizer (optckpt.companions)
+    companions: list[CompanionReport] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +76,7 @@ class ResumeReport:
             "groups": [dict(vars(g)) for g in self.groups],
             "notes": self.notes,
             "out": None if self.out is None else str(self.out),
+            "companions": [c.to_json() for c in self.companions],
         }
 
 

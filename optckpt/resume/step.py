@@ -23,6 +23,7 @@ from optckpt.resume.checks import (
     check_shapes,
     steps_of,
 )
+from optckpt.resume.companions import agreement, companions_of, unchanged_note
 from optckpt.resume.optimizer import (
     STEP_ERRORS,
     describe_error,
@@ -176,6 +177,10 @@ def _resume_one(
     stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
     if stepped is not None:
         stepped.found, stepped.names = found, params.weights
+    report.companions = companions_of(checkpoint, found.key, source.allow_globals)
+    agree = agreement(report.companions)
+    if agree is not None:
+        report.checks.append(agree)
     return report, stepped
 
 
@@ -243,6 +248,8 @@ def resume_each(
     for report in run.results:
         report.out = output.path
     run.notes += _saved_on(checkpoint, output.path)
+    kept = {c.key: c for report in run.results for c in report.companions}
+    run.notes += unchanged_note(list(kept.values()), output.path)
     return run
 
 
