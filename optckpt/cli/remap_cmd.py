@@ -178,10 +178,13 @@ def render(plan: RemapPlan) -> None:
             out.print(f"group {g.index} reset (shape changed): " + _names(g.reset), soft_wrap=True)
     _render_hyperparams(plan)
     for c in plan.scheduler_changes or ():
-        at = "" if c.group < 0 else f" group {c.group}"
+        if c.group < 0:  # the whole scheduler dropped
+            out.print(f"scheduler {safe(c.key)} ({safe(c.old)}): {safe(c.why)}", soft_wrap=True)
+            continue
+        old = "-" if c.old is None else _value(c.old)
+        new = "-" if c.new is None else _value(c.new)
         out.print(
-            f"scheduler {safe(c.key)}{at}: {safe(_value(c.old))} -> {safe(_value(c.new))} "
-            f"({safe(c.why)})",
+            f"group {c.group} {safe(c.key)}: {safe(old)} -> {safe(new)} ({safe(c.why)})",
             soft_wrap=True,
         )
     if plan.dropped:
