@@ -135,6 +135,20 @@ def test_several_optimizers_leave_a_scheduler_unpaired(tmp_path: Path) -> None:
     assert found["optimizer"] is None and found["warnings"] == []
 
 
+def test_among_several_optimizers_the_one_with_its_lrs_is_driven(tmp_path: Path) -> None:
+    _, generator, scheduler = trained("ExponentialLR")  # decayed lrs
+    discriminator = make_optimizer(TwoLayers())  # the constructor's lrs
+    path = _save(
+        tmp_path,
+        {
+            "opt_d": discriminator.state_dict(),
+            "opt_g": generator.state_dict(),
+            "sched": scheduler.state_dict(),
+        },
+    )
+    assert _one(path, "lr_scheduler")["optimizer"] == "opt_g"
+
+
 # --------------------------------------------------------------------------- warnings
 
 

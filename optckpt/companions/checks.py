@@ -57,15 +57,36 @@ def _suffix(name: str) -> str:
     return found.group(0) if found else ""
 
 
+def _lrs_match(last: Any, state_dict: Mapping[str, Any]) -> bool:
+    groups = state_dict.get("param_groups")
+    if not isinstance(last, (list, tuple)) or not isinstance(groups, (list, tuple)):
+        return False
+    if len(last) != len(groups):
+        return False
+    return all(
+        isinstance(g, Mapping)
+        and number(g.get("lr")) is not None
+        and number(g.get("lr")) == number(x)
+        for g, x in zip(groups, last)
+    )
+
+
 def pair(companion: Companion, optimizers: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
-    """The key of the optimizer a scheduler or scaler drives: the only optimizer there is,
-    or in a folder the optimizer file with the same number (accelerate's
-    ``scheduler_1.bin`` drives ``optimizer_1.bin``); ``None`` when that is not certain."""
+    """The key of the optimizer a scheduler or scaler drives: the only optimizer there is;
+    in a folder the optimizer file with the same number (accelerate's ``scheduler_1.bin``
+    drives ``optimizer_1.bin``); else, for a scheduler, the one optimizer whose group lrs are
+    exactly the lrs the scheduler set last (a Lightning GAN's ``lr_schedulers.0``). ``None``
+    when that is not certain: the checks then need the optimizer and do not run."""
     if len(optimizers) == 1:
         return optimizers[0][0]
     if companion.in_folder:
         want = "optimizer" + _suffix(str(companion.path[0]))
         matches = [k for k, _ in optimizers if k.split(".")[0] == want]
+        if len(matches) == 1:
+            return matches[0]
+    if companion.kind == "lr_scheduler":
+        last = companion.state.get("_last_lr")
+        matches = [k for k, sd in optimizers if _lrs_match(last, sd)]
         if len(matches) == 1:
             return matches[0]
     return None
