@@ -306,3 +306,24 @@ def test_inspect_shows_each_companion(tmp_path: Path) -> None:
     assert "grad scaler at 'scaler': GradScaler" in out
     assert "trainer at the top level: counters" in out
     step(scheduler, optimizer, TwoLayers())  # keeps the helper honest: the live objects still step
+
+
+def test_companion_modules_import_no_torch_at_module_level() -> None:
+    # inspect shows companions on its torch-free path too (issue 17): torch only inside
+    # functions that need it.
+    import ast
+
+    import optckpt.companions
+
+    folder = Path(optckpt.companions.__file__).parent
+    for module in sorted(folder.glob("*.py")):
+        tree = ast.parse(module.read_text())
+        for node in tree.body:
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), module.name

@@ -1,0 +1,71 @@
+"""Companions in what the training libraries write: a Lightning ``.ckpt`` (a GAN's StepLR
+beside two optimizers, the trainer's counters) and a transformers Trainer ``checkpoint-N/``
+(``scheduler.pt``, a LambdaLR, and ``trainer_state.json``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from optckpt.inspect import inspect_checkpoint
+
+from .conftest import TrainingOutputs
+
+pytestmark = pytest.mark.slow
+
+
+def _by_kind(companions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    assert len({c["kind"] for c in companions}) == len(companions)
+    return {c["kind"]: c for c in companions}
+
+
+def test_lightning_scheduler_and_counters(training_outputs: TrainingOutputs) -> None:
+    path = training_outputs.lightning
+    saved = torch.load(path, weights_only=False)  # what Lightning wrote, read by torch
+    found = _by_kind(inspect_checkpoint(path).to_json()["companions"])
+    scheduler = found["lr_scheduler"]
+    assert (scheduler["key"], scheduler["class"]) == ("lr_schedulers.0", "StepLR")
+    # the generator's Adam, the one the StepLR was built on (configure_optimizers)
+    assert scheduler["optimizer"] == "optimizer_states.0"
+    assert scheduler["warnings"] == []
+    generator_groups = saved["optimizer_states"][0]["param_groups"]
+    assert scheduler["summary"]["last_lrs"] == [g["lr"] for g in generator_groups]
+    assert scheduler["summary"]["base_lrs"] == [g["initial_lr"] for g in generator_groups]
+    assert scheduler["summary"]["last_epoch"] == saved["lr_schedulers"][0]["last_epoch"]
+    trainer = found["trainer"]
+    assert trainer["class"] == "Lightning"
+    assert trainer["summary"]["global_step"] == saved["global_step"]
+    assert trainer["summary"]["epoch"] == saved["epoch"]
+    # manual optimization: Lightning counts both optimizers' steps
+    assert trainer["summary"]["optimizer_steps"] == saved["global_step"]
+
+
+def test_trainer_folder_scheduler_and_state(training_outputs: TrainingOutputs) -> None:
+    folder = training_outputs.trainer / "checkpoint-2"
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    found = _by_kind(inspect_checkpoint(folder).to_json()["companions"])
+    scheduler = found["lr_scheduler"]
+    assert scheduler["key"] == "scheduler.pt" and scheduler["optimizer"] == "optimizer.pt"
+    # LambdaLR and MultiplicativeLR keep the same keys: Trainer's is a LambdaLR
+    assert set(scheduler["class_guess"]["candidates"]) == {"LambdaLR", "MultiplicativeLR"}
+    assert scheduler["warnings"] == []
+    lrs = [g["lr"] for g in optimizer["param_groups"]]
+    assert scheduler["summary"]["last_lrs"] == lrs
+    assert scheduler["summary"]["last_epoch"] == state["global_step"]
+    trainer = found["trainer"]
+    assert (trainer["key"], trainer["class"]) == ("trainer_state.json", "TrainerState")
+    assert trainer["summary"]["global_step"] == state["global_step"] == 2
+    assert trainer["summary"]["epoch"] == state["epoch"]
+    assert trainer["observations"] == ["global_step 2, the optimizer's step 2"]
+
+
+def test_accelerate_scheduler_drives_the_first_optimizer(training_outputs: TrainingOutputs) -> None:
+    found = _by_kind(inspect_checkpoint(training_outputs.accelerate).to_json()["companions"])
+    scheduler = found["lr_scheduler"]
+    assert (scheduler["key"], scheduler["class"]) == ("scheduler.bin", "StepLR")
+    assert scheduler["optimizer"] == "optimizer.bin"
+    assert scheduler["warnings"] == []
