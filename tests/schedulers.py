@@ -36,7 +36,9 @@ SCHEDULERS: dict[str, Factory] = {
     "ConstantLR": lambda o: sched.ConstantLR(o, factor=0.5, total_iters=2),
     "PolynomialLR": lambda o: sched.PolynomialLR(o, total_iters=6, power=2.0),
     "OneCycleLR": lambda o: sched.OneCycleLR(o, max_lr=_per_group(o, 1.0), total_steps=10),
-    "CyclicLR": lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=_per_group(o, 0.1), step_size_up=2),
+    "CyclicLR": lambda o: sched.CyclicLR(
+        o, base_lr=0.01, max_lr=_per_group(o, 0.1), step_size_up=2
+    ),
     "LambdaLR": lambda o: sched.LambdaLR(o, lr_lambda=_decay),
     "MultiplicativeLR": lambda o: sched.MultiplicativeLR(o, lr_lambda=_keep),
     "SequentialLR": lambda o: sched.SequentialLR(
