@@ -28,6 +28,7 @@ from optckpt.companions.remap import (
     apply_remaps,
     driving,
     follow_groups,
+    sibling_warnings,
 )
 from optckpt.devices import replace_placement
 from optckpt.errors import IncompatibleStateError, UsageError
@@ -468,6 +469,7 @@ def remap_checkpoint(
         plan.group_sources, new["param_groups"], len(located.state_dict["param_groups"])
     )
     followed = follow_groups(schedulers, mapping, drop=drop_scheduler)
+    plan.warnings += sibling_warnings(job.source, mapping, allow_globals)
     if schedulers:
         plan.scheduler_changes = [c for f in followed for c in f.changes]
     if job.output is None:

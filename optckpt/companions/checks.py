@@ -51,7 +51,7 @@ def optimizer_step(state_dict: Mapping[str, Any]) -> float | int | None:
     return int(step) if float(step).is_integer() else step
 
 
-def _suffix(name: str) -> str:
+def suffix(name: str) -> str:
     """``_1`` of ``scheduler_1.bin``; ``""`` of ``scheduler.pt``."""
     found = re.search(r"_\d+$", name.split(".")[0])
     return found.group(0) if found else ""
@@ -80,7 +80,7 @@ def pair(companion: Companion, optimizers: Sequence[tuple[str, Mapping[str, Any]
     if len(optimizers) == 1:
         return optimizers[0][0]
     if companion.in_folder:
-        want = "optimizer" + _suffix(str(companion.path[0]))
+        want = "optimizer" + suffix(str(companion.path[0]))
         matches = [k for k, _ in optimizers if k.split(".")[0] == want]
         if len(matches) == 1:
             return matches[0]

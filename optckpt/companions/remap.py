@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from optckpt.companions.checks import pair
-from optckpt.companions.find import Companion, find_in_tree
+from optckpt.companions.checks import pair, suffix
+from optckpt.companions.find import Companion, find_in_folder, find_in_tree
 from optckpt.companions.kinds import PER_GROUP_KEYS, guess_scheduler
 from optckpt.companions.summary import number, plain
 from optckpt.errors import IncompatibleStateError
@@ -237,6 +238,38 @@ def follow_groups(
             + "; ".join(refused)
             + "; pass --drop-scheduler to write the checkpoint without it"
         )
+    return found
+
+
+def sibling_warnings(
+    path: Path, mapping: GroupMapping, allow_globals: Iterable[str] = ()
+) -> list[str]:
+    """Warnings for the scheduler files beside an optimizer file remapped on its own (a
+    Trainer folder's ``scheduler.pt`` beside ``optimizer.pt``): they drive it, and a file
+    remap does not rewrite them.
+
+    Raises:
+        UnreadableCheckpointError, UnsafeCheckpointError: such a file cannot be read.
+    """
+    folder = path.parent
+    if not path.name.startswith("optimizer") or not folder.is_dir():
+        return []
+    members = [p.name for p in folder.iterdir() if p.is_file()]
+    schedulers = [
+        c
+        for c in find_in_folder(folder, members, allow_globals)
+        if c.kind == "lr_scheduler"
+        and pair(c, [(path.name, {})]) == path.name
+        and suffix(str(c.path[0])) == suffix(path.name)
+    ]
+    found = []
+    for remap in follow_groups(schedulers, mapping, drop=True):
+        if remap.changes:
+            found.append(
+                f"{folder / str(remap.companion.path[0])} drives this optimizer and is not "
+                f"rewritten ({len(remap.changes)} per-group entries would change): a scheduler "
+                "loading it with the new optimizer does not continue the schedule"
+            )
     return found
 
 

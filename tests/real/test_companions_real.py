@@ -5,6 +5,7 @@ beside two optimizers, the trainer's counters) and a transformers Trainer ``chec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,3 +70,40 @@ def test_accelerate_scheduler_drives_the_first_optimizer(training_outputs: Train
     assert (scheduler["key"], scheduler["class"]) == ("scheduler.bin", "StepLR")
     assert scheduler["optimizer"] == "optimizer.bin"
     assert scheduler["warnings"] == []
+
+
+def test_remapping_a_trainer_optimizer_file_warns_about_its_scheduler_file(
+    training_outputs: TrainingOutputs, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    folder = training_outputs.trainer / "checkpoint-2"
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    # the Trainer's two groups (decay, no decay) become one: the scheduler's lists must follow
+    ids = [pid for g in optimizer["param_groups"] for pid in g["params"]]
+    shapes = [list(optimizer["state"][pid]["exp_avg"].shape) for pid in ids]
+    params = {f"p{i}": {"shape": shape, "dtype": "float32"} for i, shape in enumerate(shapes)}
+    names = list(params)
+    first = len(optimizer["param_groups"][0]["params"])
+    source = {"params": params, "groups": [{"params": names[:first]}, {"params": names[first:]}]}
+    target = {"params": params, "groups": [{"params": names}]}
+    (tmp_path / "from.json").write_text(json.dumps(source))
+    (tmp_path / "to.json").write_text(json.dumps(target))
+    result = CliRunner().invoke(
+        app,
+        [
+            "remap",
+            str(folder / "optimizer.pt"),
+            "--from",
+            str(tmp_path / "from.json"),
+            "--to",
+            str(tmp_path / "to.json"),
+            "--dry-run",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("scheduler.pt drives this optimizer and is not rewritten" in w for w in warnings)
