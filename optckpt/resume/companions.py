@@ -33,8 +33,9 @@ def _named(c: CompanionReport) -> str:
 
 
 def agreement(companions: list[CompanionReport]) -> Check | None:
-    """The ``companions agree`` check (``None`` when there are no companions)."""
-    if not companions:
+    """The ``companions agree`` check; ``None`` without a scheduler or scaler (trainer
+    counters alone have nothing to disagree about)."""
+    if not any(c.kind != "trainer" for c in companions):
         return None
     wrong = [f"{_named(c)}: {w}" for c in companions for w in c.warnings]
     if wrong:
