@@ -203,7 +203,14 @@ def check_schema(obj: Any) -> None:
     for opt in obj["optimizers"]:
         assert isinstance(opt["key"], str)
         assert opt["optimizer"] is None or isinstance(opt["optimizer"], str)
-        assert opt["names_source"] in {"keys", "param_names", "layout", "model config", "recovered", None}
+        assert opt["names_source"] in {
+            "keys",
+            "param_names",
+            "layout",
+            "model config",
+            "recovered",
+            None,
+        }
         for index, group in enumerate(opt["param_groups"]):
             assert group["index"] == index
             assert isinstance(group["num_params"], int)
