@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from optckpt.companions import checkpoint_companions
 from optckpt.companions.remap import (
     GroupMapping,
     SchedulerChange,
@@ -32,6 +33,7 @@ from optckpt.companions.remap import (
 )
 from optckpt.devices import replace_placement
 from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.io.folder_writer import OMIT
 from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
 from optckpt.layout import Layout, ParamSpec, load_layout
@@ -464,7 +466,7 @@ def remap_checkpoint(
         name_sources=sources_of(checkpoint, located.state_dict),
     )
     optimizers = [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)]
-    schedulers = driving(checkpoint.root, optimizers, located.key)
+    schedulers = driving(checkpoint_companions(checkpoint, allow_globals), optimizers, located.key)
     mapping = GroupMapping(
         plan.group_sources, new["param_groups"], len(located.state_dict["param_groups"])
     )
@@ -474,7 +476,7 @@ def remap_checkpoint(
         plan.scheduler_changes = [c for f in followed for c in f.changes]
     if job.output is None:
         return RemapResult(located.key, plan, None, checkpoint.notes())
-    apply_remaps(checkpoint.root, followed)
+    apply_remaps(checkpoint.root, followed, omit=OMIT)
     # Carried state keeps its saved device, cast or not; new state takes the usual one.
     replace_placement(
         checkpoint,

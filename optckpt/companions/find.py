@@ -49,6 +49,8 @@ class Companion:
         state: the state dict (for ``"trainer"``: the counters' mapping).
         guess: the guessed class (schedulers); fixed for the other kinds.
         in_folder: read from its own file in a training folder (not part of ``root``).
+        file_tree: for ``in_folder``, the whole tree of that file (what a rewrite of the
+            folder writes back).
     """
 
     key: str
@@ -57,6 +59,7 @@ class Companion:
     state: Mapping[str, Any]
     guess: Guess
     in_folder: bool = False
+    file_tree: Any = None
 
 
 def _sure(name: str | None, reason: str) -> Guess:
@@ -178,6 +181,7 @@ def find_in_folder(
                     c.state,
                     c.guess,
                     True,
+                    content,
                 )
             )
     return found

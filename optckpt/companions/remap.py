@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from optckpt.companions.checks import pair, suffix
-from optckpt.companions.find import Companion, find_in_folder, find_in_tree
+from optckpt.companions.find import Companion, find_in_folder
 from optckpt.companions.kinds import PER_GROUP_KEYS, guess_scheduler
 from optckpt.companions.summary import number, plain
 from optckpt.errors import IncompatibleStateError
@@ -285,22 +285,33 @@ def _order(path: Sequence[Any]) -> list[tuple[int, int, str]]:
 
 
 def driving(
-    root: Any, optimizers: Sequence[tuple[str, Mapping[str, Any]]], key: str
+    companions: Sequence[Companion], optimizers: Sequence[tuple[str, Mapping[str, Any]]], key: str
 ) -> list[Companion]:
-    """The schedulers in ``root`` that drive the optimizer at ``key`` (see
-    :func:`optckpt.companions.checks.pair`); ``optimizers``: every one in ``root``."""
-    return [
-        c for c in find_in_tree(root) if c.kind == "lr_scheduler" and pair(c, optimizers) == key
-    ]
+    """The schedulers among ``companions`` that drive the optimizer at ``key`` (see
+    :func:`optckpt.companions.checks.pair`); ``optimizers``: every one of the checkpoint."""
+    return [c for c in companions if c.kind == "lr_scheduler" and pair(c, optimizers) == key]
 
 
-def apply_remaps(root: Any, remaps: Sequence[SchedulerRemap]) -> None:
+def apply_remaps(root: Any, remaps: Sequence[SchedulerRemap], omit: object = None) -> None:
     """Put each scheduler's new state into the checkpoint tree ``root`` (which the caller
     owns: a freshly loaded tree), and take out the dropped ones (a list entry, such as
-    Lightning's ``lr_schedulers.0``, is removed from its list)."""
+    Lightning's ``lr_schedulers.0``, is removed from its list).
+
+    A training folder's ``root`` holds its optimizer files by name: a scheduler read from a
+    file of its own (a Trainer's ``scheduler.pt``) is added to it under that name, so a
+    folder writer writes the file anew; a dropped one is set to ``omit``, which the writer
+    leaves out (:data:`optckpt.io.folder_writer.OMIT`).
+    """
     dropped = []
     for remap in remaps:
-        path = remap.companion.path
+        companion, path = remap.companion, remap.companion.path
+        if companion.in_folder and not remap.changes:
+            continue  # the file is carried over as it is
+        if companion.in_folder:
+            if len(path) == 1:
+                root[path[0]] = omit if remap.state is None else remap.state
+                continue
+            root.setdefault(path[0], companion.file_tree)
         if remap.state is None:
             dropped.append(path)
         else:

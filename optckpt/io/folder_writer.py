@@ -35,6 +35,10 @@ from optckpt.io.safetensors_format import write_safetensors
 from optckpt.io.torch_format import save_torch
 from optckpt.locate import KeyPath
 
+OMIT = object()
+"""A tree entry that asks for a file of the folder to be left out of the output (a scheduler
+file that ``remap --drop-scheduler`` drops)."""
+
 # Names that ask for one file, not a folder: a folder output takes none of them.
 _FILE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".safetensors"})
 
@@ -98,7 +102,8 @@ def write_training_folder(
     atomically (see the module doc).
 
     Args:
-        tree: each optimizer file's tree, by its name in ``folder``.
+        tree: each optimizer file's tree, by its name in ``folder`` (also a scheduler file
+            that remap rewrites; :data:`OMIT` for one left out).
         out: the target folder (checked by :func:`check_training_folder_output`).
         folder: the folder read, whose other files are carried over.
         placement: saved devices by key path, the file name first.
@@ -118,6 +123,8 @@ def write_training_folder(
                 else:
                     (where / name).mkdir()
             for name in files:
+                if here == folder and tree.get(name) is OMIT:
+                    continue
                 if here == folder and name in tree:
                     fmt = sniff(here / name)
                     write = write_safetensors if fmt == "safetensors" else save_torch

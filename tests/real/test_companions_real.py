@@ -107,3 +107,75 @@ def test_remapping_a_trainer_optimizer_file_warns_about_its_scheduler_file(
     assert result.exit_code == 0, result.output
     warnings = json.loads(result.stdout)["warnings"]
     assert any("scheduler.pt drives this optimizer and is not rewritten" in w for w in warnings)
+
+
+def _trainer_layout(folder: Path, out: Path, *, merge: bool = False, extra: bool = False) -> Path:
+    """A layout of the Trainer's model as optckpt names it (from its config.json): its two
+    groups (decay, no decay), or one merged group; with ``extra``, a new group of one new
+    parameter."""
+    from optckpt.inspect import inspect_checkpoint as inspect
+
+    (optimizer,) = inspect(folder).to_json()["optimizers"]
+    assert optimizer["names_source"] == "model config"
+    params = {
+        p["name"]: {"shape": p["state"]["exp_avg"]["shape"], "dtype": "float32"}
+        for p in optimizer["params"]
+    }
+    groups: list[list[str]] = [[], []]
+    for p in optimizer["params"]:
+        groups[p["group"]].append(p["name"])
+    if merge:
+        groups = [groups[0] + groups[1]]
+    if extra:
+        params["extra.weight"] = {"shape": [2, 2], "dtype": "float32"}
+        groups.append(["extra.weight"])
+    out.write_text(json.dumps({"params": params, "groups": [{"params": g} for g in groups]}))
+    return out
+
+
+def _remap(*args: object) -> Any:
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    return CliRunner().invoke(app, ["remap", *(str(a) for a in args)])
+
+
+def test_remapping_a_trainer_folder_rewrites_its_scheduler_file(
+    training_outputs: TrainingOutputs, tmp_path: Path
+) -> None:
+    folder = training_outputs.trainer / "checkpoint-2"
+    layout = _trainer_layout(folder, tmp_path / "merged.json", merge=True)
+    out = tmp_path / "merged"
+    result = _remap(folder, "--to", layout, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    keys = {c["key"] for c in json.loads(result.stdout)["scheduler_changes"]}
+    assert keys == {"scheduler.pt.base_lrs", "scheduler.pt._last_lr", "scheduler.pt.lr_lambdas"}
+    # torch's LambdaLR for the one-group optimizer loads it and continues the schedule
+    old = torch.load(folder / "scheduler.pt", weights_only=True)
+    saved = torch.load(out / "optimizer.pt", weights_only=True)
+    (group,) = saved["param_groups"]
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in group["params"]]
+    new_optimizer = torch.optim.AdamW(params, lr=1e-3)
+    new_optimizer.load_state_dict(saved)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(new_optimizer, lambda step: 1.0)
+    scheduler.load_state_dict(torch.load(out / "scheduler.pt", weights_only=True))
+    assert scheduler.get_last_lr() == old["_last_lr"][:1]
+    assert scheduler.base_lrs == old["base_lrs"][:1] and scheduler.last_epoch == old["last_epoch"]
+    assert (out / "trainer_state.json").read_bytes() == (folder / "trainer_state.json").read_bytes()
+
+
+def test_a_trainer_scheduler_that_cannot_follow_is_refused_or_dropped(
+    training_outputs: TrainingOutputs, tmp_path: Path
+) -> None:
+    folder = training_outputs.trainer / "checkpoint-2"
+    layout = _trainer_layout(folder, tmp_path / "grown.json", extra=True)
+    refused = _remap(folder, "--to", layout, "-o", tmp_path / "no")
+    assert refused.exit_code == 4 and "cannot give new group 2 a lr_lambdas" in refused.stderr
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "dropped"
+    result = _remap(folder, "--to", layout, "-o", out, "--drop-scheduler")
+    assert result.exit_code == 0, result.output
+    written = {p.name for p in out.iterdir()}
+    assert "scheduler.pt" not in written
+    assert written == {p.name for p in folder.iterdir()} - {"scheduler.pt"}
