@@ -137,8 +137,16 @@ def companion_files(members: Iterable[str]) -> list[str]:
 
 
 def _read_torch_file(path: Path, allow_globals: Iterable[str]) -> Any:
-    from optckpt.io import load_checkpoint  # torch, only for a folder's own torch files
+    """The tree of a companion file; ``None`` for a file that is no checkpoint at all (of
+    no format optckpt reads: it holds no scheduler or scaler state to find)."""
+    # torch, only for a folder's own torch files
+    from optckpt.io import load_checkpoint
+    from optckpt.io.read import sniff
 
+    try:
+        sniff(path)
+    except UnreadableCheckpointError:
+        return None
     return load_checkpoint(path, allow_globals=allow_globals).root
 
 
@@ -146,10 +154,10 @@ def find_in_folder(
     folder: Path, members: Iterable[str], allow_globals: Iterable[str] = ()
 ) -> list[Companion]:
     """The companions in a training folder's own files (``scheduler.pt``, ``scaler.pt``,
-    ``trainer_state.json``), each read safely.
+    ``trainer_state.json``), each read safely; a file of no checkpoint format is passed over.
 
     Raises:
-        UnreadableCheckpointError: a companion file that cannot be read.
+        UnreadableCheckpointError: a companion file that cannot be read (truncated, corrupt).
     """
     found: list[Companion] = []
     for name in companion_files(members):
@@ -172,6 +180,8 @@ def find_in_folder(
                 )
             continue
         content = _read_torch_file(path, allow_globals)
+        if content is None:
+            continue
         for c in _walk(content, "", ()):
             found.append(
                 Companion(
