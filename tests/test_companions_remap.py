@@ -119,7 +119,8 @@ def test_drop_scheduler_leaves_it_out_and_says_so(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     (change,) = json.loads(result.stdout)["scheduler_changes"]
-    assert change["key"] == "scheduler" and change["new"] is None
+    assert (change["group"], change["key"], change["old"]) == (None, "scheduler", "StepLR")
+    assert change["new"] is None
     assert change["why"].startswith("dropped (--drop-scheduler)")
     assert set(torch.load(out, weights_only=True)) == {"model", "optimizer"}
 

@@ -43,7 +43,9 @@ from optckpt.errors import IncompatibleStateError
 @dataclass(frozen=True)
 class SchedulerChange:
     """One per-group scheduler entry that differs from the one at its index before (the
-    form of ``remap --json``'s ``hyperparam_changes``; ``key`` is the entry's key path)."""
+    form of ``remap --json``'s ``hyperparam_changes``; ``key`` is the entry's key path).
+    A scheduler dropped whole (``--drop-scheduler``) is one change of group ``-1`` (``null``
+    in JSON), ``key`` its key path, ``old`` its class, ``new`` ``None``."""
 
     group: int
     key: str
@@ -54,7 +56,7 @@ class SchedulerChange:
     def to_json(self) -> dict[str, Any]:
         """``{"group", "key", "old", "new", "why"}``, JSON-safe."""
         return {
-            "group": self.group,
+            "group": None if self.group < 0 else self.group,
             "key": self.key,
             "old": plain(self.old),
             "new": plain(self.new),
