@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, AsJson, Force, OutputFormat
+from optckpt.cli.options import (
+    AllowGlobal,
+    AsJson,
+    CheckpointPath,
+    Force,
+    OutputFormat,
+    RewriteOutput,
+)
 from optckpt.cli.render import (
     human_bytes,
     print_json,
@@ -22,23 +29,8 @@ _TO_DEPRECATED = "--to is deprecated in convert; use --format (--to names a layo
 
 
 def convert(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="Checkpoint file, training folder or DCP folder.",
-            metavar="PATH",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[
-        str,  # not a Path, which would drop the "/" that asks for a DCP folder
-        typer.Option(
-            "-o",
-            "--output",
-            help="Output file, DCP folder (ending in /), or a folder for a training folder; never an input.",
-            show_default=False,
-        ),
-    ],
+    path: CheckpointPath,
+    out: RewriteOutput,
     fmt: OutputFormat = None,
     to: Annotated[
         str | None,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Key
+from optckpt.cli.options import AllowGlobal, CheckpointPath, Key
 from optckpt.cli.render import (
     console,
     human_bytes,
@@ -27,9 +26,7 @@ _BAR = 28
 
 
 def inspect(
-    path: Annotated[
-        Path, typer.Argument(help="Checkpoint file or folder.", metavar="PATH", show_default=False)
-    ],
+    path: CheckpointPath,
     key: Key = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of tables.")

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, AsJson, Force, Key, OutputFormat
+from optckpt.cli.options import (
+    AllowGlobal,
+    AsJson,
+    CheckpointPath,
+    Force,
+    Key,
+    OutputFormat,
+    RewriteOutput,
+)
 from optckpt.cli.render import (
     human_bytes,
     print_json,
@@ -19,23 +26,8 @@ from optckpt.cli.render import (
 
 
 def move(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="Checkpoint file, training folder or DCP folder.",
-            metavar="PATH",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[
-        str,  # not a Path, which would drop the "/" that asks for a DCP folder
-        typer.Option(
-            "-o",
-            "--output",
-            help="Output file, DCP folder (ending in /) from a DCP folder, or a folder for a training folder; never an input.",
-            show_default=False,
-        ),
-    ],
+    path: CheckpointPath,
+    out: RewriteOutput,
     device: Annotated[
         str | None,
         typer.Option(

@@ -13,12 +13,33 @@ __all__ = [
     "MAX_SEED",
     "AllowGlobal",
     "AsJson",
+    "CheckpointPath",
     "Force",
     "GroupRules",
     "Key",
+    "OptionalRewriteOutput",
     "Output",
     "OutputFormat",
+    "RewriteOutput",
 ]
+
+CheckpointPath = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint file, training folder or DCP folder.", metavar="PATH", show_default=False
+    ),
+]
+_REWRITE_OUTPUT = typer.Option(
+    "-o",
+    "--output",
+    help="Output file, DCP folder (ending in /), or a folder for a training folder; "
+    "never an input.",
+    show_default=False,
+)
+# str, not Path: Path would drop the "/" that asks for a DCP folder.
+RewriteOutput = Annotated[str, _REWRITE_OUTPUT]
+OptionalRewriteOutput = Annotated[str | None, _REWRITE_OUTPUT]
+"""``-o`` of a command that rewrites a checkpoint (optional: remap, which has --dry-run)."""
 
 Output = Annotated[
     Path,

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import AllowGlobal, Force, GroupRules, Key, OutputFormat
+from optckpt.cli.options import (
+    AllowGlobal,
+    CheckpointPath,
+    Force,
+    GroupRules,
+    Key,
+    OptionalRewriteOutput,
+    OutputFormat,
+)
 from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
@@ -15,14 +23,7 @@ if TYPE_CHECKING:
 
 
 def remap(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="Checkpoint file, training folder or DCP folder.",
-            metavar="PATH",
-            show_default=False,
-        ),
-    ],
+    path: CheckpointPath,
     to: Annotated[
         Path,
         typer.Option(
@@ -31,15 +32,7 @@ def remap(
             show_default=False,
         ),
     ],
-    out: Annotated[
-        str | None,  # not a Path, which would drop the "/" that asks for a DCP folder
-        typer.Option(
-            "-o",
-            "--output",
-            help="Output file, DCP folder (ending in /) from a DCP folder, or a folder for a "
-            "training folder; never the input; not with --dry-run.",
-        ),
-    ] = None,
+    out: OptionalRewriteOutput = None,
     fmt: OutputFormat = None,
     source: Annotated[
         Path | None,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, Key
+from optckpt.cli.options import MAX_SEED, AllowGlobal, CheckpointPath, Force, Key
 from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
@@ -16,12 +16,7 @@ if TYPE_CHECKING:
 
 
 def resume_step(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="Checkpoint file or training folder.", metavar="PATH", show_default=False
-        ),
-    ],
+    path: CheckpointPath,
     optimizer: Annotated[
         str | None,
         typer.Option(
