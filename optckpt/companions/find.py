@@ -111,6 +111,8 @@ def trainer_counters(root: Any) -> Companion | None:
     lightning = "pytorch-lightning_version" in root or ("loops" in root and "global_step" in root)
     if lightning:
         state = {**counters, **({"loops": root["loops"]} if "loops" in root else {})}
+        if isinstance(root.get("hyper_parameters"), Mapping):  # save_hyperparameters(): data
+            state["hyper_parameters"] = root["hyper_parameters"]
         return Companion("", (), "trainer", state, _sure("Lightning", "pytorch-lightning keys"))
     beside = [v for value in root.values() for v in (value if isinstance(value, list) else [value])]
     if counters and any(isinstance(v, Mapping) and _is_optimizer(v) for v in beside):

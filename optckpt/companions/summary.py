@@ -5,7 +5,8 @@
 a nested SequentialLR / ChainedScheduler's ``schedulers``, each with its class);
 ``grad_scaler``: ``scale``, ``growth_tracker`` and the growth and backoff settings;
 ``trainer``: ``global_step``, ``epoch`` and the other counters there are (Lightning's
-``optimizer_steps`` and ``scheduler_steps`` from its ``loops``).
+``optimizer_steps`` and ``scheduler_steps`` from its ``loops``, and its
+``hyper_parameters``, as data).
 
 Every value is plain JSON (non-finite floats as ``"nan"``, ``"inf"``, ``"-inf"``): no torch.
 """
@@ -126,6 +127,8 @@ def trainer_summary(state: Mapping[str, Any]) -> dict[str, Any]:
         if key in state and number(state[key]) is not None:
             out[key] = plain(state[key])
     out.update(_lightning_steps(state.get("loops")))
+    if isinstance(state.get("hyper_parameters"), Mapping):  # Lightning's save_hyperparameters()
+        out["hyper_parameters"] = plain(state["hyper_parameters"])
     return out
 
 

@@ -326,6 +326,8 @@ def test_hyper_parameters_survive_every_writing_command(
         torch.equal(remapped["state"][i]["momentum_buffer"], before[i]["momentum_buffer"])
         for i in before
     )
-    # The names survive the round trip too.
+    # The names survive the round trip too, and inspect shows the hyperparameters.
     report = inspect_json(tmp_path / "back.ckpt")
     assert [o["names_source"] for o in report["optimizers"]] == ["recovered", "recovered"]
+    (trainer,) = [c for c in report["companions"] if c["kind"] == "trainer"]
+    assert trainer["summary"]["hyper_parameters"] == dict(saved)
