@@ -200,6 +200,15 @@ def test_unknown_architecture_gives_no_names_and_a_note(trainer_copy: Path) -> N
     )
     assert result.exit_code == 2
     assert "sorted by name" in result.stderr and "NoSuchModelForCausalLM" in result.stderr
+    # A model_type transformers does not know, and a class of another model_type: refused too.
+    for changes, needle in (
+        ({"model_type": "no_such_type"}, "knows no model_type 'no_such_type'"),
+        ({"architectures": ["BertForMaskedLM"]}, "no model class 'BertForMaskedLM' for 'gpt2'"),
+    ):
+        edit_config(trainer_copy, **{"model_type": "gpt2", **changes})
+        report = inspect_json(trainer_copy)
+        assert report["optimizers"][0]["names_source"] is None
+        assert any(needle in note for note in report["notes"]), report["notes"]
 
 
 def test_custom_code_is_never_run(trainer_copy: Path, tmp_path: Path) -> None:
