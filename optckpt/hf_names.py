@@ -43,6 +43,16 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INSTALL_HINT = "pip install 'optckpt[hf]'"
 _MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes; refuse to parse a huge one
 
+
+def max_parameters(ids: int) -> int:
+    """The most parameters a model built to name ``ids`` parameter IDs may register before
+    building stops: a Trainer's optimizer holds every trainable parameter, so a model that
+    names them has not many more (frozen ones); a hostile ``config.json``
+    (``num_hidden_layers: 10**9``) would otherwise build for hours, tens of seconds per
+    100,000 parameters even on the meta device."""
+    return 8 * ids + 4096
+
+
 Shape = tuple[int, ...]
 
 
@@ -62,11 +72,16 @@ class ModelParams:
     where: str
 
 
-_cache: dict[tuple[str, int, int], tuple[ModelParams | None, str | None]] = {}
+_cache: dict[tuple[str, int, int, int], tuple[ModelParams | None, str | None]] = {}
 
 
-def config_model(folder: Path) -> tuple[ModelParams | None, str | None]:
+def config_model(folder: Path, ids: int) -> tuple[ModelParams | None, str | None]:
     """The model of ``folder/config.json`` and its Trainer groups, or why there is none.
+
+    Args:
+        folder: the checkpoint folder.
+        ids: how many parameter IDs the names are for (bounds the model built:
+            :func:`max_parameters`).
 
     Returns:
         ``(params, None)``, or ``(None, note)`` saying why not (no transformers, custom code,
@@ -78,13 +93,13 @@ def config_model(folder: Path) -> tuple[ModelParams | None, str | None]:
         stat = config.stat()
     except OSError:
         return None, None
-    key = (str(config.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = (str(config.resolve()), stat.st_mtime_ns, stat.st_size, max_parameters(ids))
     if key not in _cache:
-        _cache[key] = _build(config, stat.st_size)
+        _cache[key] = _build(config, stat.st_size, ids)
     return _cache[key]
 
 
-def _build(config: Path, size: int) -> tuple[ModelParams | None, str | None]:
+def _build(config: Path, size: int, ids: int) -> tuple[ModelParams | None, str | None]:
     unnamed = f"{config} describes the model, but its parameters stay unnamed"
     if size > _MAX_CONFIG_BYTES:
         return None, f"{unnamed}: the file is {size} bytes, too large for a config"
@@ -119,7 +134,12 @@ def _build(config: Path, size: int) -> tuple[ModelParams | None, str | None]:
             return None, f"{unnamed}: {why}"
         try:
             where = f"{config} ({arch}, built without weights)"
-            return _params(cls, data, str(model_type), where), None
+            return _params(cls, data, str(model_type), where, max_parameters(ids)), None
+        except _TooLarge:
+            return None, (
+                f"{unnamed}: the model it describes has over {max_parameters(ids)} "
+                f"parameters, too many to be the one of {ids} parameter IDs (building stopped)"
+            )
         except Exception as e:  # transformers' own failure on a config it cannot build
             detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             return None, f"{unnamed}: transformers cannot build {arch} from it ({detail})"
@@ -142,16 +162,44 @@ def _model_class(model_type: Any, arch: Any) -> tuple[Any, str]:
         return None, f"transformers {_version()} has no model class {arch!r} for {model_type!r}"
     import transformers
 
-    return getattr(transformers, arch), ""
+    try:
+        return getattr(transformers, arch), ""
+    except Exception as e:  # in transformers' auto mappings, but not importable
+        return None, f"transformers {_version()} cannot import its model class {arch!r} ({e})"
 
 
-def _params(cls: Any, data: dict[str, Any], model_type: str, where: str) -> ModelParams:
+class _TooLarge(Exception):
+    """A model registered more parameters than :func:`max_parameters` allows."""
+
+
+@contextmanager
+def _at_most(limit: int) -> Iterator[None]:
+    """Raise :class:`_TooLarge` in a model's ``__init__`` once it registers its
+    ``limit + 1``-th parameter (torch's global parameter registration hook)."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    count = 0
+
+    def counted(module: Any, name: str, param: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooLarge
+
+    handle = register_module_parameter_registration_hook(counted)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _params(cls: Any, data: dict[str, Any], model_type: str, where: str, limit: int) -> ModelParams:
     import torch
     from transformers import Trainer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type].from_dict(data)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
+    with torch.device("meta"), _at_most(limit):  # shapes only: no memory, no initialisation
         model = cls(config)
     params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     # The rule of the installed Trainer itself (its create_optimizer: decay parameters in

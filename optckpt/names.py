@@ -381,7 +381,7 @@ def name_parameters(
     if sources.config_folder is not None and ids:
         from optckpt.hf_names import NoNames, config_model, from_model
 
-        model, note = config_model(sources.config_folder)  # imports transformers, only now
+        model, note = config_model(sources.config_folder, len(ids))  # imports transformers
         if model is not None:
             try:
                 found, how = from_model(state_dict, model)

@@ -155,3 +155,115 @@ def test_an_interrupted_write_leaves_nothing(
         convert_checkpoint(run_dir, out)
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == listing, "no temporary folder left behind"
+
+
+@pytest.fixture
+def hostile(run_dir: Path, tmp_path: Path) -> Path:
+    """checkpoint-2 with what a hostile or unlucky folder holds beside the Trainer's files: a
+    FIFO, a symlink loop, a symlink to /, relative symlinks that leave the folder (``../``)
+    or stay in it, and a file outside the folder that one of them reads."""
+    folder = run_dir / "checkpoint-2"
+    (run_dir / "outside.txt").write_text("outside")
+    os.mkfifo(folder / "pipe")
+    (folder / "loop1").symlink_to("loop2")
+    (folder / "loop2").symlink_to("loop1")
+    (folder / "root").symlink_to("/")
+    (folder / "escapes").symlink_to("../outside.txt")
+    (folder / "extra" / "up").symlink_to("../scheduler.pt")  # stays inside
+    return folder
+
+
+def test_special_files_and_symlinks_are_carried_as_they_are(hostile: Path, tmp_path: Path) -> None:
+    import signal
+    import stat
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("the write blocked (opened the FIFO?)")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        convert_checkpoint(hostile, tmp_path / "out")
+    finally:
+        signal.alarm(0)
+    out = tmp_path / "out"
+    assert stat.S_ISFIFO(os.lstat(out / "pipe").st_mode)
+    assert os.readlink(out / "loop1") == "loop2" and os.readlink(out / "root") == "/"
+    # a link that left the folder still reads the same file; one inside reads the copy
+    assert (out / "escapes").read_text() == "outside"
+    assert os.path.realpath(out / "escapes") == os.path.realpath(hostile / "escapes")
+    assert os.readlink(out / "extra" / "up") == "../scheduler.pt"
+
+
+def test_only_files_written_are_fsynced(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a carried hard link's data is the input's: fsyncing each costs a journal commit (5.6
+    # minutes for 100,000 files), and opening a carried FIFO blocks
+    from optckpt.io.dcp import writer
+
+    synced: list[str] = []
+    real = writer._fsync
+    monkeypatch.setattr(writer, "_fsync", lambda p: (synced.append(p.name), real(p)))
+    out = run_dir.parent / "out"
+    convert_checkpoint(run_dir, out)
+    files = {p.name for p in out.rglob("*") if p.is_file()}
+    assert files & set(synced) == {"optimizer.pt"}
+    assert "extra" in synced  # folders are, for their new entries
+
+
+def test_an_output_that_holds_what_an_input_link_reads_is_refused(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # optimizer.pt a symlink into the -o folder: --force would replace the input's optimizer
+    folder = run_dir / "checkpoint-2"
+    out = tmp_path / "out"
+    convert_checkpoint(folder, out)
+    (folder / "optimizer.pt").unlink()
+    (folder / "optimizer.pt").symlink_to(out / "optimizer.pt")
+    before = folder_digests(out)
+    with pytest.raises(UsageError, match=r"optimizer\.pt in the input points at"):
+        move_checkpoint(folder, out, dtype="bfloat16", force=True)
+    assert folder_digests(out) == before
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_write(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.walk skips a folder it cannot list unless told: the output would lack it silently
+    real = os.scandir
+    blocked = run_dir / "checkpoint-2" / "extra"
+
+    def scandir(path: object = ".") -> object:
+        if Path(os.fsdecode(path)) == blocked:  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", str(blocked))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(PermissionError):
+        convert_checkpoint(run_dir, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+@pytest.mark.parametrize("fails", ["link", "link and copy"])
+def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    if fails == "link and copy":
+        monkeypatch.setattr(shutil, "copy2", full)
+    before, listing = folder_digests(run_dir), sorted(os.listdir(tmp_path))
+    if fails == "link":  # copies then: only the optimizer file's write fails
+        monkeypatch.setattr("optckpt.io.folder_writer.save_torch", lambda *a, **k: full())
+    result = CliRunner().invoke(
+        app, ["move", str(run_dir), "-o", str(tmp_path / "out"), "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 3, result.output
+    assert "No space left on device" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == listing and folder_digests(run_dir) == before

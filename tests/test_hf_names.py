@@ -92,13 +92,13 @@ def test_a_state_that_fits_no_way_or_two_ways_gets_no_names() -> None:
 
 
 def test_configs_refused_before_transformers_is_asked(tmp_path: Path) -> None:
-    assert config_model(tmp_path) == (None, None)  # no config.json: nothing to say
+    assert config_model(tmp_path, 6) == (None, None)  # no config.json: nothing to say
     (tmp_path / "config.json").write_text("{not json")
-    assert "cannot read it" in (config_model(tmp_path)[1] or "")
+    assert "cannot read it" in (config_model(tmp_path, 6)[1] or "")
     marker = tmp_path / "ran"
     (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "custom", "auto_map": {"AutoModel": "custom.Model"}})
     )
-    model, note = config_model(tmp_path)
+    model, note = config_model(tmp_path, 6)
     assert model is None and "auto_map" in (note or "") and not marker.exists()

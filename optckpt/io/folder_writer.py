@@ -53,11 +53,11 @@ def check_training_folder_output(out: Path, inputs: Iterable[object], *, force: 
 
     ``out`` may be absent or an empty folder; a folder that holds a checkpoint (optimizer
     files) is replaced only with ``force``, and never one that is, holds or lies inside an
-    input.
+    input, or holds what a symlink in an input folder points at.
 
     Raises:
         UsageError: ``out`` is named as a file (``.pt``, ``.safetensors``, ...), is or holds
-            an input, lies inside an input folder, is a file, a non-empty folder that is no
+            an input or a symlink's target, lies inside an input folder, is a file, a non-empty folder that is no
             checkpoint, one without ``force``, or its parent folder does not exist.
         UnwritableOutputError: the parent folder cannot be written.
     """
@@ -67,16 +67,59 @@ def check_training_folder_output(out: Path, inputs: Iterable[object], *, force: 
             "rewritten, the other files carried over); give a folder name, or name one "
             "optimizer file of it as the input to write one file"
         )
+    inputs = list(inputs)
     check_output_folder(
         out, inputs, force=force, replaceable=is_training_folder, holding="a checkpoint"
     )
+    resolved = out.resolve()
+    for folder in (Path(p) for p in inputs if isinstance(p, (str, os.PathLike))):
+        if not folder.is_dir():
+            continue
+        for link, target in symlink_targets(folder):
+            if target == resolved or target.is_relative_to(resolved):
+                raise UsageError(
+                    f"-o {out} holds {target}, which {link} in the input points at; "
+                    "write to a new folder"
+                )
 
 
-def _carry(source: Path, target: Path) -> None:
+def _link_target(link: Path, folder: Path) -> str:
+    """What the copy of the symlink ``link`` (in ``folder``) points at: its own target where
+    that is absolute or stays inside ``folder`` (the copy points at the copied file), else
+    the same file as an absolute path (a relative ``../x`` would name another file, or none,
+    beside ``-o``)."""
+    target = os.readlink(link)
+    if os.path.isabs(target):
+        return target
+    inside = os.path.normpath(os.path.join(os.path.relpath(link.parent, folder), target))
+    if inside != ".." and not inside.startswith(".." + os.sep):
+        return target
+    # the kernel resolves a relative target from the link's real folder, ".." included
+    return os.path.join(os.path.realpath(link.parent), target)
+
+
+def symlink_targets(folder: Path) -> list[tuple[Path, Path]]:
+    """Every symlink under ``folder`` (its optimizer files included) and where it points:
+    an output that holds one of the targets would replace what the input's link reads."""
+    found = []
+    for root, dirs, files in os.walk(folder, onerror=_raise):
+        for name in [*dirs, *files]:
+            link = Path(root, name)
+            if link.is_symlink():
+                found.append((link, Path(os.path.realpath(link))))
+    return found
+
+
+def _raise(error: OSError) -> None:
+    raise error  # os.walk would skip a folder it cannot list: the output would lack it
+
+
+def _carry(source: Path, target: Path, folder: Path) -> None:
     """``target`` made the same file as ``source``: a hard link, else a copy (another file
-    system, or one without hard links); a symlink is copied as a symlink."""
+    system, or one without hard links); a symlink is copied as a symlink to the same file
+    (:func:`_link_target`)."""
     if source.is_symlink():
-        os.symlink(os.readlink(source), target)
+        os.symlink(_link_target(source, folder), target)
         return
     try:
         os.link(source, target, follow_symlinks=False)
@@ -114,12 +157,12 @@ def write_training_folder(
         UnwritableOutputError: an :class:`OSError` while writing (disk full, ...).
     """
     with atomic_folder(out) as tmp:
-        for root, dirs, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder, onerror=_raise):
             here = Path(root)
             where = tmp / here.relative_to(folder)
             for name in dirs:
                 if (here / name).is_symlink():
-                    _carry(here / name, where / name)
+                    _carry(here / name, where / name, folder)
                 else:
                     (where / name).mkdir()
             for name in files:
@@ -136,4 +179,4 @@ def write_training_folder(
                         placement=_of_file(placement, name),
                     )
                 else:
-                    _carry(here / name, where / name)
+                    _carry(here / name, where / name, folder)

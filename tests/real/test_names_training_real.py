@@ -150,7 +150,7 @@ def test_other_architectures_are_built_as_transformers_builds_them(
 
     model = _tiny(kind)
     model.save_pretrained(tmp_path)
-    built, note = config_model(tmp_path)
+    built, note = config_model(tmp_path, len(list(model.parameters())))
     assert note is None and built is not None
     assert list(built.params) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
@@ -340,3 +340,35 @@ def test_hyper_parameters_survive_every_writing_command(
     assert [o["names_source"] for o in report["optimizers"]] == ["recovered", "recovered"]
     (trainer,) = [c for c in report["companions"] if c["kind"] == "trainer"]
     assert trainer["summary"]["hyper_parameters"] == dict(saved)
+
+
+def test_a_config_of_a_huge_model_stops_building(tmp_path: Path) -> None:
+    # a hostile config.json: a billion layers would build for hours, even on the meta device
+    import time
+
+    import transformers as hf
+
+    from optckpt.hf_names import config_model
+
+    config = hf.GPT2Config(n_layer=10**9, n_embd=8, n_head=2, vocab_size=10)
+    config.architectures = ["GPT2LMHeadModel"]
+    config.to_json_file(tmp_path / "config.json")
+    start = time.monotonic()
+    built, note = config_model(tmp_path, 6)
+    assert built is None and "building stopped" in (note or "")
+    assert time.monotonic() - start < 60
+
+
+def test_a_model_class_transformers_maps_but_cannot_import_gives_a_note(tmp_path: Path) -> None:
+    import transformers as hf
+
+    from optckpt.hf_names import config_model
+
+    arch = "VoxtralRealtimeTextModel"  # in MODEL_MAPPING_NAMES of transformers 5.24, not exported
+    if hasattr(hf, arch):
+        pytest.skip(f"transformers {hf.__version__} exports {arch}")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "voxtral_realtime_text", "architectures": [arch]})
+    )
+    built, note = config_model(tmp_path, 6)
+    assert built is None and f"cannot import its model class '{arch}'" in (note or "")

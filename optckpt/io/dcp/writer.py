@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -94,11 +95,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _written_here(path: str) -> bool:
+    """Whether ``path`` is a file whose data this write made, to fsync: a regular file with
+    one link. A hard link carried from the input holds the input's data, made durable by
+    whoever wrote it (its new name is made durable by the folder's fsync), and fsyncing
+    each costs a journal commit (minutes for 100,000 files); a FIFO or device carried as a
+    link would block or act when opened; a symlink is not followed."""
+    info = os.lstat(path)
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, else it goes.
 
-    Every regular file and folder in it is fsynced (symlinks are not followed). An existing
+    Every file written in it (not a hard link carried from elsewhere, see
+    :func:`_written_here`) and every folder is fsynced (symlinks are not followed). An existing
     ``out`` (empty, or a checkpoint :func:`check_output_folder` let through) is renamed
     aside first and removed once the new folder is in place.
 
@@ -115,7 +127,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         yield tmp
         for root, dirs, files in os.walk(tmp):
             for name in files:
-                if not os.path.islink(os.path.join(root, name)):
+                if _written_here(os.path.join(root, name)):
                     _fsync(Path(root, name))
             for name in dirs:
                 if not os.path.islink(os.path.join(root, name)):
