@@ -29,7 +29,7 @@ from typing import Any
 
 from optckpt.errors import UsageError
 from optckpt.io.dcp.writer import atomic_folder, check_output_folder
-from optckpt.io.folders import optimizer_files
+from optckpt.io.folders import optimizer_files, walk
 from optckpt.io.read import sniff
 from optckpt.io.safetensors_format import write_safetensors
 from optckpt.io.torch_format import save_torch
@@ -102,16 +102,12 @@ def symlink_targets(folder: Path) -> list[tuple[Path, Path]]:
     """Every symlink under ``folder`` (its optimizer files included) and where it points:
     an output that holds one of the targets would replace what the input's link reads."""
     found = []
-    for root, dirs, files in os.walk(folder, onerror=_raise):
-        for name in [*dirs, *files]:
-            link = Path(root, name)
+    for here, _, files in walk(folder):
+        for name in files:
+            link = here / name
             if link.is_symlink():
                 found.append((link, Path(os.path.realpath(link))))
     return found
-
-
-def _raise(error: OSError) -> None:
-    raise error  # os.walk would skip a folder it cannot list: the output would lack it
 
 
 def _carry(source: Path, target: Path, folder: Path) -> None:
@@ -157,14 +153,10 @@ def write_training_folder(
         UnwritableOutputError: an :class:`OSError` while writing (disk full, ...).
     """
     with atomic_folder(out) as tmp:
-        for root, dirs, files in os.walk(folder, onerror=_raise):
-            here = Path(root)
+        for here, dirs, files in walk(folder):
             where = tmp / here.relative_to(folder)
             for name in dirs:
-                if (here / name).is_symlink():
-                    _carry(here / name, where / name, folder)
-                else:
-                    (where / name).mkdir()
+                (where / name).mkdir()
             for name in files:
                 if here == folder and tree.get(name) is OMIT:
                     continue

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,43 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint\-(\d+)$")
 def optimizer_files(folder: Path) -> list[Path]:
     """The optimizer files at the top of ``folder``, by name."""
     return sorted(p for p in folder.iterdir() if OPTIMIZER_FILE.match(p.name) and p.is_file())
+
+
+def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """Every folder under ``folder``, top-down, as ``(folder, subfolders, other entries)``;
+    symlinks (to folders too) are other entries, never followed.
+
+    Unlike ``os.walk``: a folder that cannot be listed raises its :class:`OSError` (``os.walk``
+    skips it, so a copy would lack it silently), and depth costs no recursion (Python 3.11's
+    ``os.walk`` recurses per level: a folder nested 1,000 deep raises ``RecursionError``).
+    """
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        dirs: list[str] = []
+        files: list[str] = []
+        with os.scandir(here) as entries:
+            for entry in entries:
+                (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+        yield here, dirs, files
+        stack.extend(here / name for name in reversed(dirs))
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove ``folder`` and everything in it as far as possible, ignoring errors (as
+    ``shutil.rmtree(folder, ignore_errors=True)``, which recurses per level in Python 3.11)."""
+    folders = []
+    try:
+        for here, _, files in walk(folder):
+            folders.append(here)
+            for name in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(here / name)
+    except OSError:
+        pass
+    for here in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(here)
 
 
 def last_checkpoint(folder: Path) -> Path | None:

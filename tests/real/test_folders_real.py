@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checks import folder_digests
+from checks import assert_bitwise_equal, folder_digests
 from typer.testing import CliRunner, Result
 
 from optckpt.cli.app import app
@@ -106,6 +106,20 @@ def test_every_optimizer_of_the_gan_steps_its_own_weights(
     moved = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
     assert moved == {"generator", "discriminator"}
 
+
+
+def test_remap_of_one_optimizer_keeps_the_other_as_it_was(
+    written: Written, training_outputs: TrainingOutputs
+) -> None:
+    # remap --key optimizer_1.bin rewrites the folder's every optimizer file (each written as
+    # torch.save writes it): optimizer.bin, not remapped, must load as the input's did, and
+    # optimizer_1.bin too (remapped from the layout to itself)
+    remapped = written.stepped.parent / "remapped"
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        assert_bitwise_equal(
+            torch.load(remapped / name, weights_only=True),
+            torch.load(training_outputs.accelerate / name, weights_only=True),
+        )
 
 def test_the_inputs_are_untouched(written: Written, training_outputs: TrainingOutputs) -> None:
     assert folder_digests(training_outputs.trainer) == written.before["trainer"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 
 from optckpt.errors import UnwritableOutputError, UsageError
 from optckpt.io.dcp.reader import METADATA, is_dcp
+from optckpt.io.folders import remove_tree, walk
 from optckpt.io.torch_format import Deferred
 from optckpt.locate import locate_optimizers
 
@@ -95,7 +95,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _written_here(path: str) -> bool:
+def _written_here(path: Path) -> bool:
     """Whether ``path`` is a file whose data this write made, to fsync: a regular file with
     one link. A hard link carried from the input holds the input's data, made durable by
     whoever wrote it (its new name is made durable by the folder's fsync), and fsyncing
@@ -125,13 +125,12 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        for root, dirs, files in os.walk(tmp):
+        for here, dirs, files in walk(tmp):
             for name in files:
-                if _written_here(os.path.join(root, name)):
-                    _fsync(Path(root, name))
+                if _written_here(here / name):
+                    _fsync(here / name)
             for name in dirs:
-                if not os.path.islink(os.path.join(root, name)):
-                    _fsync(Path(root, name))
+                _fsync(here / name)
         _fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -142,7 +141,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         os.replace(tmp, out)
         _fsync(parent)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         if old is not None and not out.exists():  # put the old checkpoint back
             os.replace(old / "replaced", out)
         if isinstance(e, OSError) and not isinstance(e, UnwritableOutputError):
@@ -150,7 +149,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         raise
     finally:
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
 
 def _made(node: Any) -> Any:
