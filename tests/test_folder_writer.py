@@ -267,3 +267,38 @@ def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
     assert result.exit_code == 3, result.output
     assert "No space left on device" in result.stderr
     assert sorted(os.listdir(tmp_path)) == listing and folder_digests(run_dir) == before
+
+
+def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.11's os.walk, Path.rglob and shutil.rmtree recurse once per level: the
+    # write, the size the CLI reports and the removal of a failed write's temporary folder
+    import sys
+
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    deep = run_dir / "checkpoint-2" / "extra"
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "notes.txt").write_text("deep")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(run_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    copied = out / (deep / "notes.txt").relative_to(run_dir / "checkpoint-2")
+    assert copied.read_text() == "deep"
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    # fails once the whole tree is in the temporary folder, which must then go
+    monkeypatch.setattr("optckpt.io.dcp.writer._fsync", full)
+    listing = sorted(os.listdir(tmp_path))
+    result = CliRunner().invoke(
+        app, ["move", str(run_dir), "-o", str(tmp_path / "o2"), "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 3, result.output
+    assert sorted(os.listdir(tmp_path)) == listing

@@ -99,3 +99,28 @@ def test_folder_with_neither_says_what_it_looked_for(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-x").mkdir()
     with pytest.raises(UnreadableCheckpointError, match="no checkpoint-N folder"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_that_is_a_symlink_to_root_is_not_walked(tmp_path: Path) -> None:
+    # the newest checkpoint-N a symlink to /: refused from its top level, never a walk of
+    # the whole file system
+    from optckpt.errors import UnreadableCheckpointError
+
+    (tmp_path / "checkpoint-9").symlink_to("/")
+    with pytest.raises(UnreadableCheckpointError, match="checkpoint-9: folder holds no optim"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_folder_nested_deeper_than_pythons_recursion_is_read(tmp_path: Path) -> None:
+    # Python 3.11's os.walk and Path.rglob recurse once per level
+    import sys
+
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(TRAINER_RUN / "checkpoint-2", folder)
+    deep = folder
+    for _ in range(sys.getrecursionlimit() + 100):
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "notes.txt").write_text("deep")
+    checkpoint = load_checkpoint(folder)
+    assert str((deep / "notes.txt").relative_to(folder)) in checkpoint.members

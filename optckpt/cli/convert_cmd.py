@@ -138,4 +138,6 @@ def convert(
 def _folder_size(folder: Path) -> int:
     """Bytes of the files in a folder (a DCP checkpoint, a training folder), however deep;
     0 for anything else."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    from optckpt.io.folders import files_under
+
+    return sum(p.stat().st_size for p in files_under(folder)) if folder.is_dir() else 0

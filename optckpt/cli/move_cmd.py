@@ -56,6 +56,7 @@ def move(
     allow_global: AllowGlobal = None,
 ) -> None:
     """Move optimizer state to another device and dtype, following torch's casting policy."""
+    from optckpt.io.folders import files_under
     from optckpt.move import move_checkpoint
 
     with progress_when_writing("moving", quiet=as_json) as progress:
@@ -74,7 +75,7 @@ def move(
     written = (
         result.out.stat().st_size
         if result.out.is_file()
-        else sum(p.stat().st_size for p in result.out.rglob("*") if p.is_file())
+        else sum(p.stat().st_size for p in files_under(result.out))
     )
     notes = list(result.notes)
     if result.kept_on:

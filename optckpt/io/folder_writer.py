@@ -10,11 +10,12 @@ a folder the library that made it loads again (``Trainer.train(resume_from_check
   ``optimizer.bin`` with ``torch.load``);
 * every other file (model weights, scheduler, RNG states, ``trainer_state.json``, ...) and
   subfolder carried over as it is: hard-linked where the file system allows (``os.link``:
-  no bytes copied), else copied; a symlink stays a symlink. optckpt never opens a carried
+  no bytes copied), else copied; a symlink stays a symlink to the same file (see
+  :func:`_link_target`), a FIFO or other special file a link to it, never opened. optckpt never opens a carried
   file for writing, before or after: a hard link shares its data with the input, so nothing
   may ever write into one (every writer here makes new files and renames them);
-* atomically: everything goes into a temporary folder beside the target, every file and
-  folder in it is fsynced, then it is renamed onto the target
+* atomically: everything goes into a temporary folder beside the target, every file written
+  (not the hard links) and folder in it is fsynced, then it is renamed onto the target
   (:func:`~optckpt.io.dcp.writer.atomic_folder`); on any failure, Ctrl-C included, the
   temporary folder goes and nothing appears at ``-o``.
 """
@@ -57,8 +58,9 @@ def check_training_folder_output(out: Path, inputs: Iterable[object], *, force: 
 
     Raises:
         UsageError: ``out`` is named as a file (``.pt``, ``.safetensors``, ...), is or holds
-            an input or a symlink's target, lies inside an input folder, is a file, a non-empty folder that is no
-            checkpoint, one without ``force``, or its parent folder does not exist.
+            an input or a symlink's target, lies inside an input folder, is a file, a
+            non-empty folder that is no checkpoint, one without ``force``, or its parent
+            folder does not exist.
         UnwritableOutputError: the parent folder cannot be written.
     """
     if out.suffix in _FILE_SUFFIXES:

@@ -33,24 +33,37 @@ def optimizer_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if OPTIMIZER_FILE.match(p.name) and p.is_file())
 
 
-def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+def walk(folder: Path, *, strict: bool = True) -> Iterator[tuple[Path, list[str], list[str]]]:
     """Every folder under ``folder``, top-down, as ``(folder, subfolders, other entries)``;
     symlinks (to folders too) are other entries, never followed.
 
-    Unlike ``os.walk``: a folder that cannot be listed raises its :class:`OSError` (``os.walk``
-    skips it, so a copy would lack it silently), and depth costs no recursion (Python 3.11's
-    ``os.walk`` recurses per level: a folder nested 1,000 deep raises ``RecursionError``).
+    Unlike ``os.walk``: with ``strict`` (for a copy), a folder that cannot be listed raises
+    its :class:`OSError` (``os.walk`` skips it, so a copy would lack it silently); without,
+    it is skipped. Depth costs no recursion (Python 3.11's ``os.walk`` and ``Path.rglob``
+    recurse per level: a folder nested 1,000 deep raises ``RecursionError``).
     """
     stack = [folder]
     while stack:
         here = stack.pop()
         dirs: list[str] = []
         files: list[str] = []
-        with os.scandir(here) as entries:
-            for entry in entries:
-                (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+        try:
+            with os.scandir(here) as entries:
+                for entry in entries:
+                    (dirs if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+        except OSError:
+            if strict or here == folder:
+                raise
+            continue
         yield here, dirs, files
         stack.extend(here / name for name in reversed(dirs))
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (symlinks to files too), sorted; folders that cannot be
+    listed are skipped, symlinks to folders not followed (see :func:`walk`)."""
+    found = (here / name for here, _, names in walk(folder, strict=False) for name in names)
+    return sorted(p for p in found if p.is_file())
 
 
 def remove_tree(folder: Path) -> None:
@@ -58,7 +71,7 @@ def remove_tree(folder: Path) -> None:
     ``shutil.rmtree(folder, ignore_errors=True)``, which recurses per level in Python 3.11)."""
     folders = []
     try:
-        for here, _, files in walk(folder):
+        for here, _, files in walk(folder, strict=False):
             folders.append(here)
             for name in files:
                 with contextlib.suppress(OSError):

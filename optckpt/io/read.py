@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
-from optckpt.io.folders import OPTIMIZER_FILE, Resolved, resolve_folder
+from optckpt.io.folders import Resolved, files_under, resolve_folder
+from optckpt.io.folders import optimizer_files as top_optimizer_files
 from optckpt.io.pickles import (
     DATA_RECONSTRUCTORS,
     MAX_PICKLE_BYTES,
@@ -411,15 +412,18 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
 
     if is_dcp(path):
         return read_dcp(path, allowed=allowed)  # DCP records no devices: read to the CPU
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    members = [str(p.relative_to(path)) for p in files]
-    optimizer_files = [p for p in files if p.parent == path and OPTIMIZER_FILE.match(p.name)]
+    # The top level first: a folder that holds no optimizer file (a checkpoint-N that is a
+    # symlink to /) is not walked.
+    optimizer_files = top_optimizer_files(path)
     if not optimizer_files:
-        listed = ", ".join(members[:10]) + (" ..." if len(members) > 10 else "") or "nothing"
+        names = sorted(os.listdir(path))
+        listed = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") or "nothing"
         raise UnreadableCheckpointError(
             f"{path}: folder holds no optimizer file (optimizer.pt, optimizer.bin) and no "
             f"checkpoint-N folder; it has: {listed}"
         )
+    files = files_under(path)
+    members = [str(p.relative_to(path)) for p in files]
     root = {}
     kinds = set()
     placement: dict[KeyPath, str] = {}

@@ -36,6 +36,7 @@ from optckpt.io.dcp.unpickle import (
     TensorEntry,
     read_metadata,
 )
+from optckpt.io.folders import files_under
 from optckpt.io.pickles import MAX_PICKLE_BYTES
 from optckpt.io.read import Checkpoint, resolve_globals
 
@@ -222,11 +223,7 @@ def read_dcp(
         return source.load()
 
     root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
-    sizes = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in files_under(folder)}
     return DcpCheckpoint(
         path=folder,
         format="dcp",
