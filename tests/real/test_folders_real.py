@@ -107,19 +107,26 @@ def test_every_optimizer_of_the_gan_steps_its_own_weights(
     assert moved == {"generator", "discriminator"}
 
 
-
 def test_remap_of_one_optimizer_keeps_the_other_as_it_was(
     written: Written, training_outputs: TrainingOutputs
 ) -> None:
-    # remap --key optimizer_1.bin rewrites the folder's every optimizer file (each written as
-    # torch.save writes it): optimizer.bin, not remapped, must load as the input's did, and
-    # optimizer_1.bin too (remapped from the layout to itself)
+    # remap --key optimizer_1.bin rewrites every optimizer file of the folder (each as
+    # torch.save writes it): optimizer.bin, not remapped, must load as the input's did;
+    # optimizer_1.bin, remapped from the layout to itself, keeps its state (its groups gain
+    # the layout's param_names)
     remapped = written.stepped.parent / "remapped"
-    for name in ("optimizer.bin", "optimizer_1.bin"):
-        assert_bitwise_equal(
-            torch.load(remapped / name, weights_only=True),
-            torch.load(training_outputs.accelerate / name, weights_only=True),
-        )
+
+    def load(folder: Path, name: str) -> dict:
+        return torch.load(folder / name, weights_only=True)
+
+    assert_bitwise_equal(
+        load(remapped, "optimizer.bin"), load(training_outputs.accelerate, "optimizer.bin")
+    )
+    assert_bitwise_equal(
+        load(remapped, "optimizer_1.bin")["state"],
+        load(training_outputs.accelerate, "optimizer_1.bin")["state"],
+    )
+
 
 def test_the_inputs_are_untouched(written: Written, training_outputs: TrainingOutputs) -> None:
     assert folder_digests(training_outputs.trainer) == written.before["trainer"]
