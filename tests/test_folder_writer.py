@@ -19,6 +19,7 @@ from checks import assert_bitwise_equal, folder_digests
 
 from optckpt.convert import convert_checkpoint
 from optckpt.errors import UsageError
+from optckpt.io.folders import remove_tree
 from optckpt.io.rewrite import prepare_output
 from optckpt.move import move_checkpoint
 from optckpt.resume import resume_each
@@ -270,7 +271,7 @@ def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
 
 
 def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     # Python 3.11's os.walk, Path.rglob and shutil.rmtree recurse once per level: the
     # write, the size the CLI reports and the removal of a failed write's temporary folder
@@ -286,6 +287,9 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
         deep.mkdir()
     (deep / "notes.txt").write_text("deep")
     out = tmp_path / "out"
+    # pytest removes old temporary folders with shutil.rmtree: leave it nothing this deep
+    request.addfinalizer(lambda: remove_tree(run_dir / "checkpoint-2" / "extra" / "a"))
+    request.addfinalizer(lambda: remove_tree(out / "extra" / "a"))
     result = CliRunner().invoke(app, ["convert", str(run_dir), "-o", str(out)])
     assert result.exit_code == 0, result.output
     copied = out / (deep / "notes.txt").relative_to(run_dir / "checkpoint-2")

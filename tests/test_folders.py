@@ -111,12 +111,18 @@ def test_a_checkpoint_that_is_a_symlink_to_root_is_not_walked(tmp_path: Path) ->
         load_checkpoint(tmp_path)
 
 
-def test_a_folder_nested_deeper_than_pythons_recursion_is_read(tmp_path: Path) -> None:
+def test_a_folder_nested_deeper_than_pythons_recursion_is_read(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     # Python 3.11's os.walk and Path.rglob recurse once per level
     import sys
 
+    from optckpt.io.folders import remove_tree
+
     folder = tmp_path / "checkpoint-2"
     shutil.copytree(TRAINER_RUN / "checkpoint-2", folder)
+    # pytest removes old temporary folders with shutil.rmtree: leave it nothing this deep
+    request.addfinalizer(lambda: remove_tree(folder / "a"))
     deep = folder
     for _ in range(sys.getrecursionlimit() + 100):
         deep = deep / "a"
