@@ -306,3 +306,19 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
     )
     assert result.exit_code == 3, result.output
     assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_an_output_that_is_a_symlink_to_a_folder_writes_that_folder(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # the rename went onto the symlink, a folder over a non-folder: ENOTDIR, exit 3
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk")
+    convert_checkpoint(run_dir, tmp_path / "out")
+    assert (tmp_path / "out").is_symlink()
+    assert (tmp_path / "disk" / "optimizer.pt").is_file()
+    move_checkpoint(run_dir, tmp_path / "out", dtype="bfloat16", force=True)  # replaced
+    assert (tmp_path / "out").is_symlink()
+    moved = torch.load(tmp_path / "disk" / "optimizer.pt", weights_only=True)["state"]
+    assert moved[0]["exp_avg"].dtype == torch.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out", "run"]

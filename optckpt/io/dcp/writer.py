@@ -117,9 +117,10 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     Raises:
         UnwritableOutputError: an :class:`OSError` while creating, syncing or renaming.
     """
-    parent = out.resolve().parent
+    target = out.resolve()  # -o a symlink to a folder: that folder is written
+    parent = target.parent
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise UnwritableOutputError(f"cannot write {out}: {e.strerror or e}") from e
     old: Path | None = None
@@ -135,15 +136,15 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        if out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / "replaced")
-        os.replace(tmp, out)
+        if target.is_dir() and any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, old / "replaced")
+        os.replace(tmp, target)
         _fsync(parent)
     except BaseException as e:
         remove_tree(tmp)
-        if old is not None and not out.exists():  # put the old checkpoint back
-            os.replace(old / "replaced", out)
+        if old is not None and not target.exists():  # put the old checkpoint back
+            os.replace(old / "replaced", target)
         if isinstance(e, OSError) and not isinstance(e, UnwritableOutputError):
             raise UnwritableOutputError(f"cannot write {out}: {e.strerror or e}") from e
         raise
