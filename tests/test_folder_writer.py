@@ -322,3 +322,26 @@ def test_an_output_that_is_a_symlink_to_a_folder_writes_that_folder(
     moved = torch.load(tmp_path / "disk" / "optimizer.pt", weights_only=True)["state"]
     assert moved[0]["exp_avg"].dtype == torch.bfloat16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out", "run"]
+
+
+def test_a_newest_checkpoint_that_holds_no_optimizer_file_is_not_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # checkpoint-9 a symlink to a big tree (/usr, /): -o is checked, then the input is
+    # refused from its top level; walking it (for its symlinks) would take the file system
+    from optckpt.errors import UnreadableCheckpointError
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-9").symlink_to(tree)
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if os.fsdecode(path).endswith("sub"):  # type: ignore[call-overload]
+            raise AssertionError(f"walked {os.fsdecode(path)}")  # type: ignore[call-overload]
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UnreadableCheckpointError, match="holds no optimizer file"):
+        convert_checkpoint(tmp_path / "run", tmp_path / "out")

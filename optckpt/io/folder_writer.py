@@ -75,8 +75,8 @@ def check_training_folder_output(out: Path, inputs: Iterable[object], *, force: 
     )
     resolved = out.resolve()
     for folder in (Path(p) for p in inputs if isinstance(p, (str, os.PathLike))):
-        if not folder.is_dir():
-            continue
+        if not is_training_folder(folder):
+            continue  # carried from nowhere: not walked (a checkpoint-N symlinked to /)
         for link, target in symlink_targets(folder):
             if target == resolved or target.is_relative_to(resolved):
                 raise UsageError(

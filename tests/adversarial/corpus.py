@@ -280,7 +280,7 @@ def _(d: Path) -> Path:
     return d / "x.pt"
 
 
-# Writing commands refuse a folder input as a usage error (2) until folders can be written.
+# A folder that is no checkpoint is unreadable (3); writing commands may refuse its -o first (2).
 _FOLDER = {"*": {3}, "convert": {2, 3}, "move": {2, 3}, "resume-step-o": {2, 3}}
 
 
@@ -294,6 +294,36 @@ def _(d: Path) -> Path:
 def _(d: Path) -> Path:
     (d / "run" / "optimizer.pt").mkdir(parents=True)
     return d / "run"
+
+
+def _trainer_folder(d: Path) -> Path:
+    """A checkpoint folder as a Trainer writes one: optimizer.pt and a file beside it."""
+    (d / "run").mkdir()
+    torch.save(_adam_state(), d / "run" / "optimizer.pt")
+    (d / "run" / "trainer_state.json").write_text("{}")
+    return d / "run"
+
+
+@case("folder-carries-fifo-symlink-loops-and-links-out", {"*": {0}, "remap": {2}})
+def _(d: Path) -> Path:
+    # carried as they are by every writing command: the FIFO never opened, no link followed
+    run = _trainer_folder(d)
+    os.mkfifo(run / "pipe")
+    (run / "loop1").symlink_to("loop2")
+    (run / "loop2").symlink_to("loop1")
+    (run / "root").symlink_to("/")
+    (d / "outside.txt").write_text("outside")
+    (run / "escapes").symlink_to("../outside.txt")
+    return run
+
+
+@case("output-dir-newest-checkpoint-is-a-symlink-to-root", _FOLDER)
+def _(d: Path) -> Path:
+    # the newest checkpoint-N a symlink to /: refused from its top level, never walked
+    (d / "out_dir").mkdir()
+    _trainer_folder(d).rename(d / "out_dir" / "checkpoint-1")
+    (d / "out_dir" / "checkpoint-9").symlink_to("/")
+    return d / "out_dir"
 
 
 @case("fifo-as-input")

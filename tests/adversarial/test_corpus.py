@@ -44,17 +44,21 @@ def _toy_layout(folder: Path) -> Path:
 
 
 def _commands(source: Path, out: Path, shared: Path) -> dict[str, list[str]]:
-    """The argv of every command run on a checkpoint input."""
+    """The argv of every command run on a checkpoint input (a folder is written as one)."""
     s = str(source)
+    folder = source.is_dir()
     return {
         "inspect": ["inspect", s],
         "inspect-stats": ["inspect", s, "--stats", "--json"],
         "diff": ["diff", s, s],
-        "convert": ["convert", s, "-o", str(out / "out.safetensors")],
-        "move": ["move", s, "--device", "cpu", "--dtype", "bfloat16", "-o", str(out / "m.pt")],
+        "convert": ["convert", s, "-o", str(out / ("out" if folder else "out.safetensors"))],
+        "move": [
+            *("move", s, "--device", "cpu", "--dtype", "bfloat16"),
+            *("-o", str(out / ("m" if folder else "m.pt"))),
+        ],
         "remap": ["remap", s, "--to", str(_toy_layout(shared)), "--dry-run"],
         "resume-step": ["resume-step", s],
-        "resume-step-o": ["resume-step", s, "-o", str(out / "r.pt")],
+        "resume-step-o": ["resume-step", s, "-o", str(out / ("r" if folder else "r.pt"))],
     }
 
 
