@@ -14,12 +14,10 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from optckpt.chunks import check_bounded, chunks, readable, reducible
 from optckpt.companions import checkpoint_companions, report_companions
+from optckpt.described import is_tensor, layout_name
 from optckpt.errors import IncompatibleStateError, UsageError
 
 # Re-exported (``X as X``): the report classes and the JSON form live in optckpt.inspect_report.
@@ -32,7 +30,7 @@ from optckpt.inspect_report import TensorStats as TensorStats
 from optckpt.inspect_report import dtype_name
 from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
-from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
+from optckpt.io.dcp import is_dcp
 from optckpt.io.pages import Releaser
 from optckpt.locate import KeyPath, Located, locate_optimizers, select_optimizers
 from optckpt.names import Naming, name_parameters, sources_of
@@ -48,10 +46,13 @@ from optckpt.optim.specs import (
 from optckpt.optim.specs import picture_label as _picture_label
 from optckpt.statedict import group_of, param_ids
 
+if TYPE_CHECKING:
+    import torch
+
 _CHUNK = 1 << 22  # elements per chunk when reading values, so memory stays flat
 
 
-def _info(tensor: torch.Tensor, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo:
+def _info(tensor: Any, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo:
     return TensorInfo(
         shape=tuple(tensor.shape),
         dtype=dtype_name(tensor.dtype),
@@ -74,6 +75,10 @@ def tensor_stats(tensor: torch.Tensor, where: str = "a state tensor") -> TensorS
         UnreadableCheckpointError: the tensor claims more elements than its storage holds by
             more than :data:`optckpt.chunks.MAX_EXCESS_BYTES` (``where`` names it).
     """
+    import torch
+
+    from optckpt.chunks import check_bounded, chunks, reducible
+
     check_bounded(tensor, where)
     total_sq = total = 0.0
     nonfinite = 0
@@ -105,8 +110,8 @@ def tensor_stats(tensor: torch.Tensor, where: str = "a state tensor") -> TensorS
 
 
 def _step_value(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
-        return float(value.reshape(()).item())
+    if is_tensor(value) and value.numel() == 1 and value.device.type != "meta":
+        return float(value.item())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
@@ -114,11 +119,33 @@ def _step_value(value: Any) -> float | None:
 
 def _state_entry(value: Any, checkpoint: Checkpoint, path: KeyPath) -> TensorInfo | Any:
     """A state value as the report shows it; ``path``: its key path in the checkpoint."""
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return _info(value, checkpoint, path)
     if isinstance(value, (list, tuple)):
         return [_state_entry(v, checkpoint, (*path, i)) for i, v in enumerate(value)]
     return value
+
+
+def _read_stats(
+    report: ParamReport, raw: Mapping[Any, Any], checkpoint: Checkpoint, releaser: Releaser
+) -> None:
+    """``--stats``: the values of one parameter's state tensors, into ``report.stats``."""
+    from optckpt.chunks import readable
+
+    real = getattr(checkpoint, "real", None)  # DCP: a placeholder's chunks are read now
+    for k, v in raw.items():
+        if real is not None:
+            v = real(v)
+        if (
+            is_tensor(v)
+            and v.numel() > 1
+            and v.device.type != "meta"
+            and layout_name(v) == "strided"
+            and readable(v.dtype)  # not a packed dtype such as float4_e2m1fn_x2
+        ):
+            where = f"the state of {report.name or f'ID {report.id}'}, {str(k)!r}"
+            report.stats[str(k)] = tensor_stats(v, where)
+            releaser.read(v.numel() * v.element_size())
 
 
 def _warnings(
@@ -232,7 +259,7 @@ def inspect_optimizer(
     ids = param_ids(sd) + [k for k in state if k not in groups_of]
     params: list[ParamReport] = []
     steps: dict[Any, float] = {}
-    releaser = Releaser(checkpoint.sources)
+    releaser = Releaser(checkpoint.sources) if stats else None
     for pid in ids:
         raw = state.get(pid, {})
         at = (*located.path, "state", pid)
@@ -250,20 +277,8 @@ def inspect_optimizer(
         step = _step_value(raw.get("step"))
         if step is not None:
             steps[pid] = step
-        if stats:
-            for k, v in raw.items():
-                if isinstance(checkpoint, DcpCheckpoint):
-                    v = checkpoint.real(v)  # a placeholder: its chunks are read now
-                if (
-                    isinstance(v, torch.Tensor)
-                    and v.numel() > 1
-                    and v.device.type != "meta"
-                    and v.layout == torch.strided
-                    and readable(v.dtype)  # not a packed dtype such as float4_e2m1fn_x2
-                ):
-                    where = f"the state of {report.name or f'ID {pid}'}, {str(k)!r}"
-                    report.stats[str(k)] = tensor_stats(v, where)
-                    releaser.read(v.numel() * v.element_size())
+        if releaser is not None:
+            _read_stats(report, raw, checkpoint, releaser)
         params.append(report)
 
     groups = []
@@ -303,6 +318,7 @@ def inspect_checkpoint(
     key: str | None = None,
     stats: bool = False,
     allow_globals: Iterable[str] = (),
+    describe: bool | None = None,
 ) -> InspectReport:
     """Read a checkpoint and describe every optimizer state dict in it (or the one at ``key``).
 
@@ -311,6 +327,9 @@ def inspect_checkpoint(
         key: key path of one optimizer state dict; ``None`` for all of them.
         stats: read tensor values for per-parameter statistics.
         allow_globals: globals to allow while unpickling (``module.Name``).
+        describe: read the structure without torch (:mod:`optckpt.io.structure`), where
+            the reader models the file; ``None``: unless ``stats``. The report is the same
+            either way (``tests/test_structure.py`` compares them).
 
     Raises:
         UnreadableCheckpointError: the input cannot be read, or holds no optimizer state.
@@ -318,9 +337,15 @@ def inspect_checkpoint(
     """
     checkpoint: Checkpoint
     if is_dcp(path):  # .metadata and the values: tensors are read only for --stats
+        from optckpt.io.dcp.reader import read_dcp
+
         checkpoint = read_dcp(path, allow_globals=allow_globals, tensors="meta")
     else:
-        checkpoint = load_checkpoint(path, allow_globals=allow_globals)
+        # Without --stats only the structure is needed: described without torch
+        # (optckpt.io.structure) where the reader models the file, else read with torch.
+        checkpoint = load_checkpoint(
+            path, allow_globals=allow_globals, describe=not stats if describe is None else describe
+        )
     located = select_optimizers(checkpoint.root, key)
     if checkpoint.members:
         top = checkpoint.members
@@ -334,7 +359,7 @@ def inspect_checkpoint(
         size=checkpoint.size,
         top_level_keys=top,
         optimizers=[inspect_optimizer(loc, checkpoint, stats=stats) for loc in located],
-        storage=checkpoint.summary() if isinstance(checkpoint, DcpCheckpoint) else None,
+        storage=summary() if (summary := getattr(checkpoint, "summary", None)) else None,  # DCP
         read_notes=checkpoint.notes(),
         companions=report_companions(
             checkpoint_companions(checkpoint, allow_globals),

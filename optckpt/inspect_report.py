@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from optckpt.companions import CompanionReport
+from optckpt.described import dtype_name as dtype_name  # re-exported: defined with DType
+from optckpt.described import is_tensor
 from optckpt.optim.guess import Guess
 
 
@@ -171,7 +171,7 @@ def jsonable(value: Any) -> Any:
     Tuples become lists, 0-dim tensors numbers, other tensors their shape/dtype/device, and
     non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
     """
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         if value.dim() == 0 and value.device.type != "meta":
             return jsonable(value.item())
         return {
@@ -234,8 +234,3 @@ def _state_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_state_json(v) for v in value]
     return jsonable(value)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")

@@ -20,13 +20,15 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from optckpt.described import is_tensor
 from optckpt.errors import UsageError
 from optckpt.patterns import Pattern, compile_pattern
 from optckpt.statedict import huge_int, show_value
+
+if TYPE_CHECKING:
+    import torch
 
 # Entries of a model state dict that are buffers, not parameters: BatchNorm's statistics.
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -70,6 +72,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _is_torch_dtype(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
 def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
     """A group's hyperparameters as torch keeps them: JSON lists become tuples (``betas``)."""
     return {
@@ -101,7 +109,7 @@ def layout_from_json(data: Mapping[str, Any], source: str = "layout") -> Layout:
     for name, spec in params.items():
         if any(d < 0 for d in spec.shape):
             raise UsageError(f"{source}: {name!r} has a negative dimension {list(spec.shape)}")
-        if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
+        if not _is_torch_dtype(spec.dtype):
             raise UsageError(f"{source}: {name!r} has dtype {spec.dtype!r}, which torch has not")
     for index, group in enumerate(groups):
         huge = huge_int(group)
@@ -137,7 +145,7 @@ def model_parameters(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch
     found: dict[str, torch.Tensor] = {}
     seen: set[tuple[torch.UntypedStorage, int, tuple[int, ...]]] = set()
     for name, tensor in model_state.items():
-        if not isinstance(tensor, torch.Tensor) or is_buffer(name, tensor):
+        if not is_tensor(tensor) or is_buffer(name, tensor):
             continue
         identity = _alias_key(tensor)
         if tensor.numel() and identity in seen:
@@ -152,7 +160,7 @@ def tied(model_state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     weights: the same storage, offset and shape), which must change together."""
     by_identity: dict[tuple[torch.UntypedStorage, int, tuple[int, ...]], list[str]] = {}
     for name, tensor in model_state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.numel():
+        if is_tensor(tensor) and tensor.numel():
             by_identity.setdefault(_alias_key(tensor), []).append(name)
     return {n: [m for m in names if m != n] for names in by_identity.values() for n in names}
 
@@ -167,7 +175,7 @@ def _is_model_state(node: Any) -> bool:
     return (
         isinstance(node, Mapping)
         and bool(node)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items())
+        and all(isinstance(k, str) and is_tensor(v) for k, v in node.items())
     )
 
 
@@ -358,7 +366,7 @@ def save_layout(model: torch.nn.Module, optimizer: Any | None, path: str | Path)
     data = layout.to_json()
     for group in data["groups"]:
         for key, value in list(group.items()):
-            if isinstance(value, torch.Tensor):
+            if is_tensor(value):
                 group[key] = value.item()
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
     return layout

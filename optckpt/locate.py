@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import torch
-
+from optckpt.described import is_tensor
 from optckpt.errors import NoOptimizerStateError, UnreadableCheckpointError, UsageError
 from optckpt.statedict import StateDict, is_optimizer_state_dict, validate_state_dict
+
+if TYPE_CHECKING:
+    import torch
 
 KeyPath: TypeAlias = tuple[Any, ...]
 """The keys (and list indices) from a tree's root down to one of its values; ``()``: the root."""
@@ -57,7 +59,7 @@ def tensor_paths(node: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, tor
     stack: list[tuple[KeyPath, Any]] = [(prefix, node)]
     while stack:
         path, value = stack.pop()
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             yield path, value
         elif isinstance(value, Mapping):
             stack.extend(reversed([((*path, k), v) for k, v in value.items()]))
@@ -70,7 +72,7 @@ def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
     stack: list[tuple[Any, Any]] = [(None, node)]
     while stack:
         key, value = stack.pop()
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             yield key, value
         elif isinstance(value, Mapping):
             stack.extend(value.items())

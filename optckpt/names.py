@@ -34,9 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from optckpt.alignment import Ambiguous, NoFit, Unsure, align
 from optckpt.errors import IncompatibleStateError, UsageError
@@ -51,6 +49,9 @@ from optckpt.fqn import (  # re-exported (__all__): name forms and keyings live 
     to_name_keyed,
 )
 from optckpt.statedict import names_of, param_ids
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "WRAPPER_PREFIXES",

@@ -21,10 +21,9 @@ import copy
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from optckpt.described import is_tensor
 from optckpt.errors import (
     GroupCountMismatchError,
     GroupSizeMismatchError,
@@ -36,6 +35,9 @@ from optckpt.validate import huge_int as huge_int
 from optckpt.validate import is_optimizer_state_dict as is_optimizer_state_dict
 from optckpt.validate import show_value as show_value
 from optckpt.validate import validate_state_dict as validate_state_dict
+
+if TYPE_CHECKING:
+    import torch
 
 StateDict = dict[str, Any]
 """An ``Optimizer.state_dict()``: ``{"state": {id: {key: value}}, "param_groups": [...]}``."""
@@ -83,7 +85,7 @@ def pack(param_groups: Sequence[Mapping[str, Any]], state: Mapping[Any, Any]) ->
 
     packed_state = {}
     for key, value in state.items():
-        if isinstance(key, torch.Tensor):
+        if is_tensor(key):
             if id(key) not in mapping:
                 raise IncompatibleStateError(
                     f"state holds a tensor of shape {list(key.shape)} that is in no param group"
@@ -191,6 +193,8 @@ def cast_value(
     """
     if key == "step":
         if fused_or_capturable:
+            import torch
+
             return value.to(dtype=torch.float32, device=param.device)
         return value
     if param.is_floating_point():
@@ -222,7 +226,7 @@ def cast_tree(
             dict's ``_metadata``, which ``Module.load_state_dict`` reads), where torch's
             ``_cast`` makes a plain dict: for a whole checkpoint tree, not optimizer state.
     """
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return cast(value, path)
     if isinstance(value, Mapping):
         items = {k: cast_tree(v, cast, (*path, k), keep_types=keep_types) for k, v in value.items()}

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-
+from optckpt.described import dtype_name, is_tensor, layout_name
 from optckpt.errors import UnreadableCheckpointError
 
 
@@ -41,17 +40,7 @@ def is_optimizer_state_dict(obj: object) -> bool:
 # The dtypes a ``step`` tensor may have: torch keeps it as a float32 (or float64) 0-dim tensor,
 # older versions as an integer; bool, complex, float8 and the wide unsigned types are no count.
 _STEP_DTYPES = frozenset(
-    {
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-    }
+    {"float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64"}
 )
 
 
@@ -59,8 +48,8 @@ def show_value(value: Any) -> str:
     """A short description of a value for a message (never the repr of a huge int)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    if is_tensor(value):
+        return f"a {dtype_name(value.dtype)} tensor of shape {list(value.shape)}"
     text = repr(value) if isinstance(value, (int, float, complex, str, bytes)) else ""
     if text and len(text) <= 40:
         return text
@@ -106,8 +95,12 @@ def huge_int(root: Any) -> int | None:
 
 
 def _step_problem(step: Any) -> str | None:
-    if isinstance(step, torch.Tensor):
-        if step.layout != torch.strided or step.dtype not in _STEP_DTYPES or step.numel() != 1:
+    if is_tensor(step):
+        if (
+            layout_name(step) != "strided"
+            or dtype_name(step.dtype) not in _STEP_DTYPES
+            or step.numel() != 1
+        ):
             return f"is {show_value(step)}"
         return None
     if isinstance(step, bool) or not isinstance(step, (int, float)):
@@ -124,11 +117,11 @@ def _entry_problem(entry: Any, shaped: frozenset[str]) -> str | None:
         if problem:
             return f"has a step that {problem}; a step is a number, or a real tensor of one element"
     for key, value in entry.items():
-        if key in shaped and not isinstance(value, torch.Tensor):
+        if key in shaped and not is_tensor(value):
             return f"has {key!r} = {show_value(value)}; torch keeps a tensor there"
     for value in _leaves(entry):
-        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
-            layout = str(value.layout).removeprefix("torch.")
+        if is_tensor(value) and layout_name(value) != "strided":
+            layout = layout_name(value)
             return f"holds a {layout} tensor; optimizer state is dense"
     huge = huge_int(entry)
     if huge is not None:

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
-import torch
-
-from optckpt.io.torch_zip import weights_only_allowed_globals
-
 
 def torch_allowed_globals() -> frozenset[str]:
     """The names torch's weights-only unpickler allows without being told (``torch.Size``,
@@ -32,6 +28,10 @@ def torch_allowed_globals() -> frozenset[str]:
     ``tests/test_torch_zip.py`` fails if a torch upgrade changes it (it is wrapped in
     :mod:`optckpt.io.torch_zip`).
     """
+    import torch
+
+    from optckpt.io.torch_zip import weights_only_allowed_globals
+
     allowed = weights_only_allowed_globals()
     for entry in torch.serialization.get_safe_globals():
         if isinstance(entry, tuple):

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from optckpt.described import is_tensor, layout_name
 
 # Re-exported: the allow/deny facts live in optckpt.io.allowlist.
 from optckpt.io.allowlist import DATA_RECONSTRUCTORS as DATA_RECONSTRUCTORS
@@ -376,7 +376,7 @@ def check_tree(root: Any) -> None:
             the file holds, so this is what makes a 10^12 x 10^12 view safe to report on).
     """
     if not _is_container(root):
-        if isinstance(root, torch.Tensor):
+        if is_tensor(root):
             _check_tensor(root, "the root", 0)
         return
     done: dict[int, tuple[int, int]] = {}  # container id -> (height, nodes unfolded)
@@ -412,7 +412,7 @@ def check_tree(root: Any) -> None:
                 height, nodes = known
             else:
                 height, nodes = 0, 1
-                if isinstance(child, torch.Tensor) and id(child) not in tensors:
+                if is_tensor(child) and id(child) not in tensors:
                     tensors.add(id(child))
                     excess = _check_tensor(child, _where(path, key), excess)
             frame[2] = max(frame[2], height)
@@ -445,14 +445,14 @@ def _count(n: int) -> str:
     return f"{n:,}" if n < 10**15 else f"about 10^{int(math.log10(n))}"
 
 
-def _check_tensor(tensor: torch.Tensor, where: str, excess: int) -> int:
+def _check_tensor(tensor: Any, where: str, excess: int) -> int:
     """Check one tensor's claimed size against its storage; the running excess after it."""
     try:
         shape = list(tensor.shape)
         numel = math.prod(shape)  # Python ints: no overflow, unlike tensor.numel()
         if numel > 2**62:
             raise Refused(f"tensor at {where} claims {_count(numel)} elements")
-        if tensor.layout != torch.strided:
+        if layout_name(tensor) != "strided":
             return excess  # sparse and other layouts keep their data in strided parts
         claimed = numel * tensor.element_size()
         held = tensor.untyped_storage().nbytes()

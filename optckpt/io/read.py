@@ -37,9 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
 from optckpt.io.folders import Resolved, files_under, resolve_folder
@@ -54,13 +52,17 @@ from optckpt.io.pickles import (
     torch_allowed_globals,
     why_dangerous,
 )
-from optckpt.io.safetensors_format import looks_like_safetensors, read_safetensors
+from optckpt.io.safetensors_format import looks_like_safetensors
+from optckpt.io.structure import describe_safetensors, describe_torch_zip
 
 # Re-exported: the zip bounds were defined here.
 from optckpt.io.zip_checks import MAX_COMPRESSION_RATIO as MAX_COMPRESSION_RATIO
 from optckpt.io.zip_checks import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from optckpt.io.zip_checks import first_line, zip_pickle
 from optckpt.locate import KeyPath, tensor_paths
+
+if TYPE_CHECKING:
+    import torch
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # A legacy torch file starts with a pickled magic number: protocol 2 and a LONG1 opcode.
@@ -265,6 +267,8 @@ def _torch_load(
     allowed: Sequence[Any],
     placement: dict[KeyPath, str],
 ) -> Any:
+    import torch
+
     location: Any = map_location
     # Storages torch read to the CPU from another device, and that device. Keyed by the
     # storage object, which torch keeps one of per storage; this map holds each, so none is
@@ -385,16 +389,32 @@ def sniff(path: Path) -> str:
 
 
 def _read_file(
-    path: Path, map_location: str | None, allowed: Sequence[Any], placement: dict[KeyPath, str]
+    path: Path,
+    map_location: str | None,
+    allowed: Sequence[Any],
+    placement: dict[KeyPath, str],
+    describe: bool = False,
 ) -> tuple[str, Any]:
     """The file's format and tree; the devices its tensors were saved from go into
-    ``placement`` (see :attr:`Checkpoint.placement`), by key path in the file's tree."""
+    ``placement`` (see :attr:`Checkpoint.placement`), by key path in the file's tree.
+    ``describe``: tensors described, not made, where :mod:`optckpt.io.structure` models
+    the file (else it is read as without)."""
     kind = sniff(path)
     try:
-        if kind == "safetensors":
-            root = read_safetensors(path, placement)
-        else:
-            root = _torch_load(path, kind == "torch-legacy", map_location, allowed, placement)
+        root = None
+        if describe and not allowed and map_location == "cpu":
+            if kind == "torch":
+                root = describe_torch_zip(path, placement)
+            elif kind == "safetensors":
+                root = describe_safetensors(path)
+        if root is None:
+            placement.clear()
+            if kind == "safetensors":
+                from optckpt.io.safetensors_format import read_safetensors
+
+                root = read_safetensors(path, placement)
+            else:
+                root = _torch_load(path, kind == "torch-legacy", map_location, allowed, placement)
         # Every command walks the tree: refuse one it would choke on, whatever the format.
         check_tree(root)
     except Refused as e:
@@ -407,10 +427,14 @@ def _read_file(
     return kind, root
 
 
-def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -> Checkpoint:
-    from optckpt.io.dcp import is_dcp, read_dcp  # optckpt.io.dcp imports this module
+def _read_folder(
+    path: Path, map_location: str | None, allowed: Sequence[Any], describe: bool = False
+) -> Checkpoint:
+    from optckpt.io.dcp import is_dcp  # optckpt.io.dcp imports this module
 
     if is_dcp(path):
+        from optckpt.io.dcp.reader import read_dcp
+
         return read_dcp(path, allowed=allowed)  # DCP records no devices: read to the CPU
     # The top level first: a folder that holds no optimizer file (a checkpoint-N that is a
     # symlink to /) is not walked.
@@ -429,7 +453,7 @@ def _read_folder(path: Path, map_location: str | None, allowed: Sequence[Any]) -
     placement: dict[KeyPath, str] = {}
     for p in optimizer_files:
         found: dict[KeyPath, str] = {}
-        kind, root[p.name] = _read_file(p, map_location, allowed, found)
+        kind, root[p.name] = _read_file(p, map_location, allowed, found, describe)
         placement.update({(p.name, *key): device for key, device in found.items()})
         kinds.add(kind)
     return Checkpoint(
@@ -448,6 +472,7 @@ def load_checkpoint(
     *,
     map_location: str | None = "cpu",
     allow_globals: Iterable[str] = (),
+    describe: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint file or folder safely, whatever its format.
 
@@ -459,6 +484,10 @@ def load_checkpoint(
             open on machines without one); ``None`` keeps the saved devices.
         allow_globals: ``module.Name`` globals to let through torch's ``weights_only``
             unpickler, for checkpoints that hold such objects and that you trust.
+        describe: describe tensors rather than make them, without torch
+            (:mod:`optckpt.io.structure`; ``inspect`` without ``--stats``), for torch zip and
+            safetensors files it models; others are read as without. Needs the default
+            ``map_location`` and no ``allow_globals``.
 
     Returns:
         The :class:`Checkpoint`.
@@ -474,11 +503,11 @@ def load_checkpoint(
         raise UnreadableCheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         resolved = resolve_folder(path)
-        checkpoint = _read_folder(resolved.path, map_location, allowed)
+        checkpoint = _read_folder(resolved.path, map_location, allowed, describe)
         checkpoint.given = resolved.given
         return checkpoint
     placement: dict[KeyPath, str] = {}
-    kind, root = _read_file(path, map_location, allowed, placement)
+    kind, root = _read_file(path, map_location, allowed, placement, describe)
     return Checkpoint(
         path=path,
         format=kind,

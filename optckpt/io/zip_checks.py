@@ -12,9 +12,11 @@ failure in any record but the storages. Picking the reader and loading are
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from optckpt.errors import UnreadableCheckpointError
@@ -36,8 +38,26 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0].rstrip(".")
 
 
+@dataclass(frozen=True)
+class ZipRecords:
+    """A checked torch zip: its records by lower-cased name, its folder prefix (lower-cased,
+    with the slash), and the CRC-checked ``data.pkl`` and ``byteorder`` (``None``: absent)."""
+
+    by_name: dict[str, zipfile.ZipInfo]
+    folder: str
+    pickle: bytes
+    byteorder: bytes | None
+
+
 def zip_pickle(path: Path) -> bytes:
-    """``data.pkl`` of a torch zip file, once the records torch reads are checked.
+    """``data.pkl`` of a torch zip file, once the records torch reads are checked
+    (see :func:`zip_records`)."""
+    return zip_records(path).pickle
+
+
+def zip_records(path: Path) -> ZipRecords:
+    """The records of a torch zip file and its ``data.pkl``, once the records torch reads are
+    checked.
 
     torch's zip reader checks no CRC, so a changed byte in ``data.pkl`` would load as altered
     names or values; Python's zipfile checks the CRC of a record read to its end. Only the
@@ -87,10 +107,13 @@ def zip_pickle(path: Path) -> bytes:
                     f"over the {MAX_PICKLE_BYTES // 2**20} MiB that optckpt reads"
                 )
             # Reading a record to its end raises BadZipFile on a CRC mismatch.
+            byteorder = None
             for info in _check_records(path, infos, folder):
                 if info is not pickle_info:
-                    archive.read(info)
-            return archive.read(pickle_info)
+                    content = archive.read(info)
+                    if info.filename.lower() == folder + "byteorder":
+                        byteorder = content
+            return ZipRecords(by_name, folder, archive.read(pickle_info), byteorder)
     except zipfile.BadZipFile as e:
         if "CRC" in str(e):
             raise UnreadableCheckpointError(
@@ -136,3 +159,24 @@ def _check_records(path: Path, infos: list[zipfile.ZipInfo], folder: str) -> lis
             f"bytes; torch.save writes a few bytes there"
         )
     return metadata
+
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header, 30 bytes
+_LOCAL_MAGIC = 0x04034B50
+
+
+def record_start(mapped: mmap.mmap, base: int, info: zipfile.ZipInfo, where: str) -> int:
+    """Where a stored record's data begins in the map (after its local header), for a zip
+    that starts at ``base``.
+
+    Raises:
+        UnreadableCheckpointError: no local header there (``where`` names the zip).
+    """
+    at = base + info.header_offset
+    try:
+        fields = _LOCAL_HEADER.unpack_from(mapped, at)
+    except struct.error as e:
+        raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip ({e})") from e
+    if fields[0] != _LOCAL_MAGIC:
+        raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip (bad local header)")
+    return int(at + _LOCAL_HEADER.size + fields[9] + fields[10])

@@ -31,24 +31,61 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
    implementations it has.
 """
 
-from optckpt.optim.adadelta import Adadelta
-from optckpt.optim.adafactor import Adafactor
-from optckpt.optim.adagrad import Adagrad
-from optckpt.optim.adam import Adam
-from optckpt.optim.adamax import Adamax
-from optckpt.optim.adamw import AdamW
-from optckpt.optim.asgd import ASGD
-from optckpt.optim.base import Optimizer
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from optckpt.optim.guess import Guess, guess_optimizer
-from optckpt.optim.lbfgs import LBFGS
-from optckpt.optim.muon import Muon
-from optckpt.optim.nadam import NAdam
-from optckpt.optim.radam import RAdam
-from optckpt.optim.registry import UnknownOptimizerError, by_name, names
-from optckpt.optim.rmsprop import RMSprop
-from optckpt.optim.rprop import Rprop
-from optckpt.optim.sgd import SGD
-from optckpt.optim.sparse_adam import SparseAdam
+
+if TYPE_CHECKING:
+    from optckpt.optim.adadelta import Adadelta
+    from optckpt.optim.adafactor import Adafactor
+    from optckpt.optim.adagrad import Adagrad
+    from optckpt.optim.adam import Adam
+    from optckpt.optim.adamax import Adamax
+    from optckpt.optim.adamw import AdamW
+    from optckpt.optim.asgd import ASGD
+    from optckpt.optim.base import Optimizer
+    from optckpt.optim.lbfgs import LBFGS
+    from optckpt.optim.muon import Muon
+    from optckpt.optim.nadam import NAdam
+    from optckpt.optim.radam import RAdam
+    from optckpt.optim.registry import UnknownOptimizerError, by_name, names
+    from optckpt.optim.rmsprop import RMSprop
+    from optckpt.optim.rprop import Rprop
+    from optckpt.optim.sgd import SGD
+    from optckpt.optim.sparse_adam import SparseAdam
+
+# The optimizers import torch; the facts (specs) and the guess do not, and `optckpt inspect`
+# reads only those. So the optimizers are imported when first used.
+_LAZY = {
+    "Adadelta": "adadelta",
+    "Adafactor": "adafactor",
+    "Adagrad": "adagrad",
+    "Adam": "adam",
+    "Adamax": "adamax",
+    "AdamW": "adamw",
+    "ASGD": "asgd",
+    "Optimizer": "base",
+    "LBFGS": "lbfgs",
+    "Muon": "muon",
+    "NAdam": "nadam",
+    "RAdam": "radam",
+    "UnknownOptimizerError": "registry",
+    "by_name": "registry",
+    "names": "registry",
+    "RMSprop": "rmsprop",
+    "Rprop": "rprop",
+    "SGD": "sgd",
+    "SparseAdam": "sparse_adam",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "ASGD",

@@ -11,7 +11,32 @@ with torch's own ``FileSystemWriter`` (DESIGN.md, "Distributed checkpoints").
 * :mod:`~optckpt.io.dcp.reader`: :func:`read_dcp`.
 """
 
-from optckpt.io.dcp.reader import DcpCheckpoint, TensorLayout, is_dcp, read_dcp
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from optckpt.io.dcp.sharded import sharded_state_error
+
+if TYPE_CHECKING:
+    from optckpt.io.dcp.reader import DcpCheckpoint, TensorLayout, read_dcp
+
+METADATA = ".metadata"
+
+
+def is_dcp(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that ``torch.distributed.checkpoint`` wrote."""
+    path = Path(path)
+    return path.is_dir() and (path / METADATA).is_file()
+
+
+# The reader imports torch; telling a DCP folder apart does not, nor does inspect's own path.
+_LAZY = {"DcpCheckpoint", "TensorLayout", "read_dcp"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.reader"), name)
+
 
 __all__ = ["DcpCheckpoint", "TensorLayout", "is_dcp", "read_dcp", "sharded_state_error"]

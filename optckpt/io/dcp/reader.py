@@ -25,6 +25,8 @@ from typing import Any, Literal
 import torch
 
 from optckpt.errors import UnreadableCheckpointError
+from optckpt.io.dcp import METADATA as METADATA  # re-exported: defined with is_dcp
+from optckpt.io.dcp import is_dcp as is_dcp
 from optckpt.io.dcp.storage import Files, load_bytes, refused_globals
 from optckpt.io.dcp.tensors import Piece, TensorSource
 from optckpt.io.dcp.tree import build_tree
@@ -41,13 +43,6 @@ from optckpt.io.pickles import MAX_PICKLE_BYTES
 from optckpt.io.read import Checkpoint, resolve_globals
 
 Tensors = Literal["load", "lazy", "meta"]
-METADATA = ".metadata"
-
-
-def is_dcp(path: str | Path) -> bool:
-    """Whether ``path`` is a folder that ``torch.distributed.checkpoint`` wrote."""
-    path = Path(path)
-    return path.is_dir() and (path / METADATA).is_file()
 
 
 @dataclass(frozen=True)

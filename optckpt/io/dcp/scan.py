@@ -15,11 +15,7 @@ import struct
 from typing import Any
 
 from optckpt.io.pickles import MAX_NESTING, MAX_PICKLE_BYTES
-
-
-class BadPickle(ValueError):
-    """A pickle that is corrupt, too deep, or not the shape torch writes (no file named)."""
-
+from optckpt.io.unpickle import BadPickle as BadPickle  # re-exported: defined with the unpickler
 
 _MARK = object()  # a MARK on the scan's stack
 

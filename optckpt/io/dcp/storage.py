@@ -25,7 +25,6 @@ import io
 import mmap
 import os
 import pickle
-import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,9 +49,8 @@ from optckpt.io.pickles import (
     scan_pickles,
     torch_allowed_globals,
 )
+from optckpt.io.zip_checks import record_start
 
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header, 30 bytes
-_LOCAL_MAGIC = 0x04034B50
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _PAGE = mmap.PAGESIZE
 
@@ -208,18 +206,6 @@ def _zip_records(window: _Window, where: str) -> tuple[str, list[zipfile.ZipInfo
     return info.filename[: -len("data.pkl")], infos, data
 
 
-def _record_start(mapped: mmap.mmap, base: int, info: zipfile.ZipInfo, where: str) -> int:
-    """Where a stored record's data begins in the map (after its local header)."""
-    at = base + info.header_offset
-    try:
-        fields = _LOCAL_HEADER.unpack_from(mapped, at)
-    except struct.error as e:
-        raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip ({e})") from e
-    if fields[0] != _LOCAL_MAGIC:
-        raise UnreadableCheckpointError(f"{where}: corrupt torch.save zip (bad local header)")
-    return int(at + _LOCAL_HEADER.size + fields[9] + fields[10])
-
-
 def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord, int]:
     """A tensor chunk's storage bytes, viewed in place (``uint8``), how the tensor views
     them, and where in the file they start; nothing of the data is read.
@@ -257,7 +243,7 @@ def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, Ten
         raise UnreadableCheckpointError(
             f"{where}: its storage record holds {info.file_size:,} bytes, its pickle says {nbytes:,}"
         )
-    data_start = _record_start(mapped, start, info, where)
+    data_start = record_start(mapped, start, info, where)
     if data_start + nbytes > start + length:
         raise UnreadableCheckpointError(f"{where}: its storage runs past the entry's end")
     _check_view(record, where)

@@ -25,8 +25,6 @@ globals it names and how deep it nests. The records are :mod:`optckpt.io.dcp.rec
 
 from __future__ import annotations
 
-import io
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,17 +39,15 @@ from optckpt.io.dcp.records import (  # re-exported (__all__): the records live 
     TensorEntry,
     TensorRecord,
 )
-from optckpt.io.dcp.scan import BadPickle, scan
+from optckpt.io.dcp.scan import scan
 from optckpt.io.pickles import why_dangerous
-
-
-class RefusedGlobals(ValueError):
-    """A pickle names globals outside the allow-list; ``names`` lists them, in order."""
-
-    def __init__(self, names: list[str]) -> None:
-        super().__init__(", ".join(names))
-        self.names = names
-
+from optckpt.io.unpickle import (
+    STORAGE_CLASSES,
+    UNTYPED_STORAGES,
+    BadPickle,
+    RefusedGlobals,
+    unpickle,
+)
 
 # --------------------------------------------------------------------------- stand-ins
 # What the allowed globals become while unpickling: objects that take in their pickled state
@@ -175,20 +171,8 @@ class _StorageClass:
 
 # Storage classes of torch.save's persistent IDs, by the dtype they hold.
 _STORAGES: dict[str, torch.dtype] = {
-    "torch.DoubleStorage": torch.float64,
-    "torch.FloatStorage": torch.float32,
-    "torch.HalfStorage": torch.float16,
-    "torch.BFloat16Storage": torch.bfloat16,
-    "torch.LongStorage": torch.int64,
-    "torch.IntStorage": torch.int32,
-    "torch.ShortStorage": torch.int16,
-    "torch.CharStorage": torch.int8,
-    "torch.ByteStorage": torch.uint8,
-    "torch.BoolStorage": torch.bool,
-    "torch.ComplexDoubleStorage": torch.complex128,
-    "torch.ComplexFloatStorage": torch.complex64,
+    name: getattr(torch, dtype) for name, dtype in STORAGE_CLASSES.items()
 }
-_UNTYPED = ("torch.UntypedStorage", "torch.storage.UntypedStorage")
 
 
 @dataclass(frozen=True)
@@ -244,7 +228,7 @@ TENSOR_GLOBALS: dict[str, Any] = {
     "torch._utils._rebuild_tensor_v3": _rebuild_v3,
     "collections.OrderedDict": _ordered_dict,
     **{name: _StorageClass(dtype) for name, dtype in _STORAGES.items()},
-    **dict.fromkeys(_UNTYPED, _StorageClass(None)),
+    **dict.fromkeys(UNTYPED_STORAGES, _StorageClass(None)),
     **_DTYPES,
 }
 """The globals a tensor chunk's ``data.pkl`` may name (what ``torch.save`` of one dense tensor
@@ -252,31 +236,6 @@ writes), and what each becomes."""
 
 
 # --------------------------------------------------------------------------- unpickling
-
-
-class _Unpickler(pickle.Unpickler):
-    """Resolves only the globals of its table; anything else is an error, never imported."""
-
-    def __init__(
-        self,
-        data: bytes,
-        table: Mapping[str, Any],
-        persistent: Callable[[Any], Any] | None = None,
-    ) -> None:
-        super().__init__(io.BytesIO(data))
-        self._table = table
-        self._persistent = persistent
-
-    def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        if full in self._table:
-            return self._table[full]
-        raise RefusedGlobals([full])
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self._persistent is None:
-            raise BadPickle("a persistent ID outside a torch.save file")
-        return self._persistent(pid)
 
 
 def _load(
@@ -288,14 +247,7 @@ def _load(
     refused = [g for g in scan(data) if g not in table]
     if refused:
         raise RefusedGlobals(refused)
-    try:
-        return _Unpickler(data, table, persistent).load()
-    except (BadPickle, RefusedGlobals):
-        raise
-    except RecursionError as e:
-        raise BadPickle("nested too deeply") from e
-    except Exception as e:  # the unpickler's and the stand-ins' errors on a mangled pickle
-        raise BadPickle(f"corrupt pickle ({type(e).__name__}: {e})") from e
+    return unpickle(data, table, persistent)
 
 
 def dangerous(names: Sequence[str]) -> list[tuple[str, str]]:

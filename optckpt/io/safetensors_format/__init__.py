@@ -21,10 +21,31 @@ tree decodes only to a value of its own kind (:class:`_TreeDecoder`); anything e
 :class:`~optckpt.errors.UnreadableCheckpointError` naming the file and the entry.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from optckpt.io.safetensors_format.header import looks_like_safetensors, read_header
-from optckpt.io.safetensors_format.reader import load_tensors, read_safetensors
 from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY
-from optckpt.io.safetensors_format.writer import check_storable, write_safetensors
+
+if TYPE_CHECKING:
+    from optckpt.io.safetensors_format.reader import load_tensors, read_safetensors
+    from optckpt.io.safetensors_format.writer import check_storable, write_safetensors
+
+# Imported when first used: they import torch, and reading a header does not need it.
+_LAZY = {
+    "load_tensors": "reader",
+    "read_safetensors": "reader",
+    "check_storable": "writer",
+    "write_safetensors": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "DEVICES_KEY",

@@ -14,31 +14,43 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
+from optckpt.described import DTYPES
 from optckpt.errors import UnreadableCheckpointError
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors' dtype names, by torch's name of each (``torch.<name>``).
+_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
+_SAFETENSORS_NAMES = {name: st for st, name in _DTYPE_NAMES.items()}
 
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+def dtype_name_of(safetensors_dtype: str) -> str:
+    """torch's name (``"float32"``) of a safetensors dtype (``"F32"``) the header allows."""
+    return _DTYPE_NAMES[safetensors_dtype]
+
+
+def safetensors_dtype(dtype: Any) -> str | None:
+    """The safetensors name (``"F32"``) of a torch dtype, or ``None`` where it has none."""
+    return _SAFETENSORS_NAMES.get(str(dtype).removeprefix("torch."))
+
+
 _MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 _MAX_NUMEL = 2**63 - 1  # torch's sizes and strides are int64
 # More dimensions than any optimizer state has: torch keeps a size and a stride per dimension,
@@ -164,7 +176,7 @@ def _entry(path: Path, name: str, entry: Any, data_size: int) -> dict[str, Any]:
         if key not in entry:
             raise _bad_entry(path, name, f"has no {key}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
         raise UnreadableCheckpointError(
             f"{path}: tensor {_show(name)} has unsupported dtype {_show(dtype)}"
         )
@@ -191,7 +203,7 @@ def _entry(path: Path, name: str, entry: Any, data_size: int) -> dict[str, Any]:
             f"{path}: truncated safetensors file (tensor {_show(name)} ends at byte {end} "
             f"of the data, which has {data_size})"
         )
-    expected = math.prod(shape) * _DTYPES[dtype].itemsize
+    expected = math.prod(shape) * DTYPES[_DTYPE_NAMES[dtype]].itemsize
     if end - begin != expected:
         raise _bad_entry(
             path,
@@ -258,7 +270,7 @@ def _check_with_safetensors(
     the dtypes were checked above.
     """
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # "pt" imports torch
             names, theirs = set(f.keys()), f.metadata() or {}
     except SafetensorError as e:
         if "unknown variant" in str(e):

@@ -9,16 +9,9 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError
-from optckpt.io.safetensors_format.header import _DTYPES, _first_clause, read_header
-from optckpt.io.safetensors_format.tree import (
-    DEVICES_KEY,
-    TREE_KEY,
-    _CorruptTree,
-    _saved_devices,
-    _tree_json,
-    _TreeDecoder,
-)
-from optckpt.locate import KeyPath, tensor_paths
+from optckpt.io.safetensors_format.header import dtype_name_of, read_header
+from optckpt.io.safetensors_format.tree import TREE_KEY, decode_tree
+from optckpt.locate import KeyPath
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -47,7 +40,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         )
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = getattr(torch, dtype_name_of(entry["dtype"]))
         if end == begin:
             tensors[name] = torch.empty(entry["shape"], dtype=dtype)
             continue
@@ -74,24 +67,4 @@ def read_safetensors(path: Path, placement: dict[KeyPath, str] | None = None) ->
     tree = metadata.get(TREE_KEY)
     if tree is None:
         return tensors
-    try:
-        devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
-        decoder = _TreeDecoder(tensors)
-        root = decoder.decode(_tree_json(tree))
-    except _CorruptTree as e:
-        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
-    except RecursionError as e:
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt optckpt metadata (nested too deeply)"
-        ) from e
-    except ValueError as e:  # JSONDecodeError, NaN, an integer of > 4300 digits
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt optckpt metadata ({_first_clause(e)})"
-        ) from e
-    if placement is not None and devices:
-        # where each tensor sits in the tree (a tensor used as a dict key sits nowhere)
-        at = {key for key, _ in tensor_paths(root)}
-        placement.update(
-            {key: devices[name] for key, name in decoder.placed if name in devices and key in at}
-        )
-    return root
+    return decode_tree(path, tree, metadata, tensors, placement)

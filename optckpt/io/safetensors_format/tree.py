@@ -9,15 +9,20 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from optckpt.errors import UsageError
-from optckpt.io.safetensors_format.header import _NAMES, _kind, _show
-from optckpt.io.torch_format import Deferred
-from optckpt.locate import KeyPath
+from optckpt.described import is_tensor
+from optckpt.errors import UnreadableCheckpointError, UsageError
+from optckpt.io.safetensors_format.header import _first_clause, _kind, _show, safetensors_dtype
+from optckpt.locate import KeyPath, tensor_paths
 from optckpt.statedict import is_optimizer_state_dict, names_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from optckpt.io.torch_format import Deferred
 
 TREE_KEY = "optckpt.tree"
 DEVICES_KEY = "optckpt.devices"
@@ -145,7 +150,7 @@ class _TreeDecoder:
         return number
 
     def as_dtype(self, value: Any) -> torch.dtype:
-        dtype = _TORCH_DTYPES.get(value) if isinstance(value, str) else None
+        dtype = _torch_dtypes().get(value) if isinstance(value, str) else None
         if dtype is None:
             raise self.corrupt(f"__dtype__ {_show(value)} is not a torch dtype")
         return dtype
@@ -167,11 +172,17 @@ _TAGS: dict[str, Callable[[_TreeDecoder, Any], Any]] = {
     "__device__": _TreeDecoder.as_device,
 }
 
-# Every torch.dtype by the name the writer gives it (str(dtype) less "torch."), and nothing
-# else: looking a name up with getattr(torch, name) gave whatever torch holds ("load").
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """Every torch.dtype by the name the writer gives it (str(dtype) less "torch."), and nothing
+    else: looking a name up with getattr(torch, name) gave whatever torch holds ("load")."""
+    import torch
+
+    return {
+        str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+    }
+
 
 # The device types a checkpoint's tensors live on; torch.device also takes legacy and
 # rendering backends (mkldnn, opengl, vulkan, ...) that hold no checkpoint.
@@ -187,6 +198,8 @@ def _device(value: Any) -> torch.device | None:
         return None
     if value.partition(":")[0] not in _DEVICE_TYPES:
         return None
+    import torch
+
     try:
         return torch.device(value)
     except (RuntimeError, ValueError):  # "cuda:-1", "cuda:x", "cpu:0:1"
@@ -233,9 +246,9 @@ class _Encoder:
         while unique in self.tensors:
             n += 1
             unique = f"{name}#{n}"
-        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        if is_tensor(value) and value.device.type == "meta":
             raise UsageError(f"cannot store {name}: a meta tensor has no data")
-        if value.dtype not in _NAMES:
+        if safetensors_dtype(value.dtype) is None:
             raise UsageError(f"cannot store {name}: safetensors has no {value.dtype}")
         # made contiguous on the CPU only when written (_stored), one at a time
         self.tensors[unique] = value
@@ -243,6 +256,10 @@ class _Encoder:
         return {"__tensor__": unique}
 
     def encode(self, node: Any, name: str) -> Any:
+        import torch
+
+        from optckpt.io.torch_format import Deferred
+
         if isinstance(node, (torch.Tensor, Deferred)):
             return self.tensor(node, name)
         if node is None or isinstance(node, (bool, int, str)):
@@ -289,3 +306,41 @@ class _Encoder:
             else:
                 out[k] = self.encode(v, prefix + str(k))
         return out
+
+
+def decode_tree(
+    path: Path,
+    tree: str,
+    metadata: Mapping[str, str],
+    tensors: Mapping[str, Any],
+    placement: dict[KeyPath, str] | None,
+) -> Any:
+    """The checkpoint tree of ``optckpt.tree`` (``tree``) over the file's ``tensors``; the
+    devices of ``optckpt.devices`` go into ``placement`` (see
+    :func:`~optckpt.io.safetensors_format.read_safetensors`).
+
+    Raises:
+        UnreadableCheckpointError: optckpt metadata that optckpt never writes (see
+            :class:`_TreeDecoder`), naming what is wrong and where.
+    """
+    try:
+        devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
+        decoder = _TreeDecoder(tensors)
+        root = decoder.decode(_tree_json(tree))
+    except _CorruptTree as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
+    except RecursionError as e:
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt optckpt metadata (nested too deeply)"
+        ) from e
+    except ValueError as e:  # JSONDecodeError, NaN, an integer of > 4300 digits
+        raise UnreadableCheckpointError(
+            f"{path}: corrupt optckpt metadata ({_first_clause(e)})"
+        ) from e
+    if placement is not None and devices:
+        # where each tensor sits in the tree (a tensor used as a dict key sits nowhere)
+        at = {key for key, _ in tensor_paths(root)}
+        placement.update(
+            {key: devices[name] for key, name in decoder.placed if name in devices and key in at}
+        )
+    return root

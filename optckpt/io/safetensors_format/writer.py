@@ -12,7 +12,7 @@ import torch
 
 from optckpt.errors import UsageError
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
-from optckpt.io.safetensors_format.header import _NAMES
+from optckpt.io.safetensors_format.header import safetensors_dtype
 from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
 from optckpt.io.torch_format import (
     Deferred,
@@ -34,7 +34,7 @@ def check_storable(dtypes: Iterable[tuple[str, torch.dtype]]) -> None:
         UsageError: names the first such tensor and its dtype.
     """
     for name, dtype in dtypes:
-        if dtype not in _NAMES:
+        if safetensors_dtype(dtype) is None:
             raise UsageError(f"cannot store {name} in safetensors: it has no {dtype}")
 
 
@@ -87,7 +87,7 @@ def write_safetensors(
     for name, tensor in encoder.tensors.items():
         size = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": _NAMES[tensor.dtype],
+            "dtype": safetensors_dtype(tensor.dtype),
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
