@@ -92,6 +92,7 @@ def convert_checkpoint(
     keying: str | None = None,
     to: str | None = None,
     sanitize: bool = False,
+    describe: bool | None = None,
 ) -> ConvertResult:
     """Write ``path`` to ``out`` in another format (and, optionally, for another optimizer).
 
@@ -117,6 +118,9 @@ def convert_checkpoint(
         sanitize: rewrite numpy values, ``argparse.Namespace`` and paths into plain types
             (:func:`optckpt.sanitize.sanitize_tree`), so that the output loads with
             ``torch.load(weights_only=True)`` and no allow-list.
+        describe: read the input without torch and copy its tensors' bytes from file to file
+            (:meth:`~optckpt.io.rewrite.Rewrite.load`); ``None``: whenever the output is a
+            safetensors file. The output is the same either way (``tests/test_convert.py``).
 
     Raises:
         UsageError: bad output path or format (a training folder takes none), ``key`` without ``optimizer``
@@ -150,7 +154,9 @@ def convert_checkpoint(
         )
     if is_dcp(job.source) and not to_dcp and keying is None:
         keying = "ids"  # what Optimizer.load_state_dict takes; --keying names keeps the FQNs
-    checkpoint = job.load()
+    if describe is None:
+        describe = job.output.kind == "safetensors"
+    checkpoint = job.load(describe=describe and job.output.kind == "safetensors")
     sanitized = None
     if sanitize:
         checkpoint.root, sanitized = sanitize_tree(checkpoint.root)

@@ -20,6 +20,7 @@ import mmap
 import struct
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class DescribedStorage:
         location: the device it was saved from (``"cuda:0"``); ``"cpu"`` for safetensors.
         start: the offset of its first byte in the file.
         source: the file, memory-mapped (``None`` for an empty storage).
+        file: the file's path, for writers that copy the bytes in the kernel.
     """
 
     key: str
@@ -121,6 +123,7 @@ class DescribedStorage:
     location: str
     start: int
     source: mmap.mmap | None = field(default=None, repr=False)
+    file: Path | None = None
 
     def nbytes(self) -> int:
         """Its size in bytes, as ``UntypedStorage.nbytes()``."""
@@ -229,6 +232,32 @@ class DescribedTensor:
         if self.dtype.is_complex:
             return complex(values[0], values[1])
         return values[0]
+
+    def byte_range(self) -> tuple[int, int] | None:
+        """``(offset in the file, bytes)`` of a tensor that is one contiguous run of its
+        storage; ``None`` for any other (a transposed or strided view)."""
+        if not self.is_contiguous():
+            return None
+        return self.storage.start + self.offset * self.dtype.itemsize, self.numel() * (
+            self.dtype.itemsize
+        )
+
+    def to_torch(self) -> torch.Tensor:
+        """The tensor itself, a view of the file's copy-on-write mapping (imports torch), as
+        ``torch.load(mmap=True)`` gives it: for commands that read values."""
+        import torch
+
+        dtype = getattr(torch, self.dtype.name)
+        if self.storage.source is None or self.storage.size == 0:
+            raw = torch.empty(0, dtype=torch.uint8)
+        else:
+            raw = torch.frombuffer(
+                self.storage.source, dtype=torch.uint8, count=self.storage.size,
+                offset=self.storage.start,
+            )  # fmt: skip
+        width = self.dtype.itemsize
+        typed = raw[: len(raw) - len(raw) % width].view(dtype)
+        return typed.as_strided(self.shape, self.strides, self.offset)
 
 
 def readable_item(tensor: DescribedTensor) -> bool:

@@ -11,16 +11,15 @@ chunks, so comparing memory-mapped checkpoints costs little more than the chunks
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from optckpt.chunks import bits_dtype, check_bounded, chunk_slices, readable, reducible, same_bits
 from optckpt.companions import checkpoint_companions
 from optckpt.companions.diff import CompanionDifference, diff_companions
+from optckpt.described import DescribedTensor, dtype_name, is_tensor, layout_name
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
@@ -30,7 +29,11 @@ from optckpt.locate import KeyPath, Located, select_optimizers
 from optckpt.names import Pairing, pair_parameters, sources_of
 from optckpt.statedict import group_of, param_ids, validate_state_dict
 
+if TYPE_CHECKING:
+    import torch
+
 _CHUNK = 1 << 22  # elements compared at a time
+_BLOCK = 1 << 24  # bytes read at a time when comparing files' bytes
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,12 @@ class DiffReport:
 
 def _same(a: Any, b: Any) -> bool:
     """Equality for hyperparameters and other plain values (NaN equals NaN, tensors by value)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if is_tensor(a) or is_tensor(b):
         return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
+            is_tensor(a)
+            and is_tensor(b)
+            and tuple(a.shape) == tuple(b.shape)
+            and dtype_name(a.dtype) == dtype_name(b.dtype)
             and _count_differing(a, b, None)[0] == 0
         )
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
@@ -147,7 +150,20 @@ def _count_differing(
         UnreadableCheckpointError: a tensor claims far more elements than its storage holds
             (zero strides), or is not dense.
     """
-    a, b = a.detach(), b.detach()
+    if tolerance is None and _same_bytes(a, b):
+        return 0, 0.0, 0.0  # described tensors whose files hold the same bytes: no tensors
+    import torch
+
+    from optckpt.chunks import (
+        bits_dtype,
+        check_bounded,
+        chunk_slices,
+        readable,
+        reducible,
+        same_bits,
+    )
+
+    a, b = _real(a).detach(), _real(b).detach()
     for tensor in (a, b):
         if tensor.layout != torch.strided:
             layout = str(tensor.layout).removeprefix("torch.")
@@ -197,6 +213,39 @@ def _count_differing(
     return differing, max_abs, max_rel
 
 
+def _real(tensor: Any) -> Any:
+    """A tensor to compute on: a described one made (a view of its file), others as they are."""
+    return tensor.to_torch() if isinstance(tensor, DescribedTensor) else tensor
+
+
+def _same_bytes(a: Any, b: Any) -> bool:
+    """Whether two described tensors of one dtype, each one contiguous run of its file, hold
+    the same bytes: the files are read in large blocks and compared, no tensor is made
+    (``False`` also where that cannot tell: then the values are compared as tensors)."""
+    if not (isinstance(a, DescribedTensor) and isinstance(b, DescribedTensor)):
+        return False
+    ra, rb = a.byte_range(), b.byte_range()
+    fa, fb = a.storage.file, b.storage.file
+    if a.dtype != b.dtype or ra is None or rb is None or ra[1] != rb[1] or not fa or not fb:
+        return False
+    (start_a, nbytes), (start_b, _) = ra, rb
+    size = min(nbytes, _BLOCK)
+    buf_a, buf_b = bytearray(size), bytearray(size)
+    with open(fa, "rb", buffering=0) as xa, open(fb, "rb", buffering=0) as xb:
+        done = 0
+        while done < nbytes:
+            n = min(size, nbytes - done)
+            view_a, view_b = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
+            if os.preadv(xa.fileno(), [view_a], start_a + done) != n:
+                return False
+            if os.preadv(xb.fileno(), [view_b], start_b + done) != n:
+                return False
+            if (buf_a != buf_b) if n == size else (view_a != view_b):
+                return False
+            done += n
+    return True
+
+
 @dataclass
 class _Comparer:
     """Compares state values recursively, collecting :class:`Difference` s in ``found``."""
@@ -209,19 +258,18 @@ class _Comparer:
     def tensors(
         self, a: torch.Tensor, b: torch.Tensor, where: str, paths: tuple[KeyPath, KeyPath]
     ) -> None:
-        if a.shape != b.shape:
+        if tuple(a.shape) != tuple(b.shape):
             self.found.append(Difference("shape", where, list(a.shape), list(b.shape)))
             return
-        if a.dtype != b.dtype:
-            names = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
+        if dtype_name(a.dtype) != dtype_name(b.dtype):
+            names = (dtype_name(a.dtype), dtype_name(b.dtype))
             self.found.append(Difference("dtype", where, *names))
-            if (
-                self.tolerance is None
-                or a.is_complex()
-                or b.is_complex()
-                or not (readable(a.dtype) and readable(b.dtype))
-            ):
+            if self.tolerance is None or a.is_complex() or b.is_complex():
                 return  # with a tolerance, values of different dtypes are compared too
+            from optckpt.chunks import readable
+
+            if not (readable(_real(a).dtype) and readable(_real(b).dtype)):
+                return
         dev_a = self.checkpoints[0].saved_device(paths[0], a)
         dev_b = self.checkpoints[1].saved_device(paths[1], b)
         if dev_a != dev_b and dev_a is not None and dev_b is not None:  # None: DCP, unrecorded
@@ -230,8 +278,9 @@ class _Comparer:
             return
         differing, max_abs, max_rel = _count_differing(a, b, self.tolerance, where)
         # done with this pair: its pages of the mapped inputs can go
-        self.ranges.drop(a.data_ptr(), a.numel() * a.element_size())
-        self.ranges.drop(b.data_ptr(), b.numel() * b.element_size())
+        for tensor in (a, b):
+            if not isinstance(tensor, DescribedTensor):  # read from the files, not mapped
+                self.ranges.drop(tensor.data_ptr(), tensor.numel() * tensor.element_size())
         if not differing:
             return
         if where.endswith(".step") and a.numel() == 1:
@@ -247,7 +296,7 @@ class _Comparer:
 
     def compare(self, a: Any, b: Any, where: str, paths: tuple[KeyPath, KeyPath]) -> None:
         """Compare ``a`` and ``b`` (``paths``: their key paths in their checkpoints)."""
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if is_tensor(a) and is_tensor(b):
             self.tensors(a, b, where, paths)
         elif isinstance(a, Mapping) and isinstance(b, Mapping):
             for k in a:
@@ -275,18 +324,25 @@ class _Comparer:
 
 def _is_number(x: Any) -> bool:
     """A real number: a Python int or float, or a real one-element tensor with data."""
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) or (
-        isinstance(x, torch.Tensor)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    if not (
+        is_tensor(x)
         and x.numel() == 1
-        and x.layout == torch.strided
+        and layout_name(x) == "strided"
         and x.device.type != "meta"
         and not x.is_complex()
-        and readable(x.dtype)
-    )
+    ):
+        return False
+    if isinstance(x, DescribedTensor):
+        return bool(x.dtype.format)  # the reader leaves other one-element tensors to torch
+    from optckpt.chunks import readable
+
+    return readable(x.dtype)
 
 
 def _tensor_free_number(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+    return float(x.item()) if is_tensor(x) else float(x)
 
 
 def diff_state_dicts(
@@ -405,6 +461,7 @@ def diff_checkpoints(
     allow_globals: Iterable[str] = (),
     from_a: str | Path | Any | None = None,
     from_b: str | Path | Any | None = None,
+    describe: bool | None = None,
 ) -> DiffReport:
     """Compare the optimizer state dicts of two checkpoints (any formats).
 
@@ -414,7 +471,10 @@ def diff_checkpoints(
 
     Without keys, a file holding one state dict is paired with the other's one, and files
     holding several are paired key by key. With ``rtol`` or ``atol`` (the other defaults to
-    0), values are compared with ``torch.isclose``; otherwise bitwise. Without keys, the
+    0), values are compared with ``torch.isclose``; otherwise bitwise: then (``describe``
+    ``None`` or true) both files are read without torch where the reader models them, the
+    bytes of each pair of tensors are compared from file to file, and tensors are made only
+    for pairs that differ (the report is the same as when torch reads both). Without keys, the
     companions (LR schedulers, GradScalers, trainer counters) are compared too
     (:func:`optckpt.companions.diff.diff_companions`); with a key, only those optimizers.
 
@@ -428,8 +488,12 @@ def diff_checkpoints(
         tolerance = (rtol or 0.0, atol or 0.0)
         if min(tolerance) < 0:
             raise UsageError("--rtol and --atol must not be negative")
-    ca = load_checkpoint(path_a, allow_globals=allow_globals)
-    cb = load_checkpoint(path_b, allow_globals=allow_globals)
+    # Bitwise, values are bytes: both files are read without torch where the reader models
+    # them (optckpt.io.structure), and tensors are made only for pairs whose bytes differ.
+    if describe is None:
+        describe = tolerance is None
+    ca = load_checkpoint(path_a, allow_globals=allow_globals, describe=describe)
+    cb = load_checkpoint(path_b, allow_globals=allow_globals, describe=describe)
     pairs = _pairs(select_optimizers(ca.root, key_a), select_optimizers(cb.root, key_b))
     layouts = tuple(
         load_layout(x, (), allow_globals) if isinstance(x, (str, Path)) else x

@@ -199,3 +199,56 @@ def test_refuses_folder_and_key_without_optimizer(tmp_path: Path) -> None:
         convert_checkpoint(FIXTURES / "hf_trainer" / "checkpoint-2", tmp_path / "x.pt")
     with pytest.raises(UsageError, match="--optimizer"):
         convert_checkpoint(FIXTURES / "adamw_train.pt", tmp_path / "x.pt", key="optimizer")
+
+
+# --------------------------------------------------------------------------- byte copies
+
+_ALL = sorted(
+    str(p.relative_to(FIXTURES))
+    for p in FIXTURES.rglob("*")
+    if p.suffix in (".pt", ".ckpt", ".safetensors") and p.name != "unsafe_namespace.pt"
+)
+
+
+@pytest.mark.parametrize("name", _ALL)
+def test_to_safetensors_copies_bytes_and_writes_what_torch_path_writes(
+    name: str, tmp_path: Path
+) -> None:
+    """Read without torch (tensors described, bytes copied from file to file) or through
+    torch: the same file, byte for byte."""
+    described, loaded = tmp_path / "d.safetensors", tmp_path / "t.safetensors"
+    convert_checkpoint(FIXTURES / name, described, describe=True)
+    convert_checkpoint(FIXTURES / name, loaded, describe=False)
+    assert described.read_bytes() == loaded.read_bytes()
+
+
+def test_views_that_are_not_contiguous_go_through_torch(tmp_path: Path) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    src = tmp_path / "views.pt"
+    # a transposed view, a slice inside a storage, and the whole storage
+    torch.save({"t": base.t(), "rows": base[1:3], "all": base}, src)
+    described, loaded = tmp_path / "d.safetensors", tmp_path / "t.safetensors"
+    convert_checkpoint(src, described, describe=True)
+    convert_checkpoint(src, loaded, describe=False)
+    assert described.read_bytes() == loaded.read_bytes()
+    back = load_checkpoint(described).root
+    assert torch.equal(back["t"], base.t()) and torch.equal(back["rows"], base[1:3])
+
+
+def test_contiguous_slices_are_copied_without_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    src = tmp_path / "slices.pt"
+    torch.save({"rows": base[1:3], "all": base, "step": torch.tensor(3.0)}, src)
+    out = tmp_path / "out.safetensors"
+    script = (
+        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
+        f"convert_checkpoint({str(src)!r}, {str(out)!r})\nprint('torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    back = load_checkpoint(out).root
+    assert torch.equal(back["rows"], base[1:3]) and torch.equal(back["all"], base)
+    assert back["step"].item() == 3.0

@@ -199,3 +199,68 @@ def test_nan_payloads_that_differ_are_counted(tmp_path: Path) -> None:
     b.view(torch.int32)[2] ^= 1  # another NaN, other bits
     assert diff_module._count_differing(a, b, None)[0] == 1
     assert diff_module._count_differing(a, b, (0.0, 0.0))[0] == 0  # both NaN: close
+
+
+# --------------------------------------------------------------------------- bytes, no tensors
+
+_SAME_OPTIMIZER = [
+    "adamw_train.pt",
+    "adamw_train.safetensors",
+    "regenerated/adamw.pt",
+    "regenerated/adamw_betas.safetensors",
+    "cuda_adam.pt",
+    "legacy_adam.pt",
+    "lightning.ckpt",
+    "regenerated/lbfgs.pt",
+]
+
+
+@pytest.mark.parametrize("a", _SAME_OPTIMIZER)
+@pytest.mark.parametrize("b", _SAME_OPTIMIZER)
+def test_bitwise_diff_from_bytes_reports_what_tensors_report(a: str, b: str) -> None:
+    """Files described and compared byte for byte, or loaded by torch: the same report."""
+
+    def report(describe: bool) -> str:
+        try:
+            found = diff_checkpoints(FIXTURES / a, FIXTURES / b, describe=describe)
+            return json.dumps(found.to_json())
+        except UsageError as e:
+            return f"UsageError: {e}"
+
+    assert report(True) == report(False)
+
+
+def test_changed_bytes_found_in_a_view_and_in_a_whole_storage(tmp_path: Path) -> None:
+    sd = _state_dict()
+    # a view that is not contiguous (the same values, transposed twice): compared by value
+    last = sd["state"][4]["exp_avg"]
+    assert last.dim() == 2
+    sd["state"][4]["exp_avg"] = last.t().contiguous().t()
+    base = tmp_path / "a.pt"
+    torch.save(sd, base)
+    changed = copy.deepcopy(sd)
+    changed["state"][0]["exp_avg"][0, 0] = torch.nextafter(
+        changed["state"][0]["exp_avg"][0, 0], torch.tensor(1.0)
+    )
+    other = tmp_path / "b.pt"
+    torch.save(changed, other)
+    ours = diff_checkpoints(base, other, describe=True).to_json()
+    assert ours == diff_checkpoints(base, other, describe=False).to_json()
+    values = [d for d in ours["pairs"][0]["differences"] if d["kind"] == "values"]
+    assert [d["where"] for d in values] == ["0.weight.exp_avg"]
+    assert values[0]["differing"] == 1
+
+
+def test_identical_files_compared_without_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    copy_ = tmp_path / "copy.pt"
+    copy_.write_bytes((FIXTURES / "adamw_train.pt").read_bytes())
+    script = (
+        "import sys\nfrom optckpt.diff import diff_checkpoints\n"
+        f"r = diff_checkpoints({str(FIXTURES / 'adamw_train.pt')!r}, {str(copy_)!r})\n"
+        "print(r.ok, 'torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.stdout.split() == ["True", "False"], found.stdout + found.stderr

@@ -32,19 +32,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
-
+from optckpt.described import DescribedTensor
 from optckpt.errors import UsageError
-from optckpt.io.dcp import DcpCheckpoint, is_dcp, read_dcp
+from optckpt.io.dcp import is_dcp
 from optckpt.io.dcp.writer import check_output_folder, wants_dcp, write_dcp
 from optckpt.io.folder_writer import check_training_folder_output, write_training_folder
 from optckpt.io.folders import resolve_folder
 from optckpt.io.read import Checkpoint, load_checkpoint
-from optckpt.io.safetensors_format import check_storable
+from optckpt.io.safetensors_format.writer import check_storable
 from optckpt.io.write import ProgressStart, check_output, format_for, save_checkpoint, tensor_bytes
-from optckpt.locate import KeyPath, Located, select_one, select_optimizers
+from optckpt.locate import KeyPath, Located, select_one, select_optimizers, tensor_paths
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "KINDS",
@@ -254,13 +256,30 @@ class Rewrite:
     allow_globals: tuple[str, ...] = ()
     dcp: bool = False
 
-    def load(self, *, read: bool = False) -> Checkpoint:
+    def load(self, *, read: bool = False, describe: bool = False) -> Checkpoint:
         """Read the checkpoint (see :func:`optckpt.io.load_checkpoint`). A DCP folder's
         tensors are placeholders (shape and dtype) until :meth:`save` writes them, or, with
-        ``read`` (a command that computes on them: ``move``, ``remap``), read now."""
+        ``read`` (a command that computes on them: ``move``, ``remap``), read now.
+
+        ``describe`` (a command that only moves tensors from file to file: ``convert`` to
+        safetensors) reads the file without torch where it can
+        (:mod:`optckpt.io.structure`): the writer then copies each tensor's bytes from the
+        file. A file with a tensor that is not one contiguous run of bytes is read with
+        torch (its bytes must be gathered)."""
         if self.dcp and is_dcp(self.source):
+            from optckpt.io.dcp.reader import read_dcp
+
             tensors: Literal["load", "meta"] = "load" if read else "meta"
             return read_dcp(self.source, allow_globals=self.allow_globals, tensors=tensors)
+        if describe:
+            checkpoint = load_checkpoint(
+                self.source, allow_globals=self.allow_globals, describe=True
+            )
+            if all(
+                not isinstance(t, DescribedTensor) or t.is_contiguous()
+                for _, t in tensor_paths(checkpoint.root)
+            ):
+                return checkpoint
         return load_checkpoint(self.source, allow_globals=self.allow_globals)
 
     def refuse_file_to_dcp(self, command: str) -> None:
@@ -295,11 +314,12 @@ class Rewrite:
         if self.output is None:
             raise ValueError("a dry run has no output to write")
         root = checkpoint.root
-        if isinstance(checkpoint, DcpCheckpoint):
+        resolved = getattr(checkpoint, "resolved", None)  # a DcpCheckpoint's
+        if resolved is not None:
             # A file writer makes each placeholder's tensor only when it writes it (a sharded
             # one assembled then), so memory stays at the largest tensor; torch's DCP writer
             # takes tensors, read now.
-            root = checkpoint.resolved(root, lazy=self.output.kind != "dcp")
+            root = resolved(root, lazy=self.output.kind != "dcp")
         save(
             self.output,
             root,

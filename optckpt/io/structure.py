@@ -44,7 +44,8 @@ from optckpt.locate import KeyPath, tensor_paths
 def _map(path: Path) -> mmap.mmap | None:
     with path.open("rb") as f:
         try:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # copy-on-write, as torch.load(mmap=True) maps: never written, but torch may view it
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError):  # a file system without mmap; an emptied file
             return None
 
@@ -83,7 +84,7 @@ def describe_torch_zip(path: Path, placement: dict[KeyPath, str]) -> Any | None:
         start = record_start(mapped, 0, info, str(path))
         if start + nbytes > len(mapped):
             raise BadPickle(f"storage {key}: runs past the end of the file")
-        storages[key] = DescribedStorage(key, nbytes, location, start, mapped)
+        storages[key] = DescribedStorage(key, nbytes, location, start, mapped, path)
         return storages[key]
 
     try:
@@ -136,7 +137,7 @@ def describe_safetensors(path: Path) -> Any | None:
         for size in reversed(shape):
             strides.append(step)
             step *= size
-        storage = DescribedStorage(name, end - begin, "cpu", start + begin, mapped)
+        storage = DescribedStorage(name, end - begin, "cpu", start + begin, mapped, path)
         tensors[name] = DescribedTensor(dtype, shape, tuple(reversed(strides)), 0, storage)
     if tree is None:
         return tensors

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copyreg
 import io
-import os
 import pickle
 import sys
 from collections import OrderedDict
@@ -33,6 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from optckpt.io.outfile import end_output as end_output  # re-exported: defined there
+from optckpt.io.outfile import open_output as open_output
+from optckpt.io.outfile import recorded_location as recorded_location
+from optckpt.io.outfile import storage_locations as storage_locations
+from optckpt.io.outfile import write_all as write_all
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
 from optckpt.io.torch_zip import (
     open_zipfile_writer,
@@ -42,7 +46,7 @@ from optckpt.io.torch_zip import (
     typed_storage_parts,
     write_record,
 )
-from optckpt.locate import KeyPath, tensor_paths
+from optckpt.locate import KeyPath
 
 _PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 # Dtypes pickled through a TypedStorage and _rebuild_tensor_v2, whose reduction
@@ -169,65 +173,6 @@ class _Sink:
 
     def flush(self) -> None:
         self._f.flush()
-
-
-def write_all(f: Any, data: Any) -> None:
-    """Write all of ``data`` to a raw (unbuffered) binary file, whose writes may be partial."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = f.write(view)
-        view = view[n:]
-
-
-def storage_locations(tree: Any, placement: Mapping[KeyPath, str]) -> dict[Any, str]:
-    """The device to record for each CPU storage of ``tree`` saved from elsewhere, and for
-    each :class:`Deferred` cast (a cast kept on the device it was saved from: ``move
-    --dtype`` without ``--device``).
-
-    ``placement`` gives it by key path (:attr:`optckpt.io.Checkpoint.placement`); a tensor
-    it does not name records where it is, a cast the CPU. A storage is one record in a torch
-    file, so the tensors on it must agree: where they do not (a moved tensor that is the same
-    storage as one left where it was), it records the CPU, where it is.
-
-    Returns:
-        Storage or Deferred -> device, for those to record elsewhere than the CPU. Keyed by
-        the object (torch keeps one storage object per storage while it lives); the map
-        holds each one for as long as the writing needs it.
-    """
-    found: dict[Any, str] = {}
-    for key, tensor in tensor_paths(tree):
-        if tensor.device.type != "cpu":
-            continue
-        device = placement.get(key, "cpu")
-        storage = tensor.untyped_storage()
-        if found.setdefault(storage, device) != device:
-            found[storage] = "cpu"
-    for key, deferred in _deferred_paths(tree):
-        found[deferred] = placement.get(key, "cpu")
-    return {storage: device for storage, device in found.items() if device != "cpu"}
-
-
-def _deferred_paths(tree: Any) -> Iterator[tuple[KeyPath, Deferred]]:
-    """``(key path, cast)`` for every :class:`Deferred` of a tree."""
-    stack: list[tuple[KeyPath, Any]] = [((), tree)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, Deferred):
-            yield path, value
-        elif isinstance(value, Mapping):
-            stack.extend(((*path, k), v) for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(((*path, i), v) for i, v in enumerate(value))
-
-
-def recorded_location(storage: torch.UntypedStorage, locations: Mapping[Any, str]) -> str:
-    """The device to record for ``storage``: the one it was saved from (``locations``, from
-    :func:`storage_locations`) if it is a CPU storage read from such a file, else where it
-    is."""
-    location: str = torch.serialization.location_tag(storage)
-    if location == "cpu":
-        return locations.get(storage, location)
-    return location
 
 
 def write_torch(
@@ -361,23 +306,6 @@ def _has_deferred(node: Any) -> bool:
     if isinstance(node, (list, tuple)):
         return any(_has_deferred(v) for v in node)
     return False
-
-
-def open_output(path: Path) -> Any:
-    """Open ``path`` for writing as a raw binary file, creating it, without truncating it.
-
-    On ext4, closing a file that was opened with ``O_TRUNC`` starts its write-back at once
-    (``auto_da_alloc``), which only competes with the fsync that follows; call
-    :func:`end_output` when done to cut what an existing file held beyond the new end.
-    """
-    return open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb", buffering=0)
-
-
-def end_output(f: Any) -> None:
-    """Cut the file opened by :func:`open_output` at the current position, if it is longer."""
-    end = f.tell()
-    if os.fstat(f.fileno()).st_size > end:
-        f.truncate(end)
 
 
 def save_torch(

@@ -19,11 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from optckpt.described import is_tensor
 from optckpt.errors import Terminated, UnwritableOutputError, UsageError
-from optckpt.io.safetensors_format import write_safetensors
-from optckpt.io.torch_format import Deferred, save_torch
+from optckpt.io.outfile import is_deferred
 from optckpt.locate import KeyPath
 
 FORMATS = ("pt", "safetensors")
@@ -140,7 +138,7 @@ def tensor_bytes(tree: Any) -> int:
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, (torch.Tensor, Deferred)):
+        if is_tensor(node) or is_deferred(node):
             total += node.numel() * node.element_size()
         elif isinstance(node, Mapping):
             stack.extend(node.values())
@@ -222,7 +220,11 @@ def save_checkpoint(
     """
     sources = list(sources)
     with atomic_output(out) as tmp:
-        if fmt == "safetensors":
+        if fmt == "safetensors":  # writes described tensors (optckpt.described) without torch
+            from optckpt.io.safetensors_format.writer import write_safetensors
+
             write_safetensors(tree, tmp, progress=progress, sources=sources, placement=placement)
             return
+        from optckpt.io.torch_format import save_torch
+
         save_torch(tree, tmp, progress=progress, sources=sources, placement=placement)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from optckpt.errors import UnwritableOutputError, UsageError
-from optckpt.io.dcp.reader import METADATA, is_dcp
+from optckpt.io.dcp import METADATA, is_dcp
 from optckpt.io.folders import remove_tree, walk
-from optckpt.io.torch_format import Deferred
+from optckpt.io.outfile import is_deferred
 from optckpt.locate import locate_optimizers
 
 
@@ -156,7 +156,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 def _made(node: Any) -> Any:
     """The tree with every :class:`~optckpt.io.torch_format.Deferred` made (DCP's planner
     takes only tensors), containers copied only where something was made."""
-    if isinstance(node, Deferred):
+    if is_deferred(node):
         return node.materialize()
     if isinstance(node, Mapping):
         items = {k: _made(v) for k, v in node.items()}

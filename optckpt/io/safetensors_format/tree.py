@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import is_tensor
+from optckpt.described import DType, is_tensor
 from optckpt.errors import UnreadableCheckpointError, UsageError
+from optckpt.io.outfile import is_deferred
 from optckpt.io.safetensors_format.header import _first_clause, _kind, _show, safetensors_dtype
 from optckpt.locate import KeyPath, tensor_paths
 from optckpt.statedict import is_optimizer_state_dict, names_of
@@ -256,19 +258,16 @@ class _Encoder:
         return {"__tensor__": unique}
 
     def encode(self, node: Any, name: str) -> Any:
-        import torch
-
-        from optckpt.io.torch_format import Deferred
-
-        if isinstance(node, (torch.Tensor, Deferred)):
+        if is_tensor(node) or is_deferred(node):
             return self.tensor(node, name)
         if node is None or isinstance(node, (bool, int, str)):
             return node
         if isinstance(node, float):
             return node if math.isfinite(node) else {"__float__": repr(node)}
-        if isinstance(node, torch.dtype):
+        torch = sys.modules.get("torch")  # without it, no torch dtype or device exists
+        if isinstance(node, DType) or (torch is not None and isinstance(node, torch.dtype)):
             return {"__dtype__": str(node).removeprefix("torch.")}
-        if isinstance(node, torch.device):
+        if torch is not None and isinstance(node, torch.device):
             return {"__device__": str(node)}
         if isinstance(node, tuple):
             return {"__tuple__": [self.encode(v, f"{name}.{i}") for i, v in enumerate(node)]}

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from optckpt.described import DescribedTensor
 from optckpt.errors import UsageError
-from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
-from optckpt.io.safetensors_format.header import safetensors_dtype
-from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
-from optckpt.io.torch_format import (
-    Deferred,
+from optckpt.io.outfile import (
     end_output,
+    is_deferred,
     open_output,
     recorded_location,
     storage_locations,
     write_all,
 )
+from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.io.safetensors_format.header import safetensors_dtype
+from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
 from optckpt.locate import KeyPath
+
+if TYPE_CHECKING:
+    import torch
+
+    from optckpt.io.torch_format import Deferred
 
 _SLICE = 16 * 1024 * 1024  # bytes per write call
 
@@ -95,11 +100,16 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     sources = list(sources)
-    with open_output(path) as f, FileRanges(sources) as ranges:
+    with open_output(path) as f, FileRanges(sources) as ranges, _Files() as files:
         write_all(f, struct.pack("<Q", len(blob)) + blob)
         for value in encoder.tensors.values():
             if not value.numel():
                 continue
+            if isinstance(value, DescribedTensor):  # bytes of a file: copied, never made
+                _copy_described(value, f, files, progress)
+                continue
+            import torch
+
             tensor = _stored(value)
             nbytes = tensor.numel() * tensor.element_size()
             found = ranges.find(tensor.data_ptr(), nbytes)
@@ -118,9 +128,9 @@ def write_safetensors(
                         progress(len(piece))
             del tensor
             # pages read from a mapped input can go
-            read = value.source if isinstance(value, Deferred) else value
+            read = value.source if is_deferred(value) else value
             ranges.drop(read.data_ptr(), read.numel() * read.element_size())
-            if isinstance(value, Deferred):
+            if is_deferred(value):
                 trim_heap()  # see optckpt.io.pages.trim_heap
         end_output(f)
     release(sources)
@@ -134,7 +144,7 @@ def _devices(
     ``locations`` gives it, else the CPU, where it is made)."""
     devices = {}
     for name, value in tensors.items():
-        if isinstance(value, Deferred):
+        if is_deferred(value):
             device = locations.get(value, "cpu")
         else:
             device = recorded_location(value.untyped_storage(), locations)
@@ -145,6 +155,55 @@ def _devices(
 
 def _stored(value: torch.Tensor | Deferred) -> torch.Tensor:
     """The tensor as safetensors stores it: contiguous, on the CPU."""
+    from optckpt.io.torch_format import Deferred
+
     if isinstance(value, Deferred):
         return value.materialize().contiguous()
     return value.detach().to("cpu").contiguous()
+
+
+class _Files:
+    """The input files of described tensors, each opened once (a context manager)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __enter__(self) -> _Files:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _copy_described(
+    tensor: DescribedTensor, f: Any, files: _Files, progress: Callable[[int], None] | None
+) -> None:
+    """Write a described tensor's bytes from its file: in the kernel (``copy_file_range``,
+    as ``cp`` does) where it can, else through its read-only mapping, in slices.
+
+    Raises:
+        ValueError: a tensor that is not one contiguous run of its storage (the caller reads
+            such a file with torch instead, see :meth:`optckpt.io.rewrite.Rewrite.load`).
+    """
+    if not tensor.is_contiguous():
+        raise ValueError("a described tensor that is not contiguous cannot be copied as bytes")
+    storage = tensor.storage
+    nbytes = tensor.numel() * tensor.element_size()
+    begin = tensor.offset * tensor.element_size()
+    done = 0
+    if storage.file is not None:
+        done = copy_range(files.fd(storage.file), storage.start + begin, f.fileno(), nbytes)
+    if progress is not None and done:
+        progress(done)
+    for start in range(done, nbytes, _SLICE):
+        piece = storage.read(begin + start, min(_SLICE, nbytes - start))
+        write_all(f, piece)
+        if progress is not None:
+            progress(len(piece))

@@ -1,0 +1,113 @@
+"""The output file of a writer, and what it records about where storages were, without torch.
+
+:func:`open_output`, :func:`write_all` and :func:`end_output` are how every file writer
+(:mod:`optckpt.io.torch_format`, :mod:`optckpt.io.safetensors_format.writer`) opens, fills and
+ends its file; :func:`storage_locations` and :func:`recorded_location` say which device to
+record for each storage. None of them imports torch, so a writer of described tensors
+(:mod:`optckpt.described`, ``convert`` to safetensors) runs without it; :func:`is_deferred`
+tells a cast made when written (:class:`~optckpt.io.torch_format.Deferred`) from the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optckpt.described import DescribedStorage
+from optckpt.locate import KeyPath, tensor_paths
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from optckpt.io.torch_format import Deferred
+
+
+def is_deferred(value: object) -> TypeIs[Deferred]:
+    """Whether ``value`` is a :class:`~optckpt.io.torch_format.Deferred` cast (none exists
+    before :mod:`optckpt.io.torch_format`, which imports torch, is imported)."""
+    module = sys.modules.get("optckpt.io.torch_format")
+    return module is not None and isinstance(value, module.Deferred)
+
+
+def write_all(f: Any, data: Any) -> None:
+    """Write all of ``data`` to a raw (unbuffered) binary file, whose writes may be partial."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def storage_locations(tree: Any, placement: Mapping[KeyPath, str]) -> dict[Any, str]:
+    """The device to record for each CPU storage of ``tree`` saved from elsewhere, and for
+    each :class:`~optckpt.io.torch_format.Deferred` cast (a cast kept on the device it was
+    saved from: ``move --dtype`` without ``--device``).
+
+    ``placement`` gives it by key path (:attr:`optckpt.io.Checkpoint.placement`); a tensor
+    it does not name records where it is, a cast the CPU. A storage is one record in a torch
+    file, so the tensors on it must agree: where they do not (a moved tensor that is the same
+    storage as one left where it was), it records the CPU, where it is.
+
+    Returns:
+        Storage or Deferred -> device, for those to record elsewhere than the CPU. Keyed by
+        the object (torch keeps one storage object per storage while it lives); the map
+        holds each one for as long as the writing needs it.
+    """
+    found: dict[Any, str] = {}
+    for key, tensor in tensor_paths(tree):
+        if tensor.device.type != "cpu":
+            continue
+        device = placement.get(key, "cpu")
+        storage = tensor.untyped_storage()
+        if found.setdefault(storage, device) != device:
+            found[storage] = "cpu"
+    for key, deferred in _deferred_paths(tree):
+        found[deferred] = placement.get(key, "cpu")
+    return {storage: device for storage, device in found.items() if device != "cpu"}
+
+
+def _deferred_paths(tree: Any) -> Iterator[tuple[KeyPath, Any]]:
+    """``(key path, cast)`` for every :class:`~optckpt.io.torch_format.Deferred` of a tree."""
+    stack: list[tuple[KeyPath, Any]] = [((), tree)]
+    while stack:
+        path, value = stack.pop()
+        if is_deferred(value):
+            yield path, value
+        elif isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+
+
+def recorded_location(storage: Any, locations: Mapping[Any, str]) -> str:
+    """The device to record for ``storage``: the one it was saved from (``locations``, from
+    :func:`storage_locations`) if it is a CPU storage read from such a file, else where it
+    is."""
+    if isinstance(storage, DescribedStorage):
+        location = "cpu"  # a description is of a tensor read to the CPU
+    else:
+        import torch
+
+        location = torch.serialization.location_tag(storage)
+    if location == "cpu":
+        return locations.get(storage, location)
+    return location
+
+
+def open_output(path: Path) -> Any:
+    """Open ``path`` for writing as a raw binary file, creating it, without truncating it.
+
+    On ext4, closing a file that was opened with ``O_TRUNC`` starts its write-back at once
+    (``auto_da_alloc``), which only competes with the fsync that follows; call
+    :func:`end_output` when done to cut what an existing file held beyond the new end.
+    """
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb", buffering=0)
+
+
+def end_output(f: Any) -> None:
+    """Cut the file opened by :func:`open_output` at the current position, if it is longer."""
+    end = f.tell()
+    if os.fstat(f.fileno()).st_size > end:
+        f.truncate(end)
