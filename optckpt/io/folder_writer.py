@@ -32,8 +32,6 @@ from optckpt.errors import UsageError
 from optckpt.io.dcp.writer import atomic_folder, check_output_folder
 from optckpt.io.folders import optimizer_files, walk
 from optckpt.io.read import sniff
-from optckpt.io.safetensors_format import write_safetensors
-from optckpt.io.torch_format import save_torch
 from optckpt.locate import KeyPath
 
 OMIT = object()
@@ -164,6 +162,10 @@ def write_training_folder(
                     continue
                 if here == folder and name in tree:
                     fmt = sniff(here / name)
+                    # imported here: the torch writer imports torch, a folder may not need it
+                    from optckpt.io.safetensors_format.writer import write_safetensors
+                    from optckpt.io.torch_format import save_torch
+
                     write = write_safetensors if fmt == "safetensors" else save_torch
                     write(
                         tree[name],
