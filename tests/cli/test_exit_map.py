@@ -279,8 +279,7 @@ def test_head_c1_exits_0_quietly() -> None:
 _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-import optckpt.io.folder_writer as folder_writer
-import optckpt.io.write as write
+import optckpt.io.torch_format as torch_format  # the writers import it when they write
 
 ready = Path(sys.argv.pop(1))
 
@@ -289,7 +288,7 @@ def slow(tree, path, **kwargs):
     ready.touch()
     time.sleep(120)
 
-write.save_torch = folder_writer.save_torch = slow
+torch_format.save_torch = slow
 from optckpt.cli.app import main
 main()
 """
