@@ -229,20 +229,13 @@ def _same_bytes(a: Any, b: Any) -> bool:
     if a.dtype != b.dtype or ra is None or rb is None or ra[1] != rb[1] or not fa or not fb:
         return False
     (start_a, nbytes), (start_b, _) = ra, rb
-    size = min(nbytes, _BLOCK)
-    buf_a, buf_b = bytearray(size), bytearray(size)
     with open(fa, "rb", buffering=0) as xa, open(fb, "rb", buffering=0) as xb:
-        done = 0
-        while done < nbytes:
-            n = min(size, nbytes - done)
-            view_a, view_b = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-            if os.preadv(xa.fileno(), [view_a], start_a + done) != n:
+        for done in range(0, nbytes, _BLOCK):
+            n = min(_BLOCK, nbytes - done)
+            # bytes == bytes is one memcmp; glibc reuses the freed blocks (no page faults)
+            block_a = os.pread(xa.fileno(), n, start_a + done)
+            if len(block_a) != n or block_a != os.pread(xb.fileno(), n, start_b + done):
                 return False
-            if os.preadv(xb.fileno(), [view_b], start_b + done) != n:
-                return False
-            if (buf_a != buf_b) if n == size else (view_a != view_b):
-                return False
-            done += n
     return True
 
 
