@@ -336,6 +336,7 @@ def inspect_checkpoint(
         UsageError: ``key`` names nothing, or no optimizer state dict.
     """
     checkpoint: Checkpoint
+    described = not stats if describe is None else describe
     if is_dcp(path):  # .metadata and the values: tensors are read only for --stats
         from optckpt.io.dcp.reader import read_dcp
 
@@ -343,9 +344,7 @@ def inspect_checkpoint(
     else:
         # Without --stats only the structure is needed: described without torch
         # (optckpt.io.structure) where the reader models the file, else read with torch.
-        checkpoint = load_checkpoint(
-            path, allow_globals=allow_globals, describe=not stats if describe is None else describe
-        )
+        checkpoint = load_checkpoint(path, allow_globals=allow_globals, describe=described)
     located = select_optimizers(checkpoint.root, key)
     if checkpoint.members:
         top = checkpoint.members
@@ -362,7 +361,7 @@ def inspect_checkpoint(
         storage=summary() if (summary := getattr(checkpoint, "summary", None)) else None,  # DCP
         read_notes=checkpoint.notes(),
         companions=report_companions(
-            checkpoint_companions(checkpoint, allow_globals),
+            checkpoint_companions(checkpoint, allow_globals, describe=described),
             [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)],
         ),
     )

@@ -138,9 +138,10 @@ def companion_files(members: Iterable[str]) -> list[str]:
     )
 
 
-def _read_torch_file(path: Path, allow_globals: Iterable[str]) -> Any:
+def _read_torch_file(path: Path, allow_globals: Iterable[str], describe: bool = False) -> Any:
     """The tree of a companion file; ``None`` for a file that is no checkpoint at all (of
-    no format optckpt reads: it holds no scheduler or scaler state to find)."""
+    no format optckpt reads: it holds no scheduler or scaler state to find). ``describe``:
+    read without torch where :mod:`optckpt.io.structure` can (its tensors described)."""
     # torch, only for a folder's own torch files
     from optckpt.io import load_checkpoint
     from optckpt.io.read import sniff
@@ -149,14 +150,16 @@ def _read_torch_file(path: Path, allow_globals: Iterable[str]) -> Any:
         sniff(path)
     except UnreadableCheckpointError:
         return None
-    return load_checkpoint(path, allow_globals=allow_globals).root
+    return load_checkpoint(path, allow_globals=allow_globals, describe=describe).root
 
 
 def find_in_folder(
-    folder: Path, members: Iterable[str], allow_globals: Iterable[str] = ()
+    folder: Path, members: Iterable[str], allow_globals: Iterable[str] = (), describe: bool = False
 ) -> list[Companion]:
     """The companions in a training folder's own files (``scheduler.pt``, ``scaler.pt``,
     ``trainer_state.json``), each read safely; a file of no checkpoint format is passed over.
+    ``describe``: torch files are read without torch where they can be (``inspect``; their
+    tensors described, see :mod:`optckpt.described`).
 
     Raises:
         UnreadableCheckpointError: a companion file that cannot be read (truncated, corrupt).
@@ -181,7 +184,7 @@ def find_in_folder(
                     )
                 )
             continue
-        content = _read_torch_file(path, allow_globals)
+        content = _read_torch_file(path, allow_globals, describe)
         if content is None:
             continue
         for c in _walk(content, "", ()):

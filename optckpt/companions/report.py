@@ -54,6 +54,7 @@ def find_companions(
     folder: Path | None = None,
     members: Iterable[str] = (),
     allow_globals: Iterable[str] = (),
+    describe: bool = False,
 ) -> list[Companion]:
     """Every companion of a checkpoint: in its tree ``root`` (see
     :func:`~optckpt.companions.find.find_in_tree`) and, for a training ``folder``, in the
@@ -64,19 +65,22 @@ def find_companions(
     """
     found = find_in_tree(root)
     if folder is not None:
-        found += find_in_folder(folder, members, allow_globals)
+        found += find_in_folder(folder, members, allow_globals, describe)
     return found
 
 
-def checkpoint_companions(checkpoint: Any, allow_globals: Iterable[str] = ()) -> list[Companion]:
+def checkpoint_companions(
+    checkpoint: Any, allow_globals: Iterable[str] = (), describe: bool = False
+) -> list[Companion]:
     """Every companion of a checkpoint as :func:`optckpt.io.load_checkpoint` reads it (its
-    ``root``; for a training folder, whose ``members`` are listed, its companion files too).
+    ``root``; for a training folder, whose ``members`` are listed, its companion files too,
+    read without torch where they can be with ``describe``).
 
     Raises:
         UnreadableCheckpointError, UnsafeCheckpointError: a companion file cannot be read.
     """
     folder = Path(checkpoint.path) if checkpoint.members else None
-    return find_companions(checkpoint.root, folder, checkpoint.members, allow_globals)
+    return find_companions(checkpoint.root, folder, checkpoint.members, allow_globals, describe)
 
 
 def report_companion(
