@@ -225,3 +225,15 @@ def test_storage_record_of_another_size_goes_to_torch(tmp_path: Path) -> None:
     # claim 8 elements where the record holds 4
     changed = _repickled(path, tmp_path, data.replace(b"K\x04", b"K\x08", 1))
     assert describe_torch_zip(changed, {}) is None
+
+
+def test_a_reference_cycle_is_refused_as_torch_path_refuses_it(tmp_path: Path) -> None:
+    """The described tree is checked before anything walks it (a cycle never ends a walk)."""
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    path = tmp_path / "cycle.pt"
+    torch.save({"state": {}, "param_groups": [], "loop": cyclic}, path)
+    with pytest.raises(UnreadableCheckpointError) as described:
+        describe_torch_zip(path, {})
+    assert "reference cycle" in str(described.value)
+    assert _report(path, describe=True) == _report(path, describe=False)

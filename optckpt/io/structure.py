@@ -29,7 +29,7 @@ from typing import Any
 
 from optckpt.described import DescribedStorage, DescribedTensor, dtype_named
 from optckpt.errors import UnreadableCheckpointError
-from optckpt.io.pickles import Refused, scan_pickles
+from optckpt.io.pickles import Refused, check_tree, scan_pickles
 from optckpt.io.unpickle import (
     TORCH_ZIP_NAMES,
     BadPickle,
@@ -91,6 +91,10 @@ def describe_torch_zip(path: Path, placement: dict[KeyPath, str]) -> Any | None:
         root = describe_torch_pickle(records.pickle, storage)
     except (BadPickle, RefusedGlobals):
         return None
+    try:  # before walking it: a reference cycle would never end a walk
+        check_tree(root)
+    except Refused as e:
+        raise UnreadableCheckpointError(f"{path}: {e}") from e
     for key, tensor in tensor_paths(root):
         assert isinstance(tensor, DescribedTensor)
         if tensor.numel() == 1 and not tensor.dtype.format:
