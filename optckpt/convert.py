@@ -87,6 +87,7 @@ def convert_checkpoint(
     optimizer: str | None = None,
     key: str | None = None,
     force: bool = False,
+    link: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
     keying: str | None = None,
@@ -106,6 +107,8 @@ def convert_checkpoint(
             torch optimizer class (Adam <-> AdamW).
         key: key path of the optimizer state dict ``optimizer`` and ``keying`` apply to.
         force: replace ``out`` if it exists.
+        link: hard-link the files a training folder carries over instead of copying them
+            (see :mod:`optckpt.io.folder_writer`).
         allow_globals: globals to allow while unpickling.
         progress: told the bytes to write when writing starts; the callback it returns is
             told each write.
@@ -137,7 +140,14 @@ def convert_checkpoint(
             raise UsageError(f"--format {fmt} and --to {to} disagree; give --format only")
         fmt = to
     job = plan_rewrite(
-        path, out, command="convert", force=force, kind=fmt, allow_globals=allow_globals, dcp=True
+        path,
+        out,
+        command="convert",
+        force=force,
+        kind=fmt,
+        allow_globals=allow_globals,
+        dcp=True,
+        link=link,
     )
     assert job.output is not None  # not a dry run
     to_dcp = job.output.kind == "dcp"

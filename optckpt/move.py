@@ -163,6 +163,7 @@ def move_checkpoint(
     all_tensors: bool = False,
     fmt: str | None = None,
     force: bool = False,
+    link: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
 ) -> MoveResult:
@@ -177,7 +178,9 @@ def move_checkpoint(
 
     A DCP folder is read too, and written when ``fmt`` is ``"dcp"`` or ``out`` ends in ``/``
     or is a folder (as ``convert`` decides), from a DCP folder only and with device ``cpu``:
-    DCP records no device. The optimizer state keeps its keying (a DCP folder's names).
+    DCP records no device. The optimizer state keeps its keying (a DCP folder's names). A
+    training folder is written as a folder whose other files are copies, or with ``link``
+    hard links (:mod:`optckpt.io.folder_writer`).
 
     Raises:
         UsageError: neither ``device`` nor ``dtype``; a bad device, dtype or output path; a
@@ -198,6 +201,7 @@ def move_checkpoint(
         key=key,
         allow_globals=allow_globals,
         dcp=True,
+        link=link,
     )
     job.refuse_file_to_dcp("move")
     assert job.output is not None  # not a dry run

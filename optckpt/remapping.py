@@ -401,6 +401,7 @@ def remap_checkpoint(
     settings: Iterable[str | Setting] = (),
     key: str | None = None,
     force: bool = False,
+    link: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
     fmt: str | None = None,
@@ -420,7 +421,9 @@ def remap_checkpoint(
 
     A DCP folder is read too (its optimizer state is keyed by names), and written when ``fmt``
     is ``"dcp"`` or ``out`` ends in ``/`` or is a folder (as ``convert`` decides), from a DCP
-    folder only; the output keeps the input's keying.
+    folder only; the output keeps the input's keying. A training folder is written as a
+    folder whose other files are copies, or with ``link`` hard links
+    (:mod:`optckpt.io.folder_writer`).
 
     Raises:
         UsageError: bad options, an output that may not be written (a DCP folder from a file), several optimizer state
@@ -442,6 +445,7 @@ def remap_checkpoint(
         key=key,
         allow_globals=allow_globals,
         dcp=True,
+        link=link,
     )
     job.refuse_file_to_dcp("remap")
     target = to if isinstance(to, Layout) else load_layout(to, group_rules, allow_globals)

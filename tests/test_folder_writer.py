@@ -52,9 +52,10 @@ def test_convert_writes_the_newest_checkpoint_as_a_folder(run_dir: Path, tmp_pat
     assert set(written) == set(original)
     for name in set(original) - {"optimizer.pt"}:
         assert written[name] == original[name], name
-    # carried files are hard links of the input's (one file system here), symlinks symlinks
+    # carried files are files of their own (not hard links of the input's), symlinks symlinks
     for name in ("model.safetensors", "scheduler.pt", "extra/notes.txt"):
-        assert (out / name).stat().st_ino == (source / name).stat().st_ino
+        assert (out / name).stat().st_ino != (source / name).stat().st_ino
+        assert (out / name).stat().st_nlink == 1
     assert (out / "latest").is_symlink()
     # the optimizer file is rewritten, as torch.save writes it: equal to the input's
     assert (out / "optimizer.pt").stat().st_ino != (source / "optimizer.pt").stat().st_ino
@@ -62,6 +63,29 @@ def test_convert_writes_the_newest_checkpoint_as_a_folder(run_dir: Path, tmp_pat
         torch.load(out / "optimizer.pt", weights_only=True),
         torch.load(source / "optimizer.pt", weights_only=True),
     )
+
+
+def test_saving_into_the_output_leaves_the_input_alone(run_dir: Path, tmp_path: Path) -> None:
+    # torch.save (and so Accelerator.save_state) into an existing file writes into it: the
+    # output's files are its own, so a later save into the output folder keeps the input.
+    source = run_dir / "checkpoint-2"
+    before = folder_digests(source)
+    out = tmp_path / "out"
+    convert_checkpoint(run_dir, out)
+    for name in ("model.safetensors", "scheduler.pt", "extra/notes.txt"):
+        with open(out / name, "r+b") as f:  # in place, as torch.save's open(..., "wb") does
+            f.write(b"overwritten")
+    assert folder_digests(source) == before
+
+
+def test_link_carries_hard_links(run_dir: Path, tmp_path: Path) -> None:
+    source = run_dir / "checkpoint-2"
+    out = tmp_path / "out"
+    convert_checkpoint(run_dir, out, link=True)
+    for name in ("model.safetensors", "scheduler.pt", "extra/notes.txt"):
+        assert (out / name).stat().st_ino == (source / name).stat().st_ino
+    assert (out / "latest").is_symlink()
+    assert (out / "optimizer.pt").stat().st_ino != (source / "optimizer.pt").stat().st_ino
 
 
 def test_carried_files_are_copied_where_links_fail(
@@ -72,7 +96,7 @@ def test_carried_files_are_copied_where_links_fail(
 
     monkeypatch.setattr(os, "link", no_links)
     out = tmp_path / "out"
-    convert_checkpoint(run_dir / "checkpoint-2", out)
+    convert_checkpoint(run_dir / "checkpoint-2", out, link=True)
     source = run_dir / "checkpoint-2"
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert (out / "model.safetensors").stat().st_ino != (source / "model.safetensors").stat().st_ino
@@ -153,7 +177,7 @@ def test_an_interrupted_write_leaves_nothing(
     monkeypatch.setattr(os, "link", interrupted)
     listing = sorted(os.listdir(tmp_path))
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(run_dir, out)
+        convert_checkpoint(run_dir, out, link=True)
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == listing, "no temporary folder left behind"
 
@@ -196,18 +220,22 @@ def test_special_files_and_symlinks_are_carried_as_they_are(hostile: Path, tmp_p
     assert os.readlink(out / "extra" / "up") == "../scheduler.pt"
 
 
-def test_only_files_written_are_fsynced(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # a carried hard link's data is the input's: fsyncing each costs a journal commit (5.6
-    # minutes for 100,000 files), and opening a carried FIFO blocks
+@pytest.mark.parametrize("link", [False, True])
+def test_only_files_written_are_fsynced(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, link: bool
+) -> None:
+    # a copy's data is new and must be made durable; a carried hard link's is the input's:
+    # fsyncing each costs a journal commit (5.6 minutes for 100,000 files), and opening a
+    # carried FIFO blocks
     from optckpt.io.dcp import writer
 
     synced: list[str] = []
     real = writer._fsync
     monkeypatch.setattr(writer, "_fsync", lambda p: (synced.append(p.name), real(p)))
     out = run_dir.parent / "out"
-    convert_checkpoint(run_dir, out)
-    files = {p.name for p in out.rglob("*") if p.is_file()}
-    assert files & set(synced) == {"optimizer.pt"}
+    convert_checkpoint(run_dir, out, link=link)
+    files = {p.name for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert files & set(synced) == ({"optimizer.pt"} if link else files)
     assert "extra" in synced  # folders are, for their new entries
 
 
@@ -261,9 +289,9 @@ def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
         monkeypatch.setattr(shutil, "copy2", full)
     before, listing = folder_digests(run_dir), sorted(os.listdir(tmp_path))
     if fails == "link":  # copies then: only the optimizer file's write fails
-        monkeypatch.setattr("optckpt.io.folder_writer.save_torch", lambda *a, **k: full())
+        monkeypatch.setattr("optckpt.io.torch_format.save_torch", lambda *a, **k: full())
     result = CliRunner().invoke(
-        app, ["move", str(run_dir), "-o", str(tmp_path / "out"), "--dtype", "bfloat16"]
+        app, ["move", str(run_dir), "-o", str(tmp_path / "out"), "--dtype", "bfloat16", "--link"]
     )
     assert result.exit_code == 3, result.output
     assert "No space left on device" in result.stderr

@@ -13,6 +13,7 @@ from optckpt.cli.options import (
     AsJson,
     CheckpointPath,
     Force,
+    Link,
     OutputFormat,
     RewriteOutput,
 )
@@ -68,6 +69,7 @@ def convert(
     ] = False,
     as_json: AsJson = False,
     force: Force = False,
+    link: Link = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Convert a checkpoint between .pt, .safetensors and DCP folders, keeping everything in it."""
@@ -88,6 +90,7 @@ def convert(
             optimizer=optimizer,
             key=key,
             force=force,
+            link=link,
             allow_globals=allow_global or (),
             progress=progress,
             keying=keying,

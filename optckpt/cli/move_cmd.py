@@ -13,6 +13,7 @@ from optckpt.cli.options import (
     CheckpointPath,
     Force,
     Key,
+    Link,
     OutputFormat,
     RewriteOutput,
 )
@@ -53,6 +54,7 @@ def move(
     key: Key = None,
     as_json: AsJson = False,
     force: Force = False,
+    link: Link = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Move optimizer state to another device and dtype, following torch's casting policy."""
@@ -69,6 +71,7 @@ def move(
             all_tensors=all_tensors,
             fmt=fmt,
             force=force,
+            link=link,
             allow_globals=allow_global or (),
             progress=progress,
         )

@@ -17,6 +17,7 @@ __all__ = [
     "Force",
     "GroupRules",
     "Key",
+    "Link",
     "OptionalRewriteOutput",
     "Output",
     "OutputFormat",
@@ -59,6 +60,14 @@ OutputFormat = Annotated[
     ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]
+Link = Annotated[
+    bool,
+    typer.Option(
+        "--link",
+        help="Training folder output: hard-link the files carried over instead of copying them "
+        "(no space, no time; but saving into the output in place then changes the input too).",
+    ),
+]
 AsJson = Annotated[
     bool,
     typer.Option("--json", help='Print one JSON object (notes in its "notes") instead of text.'),

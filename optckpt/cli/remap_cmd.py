@@ -13,6 +13,7 @@ from optckpt.cli.options import (
     Force,
     GroupRules,
     Key,
+    Link,
     OptionalRewriteOutput,
     OutputFormat,
 )
@@ -88,6 +89,7 @@ def remap(
     ] = False,
     key: Key = None,
     force: Force = False,
+    link: Link = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Carry optimizer state to a new model layout or new param groups, matching by name."""
@@ -111,6 +113,7 @@ def remap(
             settings=setting or (),
             key=key,
             force=force,
+            link=link,
             allow_globals=allow_global or (),
             progress=progress,
             fmt=fmt,

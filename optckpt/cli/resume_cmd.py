@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import MAX_SEED, AllowGlobal, CheckpointPath, Force, Key
+from optckpt.cli.options import MAX_SEED, AllowGlobal, CheckpointPath, Force, Key, Link
 from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def resume_step(
     ] = None,
     key: Key = None,
     force: Force = False,
+    link: Link = False,
     allow_global: AllowGlobal = None,
 ) -> None:
     """Load the optimizer state, take N seeded steps, and check that it resumes (exit 1 if not)."""
@@ -73,6 +74,7 @@ def resume_step(
             atol=atol,
             out=out,
             force=force,
+            link=link,
             allow_globals=allow_global or (),
             progress=progress,
             from_layout=source,

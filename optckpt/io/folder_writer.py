@@ -9,11 +9,15 @@ a folder the library that made it loads again (``Trainer.train(resume_from_check
   ``torch.save`` writes it, whatever extension the library gave it: Accelerate loads
   ``optimizer.bin`` with ``torch.load``);
 * every other file (model weights, scheduler, RNG states, ``trainer_state.json``, ...) and
-  subfolder carried over as it is: hard-linked where the file system allows (``os.link``:
-  no bytes copied), else copied; a symlink stays a symlink to the same file (see
-  :func:`_link_target`), a FIFO or other special file a link to it, never opened. optckpt never opens a carried
-  file for writing, before or after: a hard link shares its data with the input, so nothing
-  may ever write into one (every writer here makes new files and renames them);
+  subfolder carried over as it is, as a file of its own: a copy-on-write clone where the file
+  system makes one (``FICLONE``: btrfs, XFS; no bytes copied), else a copy (the kernel
+  copies). With ``link`` (``--link``), a hard link instead where the file system allows
+  (``os.link``: no bytes copied, no space) -- but a hard link shares its data with the input,
+  and ``torch.save``, safetensors' ``save_file`` and so ``Accelerator.save_state`` into the
+  output write into existing files, which would change the input too: hence copies by
+  default. A symlink stays a symlink to the same file (see :func:`_link_target`), a FIFO or
+  other special file a hard link to it, never opened. optckpt never opens a carried file for
+  writing: every writer here makes new files and renames them;
 * atomically: everything goes into a temporary folder beside the target, every file written
   (not the hard links) and folder in it is fsynced, then it is renamed onto the target
   (:func:`~optckpt.io.dcp.writer.atomic_folder`); on any failure, Ctrl-C included, the
@@ -22,8 +26,10 @@ a folder the library that made it loads again (``Trainer.train(resume_from_check
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,16 +116,39 @@ def symlink_targets(folder: Path) -> list[tuple[Path, Path]]:
     return found
 
 
-def _carry(source: Path, target: Path, folder: Path) -> None:
-    """``target`` made the same file as ``source``: a hard link, else a copy (another file
-    system, or one without hard links); a symlink is copied as a symlink to the same file
-    (:func:`_link_target`)."""
+# ioctl(dest, FICLONE, source) from <linux/fs.h>: a copy-on-write clone of a whole file.
+_FICLONE = 0x40049409
+
+
+def _clone(source: Path, target: Path) -> bool:
+    """Whether ``target`` could be made a copy-on-write clone of the regular file ``source``
+    (a file of its own that shares extents until one is written); nothing left if not."""
+    try:
+        with open(source, "rb") as src, open(target, "xb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+    except OSError:  # EOPNOTSUPP, EXDEV, EINVAL (ext4, tmpfs, another file system)
+        target.unlink(missing_ok=True)
+        return False
+    shutil.copystat(source, target)
+    return True
+
+
+def _carry(source: Path, target: Path, folder: Path, link: bool) -> None:
+    """``target`` made a file with the content of ``source``: a clone, else a copy; with
+    ``link``, a hard link where the file system allows. A symlink is copied as a symlink to
+    the same file (:func:`_link_target`); a FIFO or other special file is hard-linked (a copy
+    would open it)."""
     if source.is_symlink():
         os.symlink(_link_target(source, folder), target)
         return
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP, ...: copy the bytes instead
+    regular = stat.S_ISREG(os.lstat(source).st_mode)
+    if link or not regular:
+        try:
+            os.link(source, target, follow_symlinks=False)
+            return
+        except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP, ...: copy the bytes instead
+            pass
+    if not (regular and _clone(source, target)):
         shutil.copy2(source, target, follow_symlinks=False)
 
 
@@ -135,6 +164,8 @@ def write_training_folder(
     placement: Mapping[KeyPath, str],
     sources: Sequence[Path],
     progress: Callable[[int], None] | None,
+    *,
+    link: bool = False,
 ) -> None:
     """Write the checkpoint folder ``folder`` to ``out`` with its optimizer files replaced by
     ``tree`` (file name -> its tree, as :func:`~optckpt.io.load_checkpoint` reads a folder),
@@ -148,6 +179,7 @@ def write_training_folder(
         placement: saved devices by key path, the file name first.
         sources: the memory-mapped files the trees were read from.
         progress: told the bytes of each write of the optimizer files.
+        link: carry the other files as hard links, not copies (see the module doc).
 
     Raises:
         UnwritableOutputError: an :class:`OSError` while writing (disk full, ...).
@@ -175,4 +207,4 @@ def write_training_folder(
                         placement=_of_file(placement, name),
                     )
                 else:
-                    _carry(here / name, where / name, folder)
+                    _carry(here / name, where / name, folder, link)

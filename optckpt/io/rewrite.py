@@ -111,7 +111,9 @@ def _write_folder(
     progress: Callable[[int], None] | None,
 ) -> None:
     assert output.folder is not None  # prepare_output sets it for this kind
-    write_training_folder(tree, output.path, output.folder, placement, sources, progress)
+    write_training_folder(
+        tree, output.path, output.folder, placement, sources, progress, link=output.link
+    )
 
 
 KINDS: dict[str, Kind] = {
@@ -146,11 +148,14 @@ class Output:
         kind: its entry in :data:`KINDS`.
         folder: for ``"folder"``, the checkpoint folder rewritten (whose other files are
             carried over).
+        link: for ``"folder"``, carry the other files as hard links (``--link``), not as
+            copies of their own.
     """
 
     path: Path
     kind: str
     folder: Path | None = None
+    link: bool = False
 
     def refuse_unstorable(self, tensors: Iterable[tuple[str, torch.dtype]]) -> None:
         """Refuse now, not after the work, tensors this kind cannot hold (``(name, dtype)``).
@@ -171,6 +176,7 @@ def prepare_output(
     rewrites: str | Path | None = None,
     command: str = "optckpt",
     dcp: bool = False,
+    link: bool = False,
 ) -> Output:
     """Check, once and before anything is read, that ``out`` may be written; decide its kind.
 
@@ -185,6 +191,8 @@ def prepare_output(
             for its newest ``checkpoint-N`` (:func:`~optckpt.io.folders.resolve_folder`).
         command: the command's name, for messages.
         dcp: whether the command reads and writes DCP folders (see :func:`kind_for`).
+        link: a training folder's other files are hard-linked, not copied
+            (:func:`~optckpt.io.folder_writer.write_training_folder`).
 
     Raises:
         UsageError: an unknown kind, or one asked of a training folder; an output that is an
@@ -203,7 +211,7 @@ def prepare_output(
             )
         folder = resolve_folder(rewrites).path
         check_training_folder_output(path, [*sources, folder], force=force)
-        return Output(path, "folder", folder)
+        return Output(path, "folder", folder, link)
     output = Output(path, kind_for(out, kind, dcp=dcp))
     KINDS[output.kind].check(path, sources, force=force)
     if rewrites is not None and Path(rewrites).is_dir() and not dcp:
@@ -340,6 +348,7 @@ def plan_rewrite(
     key: str | None = None,
     allow_globals: Iterable[str] = (),
     dcp: bool = False,
+    link: bool = False,
 ) -> Rewrite:
     """Check a rewrite's output (:func:`prepare_output`) and carry its options.
 
@@ -347,7 +356,7 @@ def plan_rewrite(
         path: the checkpoint file to rewrite.
         out: the output; ``None`` for a dry run (nothing checked, nothing written).
         command: the command's name, for messages.
-        force, kind, inputs, dcp: as :func:`prepare_output` takes them.
+        force, kind, inputs, dcp, link: as :func:`prepare_output` takes them.
         key: the key path of the optimizer state dict to change.
         allow_globals: pickle globals to let through while reading.
 
@@ -357,6 +366,13 @@ def plan_rewrite(
     output = None
     if out is not None:
         output = prepare_output(
-            out, force=force, inputs=inputs, kind=kind, rewrites=path, command=command, dcp=dcp
+            out,
+            force=force,
+            inputs=inputs,
+            kind=kind,
+            rewrites=path,
+            command=command,
+            dcp=dcp,
+            link=link,
         )
     return Rewrite(Path(path), output, key, tuple(allow_globals), dcp)

@@ -196,6 +196,7 @@ def resume_each(
     atol: float | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    link: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
     from_layout: str | Path | Any | None = None,
@@ -217,7 +218,9 @@ def resume_each(
     """
     path = Path(path)
     _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
-    output = None if out is None else check_out(out, path, model, from_layout, force=force)
+    output = (
+        None if out is None else check_out(out, path, model, from_layout, force=force, link=link)
+    )
     layout = _layout(from_layout, allow_globals)
     model = None if model is None else Path(model)
     source = Source(path, key, model, seed, tuple(allow_globals), layout)
@@ -265,6 +268,7 @@ def resume_step(
     atol: float | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    link: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
     from_layout: str | Path | Any | None = None,
@@ -282,6 +286,7 @@ def resume_step(
         atol: with ``check_torch``, accept differences up to ``atol`` instead of bitwise.
         out: write the checkpoint after the steps here (only when every check passed).
         force: overwrite ``out``.
+        link: a training folder's other files are hard-linked into ``out``, not copied.
         allow_globals: pickle globals to let through (see :func:`optckpt.io.load_checkpoint`).
         progress: called with the bytes of tensors to write when writing ``out`` starts; the
             callback it returns is told each write.
@@ -311,6 +316,7 @@ def resume_step(
         atol=atol,
         out=out,
         force=force,
+        link=link,
         allow_globals=allow_globals,
         progress=progress,
         from_layout=from_layout,

@@ -20,7 +20,13 @@ from optckpt.resume.source import Source
 
 
 def check_out(
-    out: str | Path, path: Path, model: str | Path | None, from_layout: Any, *, force: bool
+    out: str | Path,
+    path: Path,
+    model: str | Path | None,
+    from_layout: Any,
+    *,
+    force: bool,
+    link: bool = False,
 ) -> Output:
     """The output, once :func:`~optckpt.io.rewrite.prepare_output` accepts it with every
     input named: the checkpoint (a file, not a folder), ``model``, a ``from_layout`` file.
@@ -31,7 +37,12 @@ def check_out(
         UnwritableOutputError: the folder of ``out`` cannot be written.
     """
     return prepare_output(
-        out, force=force, inputs=[model, from_layout], rewrites=path, command="resume-step"
+        out,
+        force=force,
+        inputs=[model, from_layout],
+        rewrites=path,
+        command="resume-step",
+        link=link,
     )
 
 

@@ -61,7 +61,9 @@ def written(training_outputs: TrainingOutputs, tmp_path_factory: pytest.TempPath
         "convert": runner.invoke(
             app, ["convert", str(training_outputs.trainer), "-o", str(out / "trainer"), "--json"]
         ),
-        "move": runner.invoke(app, ["move", acc, "--dtype", "bfloat16", "-o", str(out / "moved")]),
+        "move": runner.invoke(
+            app, ["move", acc, "--dtype", "bfloat16", "--link", "-o", str(out / "moved")]
+        ),
         "remap": runner.invoke(app, ["remap", acc, *remap, "-o", str(out / "remapped")]),
     }
     results["resume-step"] = runner.invoke(
@@ -84,16 +86,19 @@ def test_each_command_writes_a_folder(written: Written, training_outputs: Traini
     stepped = json.loads(written.results["resume-step"].stdout)
     keys = [(r["key"], r["ok"]) for r in stepped["results"]]
     assert keys == [("optimizer.bin", True), ("optimizer_1.bin", True)]
-    for folder, source in (
-        (written.trainer, newest),
-        (written.moved, training_outputs.accelerate),
-        (written.stepped, training_outputs.accelerate),
+    for folder, source, linked in (
+        (written.trainer, newest, False),
+        (written.moved, training_outputs.accelerate, True),  # --link
+        (written.stepped, training_outputs.accelerate, False),
     ):
         names = {p.name for p in source.iterdir()}
         assert {p.name for p in folder.iterdir()} == names
         for name in names - {"optimizer.pt", "optimizer.bin", "optimizer_1.bin"}:
-            # carried over as hard links (tmp_path is one file system)
-            assert (folder / name).stat().st_ino == (source / name).stat().st_ino, name
+            # carried over as copies of their own, or with --link as hard links (tmp_path is
+            # one file system)
+            assert (folder / name).read_bytes() == (source / name).read_bytes(), name
+            same_file = (folder / name).stat().st_ino == (source / name).stat().st_ino
+            assert same_file == linked, name
 
 
 def test_every_optimizer_of_the_gan_steps_its_own_weights(
