@@ -10,25 +10,19 @@ line starts fast:
 
 from __future__ import annotations
 
-from typing import Any
+from optckpt.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "remap": ("optckpt.remapping", "remap"),
-    "layout_of": ("optckpt.layout", "layout_of"),
-    "save_layout": ("optckpt.layout", "save_layout"),
-    "load_layout": ("optckpt.layout", "load_layout"),
-    "Layout": ("optckpt.layout", "Layout"),
+    "remap": "optckpt.remapping",
+    "layout_of": "optckpt.layout",
+    "save_layout": "optckpt.layout",
+    "load_layout": "optckpt.layout",
+    "Layout": "optckpt.layout",
 }
 
 __all__ = ["Layout", "__version__", "layout_of", "load_layout", "remap", "save_layout"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'optckpt' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -31,9 +31,9 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
    implementations it has.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from optckpt.lazy import lazy_attributes
 from optckpt.optim.guess import Guess, guess_optimizer
 
 if TYPE_CHECKING:
@@ -80,12 +80,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "ASGD",

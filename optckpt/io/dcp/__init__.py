@@ -11,11 +11,11 @@ with torch's own ``FileSystemWriter`` (DESIGN.md, "Distributed checkpoints").
 * :mod:`~optckpt.io.dcp.reader`: :func:`read_dcp`.
 """
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from optckpt.io.dcp.sharded import sharded_state_error
+from optckpt.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from optckpt.io.dcp.reader import DcpCheckpoint, TensorLayout, read_dcp
@@ -33,10 +33,6 @@ def is_dcp(path: str | Path) -> bool:
 _LAZY = {"DcpCheckpoint", "TensorLayout", "read_dcp"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.reader"), name)
-
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_LAZY, "reader"))
 
 __all__ = ["DcpCheckpoint", "TensorLayout", "is_dcp", "read_dcp", "sharded_state_error"]

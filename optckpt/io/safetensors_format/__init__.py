@@ -21,11 +21,11 @@ tree decodes only to a value of its own kind (:class:`_TreeDecoder`); anything e
 :class:`~optckpt.errors.UnreadableCheckpointError` naming the file and the entry.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from optckpt.io.safetensors_format.header import looks_like_safetensors, read_header
 from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY
+from optckpt.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from optckpt.io.safetensors_format.reader import load_tensors, read_safetensors
@@ -40,12 +40,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "DEVICES_KEY",
