@@ -65,54 +65,58 @@ class _Check(Protocol):
 
 
 @dataclass(frozen=True)
+class _Write:
+    """What a kind's writer is given: the tree, where and as what, the device to record for
+    each tensor by key path, the memory-mapped files it was read from, and the per-write
+    progress callback."""
+
+    tree: Any
+    output: Output
+    placement: Mapping[KeyPath, str]
+    sources: Sequence[Path]
+    progress: Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
 class Kind:
     """How one kind of output is checked before anything is read, and written at the end.
 
     Attributes:
         check: ``check(out, inputs, force=force)``; raises when ``out`` may not be written.
-        write: ``write(tree, output, placement, sources, progress)``; atomic.
+        write: ``write(job)``; atomic.
     """
 
     check: _Check
-    write: Callable[
-        [Any, Output, Mapping[KeyPath, str], Sequence[Path], Callable[[int], None] | None],
-        None,
-    ]
+    write: Callable[[_Write], None]
 
 
-def _write_file(
-    tree: Any,
-    output: Output,
-    placement: Mapping[KeyPath, str],
-    sources: Sequence[Path],
-    progress: Callable[[int], None] | None,
-) -> None:
+def _write_file(job: _Write) -> None:
     save_checkpoint(
-        tree, output.path, output.kind, progress=progress, sources=sources, placement=placement
+        job.tree,
+        job.output.path,
+        job.output.kind,
+        progress=job.progress,
+        sources=job.sources,
+        placement=job.placement,
     )
 
 
-def _write_dcp(
-    tree: Any,
-    output: Output,
-    placement: Mapping[KeyPath, str],
-    sources: Sequence[Path],
-    progress: Callable[[int], None] | None,
-) -> None:
+def _write_dcp(job: _Write) -> None:
     # DCP records no devices, and torch's writer reports no progress
-    write_dcp(tree, output.path)
+    write_dcp(job.tree, job.output.path)
 
 
-def _write_folder(
-    tree: Any,
-    output: Output,
-    placement: Mapping[KeyPath, str],
-    sources: Sequence[Path],
-    progress: Callable[[int], None] | None,
-) -> None:
+def _write_folder(job: _Write) -> None:
+    output = job.output
     assert output.folder is not None  # prepare_output sets it for this kind
     write_training_folder(
-        tree, output.path, output.folder, placement, sources, progress, link=output.link
+        job.tree,
+        output.path,
+        output.folder,
+        job.placement,
+        job.sources,
+        job.progress,
+        link=output.link,
     )
 
 
@@ -243,7 +247,8 @@ def save(
             told each write.
     """
     per_write = progress(tensor_bytes(tree)) if progress is not None else None
-    KINDS[output.kind].write(tree, output, placement or {}, [Path(s) for s in sources], per_write)
+    job = _Write(tree, output, placement or {}, [Path(s) for s in sources], per_write)
+    KINDS[output.kind].write(job)
 
 
 @dataclass(frozen=True)
