@@ -9,16 +9,15 @@ warnings) is :mod:`optckpt.inspect`, which re-exports these names.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optckpt.companions import CompanionReport
 from optckpt.described import dtype_name as dtype_name  # re-exported: defined with DType
-from optckpt.described import is_tensor
+from optckpt.json_values import jsonable as jsonable  # re-exported: defined there
 from optckpt.optim.guess import Guess
 
 
@@ -163,31 +162,6 @@ class InspectReport:
         if self.storage is not None:
             found["dcp"] = self.storage
         return found
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe form of a hyperparameter or state value.
-
-    Tuples become lists, 0-dim tensors numbers, other tensors their shape/dtype/device, and
-    non-finite floats the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
-    """
-    if is_tensor(value):
-        if value.dim() == 0 and value.device.type != "meta":
-            return jsonable(value.item())
-        return {
-            "shape": list(value.shape),
-            "dtype": dtype_name(value.dtype),
-            "device": str(value.device),
-        }
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return repr(value)
 
 
 def _optimizer_json(report: OptimizerReport) -> dict[str, Any]:

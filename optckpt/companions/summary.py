@@ -13,13 +13,12 @@ Every value is plain JSON (non-finite floats as ``"nan"``, ``"inf"``, ``"-inf"``
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from optckpt.companions.find import COUNTER_KEYS, Companion
 from optckpt.companions.kinds import BASE_KEYS, guess_scheduler
+from optckpt.json_values import jsonable
 
 # Private keys worth showing, under their public name.
 _RENAMED = {"_milestones": "milestones", "_anneal_func_type": "anneal_strategy"}
@@ -44,20 +43,10 @@ def number(value: Any) -> float | int | None:
 
 
 def plain(value: Any) -> Any:
-    """A JSON-safe form of a companion's value (a ``Counter`` of milestones as the sorted
-    milestones, repeated as torch counts them)."""
-    if isinstance(value, Counter):
-        return sorted(plain(v) for v in value.elements())
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+    """A JSON-safe form of a companion's value: :func:`~optckpt.json_values.jsonable`, with a
+    one-element tensor (a GradScaler's ``scale``) as its number."""
     found = number(value)
-    return plain(found) if found is not None else repr(value)
+    return jsonable(found if found is not None else value)
 
 
 def scheduler_summary(state: Mapping[str, Any]) -> dict[str, Any]:
