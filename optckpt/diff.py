@@ -10,8 +10,6 @@ chunks, so comparing memory-mapped checkpoints costs little more than the chunks
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from optckpt.companions import checkpoint_companions
 from optckpt.companions.diff import CompanionDifference, diff_companions
 from optckpt.described import DescribedTensor, dtype_name, is_tensor, layout_name
-from optckpt.errors import UnreadableCheckpointError, UsageError
+from optckpt.diff_values import as_torch, count_differing, same_value
+from optckpt.errors import UsageError
 from optckpt.inspect import jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
@@ -31,9 +30,6 @@ from optckpt.statedict import group_of, param_ids, validate_state_dict
 
 if TYPE_CHECKING:
     import torch
-
-_CHUNK = 1 << 22  # elements compared at a time
-_BLOCK = 1 << 24  # bytes read at a time when comparing files' bytes
 
 
 @dataclass(frozen=True)
@@ -118,127 +114,6 @@ class DiffReport:
         }
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equality for hyperparameters and other plain values (NaN equals NaN, tensors by value)."""
-    if is_tensor(a) or is_tensor(b):
-        return (
-            is_tensor(a)
-            and is_tensor(b)
-            and tuple(a.shape) == tuple(b.shape)
-            and dtype_name(a.dtype) == dtype_name(b.dtype)
-            and _count_differing(a, b, None)[0] == 0
-        )
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return bool(type(a) is type(b) and a == b)
-
-
-def _count_differing(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    tolerance: tuple[float, float] | None,
-    where: str = "a state tensor",
-) -> tuple[int, float, float]:
-    """``(differing elements, max abs difference, max relative difference)`` of two tensors
-    of the same shape, read in chunks (:mod:`optckpt.chunks`); of the same dtype too unless a
-    tolerance is given and both dtypes are :func:`~optckpt.chunks.readable`. Where values
-    cannot be converted to compute differences, the maxima are NaN.
-
-    Raises:
-        UnreadableCheckpointError: a tensor claims far more elements than its storage holds
-            (zero strides), or is not dense.
-    """
-    if tolerance is None and _same_bytes(a, b):
-        return 0, 0.0, 0.0  # described tensors whose files hold the same bytes: no tensors
-    import torch
-
-    from optckpt.chunks import (
-        bits_dtype,
-        check_bounded,
-        chunk_slices,
-        readable,
-        reducible,
-        same_bits,
-    )
-
-    a, b = _real(a).detach(), _real(b).detach()
-    for tensor in (a, b):
-        if tensor.layout != torch.strided:
-            layout = str(tensor.layout).removeprefix("torch.")
-            raise UnreadableCheckpointError(
-                f"{where}: a {layout} tensor; optckpt compares dense tensors"
-            )
-        check_bounded(tensor, where)
-    numeric = readable(a.dtype) and readable(b.dtype)
-    bits = bits_dtype(a.dtype) if a.dtype == b.dtype else None
-    if same_bits(a, b):
-        # One read of each side, no temporaries: the common case of equal tensors. Equal bits
-        # mean no differing element under either test (isclose has equal_nan=True).
-        return 0, 0.0, 0.0
-    differing, max_abs, max_rel = 0, 0.0, 0.0
-    for index in chunk_slices(a.shape, _CHUNK):
-        ca, cb = a[index].reshape(-1), b[index].reshape(-1)
-        if tolerance is None or not numeric:
-            if bits is not None:  # bitwise: equal NaNs are equal, -0.0 differs from 0.0
-                mask = ca.contiguous().view(bits) != cb.contiguous().view(bits)
-            else:
-                mask = ca != cb
-        else:
-            rtol, atol = tolerance
-            ca, cb = reducible(ca), reducible(cb)
-            if ca.dtype != cb.dtype:
-                wide = torch.complex128 if ca.is_complex() or cb.is_complex() else torch.float64
-                ca, cb = ca.to(wide), cb.to(wide)
-            mask = ~torch.isclose(ca, cb, rtol=rtol, atol=atol, equal_nan=True)
-        n = int(mask.sum())
-        if n == 0:
-            continue
-        differing += n
-        if not numeric:
-            max_abs = max_rel = math.nan
-            continue
-        wide = torch.complex128 if ca.is_complex() or cb.is_complex() else torch.float64
-        da, db = ca[mask].to(wide), cb[mask].to(wide)
-        diff = (da - db).abs()
-        finite = torch.isfinite(diff)
-        if bool(finite.any()):
-            diff = diff[finite]
-            max_abs = max(max_abs, float(diff.max()))
-            rel = diff / db[finite].abs().clamp_min(torch.finfo(torch.float64).tiny)
-            max_rel = max(max_rel, float(rel.max()))
-        if not bool(finite.all()):
-            max_abs = max_rel = math.inf
-    return differing, max_abs, max_rel
-
-
-def _real(tensor: Any) -> Any:
-    """A tensor to compute on: a described one made (a view of its file), others as they are."""
-    return tensor.to_torch() if isinstance(tensor, DescribedTensor) else tensor
-
-
-def _same_bytes(a: Any, b: Any) -> bool:
-    """Whether two described tensors of one dtype, each one contiguous run of its file, hold
-    the same bytes: the files are read in large blocks and compared, no tensor is made
-    (``False`` also where that cannot tell: then the values are compared as tensors)."""
-    if not (isinstance(a, DescribedTensor) and isinstance(b, DescribedTensor)):
-        return False
-    ra, rb = a.byte_range(), b.byte_range()
-    fa, fb = a.storage.file, b.storage.file
-    if a.dtype != b.dtype or ra is None or rb is None or ra[1] != rb[1] or not fa or not fb:
-        return False
-    (start_a, nbytes), (start_b, _) = ra, rb
-    with open(fa, "rb", buffering=0) as xa, open(fb, "rb", buffering=0) as xb:
-        for done in range(0, nbytes, _BLOCK):
-            n = min(_BLOCK, nbytes - done)
-            # bytes == bytes is one memcmp; glibc reuses the freed blocks (no page faults)
-            block_a = os.pread(xa.fileno(), n, start_a + done)
-            if len(block_a) != n or block_a != os.pread(xb.fileno(), n, start_b + done):
-                return False
-    return True
-
-
 @dataclass
 class _Comparer:
     """Compares state values recursively, collecting :class:`Difference` s in ``found``."""
@@ -261,7 +136,7 @@ class _Comparer:
                 return  # with a tolerance, values of different dtypes are compared too
             from optckpt.chunks import readable
 
-            if not (readable(_real(a).dtype) and readable(_real(b).dtype)):
+            if not (readable(as_torch(a).dtype) and readable(as_torch(b).dtype)):
                 return
         dev_a = self.checkpoints[0].saved_device(paths[0], a)
         dev_b = self.checkpoints[1].saved_device(paths[1], b)
@@ -269,7 +144,7 @@ class _Comparer:
             self.found.append(Difference("device", where, dev_a, dev_b))
         if a.device.type == "meta" or b.device.type == "meta":
             return
-        differing, max_abs, max_rel = _count_differing(a, b, self.tolerance, where)
+        differing, max_abs, max_rel = count_differing(a, b, self.tolerance, where)
         # done with this pair: its pages of the mapped inputs can go
         for tensor in (a, b):
             if not isinstance(tensor, DescribedTensor):  # read from the files, not mapped
@@ -311,7 +186,7 @@ class _Comparer:
         elif where.endswith(".step") and _is_number(a) and _is_number(b):
             if _tensor_free_number(a) != _tensor_free_number(b) or type(a) is not type(b):
                 self.found.append(Difference("step", where, jsonable(a), jsonable(b)))
-        elif not _same(a, b):
+        elif not same_value(a, b):
             self.found.append(Difference("value", where, jsonable(a), jsonable(b)))
 
 
@@ -400,7 +275,7 @@ def _diff(a: Located, b: Located, comparer: _Comparer, pairing: Pairing) -> Pair
                 Difference("group_size", f"group {index}", len(x["params"]), len(y["params"]))
             )
         for k in sorted({*x, *y} - {"params", "param_names"}, key=str):
-            if k not in x or k not in y or not _same(x[k], y[k]):
+            if k not in x or k not in y or not same_value(x[k], y[k]):
                 out.append(
                     Difference(
                         "hyperparam", f"group {index}.{k}", jsonable(x.get(k)), jsonable(y.get(k))

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import optckpt.diff as diff_module
+import optckpt.diff_values as diff_values
 from optckpt.diff import diff_checkpoints
+from optckpt.diff_values import count_differing
 from optckpt.errors import UsageError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -68,7 +69,7 @@ def test_nan_with_same_bits_is_equal_and_negative_zero_is_not(tmp_path: Path) ->
 
 
 def test_value_statistics_match_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(diff_module, "_CHUNK", 5)  # several chunks on a small tensor
+    monkeypatch.setattr(diff_values, "_CHUNK", 5)  # several chunks on a small tensor
     a = _state_dict()
     b = copy.deepcopy(a)
     b["state"][0]["exp_avg_sq"] *= 1.5
@@ -187,18 +188,18 @@ def test_fast_equality_agrees_with_the_element_count(
     a: torch.Tensor, b: torch.Tensor | None, expected: int
 ) -> None:
     b = a.clone() if b is None else b
-    assert diff_module._count_differing(a, b, None)[0] == expected
+    assert count_differing(a, b, None)[0] == expected
     # with a tolerance, identical bits are always close (equal_nan=True)
     if expected == 0:
-        assert diff_module._count_differing(a, b, (0.0, 0.0))[0] == 0
+        assert count_differing(a, b, (0.0, 0.0))[0] == 0
 
 
 def test_nan_payloads_that_differ_are_counted(tmp_path: Path) -> None:
     a = torch.full((4,), float("nan"))
     b = a.clone()
     b.view(torch.int32)[2] ^= 1  # another NaN, other bits
-    assert diff_module._count_differing(a, b, None)[0] == 1
-    assert diff_module._count_differing(a, b, (0.0, 0.0))[0] == 0  # both NaN: close
+    assert count_differing(a, b, None)[0] == 1
+    assert count_differing(a, b, (0.0, 0.0))[0] == 0  # both NaN: close
 
 
 # --------------------------------------------------------------------------- bytes, no tensors

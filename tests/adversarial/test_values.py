@@ -33,7 +33,8 @@ from optckpt import chunks as chunks_module
 from optckpt import patterns
 from optckpt.chunks import MAX_EXCESS_BYTES, check_bounded, chunk_slices, chunks
 from optckpt.cli.app import app
-from optckpt.diff import _count_differing, diff_state_dicts
+from optckpt.diff import diff_state_dicts
+from optckpt.diff_values import count_differing
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.inspect import inspect_optimizer, tensor_stats
 from optckpt.io import Checkpoint
@@ -528,7 +529,7 @@ def test_zero_stride_inspect_without_stats_reads_no_values() -> None:
 
 
 def test_zero_stride_diff_is_refused() -> None:
-    _bounded(lambda: _count_differing(ZERO_STRIDE, torch.ones(1).expand(10**6, 10**6), None))
+    _bounded(lambda: count_differing(ZERO_STRIDE, torch.ones(1).expand(10**6, 10**6), None))
     _bounded(lambda: diff_state_dicts(_located(ZERO_STRIDE), _located(ZERO_STRIDE)))
     _bounded(
         lambda: diff_state_dicts(_located(ZERO_STRIDE), _located(ZERO_STRIDE), tolerance=(0, 1))
@@ -591,20 +592,20 @@ def test_stats_of_strided_and_narrow_tensors_match_the_whole(
 
 
 def test_diff_reads_strided_tensors_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import optckpt.diff as diff_module
+    import optckpt.diff_values as diff_values
 
-    monkeypatch.setattr(diff_module, "_CHUNK", 4)
+    monkeypatch.setattr(diff_values, "_CHUNK", 4)
     a = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
     b = a.t().contiguous().t()  # the same values, other strides
-    assert _count_differing(a, b, None) == (0, 0.0, 0.0)
+    assert count_differing(a, b, None) == (0, 0.0, 0.0)
     c = a.clone()
     c[4, 5] += 1
-    assert _count_differing(a.t(), c.t(), None)[0] == 1
-    assert _count_differing(a, c, (0.0, 0.5))[0] == 1
+    assert count_differing(a.t(), c.t(), None)[0] == 1
+    assert count_differing(a, c, (0.0, 0.5))[0] == 1
     eight_a, eight_c = a.to(torch.float8_e4m3fn), c.to(torch.float8_e4m3fn)
-    assert _count_differing(eight_a, eight_a.clone(), None)[0] == 0
-    assert _count_differing(eight_a, eight_c, None)[0] == 1
-    assert _count_differing(eight_a, eight_c, (0.0, 0.01))[0] == 1
+    assert count_differing(eight_a, eight_a.clone(), None)[0] == 0
+    assert count_differing(eight_a, eight_c, None)[0] == 1
+    assert count_differing(eight_a, eight_c, (0.0, 0.01))[0] == 1
 
 
 # --- regenerate's memory check ------------------------------------------------------------
