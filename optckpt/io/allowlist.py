@@ -7,7 +7,9 @@ Facts about names, decided without importing anything a file names:
 * :func:`why_dangerous` says, by name alone, why a global must never be allowed (it runs
   programs, opens files, imports code, ...), even with ``--allow-global``;
 * :data:`DATA_RECONSTRUCTORS` are the functions (numpy's) that rebuild plain data and that
-  ``--allow-global`` lets through besides classes.
+  ``--allow-global`` lets through besides classes;
+* :func:`resolve_globals` imports what ``--allow-global`` names (the user's word, never the
+  file's), once each name is found not dangerous.
 
 Reading a pickle's opcodes for the globals it names is :mod:`optckpt.io.pickles`, which
 re-exports these names.
@@ -15,7 +17,12 @@ re-exports these names.
 
 from __future__ import annotations
 
+import importlib
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Iterable
+from typing import Any
+
+from optckpt.errors import UsageError
 
 
 def torch_allowed_globals() -> frozenset[str]:
@@ -126,3 +133,57 @@ def why_dangerous(name: str) -> str | None:
         if why:
             return f"{'.'.join(parts[:end])} {why}"
     return None
+
+
+def resolve_globals(names: Iterable[str]) -> list[Any]:
+    """Import each ``module.Name`` so it can be allow-listed for ``weights_only`` loading.
+
+    A name that can run code (see :func:`optckpt.io.pickles.why_dangerous`) is refused by its
+    name, before its module is imported.
+
+    Raises:
+        UsageError: a name that is not ``module.attribute``, is dangerous, or cannot be
+            imported.
+    """
+    found = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        if not module_name:
+            raise UsageError(f"--allow-global wants MODULE.NAME, got {name!r}")
+        # What torch allows already (its defaults, add_safe_globals) is torch's call.
+        why = None if name in torch_allowed_globals() else why_dangerous(name)
+        if why:
+            raise UsageError(
+                f"--allow-global {name}: refused, because {why}; "
+                "optckpt never lets a checkpoint call it"
+            )
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"--allow-global {name}: cannot import it ({e})") from e
+        if name not in torch_allowed_globals() and name not in DATA_RECONSTRUCTORS:
+            _check_allowable(name, obj)
+        # Allow-list under the name the pickle uses, which may differ from __qualname__.
+        found.append((obj, name))
+    return found
+
+
+def _check_allowable(name: str, obj: Any) -> None:
+    """Refuse what ``name`` turned out to be: a function or other non-class (a pickle calls
+    what it names, so a function can do anything: ``bz2._builtin_open`` is ``open``,
+    ``torch.utils.collect_env.run`` runs a shell), or a class whose own name is dangerous
+    (an alias of one that :func:`~optckpt.io.pickles.why_dangerous` refuses)."""
+    if not isinstance(obj, type):
+        raise UsageError(
+            f"--allow-global {name}: refused, because it is a {type(obj).__name__}, not a "
+            "class; a checkpoint calls what it names, and optckpt lets only classes through"
+        )
+    canonical = f"{obj.__module__}.{obj.__qualname__}"
+    why = why_dangerous(canonical)
+    if why:
+        raise UsageError(
+            f"--allow-global {name}: refused, because it is {canonical} and {why}; "
+            "optckpt never lets a checkpoint call it"
+        )

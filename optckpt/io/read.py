@@ -26,7 +26,6 @@ far more bytes than their storage holds (zero strides).
 
 from __future__ import annotations
 
-import importlib
 import mmap
 import os
 import pickle
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
+from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError
+from optckpt.io.allowlist import resolve_globals as resolve_globals  # re-exported
 from optckpt.io.folders import Resolved, files_under, resolve_folder
 from optckpt.io.folders import optimizer_files as top_optimizer_files
 from optckpt.io.pickles import (
@@ -120,60 +120,6 @@ class Checkpoint:
         checkpoint read to the CPU); where it is, if nothing else was recorded. ``None``
         where the format records no devices (DCP)."""
         return self.placement.get(path, str(tensor.device))
-
-
-def resolve_globals(names: Iterable[str]) -> list[Any]:
-    """Import each ``module.Name`` so it can be allow-listed for ``weights_only`` loading.
-
-    A name that can run code (see :func:`optckpt.io.pickles.why_dangerous`) is refused by its
-    name, before its module is imported.
-
-    Raises:
-        UsageError: a name that is not ``module.attribute``, is dangerous, or cannot be
-            imported.
-    """
-    found = []
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        if not module_name:
-            raise UsageError(f"--allow-global wants MODULE.NAME, got {name!r}")
-        # What torch allows already (its defaults, add_safe_globals) is torch's call.
-        why = None if name in torch_allowed_globals() else why_dangerous(name)
-        if why:
-            raise UsageError(
-                f"--allow-global {name}: refused, because {why}; "
-                "optckpt never lets a checkpoint call it"
-            )
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"--allow-global {name}: cannot import it ({e})") from e
-        if name not in torch_allowed_globals() and name not in DATA_RECONSTRUCTORS:
-            _check_allowable(name, obj)
-        # Allow-list under the name the pickle uses, which may differ from __qualname__.
-        found.append((obj, name))
-    return found
-
-
-def _check_allowable(name: str, obj: Any) -> None:
-    """Refuse what ``name`` turned out to be: a function or other non-class (a pickle calls
-    what it names, so a function can do anything: ``bz2._builtin_open`` is ``open``,
-    ``torch.utils.collect_env.run`` runs a shell), or a class whose own name is dangerous
-    (an alias of one that :func:`~optckpt.io.pickles.why_dangerous` refuses)."""
-    if not isinstance(obj, type):
-        raise UsageError(
-            f"--allow-global {name}: refused, because it is a {type(obj).__name__}, not a "
-            "class; a checkpoint calls what it names, and optckpt lets only classes through"
-        )
-    canonical = f"{obj.__module__}.{obj.__qualname__}"
-    why = why_dangerous(canonical)
-    if why:
-        raise UsageError(
-            f"--allow-global {name}: refused, because it is {canonical} and {why}; "
-            "optckpt never lets a checkpoint call it"
-        )
 
 
 def _looks_like_a_class(name: str) -> bool:
