@@ -1,6 +1,6 @@
 """Compare two optimizer state dicts: structure first, then every state tensor's values.
 
-Parameters are paired as :func:`optckpt.names.pair_parameters` pairs them: by name (keys of a
+Parameters are paired as :func:`optckpt.pairing.pair_parameters` pairs them: by name (keys of a
 name-keyed state dict, ``param_names``, or recovered for the side that lacks them; wrapper
 prefixes stripped where only that makes names match), else by ID. Values are
 compared bitwise by default (two NaNs with the same bits are equal); with a tolerance, as
@@ -25,7 +25,8 @@ from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.pages import FileRanges, release
 from optckpt.layout import load_layout
 from optckpt.locate import KeyPath, Located, select_optimizers
-from optckpt.names import Pairing, pair_parameters, sources_of
+from optckpt.names import sources_of
+from optckpt.pairing import Pairing, pair_parameters
 from optckpt.statedict import group_of, param_ids, validate_state_dict
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ def diff_state_dicts(
 
     Raises:
         AmbiguousNamesError: a side needed names and its IDs fit its weights in more than
-            one way (see :func:`optckpt.names.pair_parameters`).
+            one way (see :func:`optckpt.pairing.pair_parameters`).
         UnreadableCheckpointError: either is not a valid optimizer state dict
             (:func:`~optckpt.statedict.validate_state_dict`), or holds a tensor that claims
             far more elements than its storage holds.
@@ -335,7 +336,7 @@ def diff_checkpoints(
 
     ``from_a`` and ``from_b`` are the layouts A and B were saved with (paths or
     :class:`~optckpt.layout.Layout`), for a side whose parameters must be named to be paired
-    with the other's and that carries no names (see :func:`optckpt.names.pair_parameters`).
+    with the other's and that carries no names (see :func:`optckpt.pairing.pair_parameters`).
 
     Without keys, a file holding one state dict is paired with the other's one, and files
     holding several are paired key by key. With ``rtol`` or ``atol`` (the other defaults to

@@ -31,11 +31,11 @@ from optckpt.names import (
     is_name_keyed,
     match_names,
     name_parameters,
-    pair_parameters,
     rekey,
     to_id_keyed,
     to_name_keyed,
 )
+from optckpt.pairing import pair_parameters
 
 PROPERTY = settings(max_examples=150, deadline=None)
 
