@@ -816,8 +816,12 @@ def test_joined_zips_are_refused(what: str, tmp_path: Path) -> None:
         first = first[:at] + b"EXP_AVG_SQ" + first[at + 10 :]  # CRC left as it was
     path = tmp_path / "joined.pt"
     path.write_bytes(first + second)
+    # Python 3.12's zipfile may refuse such a file itself (a zip64 end record that does not
+    # add up, seen on 3.12.3): refused all the same, in other words
+    said = ["holds data before its zip archive"]
+    if sys.version_info >= (3, 12):
+        said.append("truncated or corrupt torch zip file")
     for command in (["inspect", path], ["diff", path, path], ["resume-step", path]):
         result = run(*command)
-        assert_one_error_line(
-            result.stderr, 3, result.exit_code, "holds data before its zip archive"
-        )
+        needle = next((n for n in said if n in result.stderr), said[0])
+        assert_one_error_line(result.stderr, 3, result.exit_code, needle)

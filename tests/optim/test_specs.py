@@ -161,7 +161,14 @@ def test_spec_predicts_exactly_the_state_torch_writes(
     name: str, kwargs: dict[str, Any], device: str
 ) -> None:
     spec = SPECS[name]
-    optimizer, params = _stepped(name, device=device, **kwargs)
+    try:
+        optimizer, params = _stepped(name, device=device, **kwargs)
+    except RuntimeError as e:
+        # a fused kernel this torch lacks on the device (torch 2.11's fused Adagrad is
+        # CPU-only; 2.13's runs on CUDA): no state to predict
+        if device == "cpu" or "`fused=True` requires" not in str(e):
+            raise
+        pytest.skip(f"torch {torch.__version__}: {name} {kwargs} not on {device}")
     saved = optimizer.state_dict()
     group = saved["param_groups"][0]
     total = sum(p.numel() for p in params)
