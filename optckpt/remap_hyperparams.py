@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from optckpt.changes import Change
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.optim import by_name
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, spec_of
@@ -55,26 +56,8 @@ _NOT_HYPERPARAMETERS = frozenset({"params", "param_names"})
 
 
 @dataclass(frozen=True)
-class HyperparamChange:
+class HyperparamChange(Change):
     """A hyperparameter of target group ``group`` that differs from its source's value."""
-
-    group: int
-    key: str
-    old: Any
-    new: Any
-    why: str
-
-    def to_json(self) -> dict[str, Any]:
-        """``{"group", "key", "old", "new", "why"}`` (tensors and tuples made JSON-safe)."""
-        from optckpt.inspect import jsonable
-
-        return {
-            "group": self.group,
-            "key": self.key,
-            "old": jsonable(self.old),
-            "new": jsonable(self.new),
-            "why": self.why,
-        }
 
 
 @dataclass(frozen=True)

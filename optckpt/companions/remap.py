@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optckpt.changes import Change
 from optckpt.companions.checks import pair, suffix
 from optckpt.companions.find import Companion, find_in_folder
 from optckpt.companions.kinds import PER_GROUP_KEYS, guess_scheduler
@@ -41,27 +42,15 @@ from optckpt.errors import IncompatibleStateError
 
 
 @dataclass(frozen=True)
-class SchedulerChange:
+class SchedulerChange(Change):
     """One per-group scheduler entry that differs from the one at its index before (the
     form of ``remap --json``'s ``hyperparam_changes``; ``key`` is the entry's key path).
     A scheduler dropped whole (``--drop-scheduler``) is one change of group ``-1`` (``null``
     in JSON), ``key`` its key path, ``old`` its class, ``new`` ``None``."""
 
-    group: int
-    key: str
-    old: Any
-    new: Any
-    why: str
-
-    def to_json(self) -> dict[str, Any]:
-        """``{"group", "key", "old", "new", "why"}``, JSON-safe."""
-        return {
-            "group": None if self.group < 0 else self.group,
-            "key": self.key,
-            "old": plain(self.old),
-            "new": plain(self.new),
-            "why": self.why,
-        }
+    def json_value(self, value: Any) -> Any:
+        """A scheduler's value in JSON (a one-element tensor as its number)."""
+        return plain(value)
 
 
 @dataclass
