@@ -4,6 +4,9 @@
   "optimizer": AdamW state dict, "epoch": ...}``) of about ``params`` model parameters;
 * :func:`run_once` runs one command in a fresh process and returns its wall time, its own
   peak RSS (``ru_maxrss`` from ``os.wait4``) and its CPU time (user + sys);
+* :func:`parse_args`, :func:`workdir`, :func:`checkpoint`, :func:`measure` and
+  :func:`describe` are the steps every checkpoint benchmark takes (options, folder, input,
+  round-robin timing, report header);
 * :func:`drop_caches`, :func:`warm_read`, :func:`optckpt_argv`, :func:`machine` and
   :func:`mb` are the small helpers around them.
 
@@ -13,6 +16,7 @@ this folder on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -21,6 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,3 +257,109 @@ def machine() -> str:
 
 def mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def parse_args(
+    doc: str,
+    argv: list[str] | None,
+    *,
+    params: float,
+    repeats: int = 3,
+    quick: bool = True,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every checkpoint benchmark takes, parsed; ``extra`` adds a script's own.
+
+    ``--params``, ``--repeats`` and ``--workdir``, plus ``--quick`` (5e6 params, 2 repeats)
+    and ``--cold`` (drop the page cache before every run; needs root) where ``quick``.
+    ``args.params`` and ``args.repeats`` come back resolved (``--quick`` applied).
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument(
+        "--params", type=float, default=params, help=f"model parameters (default {params:.0e})"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=None, help=f"runs per command (default {repeats})"
+    )
+    ap.add_argument("--workdir", type=Path, help="keep the inputs here (reused if present)")
+    if quick:
+        ap.add_argument("--quick", action="store_true", help="small run: 5e6 params, 2 repeats")
+        ap.add_argument("--cold", action="store_true", help="drop the page cache before every run")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args(argv)
+    args.quick = getattr(args, "quick", False)
+    args.cold = getattr(args, "cold", False)
+    if args.quick:
+        args.params = 5e6
+    args.repeats = args.repeats or (2 if args.quick else repeats)
+    if args.cold and not drop_caches():
+        ap.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
+    return args
+
+
+@contextmanager
+def workdir(folder: Path | None) -> Iterator[Path]:
+    """``folder`` (created if missing, kept afterwards), or a temporary one removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="optckpt-bench-") as tmp:
+        path = folder or Path(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+
+
+def checkpoint(path: Path, params: float) -> Path:
+    """``path``, written by :func:`make_checkpoint` unless it is already there (then reused)."""
+    if path.exists():
+        print(f"reusing {path}", file=sys.stderr)
+    else:
+        t0 = time.perf_counter()
+        n = make_checkpoint(path, params)
+        print(
+            f"wrote {path}: {n:,} model params in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
+    return path
+
+
+def measure(
+    cmds: list[Command], repeats: int, *, warm: list[Path], imports: str, cold: bool = False
+) -> None:
+    """Run every command ``repeats`` times, round-robin, recording each run into its Command.
+
+    Round-robin, so a burst of load from other processes hits every command alike. Warm (the
+    default): the ``warm`` files are read and ``python -c "import <imports>"`` run once
+    first, so every command finds them cached; ``cold``: the page cache is dropped before
+    every run instead. After each run its outputs are deleted and the file system synced,
+    untimed, so no command pays for an earlier one's write-back.
+    """
+    if not cold:
+        for path in warm:
+            warm_read(path)
+        run_once([sys.executable, "-c", f"import {imports}"])
+    for r in range(repeats):
+        for c in cmds:
+            if cold:
+                drop_caches()
+            wall, rss, cpu = run_once(c.argv)
+            c.record(wall, rss, cpu)
+            for o in c.outputs:
+                o.unlink(missing_ok=True)
+            os.sync()
+            print(
+                f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s wall, {cpu:.2f}s CPU, {mb(rss)}",
+                file=sys.stderr,
+            )
+
+
+def describe(params: float, size: int, repeats: int, *, cold: bool) -> str:
+    """The report's header: the machine, the checkpoint, the page cache and the repeats."""
+    n_params = sum(math.prod(s) for _, s in layout(params))
+    cache = "cold (page cache dropped before each run)" if cold else "warm (inputs read once first)"
+    return (
+        f"machine: {machine()}\n"
+        f"checkpoint: {n_params:,} model params, {len(layout(params))} tensors, "
+        f"{size / 1e9:.2f} GB on disk; page cache {cache}; {repeats} runs per command\n"
+    )

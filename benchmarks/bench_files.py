@@ -46,23 +46,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from _common import (
     Command,
-    drop_caches,
-    layout,
-    machine,
-    make_checkpoint,
+    checkpoint,
+    describe,
     mb,
+    measure,
     optckpt_argv,
+    parse_args,
     run_once,
-    warm_read,
+    workdir,
 )
 
 # optckpt wall <= ratio x the named baseline's wall, by operation
@@ -129,9 +126,28 @@ def _tool(name: str) -> str:
     return found
 
 
+def torch_runs(
+    script: str,
+    then: str,
+    args: list[str],
+    *,
+    outputs: tuple[Path, ...] | list[Path] = (),
+    both: str = "",
+) -> list[Command]:
+    """``script`` (one of the ``TORCH_*`` above) run with a full load and with ``mmap=True``."""
+    return [
+        Command(
+            f"torch: `load{load}`{both}{full} + {then}",
+            [sys.executable, "-c", script.format(mmap=mmap), *args],
+            outputs=list(outputs),
+        )
+        for load, full, mmap in (("", " (full)", ""), ("(mmap=True)", "", ", mmap=True"))
+    ]
+
+
 def commands(ckpt: Path, copy: Path, st: Path, out: Path) -> dict[str, list[Command]]:
     """The commands, by operation. ``out`` is the folder outputs go to."""
-    py, opt, p = sys.executable, optckpt_argv(), str(ckpt)
+    opt, p = optckpt_argv(), str(ckpt)
     out_st, out_pt, out_cp = out / "out.safetensors", out / "out.pt", out / "out.copy"
     cp = Command(CP, [_tool("cp"), p, str(out_cp)], outputs=[out_cp])
     # `sync FILE` fsyncs that one file (coreutils >= 8.24), like optckpt's fsync of its output.
@@ -140,7 +156,6 @@ def commands(ckpt: Path, copy: Path, st: Path, out: Path) -> dict[str, list[Comm
         [_tool("sh"), "-c", 'cp "$1" "$2" && sync "$2"', "sh", p, str(out_cp)],
         outputs=[out_cp],
     )
-    mmap = ", mmap=True"
     convert = [
         Command(
             "`optckpt convert CKPT -o OUT.safetensors`",
@@ -148,30 +163,14 @@ def commands(ckpt: Path, copy: Path, st: Path, out: Path) -> dict[str, list[Comm
             target=True,
             outputs=[out_st],
         ),
-        Command(
-            "torch: `load` (full) + `save_file`",
-            [py, "-c", TORCH_CONVERT.format(mmap=""), p, str(out_st)],
-            outputs=[out_st],
-        ),
-        Command(
-            "torch: `load(mmap=True)` + `save_file`",
-            [py, "-c", TORCH_CONVERT.format(mmap=mmap), p, str(out_st)],
-            outputs=[out_st],
-        ),
+        *torch_runs(TORCH_CONVERT, "`save_file`", [p, str(out_st)], outputs=[out_st]),
         cp,
         cp_sync,
     ]
     diff = [
         Command("`optckpt diff CKPT COPY`", [*opt, "diff", p, str(copy)], target=True),
         Command("`optckpt diff CKPT CKPT.safetensors` (informative)", [*opt, "diff", p, str(st)]),
-        Command(
-            "torch: `load` both (full) + `torch.equal`",
-            [py, "-c", TORCH_DIFF.format(mmap=""), p, str(copy)],
-        ),
-        Command(
-            "torch: `load(mmap=True)` both + `torch.equal`",
-            [py, "-c", TORCH_DIFF.format(mmap=mmap), p, str(copy)],
-        ),
+        *torch_runs(TORCH_DIFF, "`torch.equal`", [p, str(copy)], both=" both"),
         Command(CMP, [_tool("cmp"), p, str(copy)]),
     ]
     move = [
@@ -181,18 +180,9 @@ def commands(ckpt: Path, copy: Path, st: Path, out: Path) -> dict[str, list[Comm
             target=True,
             outputs=[out_pt],
         ),
-        Command(
-            "torch: `load` (full) + cast + `save`",
-            [py, "-c", TORCH_MOVE.format(mmap=""), p, str(out_pt)],
-            outputs=[out_pt],
-        ),
-        Command(
-            "torch: `load(mmap=True)` + cast + `save`",
-            [py, "-c", TORCH_MOVE.format(mmap=mmap), p, str(out_pt)],
-            outputs=[out_pt],
-        ),
+        *torch_runs(TORCH_MOVE, "cast + `save`", [p, str(out_pt)], outputs=[out_pt]),
     ]
-    baseline = [Command("`python -c 'import torch'`", [py, "-c", "import torch"])]
+    baseline = [Command("`python -c 'import torch'`", [sys.executable, "-c", "import torch"])]
     return {"convert": convert, "diff": diff, "move": move, "baseline": baseline}
 
 
@@ -258,15 +248,7 @@ def prepare(folder: Path, params: float) -> tuple[Path, Path, Path]:
     ckpt = folder / f"train-{int(params)}.pt"
     copy = folder / f"train-{int(params)}.copy.pt"
     st = folder / f"train-{int(params)}.safetensors"
-    if ckpt.exists():
-        print(f"reusing {ckpt}", file=sys.stderr)
-    else:
-        t0 = time.perf_counter()
-        n = make_checkpoint(ckpt, params)
-        print(
-            f"wrote {ckpt}: {n:,} model params in {time.perf_counter() - t0:.1f}s",
-            file=sys.stderr,
-        )
+    checkpoint(ckpt, params)
     if not copy.exists() or copy.stat().st_size != ckpt.stat().st_size:
         shutil.copyfile(ckpt, copy)
     if not st.exists():
@@ -275,31 +257,18 @@ def prepare(folder: Path, params: float) -> tuple[Path, Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=float, default=250e6, help="model parameters (default 250e6)")
-    ap.add_argument("--quick", action="store_true", help="small run: 5e6 params, 2 repeats")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per command (default 3)")
-    ap.add_argument("--workdir", type=Path, help="keep the inputs here (reused if present)")
-    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run")
-    ap.add_argument(
-        "--only",
-        choices=("convert", "diff", "move"),
-        action="append",
-        help="run only these operations (repeatable; the cp/cmp baselines come along)",
-    )
-    args = ap.parse_args(argv)
-    params = 5e6 if args.quick else args.params
-    repeats = args.repeats or (2 if args.quick else 3)
+    def only(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument(
+            "--only",
+            choices=("convert", "diff", "move"),
+            action="append",
+            help="run only these operations (repeatable; the cp/cmp baselines come along)",
+        )
 
-    if args.cold and not drop_caches():
-        ap.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
-
-    with tempfile.TemporaryDirectory(prefix="optckpt-bench-") as tmp:
-        folder = args.workdir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt, copy, st = prepare(folder, params)
+    args = parse_args(__doc__, argv, params=250e6, extra=only)
+    with workdir(args.workdir) as folder:
+        ckpt, copy, st = prepare(folder, args.params)
         size = ckpt.stat().st_size
-        n_params = sum(math.prod(s) for _, s in layout(params))
         out = folder / "out"
         out.mkdir(exist_ok=True)
         groups = commands(ckpt, copy, st, out)
@@ -313,40 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in (c for cmds in groups.values() for c in cmds):
             if all(c is not o for o in order):
                 order.append(c)
-
         try:
-            if not args.cold:
-                for path in (ckpt, copy, st):
-                    warm_read(path)
-                run_once([sys.executable, "-c", "import torch, safetensors, optckpt.cli.app"])
-            # round-robin, so a burst of load from elsewhere hits every command alike
-            for r in range(repeats):
-                for c in order:
-                    if args.cold:
-                        drop_caches()
-                    wall, rss, cpu = run_once(c.argv)
-                    c.record(wall, rss, cpu)
-                    for o in c.outputs:
-                        o.unlink(missing_ok=True)
-                    os.sync()  # untimed: the next command must not pay for this one's write-back
-                    print(
-                        f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s wall, {cpu:.2f}s CPU, "
-                        f"{mb(rss)}",
-                        file=sys.stderr,
-                    )
+            measure(
+                order,
+                args.repeats,
+                warm=[ckpt, copy, st],
+                imports="torch, safetensors, optckpt.cli.app",
+                cold=args.cold,
+            )
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    cache = (
-        "cold (page cache dropped before each run)"
-        if args.cold
-        else "warm (inputs read once first)"
-    )
-    print(f"machine: {machine()}")
-    print(
-        f"checkpoint: {n_params:,} model params, {len(layout(params))} tensors, "
-        f"{size / 1e9:.2f} GB on disk; page cache {cache}; {repeats} runs per command\n"
-    )
+    print(describe(args.params, size, args.repeats, cold=args.cold))
     notes = []
     for group, cmds in groups.items():
         shown = [*cmds, *(r for r in refs[group] if all(r is not c for c in cmds))]

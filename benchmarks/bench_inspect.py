@@ -30,24 +30,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from _common import (
-    Command,
-    drop_caches,
-    layout,
-    machine,
-    make_checkpoint,
-    mb,
-    optckpt_argv,
-    run_once,
-    warm_read,
-)
+from _common import Command, checkpoint, describe, mb, measure, optckpt_argv, parse_args, workdir
 
 WALL_TARGET = 1.3  # inspect wall <= this x mmap-load wall (issue 6)
 RSS_TARGET = 400e6  # bytes (issue 6)
@@ -124,60 +111,23 @@ def verdict(cmds: list[Command]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=float, default=300e6, help="model parameters (default 300e6)")
-    ap.add_argument("--quick", action="store_true", help="small run: 5e6 params, 2 repeats")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per command (default 3)")
-    ap.add_argument("--workdir", type=Path, help="keep the checkpoint here (reused if present)")
-    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run")
-    ap.add_argument("--no-stats", action="store_true", help="skip `optckpt inspect --stats`")
-    args = ap.parse_args(argv)
-    params = 5e6 if args.quick else args.params
-    repeats = args.repeats or (2 if args.quick else 3)
+    def no_stats(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--no-stats", action="store_true", help="skip `optckpt inspect --stats`")
 
-    if args.cold and not drop_caches():
-        ap.error("--cold needs write access to /proc/sys/vm/drop_caches (root)")
-
-    with tempfile.TemporaryDirectory(prefix="optckpt-bench-") as tmp:
-        folder = args.workdir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"train-{int(params)}.pt"
-        if path.exists():
-            print(f"reusing {path}", file=sys.stderr)
-        else:
-            t0 = time.perf_counter()
-            n = make_checkpoint(path, params)
-            print(
-                f"wrote {path}: {n:,} model params in {time.perf_counter() - t0:.1f}s",
-                file=sys.stderr,
-            )
+    args = parse_args(__doc__, argv, params=300e6, extra=no_stats)
+    with workdir(args.workdir) as folder:
+        path = checkpoint(folder / f"train-{int(args.params)}.pt", args.params)
         size = path.stat().st_size
-        n_params = sum(math.prod(s) for _, s in layout(params))
         cmds = commands(path, stats=not args.no_stats)
+        measure(
+            cmds,
+            args.repeats,
+            warm=[path],
+            imports="torch, optckpt.inspect, optckpt.cli.app",
+            cold=args.cold,
+        )
 
-        if not args.cold:
-            warm_read(path)
-            # warm the interpreter, torch's shared libraries and optckpt's modules too
-            run_once([sys.executable, "-c", "import torch, optckpt.inspect, optckpt.cli.app"])
-        # round-robin, so a burst of load from elsewhere hits every command alike
-        for r in range(repeats):
-            for c in cmds:
-                if args.cold:
-                    drop_caches()
-                wall, rss, cpu = run_once(c.argv)
-                c.walls.append(wall)
-                c.rss.append(rss)
-                c.cpu.append(cpu)
-                print(f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s, {mb(rss)}", file=sys.stderr)
-
-    cache = (
-        "cold (page cache dropped before each run)" if args.cold else "warm (file read once first)"
-    )
-    print(f"machine: {machine()}")
-    print(
-        f"checkpoint: {n_params:,} model params, {len(layout(params))} tensors, "
-        f"{size / 1e9:.2f} GB on disk; page cache {cache}; {repeats} runs per command\n"
-    )
+    print(describe(args.params, size, args.repeats, cold=args.cold))
     print(table(cmds))
     print()
     print(verdict(cmds))

@@ -22,21 +22,19 @@ resumed run (weights + gradients + AdamW state, what a training process holds).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import tempfile
-from pathlib import Path
 
 from _common import (
     Command,
+    checkpoint,
     layout,
     machine,
-    make_checkpoint,
     mb,
+    measure,
     optckpt_argv,
-    run_once,
-    warm_read,
+    parse_args,
+    workdir,
 )
 
 TORCH_SCRIPT = """
@@ -66,19 +64,9 @@ torch.save({"model": params, "optimizer": opt.state_dict()}, sys.argv[2])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=float, default=100e6, help="model parameters (default 100e6)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per command (default 3)")
-    ap.add_argument("--workdir", type=Path, help="keep the checkpoint here (reused if present)")
-    args = ap.parse_args(argv)
-
-    with tempfile.TemporaryDirectory(prefix="optckpt-bench-") as tmp:
-        folder = args.workdir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt = folder / f"resume_{int(args.params)}.pt"
-        if not ckpt.exists():
-            print(f"writing {ckpt} ...", file=sys.stderr)
-            make_checkpoint(ckpt, args.params)
+    args = parse_args(__doc__, argv, params=100e6, quick=False)
+    with workdir(args.workdir) as folder:
+        ckpt = checkpoint(folder / f"resume_{int(args.params)}.pt", args.params)
         size = ckpt.stat().st_size
         n_params = sum(math.prod(s) for _, s in layout(args.params))
         weights = 4 * n_params
@@ -120,18 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Command("python -c 'import torch'", [sys.executable, "-c", "import torch"]),
         ]
-        warm_read(ckpt)
-        run_once([sys.executable, "-c", "import torch, optckpt.cli.app"])
-        for r in range(args.repeats):
-            for c in commands:
-                wall, rss, cpu = run_once(c.argv)
-                c.record(wall, rss, cpu)
-                for o in c.outputs:
-                    o.unlink(missing_ok=True)
-                print(
-                    f"[{r + 1}/{args.repeats}] {c.label}: {wall:.2f}s, {cpu:.2f}s CPU, {mb(rss)}",
-                    file=sys.stderr,
-                )
+        measure(commands, args.repeats, warm=[ckpt], imports="torch, optckpt.cli.app")
 
     print(f"machine: {machine()}")
     print(
