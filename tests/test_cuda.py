@@ -23,7 +23,7 @@ from optckpt.inspect import inspect_checkpoint
 from optckpt.io import load_checkpoint
 from optckpt.move import move_checkpoint
 from optckpt.optim import Adam
-from optckpt.resume import resume_step
+from optckpt.resume import ResumeOptions, resume_step
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -146,7 +146,7 @@ def test_convert_round_trip_keeps_cuda_devices(tmp_path: Path, impl: str) -> Non
 def test_resume_step_passes_with_check_torch(tmp_path: Path, impl: str) -> None:
     src = tmp_path / "in.pt"
     _saved_on_cuda(src, impl)
-    report = resume_step(src, check_torch=True, steps=2, out=tmp_path / "out.pt")
+    report = resume_step(src, ResumeOptions(check_torch=True, steps=2, out=tmp_path / "out.pt"))
     failed = [c for c in report.checks if not c.ok]
     assert report.ok, failed
     assert {c.name for c in report.checks} >= {"loads", "matches_torch"}

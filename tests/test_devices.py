@@ -19,7 +19,7 @@ from optckpt.io import load_checkpoint
 from optckpt.io.torch_format import save_torch
 from optckpt.locate import tensor_paths
 from optckpt.remapping import remap_checkpoint
-from optckpt.resume import resume_step
+from optckpt.resume import ResumeOptions, resume_step
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -53,7 +53,7 @@ def test_resume_output_keeps_capturable_and_its_devices(tmp_path: Path) -> None:
     """Stepped on the CPU with capturable off, written back with capturable on, on cuda:0."""
     checkpoint = adam_checkpoint(capturable=True)
     src = save_tagged(checkpoint, tmp_path / "in.pt", cpu_steps=False)  # capturable: on device
-    report = resume_step(src, out=tmp_path / "out.pt")
+    report = resume_step(src, ResumeOptions(out=tmp_path / "out.pt"))
     assert report.ok, report.checks
     out = torch.load(tmp_path / "out.pt", weights_only=True, map_location="cpu")
     assert out["optimizer"]["param_groups"][0]["capturable"] is True
@@ -66,7 +66,7 @@ def test_resume_output_tags_state_made_by_the_step(tmp_path: Path) -> None:
     """A parameter without state gets it on the step: moments on cuda:0, step on the CPU."""
     src = save_tagged(adam_checkpoint(), tmp_path / "in.pt")
     assert 3 not in torch.load(src, weights_only=True, map_location="cpu")["optimizer"]["state"]
-    assert resume_step(src, out=tmp_path / "out.pt").ok
+    assert resume_step(src, ResumeOptions(out=tmp_path / "out.pt")).ok
     devices = saved_devices(tmp_path / "out.pt")
     for pid in range(4):
         assert devices[f"/optimizer/state/{pid}/exp_avg"] == "cuda:0"
@@ -82,7 +82,7 @@ def test_resume_output_keeps_a_tensor_lr_and_list_state_on_their_devices(tmp_pat
     )
     src = save_tagged(tree, tmp_path / "in.pt")
     before = saved_devices(src)
-    assert resume_step(src, steps=2, out=tmp_path / "out.pt").ok
+    assert resume_step(src, ResumeOptions(steps=2, out=tmp_path / "out.pt")).ok
     after = saved_devices(tmp_path / "out.pt")
     assert len(after) > len(before)  # the history lists grew
     assert set(after.values()) == {"cuda:0"}, after
@@ -145,7 +145,7 @@ def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None
         src = tmp_path / f"in{with_state}.pt"
         save_torch(checkpoint, src, placement=devices)
         out = tmp_path / f"out{with_state}.pt"
-        assert resume_step(src, out=out).ok
+        assert resume_step(src, ResumeOptions(out=out)).ok
         got = saved_devices(out)
         for pid in range(4):
             expected = "cuda:1" if pid >= 2 else "cuda:0"

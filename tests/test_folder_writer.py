@@ -22,7 +22,7 @@ from optckpt.errors import UsageError
 from optckpt.io.folders import remove_tree
 from optckpt.io.rewrite import prepare_output
 from optckpt.move import move_checkpoint
-from optckpt.resume import resume_each
+from optckpt.resume import ResumeOptions, resume_each
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -113,7 +113,7 @@ def test_move_and_resume_step_rewrite_only_the_optimizer_file(
     with pytest.raises(UsageError, match="--all-tensors moves every tensor of one file"):
         move_checkpoint(run_dir, tmp_path / "all", dtype="bfloat16", all_tensors=True)
     assert not (tmp_path / "all").exists()
-    run = resume_each(source, out=tmp_path / "stepped")
+    run = resume_each(source, ResumeOptions(out=tmp_path / "stepped"))
     assert run.ok and run.out == tmp_path / "stepped"
     saved = torch.load(source / "optimizer.pt", weights_only=True)["state"]
     stepped = torch.load(tmp_path / "stepped" / "optimizer.pt", weights_only=True)["state"]

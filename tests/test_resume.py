@@ -19,7 +19,7 @@ from optckpt.io import load_checkpoint
 from optckpt.layout import Layout, ParamSpec
 from optckpt.names import AmbiguousNamesError
 from optckpt.optim import names
-from optckpt.resume import resume_step
+from optckpt.resume import ResumeOptions, resume_step
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _TOP_LEVEL = [*FIXTURES.glob("*.pt"), *FIXTURES.glob("*.ckpt"), *FIXTURES.glob("*.safetensors")]
@@ -86,14 +86,15 @@ def by_name(report: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("path", FIXTURE_FILES, ids=lambda p: p.name)
 def test_every_fixture_resumes_and_matches_torch(path: Path) -> None:
-    report = resume_step(path, steps=2, check_torch=True)
+    report = resume_step(path, ResumeOptions(steps=2, check_torch=True))
     assert report.ok, report.checks
     assert by_name(report)["matches_torch"].ok
 
 
 def test_the_unsafe_fixture_resumes_with_its_global_allowed() -> None:
     report = resume_step(
-        FIXTURES / "unsafe_namespace.pt", allow_globals=["argparse.Namespace"], check_torch=True
+        FIXTURES / "unsafe_namespace.pt",
+        ResumeOptions(allow_globals=["argparse.Namespace"], check_torch=True),
     )
     assert report.ok
 
@@ -116,7 +117,7 @@ def test_torch_made_checkpoints_resume_for_every_optimizer(
             {n: ParamSpec(tuple(t.shape)) for n, t in model.items()},
             [{"params": list(model)[i::2]} for i in range(2)],
         )
-    report = resume_step(path, steps=2, check_torch=True, from_layout=from_layout)
+    report = resume_step(path, ResumeOptions(steps=2, check_torch=True, from_layout=from_layout))
     assert report.ok, report.checks
     assert report.optimizer == name
     assert report.params_from.startswith("model weights")
@@ -135,14 +136,14 @@ def test_torch_made_checkpoints_resume_for_every_optimizer(
 @pytest.mark.parametrize("name", names())
 def test_bare_state_dicts_resume_on_seeded_parameters(tmp_path: Path, name: str) -> None:
     checkpoint = torch_checkpoint(name)
-    report = resume_step(save(tmp_path, checkpoint["optimizer"]), check_torch=True)
+    report = resume_step(save(tmp_path, checkpoint["optimizer"]), ResumeOptions(check_torch=True))
     assert report.ok, report.checks
     assert report.params_from.startswith("seeded")
 
 
 def test_steps_advance_the_counters_by_n(tmp_path: Path) -> None:
     path = save(tmp_path, torch_checkpoint("Adam", steps=2))
-    report = resume_step(path, steps=3)
+    report = resume_step(path, ResumeOptions(steps=3))
     assert report.ok
     assert by_name(report)["step_counters_advance"].detail == "every counter advanced by 3"
     assert by_name(report)["step_counters_agree"].detail == "group 0: 2, group 1: 2"
@@ -174,7 +175,7 @@ def test_a_state_tensor_of_another_shape_fails_and_skips_the_step(tmp_path: Path
     state = checkpoint["optimizer"]["state"][0]
     state["exp_avg"] = state["exp_avg"].t().contiguous()
     out = tmp_path / "after.pt"
-    report = resume_step(save(tmp_path, checkpoint), check_torch=True, out=out)
+    report = resume_step(save(tmp_path, checkpoint), ResumeOptions(check_torch=True, out=out))
     checks = by_name(report)
     assert not report.ok
     assert not out.exists() and f"nothing written to {out}: a check failed" in report.notes
@@ -222,7 +223,7 @@ def test_unnamed_weight_decay_groups_are_matched_by_shape(tmp_path: Path) -> Non
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     path = save(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    report = resume_step(path, check_torch=True)
+    report = resume_step(path, ResumeOptions(check_torch=True))
     assert report.ok, report.checks
     assert report.params_from.endswith("by state shape in model order (no param_names)")
 
@@ -234,7 +235,7 @@ def test_unnamed_checkpoints_with_frozen_parameters_resume(tmp_path: Path) -> No
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     path = save(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    report = resume_step(path, check_torch=True)
+    report = resume_step(path, ResumeOptions(check_torch=True))
     assert report.ok, report.checks
     assert "1 model parameter(s) not in the optimizer (frozen)" in report.notes
 
@@ -264,7 +265,7 @@ def test_an_unsure_guess_lists_the_candidates(tmp_path: Path) -> None:
     path = save(tmp_path, checkpoint)
     with pytest.raises(IncompatibleStateError, match=r"candidates: Adam, AdamW.*--optimizer"):
         resume_step(path)
-    report = resume_step(path, optimizer="adam", check_torch=True)
+    report = resume_step(path, ResumeOptions(optimizer="adam", check_torch=True))
     assert report.ok and report.optimizer_from == "--optimizer"
 
 
@@ -272,11 +273,11 @@ def test_model_weights_from_another_file(tmp_path: Path) -> None:
     checkpoint = torch_checkpoint("RMSprop")
     optimizer_file = save(tmp_path, checkpoint["optimizer"], "optimizer.pt")
     model_file = save(tmp_path, checkpoint["model"], "model.pt")
-    report = resume_step(optimizer_file, model=model_file, check_torch=True)
+    report = resume_step(optimizer_file, ResumeOptions(model=model_file, check_torch=True))
     assert report.ok
     assert report.params_from == f"model weights in {model_file}, by param_names"
     with pytest.raises(UsageError, match="holds no model state dict"):
-        resume_step(optimizer_file, model=optimizer_file)
+        resume_step(optimizer_file, ResumeOptions(model=optimizer_file))
 
 
 def test_matches_torch_fails_on_a_difference_and_atol_accepts_it(
@@ -291,18 +292,18 @@ def test_matches_torch_fails_on_a_difference_and_atol_accepts_it(
 
     monkeypatch.setattr(torch.optim, "AdamW", Drifting)
     path = save(tmp_path, torch_checkpoint("AdamW"))
-    report = resume_step(path, check_torch=True)
+    report = resume_step(path, ResumeOptions(check_torch=True))
     check = by_name(report)["matches_torch"]
     assert not report.ok and check.ok is False
     assert "parameter ID 0 (a.weight)" in check.detail
-    assert resume_step(path, check_torch=True, atol=1e-4).ok
+    assert resume_step(path, ResumeOptions(check_torch=True, atol=1e-4)).ok
     with pytest.raises(UsageError, match="--atol applies to --check-torch"):
-        resume_step(path, atol=1e-4)
+        resume_step(path, ResumeOptions(atol=1e-4))
 
 
 def test_update_sizes_of_plain_sgd_are_lr_times_the_gradients(tmp_path: Path) -> None:
     checkpoint = torch_checkpoint("SGD")
-    report = resume_step(save(tmp_path, checkpoint), seed=4)
+    report = resume_step(save(tmp_path, checkpoint), ResumeOptions(seed=4))
     # the documented gradients of seed 4, in ID order
     gen = torch.Generator().manual_seed(5)
     optimizer = checkpoint["optimizer"]
@@ -322,7 +323,7 @@ def test_output_holds_the_stepped_state_equal_to_torchs(tmp_path: Path) -> None:
     checkpoint = torch_checkpoint("AdamW")
     path = save(tmp_path, checkpoint)
     out = tmp_path / "after.pt"
-    report = resume_step(path, steps=2, seed=3, out=out)
+    report = resume_step(path, ResumeOptions(steps=2, seed=3, out=out))
     assert report.ok and report.out == out
     written = torch.load(out, weights_only=True)
     # the same two steps with torch.optim, by the documented recipe
@@ -349,7 +350,7 @@ def test_nothing_is_written_when_a_check_fails(tmp_path: Path) -> None:
     checkpoint = torch_checkpoint("Adam")
     checkpoint["optimizer"]["state"][0]["step"] = torch.tensor(9.0)
     out = tmp_path / "after.pt"
-    report = resume_step(save(tmp_path, checkpoint), out=out)
+    report = resume_step(save(tmp_path, checkpoint), ResumeOptions(out=out))
     assert not report.ok and report.out is None
     assert not out.exists()
     assert f"nothing written to {out}: a check failed" in report.notes
@@ -358,7 +359,7 @@ def test_nothing_is_written_when_a_check_fails(tmp_path: Path) -> None:
 def test_the_input_is_never_modified(tmp_path: Path) -> None:
     path = save(tmp_path, torch_checkpoint("Adam"))
     before = path.read_bytes()
-    resume_step(path, steps=2, check_torch=True, out=tmp_path / "out.safetensors")
+    resume_step(path, ResumeOptions(steps=2, check_torch=True, out=tmp_path / "out.safetensors"))
     assert path.read_bytes() == before
 
 
@@ -367,12 +368,12 @@ def test_several_optimizers_need_a_key(tmp_path: Path) -> None:
     path = save(tmp_path, {"optimizer_states": [a["optimizer"], b["optimizer"]]})
     with pytest.raises(UsageError, match=r"'optimizer_states.0', 'optimizer_states.1'.*--key"):
         resume_step(path)
-    report = resume_step(path, key="optimizer_states.1", check_torch=True)
+    report = resume_step(path, ResumeOptions(key="optimizer_states.1", check_torch=True))
     assert report.ok and report.optimizer == "SGD" and report.key == "optimizer_states.1"
 
 
 def test_json_has_ok_and_one_entry_per_check(tmp_path: Path) -> None:
-    report = resume_step(save(tmp_path, torch_checkpoint("Adam")), check_torch=True)
+    report = resume_step(save(tmp_path, torch_checkpoint("Adam")), ResumeOptions(check_torch=True))
     data = report.to_json()
     assert data["ok"] is True
     assert [set(c) for c in data["checks"]] == [{"name", "ok", "detail"}] * 8
@@ -396,7 +397,7 @@ def test_complex_parameters_resume_and_match_torch(tmp_path: Path) -> None:
         p.grad = torch.randn_like(p)
     optimizer.step()
     path = save(tmp_path, {"model": weights, "optimizer": optimizer.state_dict()})
-    report = resume_step(path, steps=2, check_torch=True)
+    report = resume_step(path, ResumeOptions(steps=2, check_torch=True))
     assert report.ok, report.checks
     assert all(g.update_rms > 0 for g in report.groups)
 
@@ -410,7 +411,7 @@ def test_a_capturable_checkpoint_steps_on_the_cpu_without_capture(tmp_path: Path
     param.grad = torch.ones(1)
     with pytest.raises(AssertionError, match="capturable=True"):
         refused.step()  # what torch does on a CPU
-    report = resume_step(save(tmp_path, checkpoint), check_torch=True)
+    report = resume_step(save(tmp_path, checkpoint), ResumeOptions(check_torch=True))
     assert report.ok, report.checks
     assert report.notes[-2:] == [
         f"group {i} was saved with capturable=True, which steps only on an accelerator: "
@@ -431,7 +432,7 @@ def test_tied_weights_stay_tied_in_the_written_checkpoint(tmp_path: Path) -> Non
     assert set(state) == {"emb.weight", "head.weight"}
     path = save(tmp_path, {"model": state, "optimizer": optimizer.state_dict()})
     out = tmp_path / "after.pt"
-    report = resume_step(path, out=out, check_torch=True)
+    report = resume_step(path, ResumeOptions(out=out, check_torch=True))
     assert report.ok, report.checks
     assert not any("frozen" in n for n in report.notes)  # the alias is no frozen parameter
     written = torch.load(out, weights_only=True)["model"]
@@ -447,7 +448,7 @@ def test_an_optimizer_named_wrongly_is_incompatible(
 ) -> None:
     path = save(tmp_path, torch_checkpoint("Adam"))
     with pytest.raises(IncompatibleStateError, match=f"group 0 has no {missing}"):
-        resume_step(path, optimizer=name)
+        resume_step(path, ResumeOptions(optimizer=name))
 
 
 @pytest.mark.parametrize("orphan", ["0", 99])
@@ -476,7 +477,7 @@ def test_nan_step_counters_fail_with_a_readable_detail(tmp_path: Path) -> None:
 def test_output_of_a_cuda_checkpoint_keeps_its_saved_devices(tmp_path: Path) -> None:
     """Stepped on the CPU, written back tagged as the input was (cuda:0; steps on the CPU)."""
     out = tmp_path / "after.pt"
-    report = resume_step(FIXTURES / "cuda_adam.pt", out=out)
+    report = resume_step(FIXTURES / "cuda_adam.pt", ResumeOptions(out=out))
     assert report.ok
     assert any(n.startswith("the input was saved on cuda:0;") for n in report.notes)
     before = load_checkpoint(FIXTURES / "cuda_adam.pt")
@@ -502,7 +503,7 @@ def test_a_dtype_safetensors_cannot_hold_is_refused_before_the_steps(
 
     monkeypatch.setattr("optckpt.synthetic.take_steps", never)  # imported when stepping
     with pytest.raises(UsageError, match=r"in safetensors: it has no torch\.complex128"):
-        resume_step(path, out=tmp_path / "out.safetensors")
+        resume_step(path, ResumeOptions(out=tmp_path / "out.safetensors"))
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -510,7 +511,7 @@ def test_writing_reports_its_bytes_to_progress(tmp_path: Path) -> None:
     """-o asks for a progress callback sized by the tensors to write, then feeds it."""
     progress = RecordedProgress()
     out = tmp_path / "out.pt"
-    assert resume_step(FIXTURES / "adamw_train.pt", out=out, progress=progress).ok
+    assert resume_step(FIXTURES / "adamw_train.pt", ResumeOptions(out=out), progress=progress).ok
     tree = torch.load(out, weights_only=True)
     total = sum(t.numel() * t.element_size() for t in tensors_by_path(tree).values())
     assert progress.started == [total]
@@ -549,7 +550,7 @@ def _two_optimizers(tmp_path: Path, *, nan: bool = False) -> Path:
 
 
 def test_every_optimizer_is_checked_on_its_own(tmp_path: Path) -> None:
-    from optckpt.resume import resume_each
+    from optckpt.resume import ResumeOptions, resume_each
 
     run = resume_each(_two_optimizers(tmp_path, nan=True))
     assert [(r.key, r.optimizer, r.ok) for r in run.results] == [
@@ -560,32 +561,32 @@ def test_every_optimizer_is_checked_on_its_own(tmp_path: Path) -> None:
     data = run.to_json()
     assert data["ok"] is False and [r["key"] for r in data["results"]] == ["gen", "disc"]
     # one optimizer, or --key: the report of that one, as it always was
-    one = resume_each(_two_optimizers(tmp_path), key="gen").to_json()
+    one = resume_each(_two_optimizers(tmp_path), ResumeOptions(key="gen")).to_json()
     assert one["key"] == "gen" and "results" not in one
 
 
 def test_out_holds_every_optimizer_stepped_as_each_alone(tmp_path: Path) -> None:
-    from optckpt.resume import resume_each
+    from optckpt.resume import ResumeOptions, resume_each
 
     path = _two_optimizers(tmp_path)
-    run = resume_each(path, steps=2, out=tmp_path / "both.pt")
+    run = resume_each(path, ResumeOptions(steps=2, out=tmp_path / "both.pt"))
     assert run.ok and run.out == tmp_path / "both.pt"
     both = torch.load(tmp_path / "both.pt", weights_only=True)
     for key in ("gen", "disc"):
-        assert resume_step(path, key=key, steps=2, out=tmp_path / f"{key}.pt").ok
+        assert resume_step(path, ResumeOptions(key=key, steps=2, out=tmp_path / f"{key}.pt")).ok
         alone = torch.load(tmp_path / f"{key}.pt", weights_only=True)
         assert_bitwise_equal(both[key], alone[key])
     # nothing is written when one of them fails
-    run = resume_each(_two_optimizers(tmp_path, nan=True), out=tmp_path / "never.pt")
+    run = resume_each(_two_optimizers(tmp_path, nan=True), ResumeOptions(out=tmp_path / "never.pt"))
     assert not run.ok and run.out is None and not (tmp_path / "never.pt").exists()
     assert any("nothing written" in note for note in run.notes)
 
 
 def test_one_optimizer_apis_refuse_several_and_list_them(tmp_path: Path) -> None:
-    from optckpt.resume import resume_each
+    from optckpt.resume import ResumeOptions, resume_each
 
     path = _two_optimizers(tmp_path)
     with pytest.raises(UsageError, match="several optimizer state dicts \\('gen', 'disc'\\)"):
         resume_step(path)
     with pytest.raises(UsageError, match=r"--optimizer names one optimizer.*'gen', 'disc'"):
-        resume_each(path, optimizer="adam")
+        resume_each(path, ResumeOptions(optimizer="adam"))

@@ -25,7 +25,7 @@ from optckpt.io.torch_format import Deferred
 from optckpt.io.write import tensor_bytes
 from optckpt.move import move_checkpoint
 from optckpt.remapping import remap_checkpoint
-from optckpt.resume import resume_step
+from optckpt.resume import ResumeOptions, resume_step
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -77,7 +77,7 @@ def test_every_writing_command_writes_a_folder_alike(tmp_path: Path) -> None:
         ("move", lambda out: move_checkpoint(folder, out, device="cpu")),
         ("convert", lambda out: convert_checkpoint(folder, out)),
         ("remap", lambda out: remap_checkpoint(folder, weights, out)),
-        ("resume-step", lambda out: resume_step(folder, out=out)),
+        ("resume-step", lambda out: resume_step(folder, ResumeOptions(out=out))),
     ):
         out = tmp_path / verb
         call(out)
@@ -134,7 +134,7 @@ def test_one_progress_protocol_for_every_writing_command(tmp_path: Path, command
         layout.write_text(json.dumps({"params": {"w": {"shape": [4, 4]}}}))
         regenerate_checkpoint("adam", layout, out, progress=progress)
     elif command == "resume-step":
-        assert resume_step(source, out=out, progress=progress).ok
+        assert resume_step(source, ResumeOptions(out=out), progress=progress).ok
     else:
         out = tmp_path / "dcp"
         convert_checkpoint(source, f"{out}/", progress=progress)
@@ -175,7 +175,7 @@ def test_every_writing_command_keeps_ordered_dicts_and_their_metadata(
         torch.save(model_state, weights)
         remap_checkpoint(source, weights, out)
     else:
-        assert resume_step(source, out=out).ok
+        assert resume_step(source, ResumeOptions(out=out)).ok
     back = tmp_path / "back.pt"  # and through .pt again: safetensors -> pt keeps them too
     convert_checkpoint(out, back)
     for written in (load_checkpoint(out).root, torch.load(back, weights_only=True)):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,13 +15,7 @@ from optckpt.cli.options import (
     OutputFormat,
     RewriteOutput,
 )
-from optckpt.cli.render import (
-    human_bytes,
-    print_json,
-    print_notes,
-    progress_when_writing,
-    safe,
-)
+from optckpt.cli.render import bytes_written, fields, human_bytes, print_result, writing
 
 # `--to` names a layout in every other command (remap's target); here it was the format.
 _TO_DEPRECATED = "--to is deprecated in convert; use --format (--to names a layout in remap)"
@@ -82,65 +74,45 @@ def convert(
             raise UsageError(f"--format {fmt} and --to {to} disagree; give --format only")
         fmt = to
         notes.append(_TO_DEPRECATED)
-    with progress_when_writing("converting", quiet=as_json) as progress:
+    with writing(
+        "converting", as_json=as_json, force=force, link=link, allow_global=allow_global
+    ) as common:
         result = convert_checkpoint(
             path,
             out,
             fmt=fmt,
             optimizer=optimizer,
             key=key,
-            force=force,
-            link=link,
-            allow_globals=allow_global or (),
-            progress=progress,
             keying=keying,
             sanitize=sanitize,
+            **common,
         )
     notes += result.notes
-    written = result.out.stat().st_size if result.out.is_file() else _folder_size(result.out)
-    if as_json:
-        data = {
-            "source": result.source,
-            "source_format": result.source_format,
-            "out": result.out,
-            "format": result.target_format,
-            "bytes": written,
-            "optimizer": optimizer,
-            "rewritten": result.rewritten,
-            "keying": result.keying,
-            "rekeyed": result.rekeyed,
-        }
-        if result.sanitized is not None:
-            data["sanitized"] = [s.to_json() for s in result.sanitized]
-        print_json(data, notes)
-        return
+    written = bytes_written(result.out)
+    data = {
+        **fields(result, "source", "source_format", "out"),
+        "format": result.target_format,
+        "bytes": written,
+        "optimizer": optimizer,
+        **fields(result, "rewritten", "keying", "rekeyed"),
+    }
+    if result.sanitized is not None:
+        data["sanitized"] = [s.to_json() for s in result.sanitized]
     rewritten = (
         f"; rewrote {', '.join(repr(k) for k in result.rewritten)} for {optimizer}"
         if result.rewritten
         else ""
     )
-    line = (
-        f"wrote {result.out} ({result.target_format}, {human_bytes(written)}) "
-        f"from {result.source} ({result.source_format}){rewritten}"
-        + (
-            f"; keyed {', '.join(repr(k) for k in result.rekeyed)} by {result.keying}"
-            if result.rekeyed
-            else ""
-        )
+    rekeyed = (
+        f"; keyed {', '.join(repr(k) for k in result.rekeyed)} by {result.keying}"
+        if result.rekeyed
+        else ""
     )
-    sys.stdout.write(safe(line, markup=False) + "\n")
-    for s in result.sanitized or ():
-        sys.stdout.write(
-            safe(f"sanitized {s.key or '<root>'}: {s.was} -> {s.now}", markup=False) + "\n"
-        )
+    lines = [
+        f"wrote {result.out} ({result.target_format}, {human_bytes(written)}) "
+        f"from {result.source} ({result.source_format}){rewritten}{rekeyed}"
+    ]
+    lines += [f"sanitized {s.key or '<root>'}: {s.was} -> {s.now}" for s in result.sanitized or ()]
     if result.sanitized == []:
-        sys.stdout.write("sanitized: nothing to rewrite\n")
-    print_notes(notes)
-
-
-def _folder_size(folder: Path) -> int:
-    """Bytes of the files in a folder (a DCP checkpoint, a training folder), however deep;
-    0 for anything else."""
-    from optckpt.io.folders import files_under
-
-    return sum(p.stat().st_size for p in files_under(folder)) if folder.is_dir() else 0
+        lines.append("sanitized: nothing to rewrite")
+    print_result(as_json, data, lines, notes)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optckpt.cli.options import AllowGlobal
-from optckpt.cli.render import console, print_json, print_notes, safe
+from optckpt.cli.render import console, print_json, print_notes, print_prefixes_stripped, safe
 
 if TYPE_CHECKING:
     from optckpt.diff import Difference, DiffReport
@@ -103,13 +103,7 @@ def render(report: DiffReport) -> None:
             f"[bold]{safe(title)}[/] (params matched by {safe(pair.match_by)}; {how})",
             soft_wrap=True,
         )
-        if pair.prefixes_stripped:
-            out.print(
-                "wrapper prefixes stripped to match names: "
-                + safe(", ".join(pair.prefixes_stripped))
-                + " (as torch's _get_fqns strips them)",
-                soft_wrap=True,
-            )
+        print_prefixes_stripped(out, pair.prefixes_stripped)
         table = Table(show_edge=False)
         for column in ("what", "where", "A", "B", "detail"):
             table.add_column(column)

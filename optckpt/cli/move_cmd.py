@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -17,13 +16,7 @@ from optckpt.cli.options import (
     OutputFormat,
     RewriteOutput,
 )
-from optckpt.cli.render import (
-    human_bytes,
-    print_json,
-    print_notes,
-    progress_when_writing,
-    safe,
-)
+from optckpt.cli.render import bytes_written, fields, human_bytes, print_result, writing
 
 
 def move(
@@ -58,10 +51,11 @@ def move(
     allow_global: AllowGlobal = None,
 ) -> None:
     """Move optimizer state to another device and dtype, following torch's casting policy."""
-    from optckpt.io.folders import files_under
     from optckpt.move import move_checkpoint
 
-    with progress_when_writing("moving", quiet=as_json) as progress:
+    with writing(
+        "moving", as_json=as_json, force=force, link=link, allow_global=allow_global
+    ) as common:
         result = move_checkpoint(
             path,
             out,
@@ -70,16 +64,9 @@ def move(
             key=key,
             all_tensors=all_tensors,
             fmt=fmt,
-            force=force,
-            link=link,
-            allow_globals=allow_global or (),
-            progress=progress,
+            **common,
         )
-    written = (
-        result.out.stat().st_size
-        if result.out.is_file()
-        else sum(p.stat().st_size for p in files_under(result.out))
-    )
+    written = bytes_written(result.out)
     notes = list(result.notes)
     if result.kept_on:
         notes.append(
@@ -87,18 +74,11 @@ def move(
             "(torch.load needs map_location where that device is missing); "
             "--all-tensors moves it too"
         )
-    if as_json:
-        data = {
-            "out": result.out,
-            "bytes": written,
-            "device": result.device,
-            "dtype": result.dtype,
-            "optimizers": result.optimizers,
-            "all_tensors": result.all_tensors,
-            "kept_on": result.kept_on,
-        }
-        print_json(data, notes)
-        return
+    data = {
+        "out": result.out,
+        "bytes": written,
+        **fields(result, "device", "dtype", "optimizers", "all_tensors", "kept_on"),
+    }
     what = (
         "every tensor"
         if result.all_tensors
@@ -109,5 +89,4 @@ def move(
     else:
         where = f"on {result.device}" + (f", {result.dtype}" if result.dtype else "")
     line = f"wrote {result.out} ({human_bytes(written)}): {what} {where}"
-    sys.stdout.write(safe(line, markup=False) + "\n")
-    print_notes(notes)
+    print_result(as_json, data, [line], notes)

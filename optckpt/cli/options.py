@@ -15,6 +15,7 @@ __all__ = [
     "AsJson",
     "CheckpointPath",
     "Force",
+    "FromLayout",
     "GroupRules",
     "Key",
     "Link",
@@ -57,6 +58,12 @@ OutputFormat = Annotated[
         "--format",
         metavar="pt|safetensors|dcp",
         help="Output format (default: from -o: its extension, or a folder).",
+    ),
+]
+FromLayout = Annotated[
+    Path | None,
+    typer.Option(
+        "--from", help="Layout the checkpoint was saved with, if its groups carry no names."
     ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]

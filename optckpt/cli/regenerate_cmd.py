@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from optckpt.cli.options import MAX_SEED, AllowGlobal, Force, GroupRules, Output
-from optckpt.cli.render import print_json, print_notes, progress_when_writing, safe
+from optckpt.cli.render import fields, print_result, progress_when_writing
 
 
 def regenerate(
@@ -74,25 +73,12 @@ def regenerate(
             f"layout hyperparameters {result.optimizer} does not have were left out: "
             f"{', '.join(result.dropped)}"
         )
-    if as_json:
-        data = {
-            "out": result.out,
-            "optimizer": result.optimizer,
-            "steps": result.steps,
-            "seed": result.seed,
-            "params_from": result.params_from,
-            "num_params": result.num_params,
-            "groups": result.groups,
-            "dropped": result.dropped,
-            "bare": result.bare,
-        }
-        print_json(data, notes)
-        return
+    keys = ("out", "optimizer", "steps", "seed", "params_from", "num_params", "groups")
+    data = fields(result, *keys, "dropped", "bare")
     what = "optimizer state dict" if result.bare else "model and optimizer"
     line = (
         f"wrote {result.out}: {what}, {result.optimizer}, {result.num_params} parameters in "
         f"{len(result.groups)} group(s), {result.steps} step(s), seed {result.seed}, "
         f"parameters {result.params_from}"
     )
-    sys.stdout.write(safe(line, markup=False) + "\n")
-    print_notes(notes)
+    print_result(as_json, data, [line], notes)

@@ -11,13 +11,21 @@ from optckpt.cli.options import (
     AllowGlobal,
     CheckpointPath,
     Force,
+    FromLayout,
     GroupRules,
     Key,
     Link,
     OptionalRewriteOutput,
     OutputFormat,
 )
-from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
+from optckpt.cli.render import (
+    console,
+    print_json,
+    print_notes,
+    print_prefixes_stripped,
+    safe,
+    writing,
+)
 
 if TYPE_CHECKING:
     from optckpt.remapping import RemapPlan
@@ -35,12 +43,7 @@ def remap(
     ],
     out: OptionalRewriteOutput = None,
     fmt: OutputFormat = None,
-    source: Annotated[
-        Path | None,
-        typer.Option(
-            "--from", help="Layout the checkpoint was saved with, if its groups carry no names."
-        ),
-    ] = None,
+    source: FromLayout = None,
     rename: Annotated[
         list[str] | None,
         typer.Option(
@@ -100,7 +103,9 @@ def remap(
         raise UsageError("--dry-run writes nothing; drop -o")
     if not dry_run and out is None:
         raise UsageError("give -o OUT, or --dry-run to see the plan")
-    with progress_when_writing("remapping", quiet=as_json) as progress:
+    with writing(
+        "remapping", as_json=as_json, force=force, link=link, allow_global=allow_global
+    ) as common:
         result = remap_checkpoint(
             path,
             to,
@@ -112,12 +117,9 @@ def remap(
             hyperparams=hyperparams,
             settings=setting or (),
             key=key,
-            force=force,
-            link=link,
-            allow_globals=allow_global or (),
-            progress=progress,
             fmt=fmt,
             drop_scheduler=drop_scheduler,
+            **common,
         )
     if as_json:
         print_json({"key": result.key, "out": result.out, **result.plan.to_json()}, result.notes)
@@ -140,13 +142,7 @@ def render(plan: RemapPlan) -> None:
 
     out = console()
     out.print(f"source names from {safe(plan.names_from or plan.names_source)}", soft_wrap=True)
-    if plan.prefixes_stripped:
-        out.print(
-            "wrapper prefixes stripped to match names: "
-            + safe(", ".join(plan.prefixes_stripped))
-            + " (as torch's _get_fqns strips them)",
-            soft_wrap=True,
-        )
+    print_prefixes_stripped(out, plan.prefixes_stripped)
     table = Table(show_edge=False)
     for column in ("group", "carried", "renamed", "new", "reset", "hyperparameters from"):
         table.add_column(

@@ -11,10 +11,14 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rich.console import Console
+
+    from optckpt.io.write import ProgressStart
 
 _SHORT_DTYPES = {
     "float32": "f32",
@@ -89,6 +93,24 @@ def print_json(data: Mapping[str, Any], notes: Iterable[str] = ()) -> None:
     sys.stdout.write(json.dumps(plain_json(out), indent=2, allow_nan=False) + "\n")
 
 
+def print_result(
+    as_json: bool, data: Mapping[str, Any], lines: Iterable[str], notes: Iterable[str]
+) -> None:
+    """A writing command's report: ``data`` as its ``--json`` object, or ``lines`` on stdout
+    (escaped, no markup); then ``notes`` (on stderr, or in the object's ``"notes"``)."""
+    if as_json:
+        print_json(data, notes)
+        return
+    for line in lines:
+        sys.stdout.write(safe(line, markup=False) + "\n")
+    print_notes(notes)
+
+
+def fields(result: object, *names: str) -> dict[str, Any]:
+    """``{name: result.name}`` for each name, in order: a result's fields for ``--json``."""
+    return {name: getattr(result, name) for name in names}
+
+
 def print_notes(notes: Iterable[str]) -> None:
     """Print ``note: ...`` lines on stderr: what optckpt says about its own run stays out of
     the report on stdout (DESIGN.md, one rule for streams)."""
@@ -109,6 +131,25 @@ def console() -> Console:
 
     probe = Console()
     return _Console(highlight=False, width=None if probe.is_terminal else 160)
+
+
+def print_prefixes_stripped(out: Console, prefixes: Iterable[str]) -> None:
+    """The wrapper prefixes stripped to pair names (diff, remap), if any."""
+    if prefixes:
+        out.print(
+            "wrapper prefixes stripped to match names: "
+            + safe(", ".join(prefixes))
+            + " (as torch's _get_fqns strips them)",
+            soft_wrap=True,
+        )
+
+
+def bytes_written(out: Path) -> int:
+    """Bytes of an output: a file's size, or the files of a folder (a DCP checkpoint, a
+    training folder), however deep."""
+    from optckpt.io.folders import files_under
+
+    return out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in files_under(out))
 
 
 def human_bytes(n: int) -> str:
@@ -137,6 +178,25 @@ def progress_when_writing(
     opens :func:`byte_progress` then (closed with this block) and returns its callback."""
     with ExitStack() as stack:
         yield lambda total: stack.enter_context(byte_progress(label, total, quiet=quiet))
+
+
+class Writing(TypedDict):
+    """The keyword arguments every rewriting command's library function takes alike."""
+
+    force: bool
+    link: bool
+    allow_globals: Iterable[str]
+    progress: ProgressStart
+
+
+@contextmanager
+def writing(
+    label: str, *, as_json: bool, force: bool, link: bool, allow_global: list[str] | None
+) -> Iterator[Writing]:
+    """The flags a rewriting command (convert, move, remap) passes on as they are, with the
+    progress of :func:`progress_when_writing` (off under ``--json``)."""
+    with progress_when_writing(label, quiet=as_json) as progress:
+        yield Writing(force=force, link=link, allow_globals=allow_global or (), progress=progress)
 
 
 @contextmanager

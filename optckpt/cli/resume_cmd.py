@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from optckpt.cli.options import MAX_SEED, AllowGlobal, CheckpointPath, Force, Key, Link
+from optckpt.cli.options import MAX_SEED, AllowGlobal, CheckpointPath, Force, FromLayout, Key, Link
 from optckpt.cli.render import console, print_json, print_notes, progress_when_writing, safe
 
 if TYPE_CHECKING:
@@ -27,12 +27,7 @@ def resume_step(
         Path | None,
         typer.Option("--model", help="Model weights file, when PATH holds none."),
     ] = None,
-    source: Annotated[
-        Path | None,
-        typer.Option(
-            "--from", help="Layout the checkpoint was saved with, if its groups carry no names."
-        ),
-    ] = None,
+    source: FromLayout = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps to take.")] = 1,
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the gradients.")
@@ -60,25 +55,24 @@ def resume_step(
     allow_global: AllowGlobal = None,
 ) -> None:
     """Load the optimizer state, take N seeded steps, and check that it resumes (exit 1 if not)."""
-    from optckpt.resume import resume_each
+    from optckpt.resume import ResumeOptions, resume_each
 
+    options = ResumeOptions(
+        key=key,
+        optimizer=optimizer,
+        model=model,
+        steps=steps,
+        seed=seed,
+        check_torch=check_torch,
+        atol=atol,
+        out=out,
+        force=force,
+        link=link,
+        allow_globals=allow_global or (),
+        from_layout=source,
+    )
     with progress_when_writing("writing", quiet=as_json) as progress:
-        run = resume_each(
-            path,
-            key=key,
-            optimizer=optimizer,
-            model=model,
-            steps=steps,
-            seed=seed,
-            check_torch=check_torch,
-            atol=atol,
-            out=out,
-            force=force,
-            link=link,
-            allow_globals=allow_global or (),
-            progress=progress,
-            from_layout=source,
-        )
+        run = resume_each(path, options, progress=progress)
     if as_json:
         print_json(run.to_json())
     else:

@@ -14,7 +14,16 @@ a checkpoint that holds several (an Accelerate folder of two models, a Lightning
 
 from __future__ import annotations
 
+from optckpt.resume.options import ResumeOptions
 from optckpt.resume.report import Check, GroupUpdate, ResumeReport, ResumeRun
 from optckpt.resume.step import resume_each, resume_step
 
-__all__ = ["Check", "GroupUpdate", "ResumeReport", "ResumeRun", "resume_each", "resume_step"]
+__all__ = [
+    "Check",
+    "GroupUpdate",
+    "ResumeOptions",
+    "ResumeReport",
+    "ResumeRun",
+    "resume_each",
+    "resume_step",
+]

@@ -31,29 +31,14 @@ from optckpt.resume.optimizer import (
     optimizer_class,
     uncapture,
 )
+from optckpt.resume.options import ResumeOptions
 from optckpt.resume.parameters import Params
 from optckpt.resume.report import Check, ResumeReport, ResumeRun
 from optckpt.resume.source import Source
 from optckpt.resume.torch_compare import matches_torch
 from optckpt.resume.updates import GradientSquares, group_updates, is_adaptive
 from optckpt.resume.write import check_out, check_storable_as, write_checkpoint
-from optckpt.seeds import check_seed
 from optckpt.synthetic import Gradients, take_steps
-
-
-def _check_options(*, steps: int, seed: int, check_torch: bool, atol: float | None) -> None:
-    """Refuse options out of range, before anything is read.
-
-    Raises:
-        UsageError: names the option and what it takes.
-    """
-    if steps < 1:
-        raise UsageError(f"--steps must be 1 or more, not {steps}")
-    check_seed(seed)
-    if atol is not None and not check_torch:
-        raise UsageError("--atol applies to --check-torch")
-    if atol is not None and not atol >= 0:
-        raise UsageError(f"--atol must be 0 or more, not {atol}")
 
 
 def _layout(from_layout: str | Path | Any | None, allow_globals: Iterable[str]) -> Any | None:
@@ -161,20 +146,25 @@ def _resume_one(
     source: Source,
     checkpoint: Any,
     found: Located,
-    optimizer: str | None,
-    steps: int,
-    check_torch: bool,
-    atol: float | None,
+    options: ResumeOptions,
 ) -> tuple[ResumeReport, Stepped | None]:
     """The checks of one optimizer state dict, and what its steps left to write (``None``
     when a check stopped the run)."""
-    cls, optimizer_from = optimizer_class(found.state_dict, optimizer)
+    cls, optimizer_from = optimizer_class(found.state_dict, options.optimizer)
     params = source.parameters(checkpoint, found.state_dict)
     report = ResumeReport(
-        source.path, found.key, cls.__name__, optimizer_from, params.source, steps, source.seed
+        source.path,
+        found.key,
+        cls.__name__,
+        optimizer_from,
+        params.source,
+        options.steps,
+        source.seed,
     )
     report.notes += params.notes
-    stepped = _check_and_step(report, source, cls, params, found.state_dict, check_torch, atol)
+    stepped = _check_and_step(
+        report, source, cls, params, found.state_dict, options.check_torch, options.atol
+    )
     if stepped is not None:
         stepped.found, stepped.names = found, params.weights
     report.companions = companions_of(checkpoint, found.key, source.allow_globals)
@@ -186,28 +176,17 @@ def _resume_one(
 
 def resume_each(
     path: str | Path,
+    options: ResumeOptions | None = None,
     *,
-    key: str | None = None,
-    optimizer: str | None = None,
-    model: str | Path | None = None,
-    steps: int = 1,
-    seed: int = 0,
-    check_torch: bool = False,
-    atol: float | None = None,
-    out: str | Path | None = None,
-    force: bool = False,
-    link: bool = False,
-    allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
-    from_layout: str | Path | Any | None = None,
     only_one: bool = False,
 ) -> ResumeRun:
     """Take the resume steps of :func:`resume_step` for every optimizer state dict of the
-    checkpoint (or the one at ``key``), each checked on its own.
+    checkpoint (or the one at ``options.key``), each checked on its own.
 
-    Arguments are those of :func:`resume_step`; ``optimizer`` needs a ``key`` where the
-    checkpoint holds several. ``only_one``: refuse a checkpoint with several and no ``key``
-    (what :func:`resume_step` takes). ``out`` is written once, with every state dict
+    Arguments are those of :func:`resume_step`; ``options.optimizer`` needs a ``key`` where
+    the checkpoint holds several. ``only_one``: refuse a checkpoint with several and no ``key``
+    (what :func:`resume_step` takes). ``options.out`` is written once, with every state dict
     stepped, when every check of every one passed.
 
     Returns:
@@ -216,16 +195,16 @@ def resume_each(
     Raises:
         As :func:`resume_step`; UsageError for ``optimizer`` over several state dicts.
     """
-    path = Path(path)
-    _check_options(steps=steps, seed=seed, check_torch=check_torch, atol=atol)
-    output = (
-        None if out is None else check_out(out, path, model, from_layout, force=force, link=link)
-    )
-    layout = _layout(from_layout, allow_globals)
-    model = None if model is None else Path(model)
-    source = Source(path, key, model, seed, tuple(allow_globals), layout)
+    path, o = Path(path), options or ResumeOptions()
+    o.check()
+    output = None
+    if o.out is not None:
+        output = check_out(o.out, path, o.model, o.from_layout, force=o.force, link=o.link)
+    layout = _layout(o.from_layout, o.allow_globals)
+    model = None if o.model is None else Path(o.model)
+    source = Source(path, o.key, model, o.seed, tuple(o.allow_globals), layout)
     checkpoint, every = source.read_every(only_one=only_one)
-    if optimizer is not None and len(every) > 1:
+    if o.optimizer is not None and len(every) > 1:
         listed = ", ".join(repr(f.key) for f in every)
         raise UsageError(
             f"--optimizer names one optimizer; the checkpoint holds several ({listed}): "
@@ -236,9 +215,7 @@ def resume_each(
     run = ResumeRun(path, [], notes=checkpoint.notes())
     done = []
     for found in every:
-        report, stepped = _resume_one(
-            replace(source, key=found.key), checkpoint, found, optimizer, steps, check_torch, atol
-        )
+        report, stepped = _resume_one(replace(source, key=found.key), checkpoint, found, o)
         run.results.append(report)
         done.append(stepped)
     if output is None:
@@ -258,41 +235,17 @@ def resume_each(
 
 def resume_step(
     path: str | Path,
+    options: ResumeOptions | None = None,
     *,
-    key: str | None = None,
-    optimizer: str | None = None,
-    model: str | Path | None = None,
-    steps: int = 1,
-    seed: int = 0,
-    check_torch: bool = False,
-    atol: float | None = None,
-    out: str | Path | None = None,
-    force: bool = False,
-    link: bool = False,
-    allow_globals: Iterable[str] = (),
     progress: ProgressStart | None = None,
-    from_layout: str | Path | Any | None = None,
 ) -> ResumeReport:
     """Load a checkpoint's optimizer state, take ``steps`` steps, and check the result.
 
     Args:
         path: the checkpoint (any format optckpt reads).
-        key: the key path of the optimizer state dict, when the file holds several.
-        optimizer: the bundled optimizer's name; guessed from the state when ``None``.
-        model: a file with the model weights, when ``path`` has none.
-        steps: steps to take (1 or more).
-        seed: seeds the gradients (and stand-in parameters); see :mod:`optckpt.synthetic`.
-        check_torch: take the same steps with ``torch.optim`` and compare.
-        atol: with ``check_torch``, accept differences up to ``atol`` instead of bitwise.
-        out: write the checkpoint after the steps here (only when every check passed).
-        force: overwrite ``out``.
-        link: a training folder's other files are hard-linked into ``out``, not copied.
-        allow_globals: pickle globals to let through (see :func:`optckpt.io.load_checkpoint`).
-        progress: called with the bytes of tensors to write when writing ``out`` starts; the
-            callback it returns is told each write.
-        from_layout: the layout the checkpoint was saved with (``--from``: a path or a
-            :class:`~optckpt.layout.Layout`), to name the IDs of a state dict without
-            ``param_names`` (see :mod:`optckpt.names`).
+        options: the flags (:class:`ResumeOptions`; its defaults when ``None``).
+        progress: called with the bytes of tensors to write when writing ``options.out``
+            starts; the callback it returns is told each write.
 
     Returns:
         The :class:`ResumeReport`; ``report.ok`` says whether every check passed. (For
@@ -305,23 +258,7 @@ def resume_step(
         IncompatibleStateError: an unsure guess of the optimizer, weights that do not fit the
             groups, a state that does not load (group count or size mismatch).
     """
-    run = resume_each(
-        path,
-        key=key,
-        optimizer=optimizer,
-        model=model,
-        steps=steps,
-        seed=seed,
-        check_torch=check_torch,
-        atol=atol,
-        out=out,
-        force=force,
-        link=link,
-        allow_globals=allow_globals,
-        progress=progress,
-        from_layout=from_layout,
-        only_one=True,
-    )
+    run = resume_each(path, options, progress=progress, only_one=True)
     (report,) = run.results
     report.notes[:0] = [n for n in run.notes if n not in report.notes]
     report.out = run.out
