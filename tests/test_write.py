@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import io
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from optckpt.errors import ExitCode, UsageError
-from optckpt.io import torch_format
+from optckpt.errors import ExitCode, UnwritableOutputError, UsageError
+from optckpt.io import outfile, torch_format
 from optckpt.io.safetensors_format import read_safetensors
 from optckpt.io.safetensors_format import writer as safetensors_writer
 from optckpt.io.write import atomic_output, check_output, format_for, save_checkpoint
@@ -125,6 +127,63 @@ def test_a_failed_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OSError, match="No space"):
         save_checkpoint({"w": torch.randn(10)}, tmp_path / "out.safetensors", "safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_large_writes_are_written_back_while_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # The write-behind thread flushes each time another WRITE_BEHIND_BYTES have been written,
+    # before the file is complete; the file is still the same bytes.
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1 << 16)
+    sizes: list[int] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        sizes.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    slow = outfile.write_all
+
+    def slow_write(f: object, data: object) -> None:  # give the 10 ms poll time to see growth
+        slow(f, data)
+        time.sleep(0.02)
+
+    monkeypatch.setattr(torch_format, "write_all", slow_write)
+    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    monkeypatch.setattr(safetensors_writer, "_SLICE", 1 << 16)
+    tree = {"w": torch.randn(200_000)}  # 800 KB, written in 64 KiB slices
+    out = tmp_path / f"out.{fmt}"
+    save_checkpoint(tree, out, fmt)
+    assert sizes and min(sizes) < out.stat().st_size  # flushed before the end
+    loaded = torch.load(out, weights_only=True) if fmt == "pt" else read_safetensors(out)
+    assert torch.equal(loaded["w"], tree["w"])
+    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+
+
+def test_a_failed_write_behind_is_an_unwritable_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel reports a write-back error once per descriptor: the background flush that got
+    # it must raise it, or the final fsync could pass over lost data.
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
+
+    def io_error(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    slow = outfile.write_all
+
+    def slow_write(f: object, data: object) -> None:
+        slow(f, data)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UnwritableOutputError, match="Input/output error"):
+        save_checkpoint({"w": torch.randn(10)}, out, "safetensors")
     assert list(tmp_path.iterdir()) == []
 
 

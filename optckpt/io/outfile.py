@@ -10,8 +10,10 @@ tells a cast made when written (:class:`~optckpt.io.torch_format.Deferred`) from
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,8 +104,80 @@ def open_output(path: Path) -> Any:
     On ext4, closing a file that was opened with ``O_TRUNC`` starts its write-back at once
     (``auto_da_alloc``), which only competes with the fsync that follows; call
     :func:`end_output` when done to cut what an existing file held beyond the new end.
+
+    The file is written back to the disk while it is being written (see
+    :class:`_WriteBehind`), so the fsync that makes it durable finds little left to do.
     """
-    return open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb", buffering=0)
+    return _Output(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), path)
+
+
+class _Output(io.FileIO):
+    """A raw output file with a :class:`_WriteBehind` that ends before the file closes."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        super().__init__(fd, "wb")
+        self._behind = _WriteBehind(fd, path)
+
+    def close(self) -> None:
+        behind = getattr(self, "_behind", None)
+        try:
+            if behind is not None and not self.closed:
+                behind.stop()  # before the descriptor goes: the thread flushes through it
+        finally:
+            super().close()
+
+
+class _WriteBehind:
+    """Write a growing file back to the disk from a background thread as it grows.
+
+    An fsync at the end of a large write waits for all of it to reach the disk (about as long
+    as the copy itself on this project's machines: ``cp && sync`` is ~1.7x ``cp``). Here a
+    thread calls ``fdatasync`` each time another :data:`WRITE_BEHIND_BYTES` have been written,
+    so the disk works while the writer copies and the final fsync (the caller's, which makes
+    the write durable) has little left. It only starts write-back earlier: what is written,
+    and when the file counts as durable, do not change. ``fdatasync`` releases the GIL.
+
+    An error of a background flush (``EIO``, ``ENOSPC``) is raised by :meth:`stop`, as an
+    :class:`OSError` naming the file: the kernel reports a write-back error once per
+    descriptor, so the final fsync might not see it again.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self._done = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="optckpt-write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        flushed = 0
+        while not self._done.wait(_POLL_SECONDS):
+            try:
+                end = os.fstat(self._fd).st_size
+                if end - flushed >= WRITE_BEHIND_BYTES:
+                    os.fdatasync(self._fd)
+                    flushed = end
+            except OSError as e:
+                self._error = e
+                return
+
+    def stop(self) -> None:
+        """End the thread (waiting for a flush under way).
+
+        Raises:
+            OSError: a background flush failed; the message names the file.
+        """
+        self._done.set()
+        self._thread.join()
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise OSError(e.errno, e.strerror, str(self._path)) from e
+
+
+# Write back every this many new bytes: large enough that small files never start a flush.
+WRITE_BEHIND_BYTES = 64 * 1024 * 1024
+_POLL_SECONDS = 0.01
 
 
 def end_output(f: Any) -> None:
