@@ -64,6 +64,11 @@ def parse_dtype(text: str) -> torch.dtype:
         raise UsageError(f"--dtype {text!r}: choose one of {', '.join(DTYPES)}") from None
 
 
+Later = Callable[[torch.Tensor, torch.dtype | None], torch.Tensor | None]
+"""A checkpoint's :meth:`~optckpt.io.Checkpoint.later`: for a placeholder whose tensor is
+read only when written, one for its cast (itself for ``None``); ``None`` for a real tensor."""
+
+
 def _moved(
     tensor: torch.Tensor,
     key: Any,
@@ -72,10 +77,20 @@ def _moved(
     placed: bool,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
+    later: Later | None = None,
 ) -> Any:
     """One tensor moved by the casting policy of the module doc (``placed``: its group is
-    fused or capturable); ``device`` ``None`` keeps it where it is."""
+    fused or capturable); ``device`` ``None`` keeps it where it is. A placeholder (``later``;
+    ``device`` ``None`` or the CPU) stays one, of the cast the policy makes."""
     where = tensor.device if device is None else device
+    if later is not None and (device is None or device.type == "cpu"):
+        if key == "step":
+            cast = torch.float32 if placed else None
+        else:
+            cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        stand_in = later(tensor, cast)
+        if stand_in is not None:
+            return stand_in
     if key == "step":
         return tensor.to(device=where, dtype=torch.float32) if placed else tensor
     if dtype is not None and tensor.is_floating_point():
@@ -93,6 +108,18 @@ def _moved(
 def _where(prefix: str, path: KeyPath) -> str:
     """A tensor's place for a message: ``state.3.exp_avg``."""
     return ".".join([prefix, *map(str, path)]) if prefix else ".".join(map(str, path))
+
+
+def _stays_placeholder(
+    tensor: torch.Tensor, device: torch.device | None, later: Later | None
+) -> bool:
+    """Whether ``tensor`` is a placeholder that a move to ``device`` keeps one (its tensor
+    read, and cast, when written)."""
+    return (
+        later is not None
+        and (device is None or device.type == "cpu")
+        and later(tensor, None) is not None
+    )
 
 
 def _check_movable(tensor: torch.Tensor, device: torch.device | None, where: str) -> None:
@@ -113,6 +140,7 @@ def move_state(
     *,
     on_read: Callable[[int], None] | None = None,
     lazy: bool = False,
+    later: Later | None = None,
 ) -> dict[str, Any]:
     """A copy of an optimizer state dict with its state on ``device`` (and ``dtype``);
     ``device`` ``None`` keeps each tensor where it is (``step`` included: torch's policy
@@ -121,20 +149,26 @@ def move_state(
     Hyperparameters are left as they are (a Tensor ``lr`` stays where it was). ``on_read``
     is told the bytes of every tensor copied (to release memory-mapped input as it goes).
     With ``lazy``, a dtype cast on the CPU is left as a
-    :class:`~optckpt.io.torch_format.Deferred`, made when the state is written.
+    :class:`~optckpt.io.torch_format.Deferred`, made when the state is written. ``later``
+    (the checkpoint's :meth:`~optckpt.io.Checkpoint.later`): with ``device`` ``None`` or
+    the CPU, a placeholder of a DCP folder stays one, of the cast, read and cast only when
+    written.
 
     Raises:
         UnreadableCheckpointError: a meta tensor (no data) to move to a real device, or a
             tensor that claims far more elements than its storage holds (zero strides).
     """
     placed = fused_or_capturable(state_dict)
-    # every tensor checked before any is copied
+    # every tensor checked before any is copied (a placeholder is read when written)
     for path, tensor in tensor_paths(state_dict["state"]):
-        _check_movable(tensor, device, _where("state", path))
+        if not _stays_placeholder(tensor, device, later):
+            _check_movable(tensor, device, _where("state", path))
 
     def mover(pid: Any) -> Callable[[torch.Tensor, KeyPath], Any]:
         flag = placed.get(pid, False)
-        return lambda tensor, path: _moved(tensor, key_of(path), device, dtype, flag, on_read, lazy)
+        return lambda tensor, path: _moved(
+            tensor, key_of(path), device, dtype, flag, on_read, lazy, later
+        )
 
     state = {pid: cast_tree(value, mover(pid)) for pid, value in state_dict["state"].items()}
     return {**state_dict, "state": state}
@@ -215,11 +249,21 @@ def move_checkpoint(
             f"--device {torch_device}: a DCP folder records no device (dcp.load puts tensors "
             "where the model's are); give --device cpu, with --dtype to cast"
         )
-    checkpoint = job.load(read=True)
+    # A DCP folder's tensors are read when written, cast then (one at a time), unless they
+    # go to another device than the CPU: then they are read now and moved.
+    on_cpu = torch_device is None or torch_device.type == "cpu"
+    checkpoint = job.load(read=not on_cpu)
     found = job.select(checkpoint)
     releaser = Releaser(checkpoint.sources)
     moved = [
-        move_state(f.state_dict, torch_device, torch_dtype, on_read=releaser.read, lazy=True)
+        move_state(
+            f.state_dict,
+            torch_device,
+            torch_dtype,
+            on_read=releaser.read,
+            lazy=True,
+            later=checkpoint.later,
+        )
         for f in found
     ]
     # The loaded tree is ours (the file is mapped copy-on-write): swap the moved state in.
@@ -231,7 +275,7 @@ def move_checkpoint(
             forget_placement(checkpoint, (*located.path, "state"))
     if all_tensors:
         checkpoint.root = _move_outside(
-            checkpoint.root, [f.path for f in found], torch_device, torch_dtype
+            checkpoint.root, [f.path for f in found], torch_device, torch_dtype, checkpoint.later
         )
         if torch_device is not None:
             forget_placement(checkpoint)
@@ -250,7 +294,11 @@ def move_checkpoint(
 
 
 def _move_outside(
-    root: Any, done: list[KeyPath], device: torch.device | None, dtype: torch.dtype | None
+    root: Any,
+    done: list[KeyPath],
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+    later: Later | None = None,
 ) -> Any:
     """Every tensor of the tree moved, but those of the optimizer state dicts at ``done``
     (their state moved already, their hyperparameters kept). Outside optimizer state no key
@@ -260,12 +308,14 @@ def _move_outside(
         return not any(path[: len(d)] == d for d in done)
 
     for path, tensor in tensor_paths(root):
-        if outside(path):
+        if outside(path) and not _stays_placeholder(tensor, device, later):
             _check_movable(tensor, device, _where("", path))
     return cast_tree(
         root,
         lambda tensor, path: (
-            _moved(tensor, None, device, dtype, False, lazy=True) if outside(path) else tensor
+            _moved(tensor, None, device, dtype, False, lazy=True, later=later)
+            if outside(path)
+            else tensor
         ),
         keep_types=True,  # a model state dict stays an OrderedDict with its _metadata
     )

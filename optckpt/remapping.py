@@ -38,6 +38,7 @@ from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
 from optckpt.layout import Layout, ParamSpec, load_layout
 from optckpt.locate import locate_optimizers
+from optckpt.move import Later
 from optckpt.names import NameSources, match_names, name_parameters, sources_of, to_name_keyed
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
@@ -150,9 +151,12 @@ def _renamed(name: str, rules: Sequence[tuple[Pattern, str]]) -> str:
     return name
 
 
-def _carry(state: Any, source_dtype: str | None, spec: ParamSpec) -> Any:
+def _carry(
+    state: Any, source_dtype: str | None, spec: ParamSpec, later: Later | None = None
+) -> Any:
     """The state of a parameter whose dtype becomes the layout's: floating state follows it,
-    ``step`` never (the casting policy, through the core's recursion)."""
+    ``step`` never (the casting policy, through the core's recursion). A placeholder
+    (``later``) stays one, of the cast."""
     target = getattr(torch, spec.dtype, None)
     if (
         not isinstance(target, torch.dtype)
@@ -164,7 +168,8 @@ def _carry(state: Any, source_dtype: str | None, spec: ParamSpec) -> Any:
     def cast(tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
         if key_of(path) == "step" or not tensor.is_floating_point():
             return tensor
-        return tensor.to(dtype=target)
+        stand_in = later(tensor, target) if later is not None else None
+        return stand_in if stand_in is not None else tensor.to(dtype=target)
 
     return cast_tree(state, cast)
 
@@ -211,6 +216,7 @@ def remap(
     settings: Iterable[str | Setting] = (),
     layout_why: str = "--hyperparams layout",
     name_sources: NameSources | None = None,
+    later: Later | None = None,
 ) -> tuple[StateDict, RemapPlan]:
     """Rebuild an optimizer state dict for the layout ``to``, matching parameters by name.
 
@@ -230,6 +236,8 @@ def remap(
         layout_why: what asked for the layout's values, as the plan says it.
         name_sources: what the checkpoint offers to name the parameters besides ``model_state``
             (its other optimizers, a Trainer folder's model config: :func:`optckpt.names.sources_of`).
+        later: the checkpoint's :meth:`~optckpt.io.Checkpoint.later`: a DCP folder's
+            placeholders are cast when written (only shapes and dtypes are planned from).
 
     Returns:
         ``(new_state_dict, plan)``. Carried state tensors are the source's own objects
@@ -306,7 +314,7 @@ def remap(
                 mismatches.append(wrong)
                 continue
             if state is not None:
-                new_state[pid_new] = _carry(state, _source_dtype(optimizer, state), spec)
+                new_state[pid_new] = _carry(state, _source_dtype(optimizer, state), spec, later)
                 state_from[pid_new] = pid
             if old_name == matched.found[name]:  # no --rename rule changed it
                 plan.carried.append(name)
@@ -456,7 +464,9 @@ def remap_checkpoint(
         if isinstance(source, Layout) or source is None
         else load_layout(source, (), allow_globals)
     )
-    checkpoint = job.load(read=True)
+    # A DCP folder's tensors are placeholders: the plan needs shapes and dtypes only (0-dim
+    # values such as step are read); each is read, and cast, when written.
+    checkpoint = job.load()
     located = job.select_one(checkpoint)
     new, plan = remap(
         located.state_dict,
@@ -468,6 +478,7 @@ def remap_checkpoint(
         settings=settings,
         layout_why="--group" if hyperparams is None else "--hyperparams layout",
         name_sources=sources_of(checkpoint, located.state_dict),
+        later=checkpoint.later,
     )
     optimizers = [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)]
     schedulers = driving(checkpoint_companions(checkpoint, allow_globals), optimizers, located.key)

@@ -151,3 +151,57 @@ def folder_digests(path: Path) -> dict[str, str]:
         elif entry.is_file():
             found[key] = hashlib.sha256(entry.read_bytes()).hexdigest()
     return found
+
+
+def dcp_as_torch_reads_it(folder: Path, scratch: Path) -> Any:
+    """A DCP folder as torch itself reads it: ``dcp_to_torch_save``, then ``torch.load``."""
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{folder.name}.torch-reads.pt"
+    with warnings.catch_warnings():  # no process group: torch warns that it assumes one
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(str(folder), str(out))
+    return torch.load(out, weights_only=True)
+
+
+class Assemblies:
+    """What :func:`track_assemblies` saw: each tensor a DCP placeholder's writer made, and
+    the most that held memory of their own at once (weak references to their storages: a
+    view of an input file holds none, a storage freed under its tensor holds none)."""
+
+    def __init__(self) -> None:
+        self.storages: list[Any] = []
+        self.most_alive = 0
+
+    @property
+    def made(self) -> int:
+        return len(self.storages)
+
+    def alive(self) -> int:
+        return sum(
+            1
+            for ref in self.storages
+            if (s := ref()) is not None and s.resizable() and s.nbytes() > 0
+        )
+
+
+def track_assemblies(monkeypatch: pytest.MonkeyPatch) -> Assemblies:
+    """Watch every ``Assembled.materialize`` (a DCP tensor made when written): after each,
+    how many of the tensors made so far still hold memory (see :class:`Assemblies`)."""
+    import weakref
+
+    from optckpt.io.dcp.tensors import Assembled
+
+    seen = Assemblies()
+    original = Assembled.materialize
+
+    def materialize(self: Assembled) -> torch.Tensor:
+        tensor = original(self)
+        seen.storages.append(weakref.ref(tensor.untyped_storage()))
+        seen.most_alive = max(seen.most_alive, seen.alive())
+        return tensor
+
+    monkeypatch.setattr(Assembled, "materialize", materialize)
+    return seen

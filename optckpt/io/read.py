@@ -121,6 +121,12 @@ class Checkpoint:
         where the format records no devices (DCP)."""
         return self.placement.get(path, str(tensor.device))
 
+    def later(self, tensor: Any, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """For a placeholder whose tensor is read only when written: one for
+        ``tensor.to(dtype)`` (see :meth:`optckpt.io.dcp.reader.DcpCheckpoint.later`). ``None``
+        here: a checkpoint read with its tensors holds no placeholders."""
+        return None
+
 
 def _looks_like_a_class(name: str) -> bool:
     """Whether a global's last part is named as classes are (``Namespace``, not ``run``):

@@ -103,7 +103,7 @@ def _write_file(job: _Write) -> None:
 
 def _write_dcp(job: _Write) -> None:
     # DCP records no devices, and torch's writer reports no progress
-    write_dcp(job.tree, job.output.path)
+    write_dcp(job.tree, job.output.path, sources=job.sources)
 
 
 def _write_folder(job: _Write) -> None:
@@ -272,7 +272,10 @@ class Rewrite:
     def load(self, *, read: bool = False, describe: bool = False) -> Checkpoint:
         """Read the checkpoint (see :func:`optckpt.io.load_checkpoint`). A DCP folder's
         tensors are placeholders (shape and dtype) until :meth:`save` writes them, or, with
-        ``read`` (a command that computes on them: ``move``, ``remap``), read now.
+        ``read`` (a command that computes on their values, not only casts them: ``move`` to
+        a device other than the CPU), read now. A command that casts a placeholder asks
+        the checkpoint for one of the cast (:meth:`~optckpt.io.Checkpoint.later`): ``move
+        --dtype`` and ``remap`` stream as ``convert`` does.
 
         ``describe`` (a command that only moves tensors from file to file: ``convert`` to
         safetensors) reads the file without torch where it can
@@ -329,10 +332,10 @@ class Rewrite:
         root = checkpoint.root
         resolved = getattr(checkpoint, "resolved", None)  # a DcpCheckpoint's
         if resolved is not None:
-            # A file writer makes each placeholder's tensor only when it writes it (a sharded
-            # one assembled then), so memory stays at the largest tensor; torch's DCP writer
-            # takes tensors, read now.
-            root = resolved(root, lazy=self.output.kind != "dcp")
+            # Every writer (files, and torch's DCP writer through optckpt's planner) makes
+            # each placeholder's tensor only when it writes it (a sharded one assembled then,
+            # cast then where the command cast it), so memory stays at the largest tensor.
+            root = resolved(root, lazy=True)
         save(
             self.output,
             root,

@@ -25,7 +25,12 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, flat_optimizer_state
+from checks import (
+    assert_same_bits,
+    dcp_as_torch_reads_it,
+    flat_optimizer_state,
+    track_assemblies,
+)
 from torch import nn
 
 from optckpt.errors import UnsafeCheckpointError
@@ -236,3 +241,36 @@ def test_fsdp2_state_dict_saved_with_torch_save_is_refused_with_advice(run: Path
     message = str(raised.value)
     assert "sharded" in message and "full_state_dict=True" in message
     assert "--allow-global" not in message
+
+
+def test_move_and_remap_of_uneven_shards_stream_and_equal_torch_cast(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FSDP2's uneven shards, each tensor assembled, cast and written one at a time: equal
+    to torch's own reading of the folder cast with ``.to``, whichever the output."""
+    from optckpt.move import move_checkpoint
+    from optckpt.remapping import remap_checkpoint
+
+    folder = run / "fsdp_default"
+    reference = dcp_as_torch_reads_it(folder, tmp_path)
+    flat = flat_optimizer_state(reference["optim"])
+    want = {k: v if k[1] == "step" else v.to(dtype=torch.bfloat16) for k, v in flat.items()}
+    tensors = sum(1 for v in flat.values() if v.dim()) + len(reference["model"])
+
+    made = track_assemblies(monkeypatch)
+    move_checkpoint(folder, f"{tmp_path / 'moved'}/", dtype="bfloat16")
+    moved = dcp_as_torch_reads_it(tmp_path / "moved", tmp_path)
+    assert_same_bits(flat_optimizer_state(moved["optim"]), want)
+    assert_same_bits(moved["model"], reference["model"])
+    assert made.made == tensors and made.most_alive == 1
+
+    layout = {
+        "params": {n: {"shape": list(t.shape), "dtype": "bfloat16"} for n, t in reference["model"].items()},
+        "groups": [{"params": list(reference["model"])}],
+    }  # fmt: skip
+    (tmp_path / "layout.json").write_text(__import__("json").dumps(layout))
+    made = track_assemblies(monkeypatch)
+    remap_checkpoint(folder, tmp_path / "layout.json", tmp_path / "remapped.pt")
+    remapped = torch.load(tmp_path / "remapped.pt", weights_only=True)
+    assert_same_bits(flat_optimizer_state(remapped["optim"]), want)
+    assert made.made == tensors and made.most_alive == 1

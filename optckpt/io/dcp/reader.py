@@ -73,6 +73,8 @@ class DcpCheckpoint(Checkpoint):
     layouts: dict[str, TensorLayout] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
+    # The casts a placeholder made by later() stands for, in order, by its id.
+    _casts: dict[int, tuple[torch.dtype, ...]] = field(default_factory=dict, repr=False)
 
     def saved_device(self, *args: Any, **kwargs: Any) -> str | None:
         """``None``: DCP does not record where a tensor was (whichever tensor is asked for)."""
@@ -92,19 +94,33 @@ class DcpCheckpoint(Checkpoint):
         found = self._sources.get(id(tree))
         if found is None or found[0] is not tree:
             return tree
-        source = found[1]
+        source, casts = found[1], self._casts.get(id(tree), ())
         if not lazy:
-            return source.load()
+            return source.cast(casts)
         for piece in source.pieces:  # mapped now, so that writers find the mappings
             source.files.window(piece.stored, source.key)
-        return source.lazy()
+        return source.lazy(casts)
 
     def real(self, tensor: Any) -> Any:
         """The tensor a ``meta`` placeholder stands for, read now (other values as they are)."""
         found = self._sources.get(id(tensor))
         if found is None or found[0] is not tensor:
             return tensor
-        return found[1].load()
+        return found[1].cast(self._casts.get(id(tensor), ()))
+
+    def later(self, tensor: Any, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """For a ``meta`` placeholder: a placeholder of ``tensor.to(dtype)``, whose tensor is
+        read and cast only when it is written (:meth:`resolved`), or ``tensor`` itself when
+        ``dtype`` is ``None`` or its own; ``None`` for any other value (a real tensor)."""
+        found = self._sources.get(id(tensor))
+        if found is None or found[0] is not tensor:
+            return None
+        if dtype is None or dtype == tensor.dtype:
+            return tensor
+        cast = torch.empty(tensor.shape, dtype=dtype, device="meta")
+        self._sources[id(cast)] = (cast, found[1])
+        self._casts[id(cast)] = (*self._casts.get(id(tensor), ()), dtype)
+        return cast
 
     def summary(self) -> dict[str, Any]:
         """How the folder stores the checkpoint: its files, and its tensors and their chunks."""

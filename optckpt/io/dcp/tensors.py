@@ -148,12 +148,20 @@ class TensorSource:
             self.files.drop(mapped, first, length)
         return out
 
-    def lazy(self) -> torch.Tensor | Assembled:
-        """What a writer takes: :class:`Assembled` (made when written) where the writers can
-        defer its dtype, else the tensor itself."""
-        if self.entry.dtype in _DEFERRABLE and self.numel:
-            return Assembled(self)
-        return self.load()
+    def lazy(self, casts: tuple[torch.dtype, ...] = ()) -> torch.Tensor | Assembled:
+        """What a writer takes: :class:`Assembled` (made when written, then cast to each of
+        ``casts`` in turn) where the writers can defer its dtype, else the tensor itself,
+        cast now."""
+        if self.numel and all(d in _DEFERRABLE for d in (self.entry.dtype, *casts)):
+            return Assembled(self, casts)
+        return self.cast(casts)
+
+    def cast(self, casts: tuple[torch.dtype, ...] = ()) -> torch.Tensor:
+        """The tensor read now (:meth:`load`), then ``.to(dtype)`` for each of ``casts``."""
+        tensor = self.load()
+        for dtype in casts:
+            tensor = tensor.to(dtype=dtype)
+        return tensor
 
 
 def _dense(record: Any) -> bool:
@@ -185,20 +193,32 @@ class Assembled(Deferred):
 
     One chunk covering the whole tensor, dense on its storage, is handed to the writer as a
     view of its file (the writer copies its bytes in the kernel and releases the pages, via
-    :attr:`source`); chunks are assembled into new memory.
+    :attr:`source`); chunks are assembled into new memory. With ``casts`` (``move --dtype``,
+    ``remap`` to a layout of another dtype) the tensor made is then ``.to(dtype)`` of each in
+    turn, as the command would have cast the tensor read up front.
     """
 
-    __slots__ = ("_source_of",)
+    __slots__ = ("_casts", "_source_of")
 
-    def __init__(self, source: TensorSource) -> None:  # Deferred's casts do not apply
+    def __init__(self, source: TensorSource, casts: tuple[torch.dtype, ...] = ()) -> None:
+        # Deferred's checks do not apply: its source is a tensor, this one's its chunks
         self._source_of = source
-        self.dtype = source.entry.dtype
+        self._casts = tuple(casts)
+        self.dtype = self._casts[-1] if self._casts else source.entry.dtype
         self._meta = torch.empty(source.entry.size, dtype=self.dtype, device="meta")
         # What the writers release after writing it (an empty tensor: nothing yet).
-        self.source = torch.empty(0, dtype=self.dtype)
+        self.source = torch.empty(0, dtype=source.entry.dtype)
 
     def materialize(self) -> torch.Tensor:
         """Make the tensor: contiguous, owning exactly its storage (as a writer records it)."""
+        if self._casts:  # read aligned (a cast reads it as its dtype), then cast
+            read = self._source_of.load()
+            if self._source_of._whole() is not None:
+                self.source = read  # a view of the file: the writer releases its pages
+            made = read.contiguous()
+            for dtype in self._casts:  # each differs from the one before: a new tensor
+                made = made.to(dtype=dtype)
+            return made
         made = self._source_of.load(align=False)
         exact = (
             made.storage_offset() == 0

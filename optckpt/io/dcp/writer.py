@@ -21,13 +21,17 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optckpt.errors import UnwritableOutputError, UsageError
 from optckpt.io.dcp import METADATA, is_dcp
 from optckpt.io.folders import remove_tree, walk
 from optckpt.io.outfile import is_deferred
+from optckpt.io.pages import FileRanges, trim_heap
 from optckpt.locate import locate_optimizers
+
+if TYPE_CHECKING:
+    from optckpt.io.torch_format import Deferred
 
 
 def wants_dcp(out: str | os.PathLike[str], to: str | None) -> bool:
@@ -153,19 +157,70 @@ def atomic_folder(out: Path) -> Iterator[Path]:
             remove_tree(old)
 
 
-def _made(node: Any) -> Any:
-    """The tree with every :class:`~optckpt.io.torch_format.Deferred` made (DCP's planner
-    takes only tensors), containers copied only where something was made."""
+def _stand_ins(node: Any, later: dict[int, tuple[Any, Deferred]]) -> Any:
+    """The tree with every :class:`~optckpt.io.torch_format.Deferred` replaced by a ``meta``
+    tensor of its shape and dtype (what DCP's planner plans from: it never reads data),
+    recorded in ``later`` by the stand-in's id; containers copied only where one was."""
     if is_deferred(node):
-        return node.materialize()
+        import torch
+
+        stand_in = torch.empty(node.shape, dtype=node.dtype, device="meta")
+        later[id(stand_in)] = (stand_in, node)
+        return stand_in
     if isinstance(node, Mapping):
-        items = {k: _made(v) for k, v in node.items()}
+        items = {k: _stand_ins(v, later) for k, v in node.items()}
         changed = any(items[k] is not v for k, v in node.items())
         return items if changed else node
     if isinstance(node, list):
-        made = [_made(v) for v in node]
+        made = [_stand_ins(v, later) for v in node]
         return made if any(a is not b for a, b in zip(made, node)) else node
     return node
+
+
+def _later_planner(later: Mapping[int, tuple[Any, Deferred]], ranges: FileRanges) -> Any:
+    """torch's ``DefaultSavePlanner``, but each stand-in's tensor is made only when torch's
+    writer asks for its data (``resolve_data``, the planner's extension point), one tensor
+    at a time: peak memory is the largest tensor, not the checkpoint.
+
+    torch's ``FileSystemWriter`` keeps every tensor it wrote to a file until the file is
+    done (for its safetensors format; written with ``torch.save``, as here, it never looks
+    at them again). So when it asks for the next one, the memory of the one made before is
+    freed under it (its storage resized to nothing; a view of an input file has its pages
+    released instead). That needs the writer's serial loader, which asks for one tensor
+    after the one before is written: one thread, nothing copied ahead (:func:`write_dcp`).
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class LaterPlanner(DefaultSavePlanner):
+        def __init__(self) -> None:
+            super().__init__()
+            self._last: tuple[Deferred, Any] | None = None
+
+        def resolve_data(self, write_item: Any) -> Any:
+            obj = self.lookup_object(write_item.index)
+            found = later.get(id(obj))
+            if found is None or found[0] is not obj:
+                return self.transform_object(write_item, obj)
+            self.release()
+            made = found[1].materialize()
+            self._last = (found[1], made)
+            return made
+
+        def release(self) -> None:
+            """Free the tensor made last (torch's writer is done with it)."""
+            if self._last is None:
+                return
+            deferred, made = self._last
+            self._last = None
+            storage = made.untyped_storage()
+            if storage.resizable():  # made here: no view of a file
+                storage.resize_(0)
+            del made, storage
+            source = deferred.source  # what it was made from: pages of a mapped input
+            ranges.drop(source.data_ptr(), source.numel() * source.element_size())
+            trim_heap()
+
+    return LaterPlanner()
 
 
 def name_keyed_tree(
@@ -183,11 +238,15 @@ def name_keyed_tree(
     return done
 
 
-def write_dcp(tree: Any, out: Path) -> None:
+def write_dcp(tree: Any, out: Path, *, sources: Iterable[str | Path] = ()) -> None:
     """Write ``tree`` (a dict) as a DCP folder at ``out``, atomically (see the module doc).
 
     Call :func:`check_output_folder` first. Optimizers must already be name-keyed
-    (:func:`name_keyed_tree`).
+    (:func:`name_keyed_tree`). A :class:`~optckpt.io.torch_format.Deferred` in the tree (a
+    cast, a DCP tensor assembled when written) is made only when torch's writer writes it,
+    and freed before the next one is made (:func:`_later_planner`). ``sources``: the
+    memory-mapped files the tree was read from, whose pages are released as they are
+    written.
 
     Raises:
         UsageError: ``tree`` is not a dict (DCP saves state dicts).
@@ -205,12 +264,20 @@ def write_dcp(tree: Any, out: Path) -> None:
     )
     from torch.distributed.checkpoint.api import CheckpointException
 
-    state = dict(_made(tree))
-    with atomic_folder(out) as tmp, warnings.catch_warnings():
+    later: dict[int, tuple[Any, Deferred]] = {}
+    state = dict(_stand_ins(tree, later))
+    with (
+        atomic_folder(out) as tmp,
+        warnings.catch_warnings(),
+        FileRanges(list(sources)) as ranges,
+    ):
         # one process without a process group is what is meant: torch warns that it assumes so
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        planner = _later_planner(later, ranges)
+        # one thread, nothing copied ahead: torch's serial loader (see _later_planner)
+        writer = FileSystemWriter(tmp, sync_files=True, thread_count=1, per_thread_copy_ahead=0)
         try:
-            save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=True)
+            save(state, storage_writer=writer, planner=planner, no_dist=True)
         except CheckpointException as e:
             # torch wraps the real error (a BaseException): raise that one instead
             failures = list(e.failures.values())
@@ -218,5 +285,7 @@ def write_dcp(tree: Any, out: Path) -> None:
             if isinstance(cause, Exception):
                 raise cause from None
             raise RuntimeError(str(e)) from None
+        finally:
+            planner.release()
         if not (tmp / METADATA).is_file():
             raise RuntimeError("torch.distributed.checkpoint.save wrote no .metadata")
