@@ -180,7 +180,8 @@ def _stand_ins(node: Any, later: dict[int, tuple[Any, Deferred]]) -> Any:
 def _later_planner(later: Mapping[int, tuple[Any, Deferred]], ranges: FileRanges) -> Any:
     """torch's ``DefaultSavePlanner``, but each stand-in's tensor is made only when torch's
     writer asks for its data (``resolve_data``, the planner's extension point), one tensor
-    at a time: peak memory is the largest tensor, not the checkpoint.
+    at a time: peak memory is the largest tensor, not the checkpoint. A tensor of the tree
+    that is a view of a memory-mapped input has its pages released once written.
 
     torch's ``FileSystemWriter`` keeps every tensor it wrote to a file until the file is
     done (for its safetensors format; written with ``torch.save``, as here, it never looks
@@ -189,35 +190,43 @@ def _later_planner(later: Mapping[int, tuple[Any, Deferred]], ranges: FileRanges
     released instead). That needs the writer's serial loader, which asks for one tensor
     after the one before is written: one thread, nothing copied ahead (:func:`write_dcp`).
     """
+    import torch
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     class LaterPlanner(DefaultSavePlanner):
         def __init__(self) -> None:
             super().__init__()
-            self._last: tuple[Deferred, Any] | None = None
+            self._last: tuple[Deferred | None, Any] | None = None
 
         def resolve_data(self, write_item: Any) -> Any:
             obj = self.lookup_object(write_item.index)
             found = later.get(id(obj))
             if found is None or found[0] is not obj:
-                return self.transform_object(write_item, obj)
+                data = self.transform_object(write_item, obj)
+                if isinstance(data, torch.Tensor):  # a tensor of the tree: a file's view?
+                    self.release()
+                    self._last = (None, data)
+                return data
             self.release()
             made = found[1].materialize()
             self._last = (found[1], made)
             return made
 
         def release(self) -> None:
-            """Free the tensor made last (torch's writer is done with it)."""
+            """Free the tensor made last, and the pages of an input file it was read from
+            (torch's writer is done with it)."""
             if self._last is None:
                 return
-            deferred, made = self._last
+            deferred, tensor = self._last
             self._last = None
-            storage = made.untyped_storage()
+            read = tensor if deferred is None else deferred.source
+            ranges.drop(read.data_ptr(), read.numel() * read.element_size())
+            if deferred is None:
+                return  # the tree's own tensor: never freed here
+            storage = tensor.untyped_storage()
             if storage.resizable():  # made here: no view of a file
                 storage.resize_(0)
-            del made, storage
-            source = deferred.source  # what it was made from: pages of a mapped input
-            ranges.drop(source.data_ptr(), source.numel() * source.element_size())
+            del tensor, storage
             trim_heap()
 
     return LaterPlanner()
