@@ -12,12 +12,16 @@ from ``os.wait4``: see ``_common.run_once``), round-robin:
 
 * ``optckpt convert DCP -o OUT.pt`` and ``-o OUT.safetensors`` (large folder);
 * ``dcp_to_torch_save(DCP, OUT.pt)``, torch's own conversion (large folder);
+* ``optckpt move DCP --dtype bfloat16`` and ``optckpt remap DCP --to LAYOUT`` (the folder's
+  own names and shapes: every state carried), each to ``OUT.pt`` and to a DCP folder
+  ``OUT/`` (large folder): they stream as ``convert`` does;
 * ``optckpt inspect DCP --json`` on both folders: it reads ``.metadata`` and the small values
   only, so its time should not grow with the size;
 * ``python -c "import torch"``, the floor of every command.
 
 Targets (issue 14): convert within 0.25x the wall time of ``dcp_to_torch_save``, and peak RSS
-at most 15% of the checkpoint's size above the ``import torch`` floor.
+at most 15% of the checkpoint's size above the ``import torch`` floor (the RSS target is
+applied to move and remap too).
 
 Usage::
 
@@ -28,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -88,6 +93,15 @@ def width_for(size_gb: float) -> int:
     return width | 1
 
 
+def write_layout(path: Path, width: int) -> None:
+    """The producer's model as a remap layout: its names and shapes, one group."""
+    params = {}
+    for i in range(LAYERS):
+        params[f"{i}.weight"] = {"shape": [width, width]}
+        params[f"{i}.bias"] = {"shape": [width]}
+    path.write_text(json.dumps({"params": params, "groups": [{"params": list(params)}]}))
+
+
 def produce(folder: Path, size_gb: float) -> int:
     """Write the DCP folder with two ranks; its size in bytes."""
     script = folder.parent / "producer.py"
@@ -121,22 +135,41 @@ def main() -> None:
                 warm_read(f)
         optckpt = optckpt_argv()
         py = sys.executable
+        layout = work / "layout.json"
+        write_layout(layout, width_for(args.size))
+        pt, folder = work / "out.pt", work / "out"
+        to_pt, to_dcp = ["-o", str(pt)], ["-o", f"{folder}/"]
+        move = [*optckpt, "move", str(large), "--dtype", "bfloat16"]
+        remap = [*optckpt, "remap", str(large), "--to", str(layout)]
+        torch_save = Command(
+            "dcp_to_torch_save",
+            [py, "-c", DCP_TO_TORCH_SAVE, str(large), str(work / "ref.pt")],
+            outputs=[work / "ref.pt"],
+        )
+        floor_command = Command("python -c 'import torch'", [py, "-c", "import torch"])
         commands = [
-            Command("optckpt convert -o OUT.pt", [*optckpt, "convert", str(large), "-o", str(work / "out.pt")], True, outputs=[work / "out.pt"]),
+            Command("optckpt convert -o OUT.pt", [*optckpt, "convert", str(large), *to_pt], True, outputs=[pt]),
             Command("optckpt convert -o OUT.safetensors", [*optckpt, "convert", str(large), "-o", str(work / "out.safetensors")], True, outputs=[work / "out.safetensors"]),
-            Command("dcp_to_torch_save", [py, "-c", DCP_TO_TORCH_SAVE, str(large), str(work / "ref.pt")], outputs=[work / "ref.pt"]),
+            torch_save,
+            Command("optckpt move --dtype bfloat16 -o OUT.pt", [*move, *to_pt], True, outputs=[pt]),
+            Command("optckpt move --dtype bfloat16 -o OUT/ (DCP)", [*move, *to_dcp], True, outputs=[folder]),
+            Command("optckpt remap --to LAYOUT -o OUT.pt", [*remap, *to_pt], True, outputs=[pt]),
+            Command("optckpt remap --to LAYOUT -o OUT/ (DCP)", [*remap, *to_dcp], True, outputs=[folder]),
             Command(f"optckpt inspect --json ({large_bytes / 1e9:.2f} GB)", [*optckpt, "inspect", str(large), "--json"]),
             Command(f"optckpt inspect --json ({small_bytes / 1e9:.2f} GB)", [*optckpt, "inspect", str(small), "--json"]),
-            Command("python -c 'import torch'", [py, "-c", "import torch"]),
+            floor_command,
         ]  # fmt: skip
         for _ in range(args.repeats):
             for command in commands:
                 command.record(*run_once(command.argv))
                 for out in command.outputs:
-                    out.unlink(missing_ok=True)
+                    if out.is_dir():
+                        shutil.rmtree(out)
+                    else:
+                        out.unlink(missing_ok=True)
                 os.sync()
-        floor = commands[-1].peak
-        reference = commands[2].wall
+        floor = floor_command.peak
+        reference = torch_save.wall
         print(f"machine: {machine()}")
         print(
             f"large: {large_bytes / 1e9:.2f} GB, small: {small_bytes / 1e9:.2f} GB, {LAYERS} layers"
@@ -149,7 +182,7 @@ def main() -> None:
         for c in commands:
             above = c.peak - floor
             share = f"{mb(above)} ({above / large_bytes:.0%})" if c.target else mb(above)
-            ratio = f"{c.wall / reference:.2f}x" if c.target or c is commands[2] else ""
+            ratio = f"{c.wall / reference:.2f}x" if c.target or c is torch_save else ""
             print(
                 f"| {c.label} | {c.wall:.2f} | {c.cpu_median:.2f} | {mb(c.peak)} | {share} | {ratio} |"
             )
