@@ -146,7 +146,6 @@ def convert_checkpoint(
         force=force,
         kind=fmt,
         allow_globals=allow_globals,
-        dcp=True,
         link=link,
     )
     assert job.output is not None  # not a dry run

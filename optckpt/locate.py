@@ -13,9 +13,9 @@ saved devices (:attr:`optckpt.io.Checkpoint.placement`) are keyed by it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from optckpt.described import is_tensor
 from optckpt.errors import NoOptimizerStateError, UnreadableCheckpointError, UsageError
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 KeyPath: TypeAlias = tuple[Any, ...]
 """The keys (and list indices) from a tree's root down to one of its values; ``()``: the root."""
+_L = TypeVar("_L")  # what a tree walk labels each tensor with
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,41 @@ def _walk(node: Any, prefix: str, path: KeyPath) -> Iterator[Located]:
 def tensor_paths(node: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, torch.Tensor]]:
     """``(key path, tensor)`` for every tensor of a tree, in the tree's order (dicts by their
     keys, lists and tuples by index); ``prefix`` is the path of ``node`` itself."""
-    stack: list[tuple[KeyPath, Any]] = [(prefix, node)]
-    while stack:
-        path, value = stack.pop()
-        if is_tensor(value):
-            yield path, value
-        elif isinstance(value, Mapping):
-            stack.extend(reversed([((*path, k), v) for k, v in value.items()]))
-        elif isinstance(value, (list, tuple)):
-            stack.extend(reversed([((*path, i), v) for i, v in enumerate(value)]))
+
+    def children(path: KeyPath, value: Any) -> Iterable[tuple[KeyPath, Any]]:
+        items: Iterable[tuple[Any, Any]] = (
+            value.items() if isinstance(value, Mapping) else enumerate(value)
+        )
+        pairs: list[tuple[KeyPath, Any]] = [((*path, k), v) for k, v in items]
+        return pairs[::-1]  # popped in the tree's order
+
+    return _depth_first(prefix, node, children)
 
 
 def tensors_in(node: Any) -> Iterator[tuple[Any, torch.Tensor]]:
     """``(key, tensor)`` for every tensor of a tree (the key under which it sits, if any)."""
-    stack: list[tuple[Any, Any]] = [(None, node)]
+
+    def children(key: Any, value: Any) -> Iterable[tuple[Any, Any]]:
+        items: Iterable[tuple[Any, Any]] = (
+            value.items() if isinstance(value, Mapping) else ((key, v) for v in value)
+        )
+        return items
+
+    return _depth_first(None, node, children)
+
+
+def _depth_first(
+    label: _L, node: Any, children: Callable[[_L, Any], Iterable[tuple[_L, Any]]]
+) -> Iterator[tuple[_L, torch.Tensor]]:
+    """``(label, tensor)`` for every tensor under ``node``, without recursion (a tree may be
+    deeper than Python's stack); ``children`` labels the entries of a dict, list or tuple."""
+    stack: list[tuple[_L, Any]] = [(label, node)]
     while stack:
-        key, value = stack.pop()
+        label, value = stack.pop()
         if is_tensor(value):
-            yield key, value
-        elif isinstance(value, Mapping):
-            stack.extend(value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((key, v) for v in value)
+            yield label, value
+        elif isinstance(value, (Mapping, list, tuple)):
+            stack.extend(children(label, value))
 
 
 def locate_optimizers(root: Any) -> list[Located]:

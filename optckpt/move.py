@@ -234,7 +234,6 @@ def move_checkpoint(
         kind=fmt,
         key=key,
         allow_globals=allow_globals,
-        dcp=True,
         link=link,
     )
     job.refuse_file_to_dcp("move")

@@ -452,7 +452,6 @@ def remap_checkpoint(
         kind=fmt,
         key=key,
         allow_globals=allow_globals,
-        dcp=True,
         link=link,
     )
     job.refuse_file_to_dcp("remap")

@@ -230,8 +230,8 @@ def test_only_files_written_are_fsynced(
     from optckpt.io.dcp import writer
 
     synced: list[str] = []
-    real = writer._fsync
-    monkeypatch.setattr(writer, "_fsync", lambda p: (synced.append(p.name), real(p)))
+    real = writer.fsync
+    monkeypatch.setattr(writer, "fsync", lambda p: (synced.append(p.name), real(p)))
     out = run_dir.parent / "out"
     convert_checkpoint(run_dir, out, link=link)
     files = {p.name for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
@@ -327,7 +327,7 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
         raise OSError(28, "No space left on device")
 
     # fails once the whole tree is in the temporary folder, which must then go
-    monkeypatch.setattr("optckpt.io.dcp.writer._fsync", full)
+    monkeypatch.setattr("optckpt.io.dcp.writer.fsync", full)
     listing = sorted(os.listdir(tmp_path))
     result = CliRunner().invoke(
         app, ["move", str(run_dir), "-o", str(tmp_path / "o2"), "--dtype", "bfloat16"]

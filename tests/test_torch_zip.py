@@ -137,8 +137,7 @@ def test_write_torch_still_matches_torch_save(tmp_path: Path) -> None:
     with _api("torch.save's zip format (optckpt/io/torch_zip.py)"):
         torch.save({"a": tree["a"].to(torch.float16), "b": tree["b"]}, tmp_path / "torch.pt")
         deferred = {"a": torch_format.Deferred(tree["a"], torch.float16), "b": tree["b"]}
-        with open(tmp_path / "optckpt.pt", "wb") as f:
-            torch_format.write_torch(deferred, f)
+        torch_format.save_torch(deferred, tmp_path / "optckpt.pt")
         assert _records(tmp_path / "optckpt.pt") == _records(tmp_path / "torch.pt")
 
 

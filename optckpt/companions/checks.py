@@ -158,34 +158,28 @@ def scaler_warnings(companion: Companion) -> list[str]:
     return []
 
 
+def _beside_step(name: str, value: Any, step: float | int, why: str) -> list[str]:
+    """``value`` (a counter named ``name``) beside the optimizer's ``step``, and ``why`` the
+    two may differ where they do; nothing where ``value`` is no number."""
+    count = number(value)
+    if count is None:
+        return []
+    differ = "" if count == step else f" ({why})"
+    return [f"{name} {_fmt(count)}, the optimizer's step {_fmt(step)}{differ}"]
+
+
 def observations(companion: Companion, optimizer: Mapping[str, Any] | None) -> list[str]:
     """What to know that depends on the training loop (no warnings): counts side by side."""
     step = optimizer_step(optimizer) if optimizer is not None else None
     if step is None:
         return []
     if companion.kind == "lr_scheduler":
-        epoch = number(companion.state.get("last_epoch"))
-        if epoch is None:
-            return []
-        return [
-            f"last_epoch {_fmt(epoch)}, the optimizer's step {_fmt(step)}"
-            + (
-                ""
-                if epoch == step
-                else " (equal for a scheduler stepped once per optimizer step; "
-                "a per-epoch scheduler counts epochs)"
-            )
-        ]
+        why = (
+            "equal for a scheduler stepped once per optimizer step; "
+            "a per-epoch scheduler counts epochs"
+        )
+        return _beside_step("last_epoch", companion.state.get("last_epoch"), step, why)
     if companion.kind == "trainer":
-        global_step = number(companion.state.get("global_step"))
-        if global_step is None:
-            return []
-        return [
-            f"global_step {_fmt(global_step)}, the optimizer's step {_fmt(step)}"
-            + (
-                ""
-                if global_step == step
-                else " (skipped AMP steps and several optimizers make them differ)"
-            )
-        ]
+        why = "skipped AMP steps and several optimizers make them differ"
+        return _beside_step("global_step", companion.state.get("global_step"), step, why)
     return []

@@ -355,7 +355,7 @@ def plan_rewrite(
     inputs: Iterable[object] = (),
     key: str | None = None,
     allow_globals: Iterable[str] = (),
-    dcp: bool = False,
+    dcp: bool = True,
     link: bool = False,
 ) -> Rewrite:
     """Check a rewrite's output (:func:`prepare_output`) and carry its options.
@@ -364,7 +364,8 @@ def plan_rewrite(
         path: the checkpoint file to rewrite.
         out: the output; ``None`` for a dry run (nothing checked, nothing written).
         command: the command's name, for messages.
-        force, kind, inputs, dcp, link: as :func:`prepare_output` takes them.
+        force, kind, inputs, dcp, link: as :func:`prepare_output` takes them (``dcp``: every
+            rewriting command reads and writes DCP folders).
         key: the key path of the optimizer state dict to change.
         allow_globals: pickle globals to let through while reading.
 

@@ -1,6 +1,6 @@
 """Writing torch zip files (``torch.save``'s format) one storage at a time.
 
-:func:`write_torch` produces the same bytes as ``torch.save(tree, file_object)``: the same
+:func:`save_torch` writes the same bytes as ``torch.save(tree, path)``: the same
 pickle (torch's persistent IDs for storages, keys in order of first use, protocol 2), the same
 records in the same order, written by torch's own zip writer (``torch._C.PyTorchFileWriter``,
 stored, 64-byte aligned, CRC32). Two things differ in how, not in what:
@@ -15,7 +15,8 @@ stored, 64-byte aligned, CRC32). Two things differ in how, not in what:
   torch's writer writes to recognises such a write by its address. torch's writer still
   reads it once for the CRC32, and its pages are released right after.
 
-:func:`save_torch` uses ``torch.save`` itself when the tree holds no :class:`Deferred`.
+:func:`save_torch` uses ``torch.save`` itself when the tree holds no :class:`Deferred` and
+no device to record.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _MIN_COPY = 64 * 1024  # writes smaller than this are never looked up in the map
 class Deferred:
     """``source.to(dtype)`` on the CPU, made only when it is written.
 
-    Put one in a tree given to :func:`write_torch` (or to
+    Put one in a tree given to :func:`save_torch` (or to
     :func:`optckpt.io.safetensors_format.write_safetensors`) where the cast tensor belongs:
     it is written exactly as that tensor would be. Pickled any other way, it becomes the
     tensor (it is made then).
@@ -173,31 +174,6 @@ class _Sink:
 
     def flush(self) -> None:
         self._f.flush()
-
-
-def write_torch(
-    tree: Any,
-    f: Any,
-    *,
-    progress: Callable[[int], None] | None = None,
-    sources: Iterable[str | Path] = (),
-    placement: Mapping[KeyPath, str] | None = None,
-) -> None:
-    """Write ``tree`` to the open binary file ``f`` as ``torch.save`` would (see module doc).
-
-    Args:
-        tree: the checkpoint; may hold :class:`Deferred` casts.
-        f: a raw binary file (``open(path, "r+b", buffering=0)``), positioned where the
-            archive starts.
-        progress: called with the number of bytes of each write.
-        sources: the memory-mapped files ``tree`` was read from (private mappings never
-            written to): their pages are released as they are copied, and storages that are
-            views of them are copied from the files in the kernel.
-        placement: the device to record for CPU tensors, by key path (see
-            :attr:`optckpt.io.Checkpoint.placement` and :func:`storage_locations`), as if
-            ``torch.save`` had written them from that device; others record where they are.
-    """
-    _write_torch(tree, f, progress, list(sources), storage_locations(tree, placement or {}))
 
 
 def _write_torch(
@@ -319,9 +295,19 @@ def save_torch(
     """Write ``tree`` into the file ``path`` (created or replaced) as ``torch.save`` does.
 
     A tree without :class:`Deferred` casts or devices to record from ``placement`` goes
-    through ``torch.save`` itself; others through :func:`write_torch`. Either way, storages
-    that are views of the mapped ``sources`` are copied from their files in the kernel. The
-    caller fsyncs.
+    through ``torch.save`` itself; others through optckpt's own writer (see the module doc).
+    The caller fsyncs.
+
+    Args:
+        tree: the checkpoint; may hold :class:`Deferred` casts.
+        path: the file to write.
+        progress: called with the number of bytes of each write.
+        sources: the memory-mapped files ``tree`` was read from (private mappings never
+            written to): their pages are released as they are copied, and storages that are
+            views of them are copied from the files in the kernel.
+        placement: the device to record for CPU tensors, by key path (see
+            :attr:`optckpt.io.Checkpoint.placement` and :func:`storage_locations`), as if
+            ``torch.save`` had written them from that device; others record where they are.
     """
     sources = list(sources)
     locations = storage_locations(tree, placement or {})

@@ -109,7 +109,18 @@ def check_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
             raise UsageError(f"-o {out} is {kind}, not a regular file; optckpt writes only files")
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
-    folder = out.parent
+    check_folder(out, out.parent)
+
+
+def check_folder(out: Path, folder: Path) -> None:
+    """Refuse, before anything is written, an output ``out`` whose ``folder`` is missing or
+    cannot be written.
+
+    Raises:
+        UsageError: ``folder`` does not exist.
+        UnwritableOutputError: ``folder`` cannot be written (read-only file system, no
+            permission).
+    """
     if not folder.is_dir():
         raise UsageError(f"-o {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -118,8 +129,9 @@ def check_output(out: Path, inputs: Iterable[object], *, force: bool) -> None:
         raise UnwritableOutputError(f"cannot write {out}: {reason} (folder {folder})")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's data (a folder's: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -172,7 +184,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync(out.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         # torch's zip writer turns an exception raised inside a write into a RuntimeError when

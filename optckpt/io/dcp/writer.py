@@ -28,6 +28,7 @@ from optckpt.io.dcp import METADATA, is_dcp
 from optckpt.io.folders import remove_tree, walk
 from optckpt.io.outfile import is_deferred
 from optckpt.io.pages import FileRanges, trim_heap
+from optckpt.io.write import check_folder, fsync
 from optckpt.locate import locate_optimizers
 
 if TYPE_CHECKING:
@@ -84,19 +85,7 @@ def check_output_folder(
             raise UsageError(f"-o {out} is a folder that holds files and no {holding[2:]}")
         if not force:
             raise UsageError(f"{out} holds {holding}; pass --force to replace it")
-    parent = resolved.parent
-    if not parent.is_dir():
-        raise UsageError(f"-o {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UnwritableOutputError(f"cannot write {out}: permission denied (folder {parent})")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    check_folder(out, resolved.parent)
 
 
 def _written_here(path: Path) -> bool:
@@ -133,10 +122,10 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         for here, dirs, files in walk(tmp):
             for name in files:
                 if _written_here(here / name):
-                    _fsync(here / name)
+                    fsync(here / name)
             for name in dirs:
-                _fsync(here / name)
-        _fsync(tmp)
+                fsync(here / name)
+        fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
@@ -144,7 +133,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
             os.replace(target, old / "replaced")
         os.replace(tmp, target)
-        _fsync(parent)
+        fsync(parent)
     except BaseException as e:
         remove_tree(tmp)
         if old is not None and not target.exists():  # put the old checkpoint back

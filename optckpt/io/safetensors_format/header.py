@@ -10,7 +10,8 @@ import json
 import math
 import reprlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +122,11 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
     # Decoded as UTF-8 explicitly: json.loads(bytes) would also guess UTF-16 or UTF-32, which
     # safetensors refuses, and two readers that disagree on a header are an attack surface.
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UnreadableCheckpointError(f"{path}: corrupt safetensors header (not UTF-8)") from e
-    except RecursionError as e:
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt safetensors header (nested too deeply)"
-        ) from e
-    except ValueError as e:  # JSONDecodeError, a repeated key, an integer of > 4300 digits
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt safetensors header ({_first_clause(e)})"
-        ) from e
+    with corrupt_json(path, "safetensors header"):
+        header = json.loads(text, object_pairs_hook=_unique_keys)
     if not isinstance(header, dict):
         raise UnreadableCheckpointError(
             f"{path}: corrupt safetensors header (JSON {_kind(header)}, not an object)"
@@ -280,6 +275,23 @@ def _check_with_safetensors(
         raise UnreadableCheckpointError(
             f"{path}: corrupt safetensors header (safetensors reads other tensors or metadata)"
         )
+
+
+@contextmanager
+def corrupt_json(path: Path, what: str) -> Iterator[None]:
+    """Turn what a JSON parser refuses in the block into one ``{path}: corrupt {what} (...)``
+    error: too deeply nested, or the first clause of its ValueError (JSONDecodeError, a
+    repeated key, NaN, an integer of > 4300 digits).
+
+    Raises:
+        UnreadableCheckpointError: for a RecursionError or ValueError raised in the block.
+    """
+    try:
+        yield
+    except RecursionError as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt {what} (nested too deeply)") from e
+    except ValueError as e:
+        raise UnreadableCheckpointError(f"{path}: corrupt {what} ({_first_clause(e)})") from e
 
 
 def _first_clause(error: Exception) -> str:

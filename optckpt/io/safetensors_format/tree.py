@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from optckpt.described import DType, is_tensor
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.io.outfile import is_deferred
-from optckpt.io.safetensors_format.header import _first_clause, _kind, _show, safetensors_dtype
+from optckpt.io.safetensors_format.header import _kind, _show, corrupt_json, safetensors_dtype
 from optckpt.locate import KeyPath, tensor_paths
 from optckpt.statedict import is_optimizer_state_dict, names_of
 
@@ -322,20 +322,13 @@ def decode_tree(
         UnreadableCheckpointError: optckpt metadata that optckpt never writes (see
             :class:`_TreeDecoder`), naming what is wrong and where.
     """
-    try:
-        devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
-        decoder = _TreeDecoder(tensors)
-        root = decoder.decode(_tree_json(tree))
-    except _CorruptTree as e:
-        raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
-    except RecursionError as e:
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt optckpt metadata (nested too deeply)"
-        ) from e
-    except ValueError as e:  # JSONDecodeError, NaN, an integer of > 4300 digits
-        raise UnreadableCheckpointError(
-            f"{path}: corrupt optckpt metadata ({_first_clause(e)})"
-        ) from e
+    with corrupt_json(path, "optckpt metadata"):
+        try:
+            devices = _saved_devices(_tree_json(metadata.get(DEVICES_KEY, "{}")), tensors)
+            decoder = _TreeDecoder(tensors)
+            root = decoder.decode(_tree_json(tree))
+        except _CorruptTree as e:
+            raise UnreadableCheckpointError(f"{path}: corrupt optckpt metadata ({e})") from e
     if placement is not None and devices:
         # where each tensor sits in the tree (a tensor used as a dict key sits nowhere)
         at = {key for key, _ in tensor_paths(root)}
