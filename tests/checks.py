@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,80 @@ import pytest
 import torch
 from torch import nn
 from torch.torch_version import TorchVersion
+from typer.testing import CliRunner, Result
 
+from optckpt.cli.app import app
 from optckpt.io import load_checkpoint
 from optckpt.layout import find_model_state
 
 # optckpt's optimizers mirror torch 2.13 (the version constraints.txt pins); an older torch
 # behaves differently in a few places, each marked with this.
 BEFORE_2_13 = TorchVersion(torch.__version__) < "2.13.0a0"
+
+
+# The checks of resume-step, in the order it reports them (without --check-torch).
+RESUME_CHECKS = [
+    "loads",
+    "shapes",
+    "step_counters_agree",
+    "finite_before",
+    "steps_taken",
+    "step_counters_advance",
+    "finite_after",
+]
+
+
+def tensors_of(node: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a tree of dicts, lists and tuples, found by plain recursion (the
+    independent truth for optckpt's own walks)."""
+    if isinstance(node, torch.Tensor):
+        yield node
+    elif isinstance(node, Mapping):
+        for v in node.values():
+            yield from tensors_of(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from tensors_of(v)
+
+
+def save_tree(path: Path, **tree: Any) -> Path:
+    """``torch.save(tree, path)``; returns ``path``."""
+    torch.save(tree, path)
+    return path
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """``optckpt ARGS...`` in this process (typer's CliRunner), stdout and stderr apart."""
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def trained_adam(
+    make_model: Callable[[], nn.Module], steps: int, **kwargs: Any
+) -> tuple[nn.Module, torch.optim.Adam]:
+    """A model (made after seeding torch with 0) and the ``torch.optim.Adam`` (lr 1e-2, and
+    ``kwargs``) that trained it ``steps`` steps on random (5, 4) batches."""
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, **kwargs)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def two_optimizers(
+    model: nn.Module, train: Callable[[nn.Module, torch.optim.Optimizer], None]
+) -> list[dict[str, Any]]:
+    """The state dicts of an SGD (momentum 0.9) and an Adam over the same ``model``, each
+    trained by ``train`` in turn: what a checkpoint with several optimizers holds."""
+    optimizers = [
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9),
+        torch.optim.Adam(model.named_parameters(), lr=0.1),
+    ]
+    for optimizer in optimizers:
+        train(model, optimizer)
+    return [optimizer.state_dict() for optimizer in optimizers]
 
 
 def changed_in_2_13(what: str) -> pytest.MarkDecorator:

@@ -6,19 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from typer.testing import CliRunner, Result
+from checks import run, save_tree
 
-from optckpt.cli.app import app
 from tests.schedulers import step, trained
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _save(path: Path, **tree: object) -> Path:
-    torch.save(tree, path)
-    return path
 
 
 def test_the_same_training_state_is_identical(tmp_path: Path) -> None:
@@ -28,9 +18,9 @@ def test_the_same_training_state_is_identical(tmp_path: Path) -> None:
         "scheduler": scheduler.state_dict(),
         "scaler": torch.amp.GradScaler("cpu").state_dict(),
     }
-    a = _save(tmp_path / "a.pt", **tree)
-    b = _save(tmp_path / "b.pt", **tree)
-    result = _run("diff", a, b, "--json")
+    a = save_tree(tmp_path / "a.pt", **tree)
+    b = save_tree(tmp_path / "b.pt", **tree)
+    result = run("diff", a, b, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["companions"] == []
 
@@ -38,14 +28,14 @@ def test_the_same_training_state_is_identical(tmp_path: Path) -> None:
 def test_a_scheduler_one_step_on_differs_where_torch_moved_it(tmp_path: Path) -> None:
     model, optimizer, scheduler = trained("StepLR", steps=1)
     before = scheduler.state_dict()
-    a = _save(tmp_path / "a.pt", scheduler=before)
+    a = save_tree(tmp_path / "a.pt", scheduler=before)
     step(scheduler, optimizer, model)
-    b = _save(tmp_path / "b.pt", scheduler=scheduler.state_dict())
+    b = save_tree(tmp_path / "b.pt", scheduler=scheduler.state_dict())
     # the optimizer alone is the same in both: only the scheduler differs
     for path in (a, b):
         tree = torch.load(path, weights_only=True)
         torch.save({**tree, "optimizer": optimizer.state_dict()}, path)
-    result = _run("diff", a, b, "--json")
+    result = run("diff", a, b, "--json")
     assert result.exit_code == 1, result.output
     found = json.loads(result.stdout)
     assert found["ok"] is False and found["pairs"][0]["differences"] == []
@@ -61,19 +51,19 @@ def test_a_scheduler_one_step_on_differs_where_torch_moved_it(tmp_path: Path) ->
         if x != y
     }
     assert moved == expected
-    text = _run("diff", a, b)
+    text = run("diff", a, b)
     assert text.exit_code == 1 and "scheduler.last_epoch" in text.stdout
 
 
 def test_a_scaler_only_in_b_is_a_difference(tmp_path: Path) -> None:
     _, optimizer, _ = trained("StepLR")
-    a = _save(tmp_path / "a.pt", optimizer=optimizer.state_dict())
-    b = _save(
+    a = save_tree(tmp_path / "a.pt", optimizer=optimizer.state_dict())
+    b = save_tree(
         tmp_path / "b.pt",
         optimizer=optimizer.state_dict(),
         scaler=torch.amp.GradScaler("cpu").state_dict(),
     )
-    result = _run("diff", a, b, "--json")
+    result = run("diff", a, b, "--json")
     assert result.exit_code == 1
     (only,) = json.loads(result.stdout)["companions"]
     assert (only["kind"], only["where"], only["b"]) == ("companion_added", "scaler", "GradScaler")
@@ -81,7 +71,9 @@ def test_a_scaler_only_in_b_is_a_difference(tmp_path: Path) -> None:
 
 def test_keys_compare_only_those_optimizers(tmp_path: Path) -> None:
     _, optimizer, scheduler = trained("StepLR")
-    a = _save(tmp_path / "a.pt", optimizer=optimizer.state_dict())
-    b = _save(tmp_path / "b.pt", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-    result = _run("diff", a, b, "--key-a", "optimizer", "--key-b", "optimizer")
+    a = save_tree(tmp_path / "a.pt", optimizer=optimizer.state_dict())
+    b = save_tree(
+        tmp_path / "b.pt", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
+    )
+    result = run("diff", a, b, "--key-a", "optimizer", "--key-b", "optimizer")
     assert result.exit_code == 0, result.output

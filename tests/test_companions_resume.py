@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from typer.testing import CliRunner, Result
+from checks import run, save_tree
 
-from optckpt.cli.app import app
 from tests.schedulers import TwoLayers, make_optimizer, trained
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _save(path: Path, **tree: Any) -> Path:
-    torch.save(tree, path)
-    return path
 
 
 def test_consistent_companions_pass_and_are_reported(tmp_path: Path) -> None:
     model, optimizer, scheduler = trained("CosineAnnealingLR")
-    path = _save(
+    path = save_tree(
         tmp_path / "ckpt.pt",
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
@@ -32,7 +21,7 @@ def test_consistent_companions_pass_and_are_reported(tmp_path: Path) -> None:
         scaler=torch.amp.GradScaler("cpu").state_dict(),
         epoch=1,
     )
-    result = _run("resume-step", path, "--json")
+    result = run("resume-step", path, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     (check,) = [c for c in report["checks"] if c["name"] == "companions agree"]
@@ -48,14 +37,14 @@ def test_a_scheduler_that_does_not_fit_fails_the_check(tmp_path: Path) -> None:
     model = TwoLayers(extra=True)
     optimizer = make_optimizer(model)  # three groups
     torch.optim.lr_scheduler.StepLR(optimizer, 2)
-    path = _save(
+    path = save_tree(
         tmp_path / "ckpt.pt",
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
     )
     out = tmp_path / "out.pt"
-    result = _run("resume-step", path, "--json", "-o", out)
+    result = run("resume-step", path, "--json", "-o", out)
     assert result.exit_code == 1, result.output
     (check,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "companions agree"]
     assert check["ok"] is False
@@ -66,7 +55,7 @@ def test_a_scheduler_that_does_not_fit_fails_the_check(tmp_path: Path) -> None:
 def test_output_keeps_the_companions_as_read_and_says_so(tmp_path: Path) -> None:
     model, optimizer, scheduler = trained("OneCycleLR")
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    path = _save(
+    path = save_tree(
         tmp_path / "ckpt.pt",
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
@@ -74,7 +63,7 @@ def test_output_keeps_the_companions_as_read_and_says_so(tmp_path: Path) -> None
         scaler=scaler.state_dict(),
     )
     out = tmp_path / "out.pt"
-    result = _run("resume-step", path, "--steps", "2", "-o", out)
+    result = run("resume-step", path, "--steps", "2", "-o", out)
     assert result.exit_code == 0, result.output
     assert "keeps OneCycleLR at 'scheduler', GradScaler at 'scaler' as read" in result.stderr
     written = torch.load(out, weights_only=True)

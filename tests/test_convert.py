@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import saved_devices
+from checks import saved_devices, trained_adam
 from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
@@ -145,14 +145,7 @@ def test_exotic_values_survive(tmp_path: Path) -> None:
 
 
 def _adam_pair() -> tuple[nn.Module, torch.optim.Adam]:
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(5, 4)).square().sum().backward()
-        opt.step()
-    return model, opt
+    return trained_adam(lambda: nn.Linear(4, 3), 3, weight_decay=0.1)
 
 
 def test_adam_to_adamw_loads_into_torch_adamw_with_identical_state(tmp_path: Path) -> None:

@@ -401,29 +401,23 @@ def test_bad_storage_references_are_refused(tmp_path: Path, change: Any, message
         read_dcp(folder)
 
 
-def test_chunks_that_do_not_tile_their_tensor_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        pytest.param([((0, 0), 2), ((2, 0), 1)], "chunks hold 6 elements", id="gap"),
+        pytest.param([((0, 0), 3), ((2, 0), 1)], "overlap", id="overlap"),
+        pytest.param([((3, 0), 2)], "outside the tensor", id="outside"),
+    ],
+)
+def test_chunks_that_do_not_tile_their_tensor_are_refused(
+    tmp_path: Path, chunks: list[tuple[tuple[int, int], int]], message: str
+) -> None:
+    # a (4, 2) tensor saved as chunks of `rows` rows of ones at `offset`
     t = torch.ones(4, 2)
-    write_folder(
-        tmp_path / "gap",
-        {"w": [((0, 0), t[:2], "a.distcp"), ((2, 0), t[:1], "a.distcp")]},
-        {},
-        sizes={"w": (4, 2)},
-    )
-    with pytest.raises(UnreadableCheckpointError, match="chunks hold 6 elements"):
-        read_dcp(tmp_path / "gap", tensors="meta")
-    write_folder(
-        tmp_path / "overlap",
-        {"w": [((0, 0), t[:3], "a.distcp"), ((2, 0), t[:1], "a.distcp")]},
-        {},
-        sizes={"w": (4, 2)},
-    )
-    with pytest.raises(UnreadableCheckpointError, match="overlap"):
-        read_dcp(tmp_path / "overlap", tensors="meta")
-    write_folder(
-        tmp_path / "outside", {"w": [((3, 0), t[:2], "a.distcp")]}, {}, sizes={"w": (4, 2)}
-    )
-    with pytest.raises(UnreadableCheckpointError, match="outside the tensor"):
-        read_dcp(tmp_path / "outside", tensors="meta")
+    saved = [(offset, t[:rows], "a.distcp") for offset, rows in chunks]
+    write_folder(tmp_path / "ckpt", {"w": saved}, {}, sizes={"w": (4, 2)})
+    with pytest.raises(UnreadableCheckpointError, match=message):
+        read_dcp(tmp_path / "ckpt", tensors="meta")
 
 
 def test_a_chunk_that_is_not_its_metadata_is_refused(tmp_path: Path) -> None:

@@ -127,6 +127,20 @@ def test_a_storage_shared_by_a_moved_tensor_records_where_it_is(tmp_path: Path) 
     assert set(saved_devices(tmp_path / "in.pt").values()) == {"cuda:0"}
 
 
+def _split_over_two_gpus(checkpoint: dict[str, Any]) -> dict[tuple[object, ...], str]:
+    """The saved devices of :func:`adam_checkpoint` as if its model were split over two GPUs:
+    layer 1 (parameter IDs 2, 3) and its state on cuda:1, layer 0 on cuda:0, steps on the CPU."""
+    devices: dict[tuple[object, ...], str] = {
+        ("model", name): "cuda:1" if name.startswith("1.") else "cuda:0"
+        for name in checkpoint["model"]
+    }
+    for pid, state in checkpoint["optimizer"]["state"].items():
+        for key in state:
+            device = "cuda:1" if pid >= 2 else "cuda:0"
+            devices["optimizer", "state", pid, key] = "cpu" if key == "step" else device
+    return devices
+
+
 def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None:
     """State made by the step takes its parameter's saved device: cuda:1 for the second layer
     of a model split over two GPUs, cuda:0 for the first; also when no state existed at all."""
@@ -134,14 +148,7 @@ def test_resume_output_puts_new_state_with_its_parameter(tmp_path: Path) -> None
         checkpoint = adam_checkpoint()
         if not with_state:
             checkpoint["optimizer"]["state"] = {}
-        devices = {
-            ("model", name): "cuda:1" if name.startswith("1.") else "cuda:0"
-            for name in checkpoint["model"]
-        }
-        for pid, state in checkpoint["optimizer"]["state"].items():
-            for key in state:
-                device = "cuda:1" if pid >= 2 else "cuda:0"
-                devices["optimizer", "state", pid, key] = "cpu" if key == "step" else device
+        devices = _split_over_two_gpus(checkpoint)
         src = tmp_path / f"in{with_state}.pt"
         save_torch(checkpoint, src, placement=devices)
         out = tmp_path / f"out{with_state}.pt"
@@ -178,14 +185,7 @@ def test_remap_state_keeps_its_own_device_by_name(tmp_path: Path) -> None:
     and casts one to bfloat16: each parameter's state keeps the device it was saved from,
     found by name (the old ID at the new one's place), cast or not."""
     checkpoint = adam_checkpoint()
-    devices: dict[tuple[object, ...], str] = {
-        ("model", name): "cuda:1" if name.startswith("1.") else "cuda:0"
-        for name in checkpoint["model"]
-    }
-    for pid, state in checkpoint["optimizer"]["state"].items():
-        for key in state:
-            device = "cuda:1" if pid >= 2 else "cuda:0"
-            devices["optimizer", "state", pid, key] = "cpu" if key == "step" else device
+    devices = _split_over_two_gpus(checkpoint)
     src = tmp_path / "in.pt"
     save_torch(checkpoint, src, placement=devices)
     names = ["1.bias", "1.weight", "0.bias", "0.weight"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from checks import tensors_of
 from torch import nn
 
 import optckpt.inspect as inspect_module
@@ -120,20 +121,9 @@ def _trained(case: str) -> tuple[nn.Module, torch.optim.Optimizer]:
 # --------------------------------------------------------------------------- independent truth
 
 
-def _tensors(node: Any) -> Iterator[torch.Tensor]:
-    if isinstance(node, torch.Tensor):
-        yield node
-    elif isinstance(node, Mapping):
-        for v in node.values():
-            yield from _tensors(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            yield from _tensors(v)
-
-
 def _expected_totals(sd: Mapping[str, Any]) -> dict[str, int]:
     ids = list(dict.fromkeys(i for g in sd["param_groups"] for i in g["params"]))
-    tensors = list(_tensors(sd["state"]))
+    tensors = list(tensors_of(sd["state"]))
     return {
         "params": len(ids),
         "params_with_state": sum(1 for i in ids if sd["state"].get(i)),
@@ -144,7 +134,7 @@ def _expected_totals(sd: Mapping[str, Any]) -> dict[str, int]:
 
 def _expected_by_dtype(sd: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"numel": 0, "bytes": 0})
-    for t in _tensors(sd["state"]):
+    for t in tensors_of(sd["state"]):
         name = str(t.dtype).removeprefix("torch.")
         out[name]["numel"] += t.numel()
         out[name]["bytes"] += t.numel() * t.element_size()
@@ -462,7 +452,7 @@ def test_stats_in_chunks_smaller_than_the_tensors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     path, sd = _planted(tmp_path)
-    assert max(t.numel() for t in _tensors(sd["state"])) > 3 * chunk
+    assert max(t.numel() for t in tensors_of(sd["state"])) > 3 * chunk
     monkeypatch.setattr(inspect_module, "_CHUNK", chunk)
     _check_all_stats(path, sd)
 

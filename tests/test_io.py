@@ -16,13 +16,13 @@ import os
 import random
 import struct
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from checks import saved_devices
+from checks import saved_devices, tensors_of
 from safetensors.torch import load_file
 
 from optckpt.errors import (
@@ -84,17 +84,6 @@ def assert_same(a: Any, b: Any, where: str = "root") -> None:
     else:
         assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
         assert a == b, where
-
-
-def tensors_in(node: Any) -> Iterator[torch.Tensor]:
-    if isinstance(node, torch.Tensor):
-        yield node
-    elif isinstance(node, Mapping):
-        for v in node.values():
-            yield from tensors_in(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            yield from tensors_in(v)
 
 
 def assert_one_line_unreadable(error: OptckptError, path: Path) -> None:
@@ -164,7 +153,7 @@ def test_tensors_are_views_of_the_mapped_file(name: str) -> None:
     checkpoint = load_checkpoint(path)
     regions = _mapped_regions(path)
     assert regions, "the file is not memory-mapped"
-    tensors = [t for t in tensors_in(checkpoint.root) if t.numel()]
+    tensors = [t for t in tensors_of(checkpoint.root) if t.numel()]
     assert tensors
     for t in tensors:
         assert any(low <= t.data_ptr() < high for low, high in regions), (
@@ -458,7 +447,7 @@ def test_safetensors_file_is_readable_by_safetensors_itself(tmp_path: Path) -> N
     path = tmp_path / "tree.safetensors"
     write_safetensors(tree, path)
     plain = load_file(str(path))
-    assert len(plain) == len({id(t) for t in tensors_in(tree)})  # the shared tensor once
+    assert len(plain) == len({id(t) for t in tensors_of(tree)})  # the shared tensor once
     for key, value in tree.items():
         if isinstance(value, torch.Tensor) and key != "same_b":
             assert_same(value.contiguous(), plain[key])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checks import saved_devices
+from checks import saved_devices, trained_adam
 from torch import nn
 
 from optckpt.errors import UsageError
@@ -17,15 +17,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _trained(fused_or_capturable: str | None = None) -> tuple[nn.Module, torch.optim.Adam]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     kwargs = {fused_or_capturable: True} if fused_or_capturable else {}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, **kwargs)
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.randn(5, 4)).square().sum().backward()
-        opt.step()
-    return model, opt
+    return trained_adam(lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 2, **kwargs)
 
 
 def test_dtype_casts_floating_state_but_never_step(tmp_path: Path) -> None:

@@ -253,8 +253,12 @@ def _count(
     return found
 
 
+# groups (IDs), the state's shape by ID (None: no state), the model's parameter shapes
+Problem = tuple[list[list[int]], dict[int, Any], list[Any]]
+
+
 @st.composite
-def _problems(draw: st.DrawFn) -> tuple[list[list[int]], dict[int, Any], list[Any]]:
+def _problems(draw: st.DrawFn) -> Problem:
     """A model of random shapes, a random subset held by random groups (each in model order,
     interleaved), some IDs without state, sometimes a state of a shape the model lacks."""
     kinds = draw(st.sampled_from([[(2,)], [(2,), (3,)], [(2,), (3,), (2, 3)]]))
@@ -277,9 +281,7 @@ def _problems(draw: st.DrawFn) -> tuple[list[list[int]], dict[int, Any], list[An
 
 @PROPERTY
 @given(_problems())
-def test_align_is_exact_on_small_problems(
-    problem: tuple[list[list[int]], dict[int, Any], list[Any]],
-) -> None:
+def test_align_is_exact_on_small_problems(problem: Problem) -> None:
     groups, shapes, model = problem
     assignments = _count(groups, shapes, model)
     if not assignments:
@@ -296,9 +298,7 @@ def test_align_is_exact_on_small_problems(
 
 @PROPERTY
 @given(_problems())
-def test_align_without_search_is_never_wrong(
-    problem: tuple[list[list[int]], dict[int, Any], list[Any]],
-) -> None:
+def test_align_without_search_is_never_wrong(problem: Problem) -> None:
     # With the rounds and the search cut short it may refuse more, but never answer wrongly.
     groups, shapes, model = problem
     assignments = _count(groups, shapes, model)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal
+from checks import assert_bitwise_equal, two_optimizers
 from torch import nn
 
 import optckpt
@@ -158,6 +158,25 @@ def _checkpoint(tmp_path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return path
 
 
+def _trained(
+    make: Callable[[Tower], torch.optim.Optimizer],
+) -> tuple[Tower, torch.optim.Optimizer, Snapshot]:
+    """A Tower trained 2 steps by the optimizer ``make`` gives for it, that optimizer, and its
+    state then (:func:`_snapshot`)."""
+    model = Tower()
+    optimizer = make(model)
+    _train(model, optimizer)
+    return model, optimizer, _snapshot(model, optimizer)
+
+
+def _trained_tower() -> tuple[torch.optim.Optimizer, Snapshot]:
+    """The AdamW (lr 1e-2, two groups: decay, no decay) of a trained Tower, and its state."""
+    _, optimizer, before = _trained(
+        lambda m: _no_decay_groups(list(m.named_parameters()), torch.optim.AdamW, lr=1e-2)
+    )
+    return optimizer, before
+
+
 def _no_decay_groups(
     named: list[tuple[str, nn.Parameter]], opt: Callable[..., torch.optim.Optimizer], **kwargs: Any
 ) -> torch.optim.Optimizer:
@@ -178,10 +197,7 @@ def _identity(model: nn.Module) -> dict[str, str]:
 
 
 def test_add_a_layer_id_only_adamw_names_from_the_model_weights(tmp_path: Path) -> None:
-    old = Tower()
-    optimizer = torch.optim.AdamW(old.parameters(), lr=1e-2)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    old, optimizer, before = _trained(lambda old: torch.optim.AdamW(old.parameters(), lr=1e-2))
     path = _checkpoint(tmp_path, old, optimizer)
 
     new = Tower(adapter=True)  # the adapter sits between encoder and head in parameter order
@@ -267,10 +283,7 @@ def test_rename_rules_apply_in_order_with_groups() -> None:
 
 
 def test_freeze_the_backbone_adamw(tmp_path: Path) -> None:
-    old = Tower()
-    optimizer = torch.optim.AdamW(old.parameters(), lr=1e-2)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    old, optimizer, before = _trained(lambda old: torch.optim.AdamW(old.parameters(), lr=1e-2))
     path = _checkpoint(tmp_path, old, optimizer)
 
     new = Tower()
@@ -306,10 +319,9 @@ def test_unfreeze_a_backbone_that_was_frozen_when_saved(tmp_path: Path) -> None:
 
 
 def test_split_biases_and_norms_into_a_no_decay_group_with_param_names() -> None:
-    old = Tower()
-    optimizer = torch.optim.AdamW(old.named_parameters(), lr=1e-2, weight_decay=0.1)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    _, optimizer, before = _trained(
+        lambda old: torch.optim.AdamW(old.named_parameters(), lr=1e-2, weight_decay=0.1)
+    )
     old_sd = optimizer.state_dict()
     assert "param_names" in old_sd["param_groups"][0]
 
@@ -352,10 +364,7 @@ def test_split_biases_and_norms_into_a_no_decay_group_with_param_names() -> None
 
 
 def test_reorder_groups_state_follows_names_and_hyperparams_follow_their_source() -> None:
-    old = Tower()
-    optimizer = _no_decay_groups(list(old.named_parameters()), torch.optim.AdamW, lr=1e-2)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    optimizer, before = _trained_tower()
     old_hyper = {
         name: {k: v for k, v in g.items() if k not in ("params", "param_names")}
         for g in optimizer.param_groups
@@ -427,10 +436,9 @@ def test_batchnorm_model_alone_is_unique_only_without_its_buffers(tmp_path: Path
 
 
 def test_id_only_bare_checkpoint_with_from_layout(tmp_path: Path) -> None:
-    old = Tower()
-    optimizer = torch.optim.SGD(old.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    old, optimizer, before = _trained(
+        lambda old: torch.optim.SGD(old.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    )
     torch.save(optimizer.state_dict(), tmp_path / "bare.pt")
     optckpt.save_layout(old, optimizer, tmp_path / "old.json")
 
@@ -565,10 +573,7 @@ def test_several_groups_in_any_order_are_named_from_the_model_weights(tmp_path: 
 
 
 def test_merged_source_groups_take_the_majoritys_values_and_list_the_changes() -> None:
-    old = Tower()
-    optimizer = _no_decay_groups(list(old.named_parameters()), torch.optim.AdamW, lr=1e-2)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    optimizer, before = _trained_tower()
     new = Tower()
     # one group, no hyperparameters: everything from the sources, which disagree on decay;
     # 4 of the 6 parameters (biases and norms) come from group 1, whose values win
@@ -619,9 +624,7 @@ def test_layout_hyperparams_win_when_asked_and_the_rest_come_from_the_source() -
 
 
 def test_a_group_of_only_new_parameters_takes_group_0_hyperparams() -> None:
-    old = Tower()
-    optimizer = _no_decay_groups(list(old.named_parameters()), torch.optim.AdamW, lr=1e-2)
-    _train(old, optimizer)
+    optimizer, _ = _trained_tower()
     new = Tower(adapter=True)
     layout = layout_from_model_state(new.state_dict(), ["^adapter:"])
     new_sd, plan = optckpt.remap(optimizer.state_dict(), to=layout)
@@ -660,10 +663,9 @@ def test_shape_change_is_an_error_naming_both_shapes_unless_reset() -> None:
 
 
 def test_float64_target_casts_floating_state_but_not_step() -> None:
-    old = Tower()
-    optimizer = torch.optim.AdamW(old.parameters(), lr=1e-2, amsgrad=True)
-    _train(old, optimizer)
-    before = _snapshot(old, optimizer)
+    old, optimizer, before = _trained(
+        lambda old: torch.optim.AdamW(old.parameters(), lr=1e-2, amsgrad=True)
+    )
     new = Tower().double()
     new_optimizer = torch.optim.AdamW(new.parameters(), lr=1e-2, amsgrad=True)
     layout = optckpt.layout_of(new, new_optimizer)
@@ -803,14 +805,8 @@ def test_a_failing_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_several_optimizers_need_a_key(tmp_path: Path) -> None:
     model = Tower()
-    a = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
-    b = torch.optim.Adam(model.named_parameters(), lr=0.1)
-    _train(model, a)
-    _train(model, b)
-    torch.save(
-        {"optimizers": [a.state_dict(), b.state_dict()], "model": model.state_dict()},
-        tmp_path / "two.pt",
-    )
+    optimizers = two_optimizers(model, _train)
+    torch.save({"optimizers": optimizers, "model": model.state_dict()}, tmp_path / "two.pt")
     layout = optckpt.layout_of(model)
     with pytest.raises(
         UsageError, match=r"several optimizer state dicts \('optimizers.0', 'optimizers.1'\)"

@@ -466,22 +466,20 @@ _tensor_case("negative-size", 4, 0, (-2,), (1,))
 _tensor_case("negative-stride", 4, 3, (2,), (-1,))
 
 
-@case("storage-key-path-traversal")
-def _(d: Path) -> Path:
-    state = {
-        "state": {0: {"exp_avg": _Rebuild("../../etc/passwd", 4, 0, (4,), (1,))}},
-        "param_groups": [{"params": [0], "lr": 1e-3}],
-    }
-    return torch_zip(d / "x.pt", _pickle(state))
+def _unrecorded_case(name: str, key: str) -> None:
+    """A tensor whose storage ``key`` names no record of the archive."""
+
+    @case(name)
+    def _(d: Path) -> Path:
+        state = {
+            "state": {0: {"exp_avg": _Rebuild(key, 4, 0, (4,), (1,))}},
+            "param_groups": [{"params": [0], "lr": 1e-3}],
+        }
+        return torch_zip(d / "x.pt", _pickle(state))
 
 
-@case("storage-record-missing")
-def _(d: Path) -> Path:
-    state = {
-        "state": {0: {"exp_avg": _Rebuild("7", 4, 0, (4,), (1,))}},
-        "param_groups": [{"params": [0], "lr": 1e-3}],
-    }
-    return torch_zip(d / "x.pt", _pickle(state))
+_unrecorded_case("storage-key-path-traversal", "../../etc/passwd")
+_unrecorded_case("storage-record-missing", "7")
 
 
 @case("persistent-id-unknown-type")

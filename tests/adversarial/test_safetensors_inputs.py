@@ -667,6 +667,15 @@ class _FakeSafeOpen:
         return self._metadata
 
 
+def _safe_open_raises(monkeypatch: pytest.MonkeyPatch, message: str) -> None:
+    """Make the header check's ``safe_open`` refuse every file with ``message``."""
+
+    def refusing(*args: Any, **kwargs: Any) -> Any:
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(fmt_header, "safe_open", refusing)
+
+
 def _plain(tmp_path: Path) -> Path:
     return st_file(tmp_path / "ok.safetensors", {"t": entry()}, b"\0" * 8)
 
@@ -674,10 +683,9 @@ def _plain(tmp_path: Path) -> Path:
 def test_a_header_safetensors_refuses_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refusing(*args: Any, **kwargs: Any) -> Any:
-        raise SafetensorError("Error while deserializing header: invalid offset for tensor `t`")
-
-    monkeypatch.setattr(fmt_header, "safe_open", refusing)
+    _safe_open_raises(
+        monkeypatch, "Error while deserializing header: invalid offset for tensor `t`"
+    )
     with pytest.raises(UnreadableCheckpointError, match="safetensors refuses the file"):
         read_header(_plain(tmp_path))
 
@@ -696,10 +704,7 @@ def test_a_header_safetensors_reads_otherwise_is_refused(
 def test_an_older_safetensors_without_a_dtype_is_no_disagreement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def old(*args: Any, **kwargs: Any) -> Any:
-        raise SafetensorError("invalid JSON in header: unknown variant `C64`, expected one of")
-
-    monkeypatch.setattr(fmt_header, "safe_open", old)
+    _safe_open_raises(monkeypatch, "invalid JSON in header: unknown variant `C64`, expected one of")
     path = st_file(
         tmp_path / "c.safetensors", {"c": entry(dtype="C64", offsets=(0, 16))}, b"\0" * 16
     )

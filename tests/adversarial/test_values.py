@@ -108,32 +108,32 @@ def _ids(sd: dict[str, Any], ids: list[Any]) -> None:
     sd["state"] = dict(zip(ids, sd["state"].values()))
 
 
-def _set_step(value: Any) -> Callable[[dict[str, Any]], None]:
+def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change that sets the entry at ``path`` of the state dict to ``value``."""
+
     def change(sd: dict[str, Any]) -> None:
-        sd["state"][0]["step"] = value
+        node = sd
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
 
     return change
+
+
+def _set_step(value: Any) -> Callable[[dict[str, Any]], None]:
+    return _set(("state", 0, "step"), value)
 
 
 def _set_group(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    def change(sd: dict[str, Any]) -> None:
-        sd["param_groups"][0][key] = value
-
-    return change
+    return _set(("param_groups", 0, key), value)
 
 
 def _set_state(value: Any) -> Callable[[dict[str, Any]], None]:
-    def change(sd: dict[str, Any]) -> None:
-        sd["state"][0] = value
-
-    return change
+    return _set(("state", 0), value)
 
 
 def _set_entry(key: Any, value: Any) -> Callable[[dict[str, Any]], None]:
-    def change(sd: dict[str, Any]) -> None:
-        sd["state"][0][key] = value
-
-    return change
+    return _set(("state", 0, key), value)
 
 
 def _rekey_state(key: Any) -> Callable[[dict[str, Any]], None]:
@@ -265,11 +265,14 @@ def _run(
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("name", list(REFUSED))
+@pytest.mark.parametrize(("change", "needle"), list(REFUSED.values()), ids=list(REFUSED))
 def test_invalid_state_dicts_are_refused_by_every_command(
-    name: str, command: str, shared: Path, tmp_path: Path
+    change: Callable[[dict[str, Any]], None],
+    needle: str,
+    command: str,
+    shared: Path,
+    tmp_path: Path,
 ) -> None:
-    change, needle = REFUSED[name]
     code, _, stderr = _run(command, change, shared, tmp_path)
     assert code == 3, stderr
     assert needle in stderr
@@ -320,11 +323,14 @@ ACCEPTED: dict[str, tuple[Callable[[dict[str, Any]], None], dict[str, set[int]]]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("name", list(ACCEPTED))
+@pytest.mark.parametrize(("change", "codes"), list(ACCEPTED.values()), ids=list(ACCEPTED))
 def test_odd_but_valid_state_dicts_work(
-    name: str, command: str, shared: Path, tmp_path: Path
+    change: Callable[[dict[str, Any]], None],
+    codes: dict[str, set[int]],
+    command: str,
+    shared: Path,
+    tmp_path: Path,
 ) -> None:
-    change, codes = ACCEPTED[name]
     code, _, stderr = _run(command, change, shared, tmp_path)
     assert code in codes.get(command, {0}), stderr
 

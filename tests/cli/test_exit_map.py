@@ -15,21 +15,15 @@ from pathlib import Path
 
 import pytest
 import typer
-from checks import assert_one_line_error
-from typer.testing import CliRunner, Result
+from checks import assert_one_line_error, run
 
 import optckpt.inspect
 import optckpt.io.write
 from optckpt.cli import inspect_cmd
-from optckpt.cli.app import app
 from optckpt.errors import IncompatibleStateError, Terminated, UsageError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 CKPT = FIXTURES / "adamw_train.pt"
-
-
-def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
 def _raising(error: BaseException):  # type: ignore[no-untyped-def]
@@ -126,6 +120,16 @@ def test_non_utf8_output_path_is_written_and_reported(tmp_path: Path) -> None:
     assert "out\\xff.pt" in result.stdout
 
 
+def _assert_unwritable(folder: Path, reason: str, *command: str | Path) -> None:
+    """``optckpt COMMAND... -o FOLDER/out.pt`` exits 3 with one line "cannot write OUT" (and
+    ``reason``, if given), and leaves nothing in ``folder``."""
+    out = folder / "out.pt"
+    result = run(*command, "-o", out)
+    assert result.exit_code == 3
+    assert_one_line_error(result.stderr, f"cannot write {out}" + (f": {reason}" if reason else ""))
+    assert list(folder.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("code", "reason"),
     [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")],
@@ -137,11 +141,7 @@ def test_output_that_cannot_be_written_is_3_and_leaves_nothing(
         raise OSError(code, os.strerror(code), os.fspath(src), os.fspath(dst))  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    out = tmp_path / "out.pt"
-    result = run("convert", CKPT, "-o", out)
-    assert result.exit_code == 3
-    assert_one_line_error(result.stderr, f"cannot write {out}: {reason}")
-    assert list(tmp_path.iterdir()) == []
+    _assert_unwritable(tmp_path, reason, "convert", CKPT)
 
 
 def test_temporary_file_that_cannot_be_made_is_3(
@@ -151,11 +151,7 @@ def test_temporary_file_that_cannot_be_made_is_3(
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".out.pt.x.tmp"))
 
     monkeypatch.setattr(tempfile, "mkstemp", no_permission)
-    out = tmp_path / "out.pt"
-    result = run("move", CKPT, "--device", "cpu", "-o", out)
-    assert result.exit_code == 3
-    assert_one_line_error(result.stderr, f"cannot write {out}: Permission denied")
-    assert list(tmp_path.iterdir()) == []
+    _assert_unwritable(tmp_path, "Permission denied", "move", CKPT, "--device", "cpu")
 
 
 def test_read_only_folder_is_refused_before_reading(
@@ -168,11 +164,8 @@ def test_read_only_folder_is_refused_before_reading(
     )
     read = []
     monkeypatch.setattr(optckpt.io.write, "save_checkpoint", lambda *a, **k: read.append(a))
-    out = tmp_path / "out.pt"
-    result = run("convert", CKPT, "-o", out)
-    assert result.exit_code == 3
-    assert_one_line_error(result.stderr, f"cannot write {out}")
-    assert read == [] and list(tmp_path.iterdir()) == []
+    _assert_unwritable(tmp_path, "", "convert", CKPT)
+    assert read == []
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
+from checks import run
+from typer.testing import Result
 
 import optckpt
-from optckpt.cli.app import app
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -33,10 +33,6 @@ FIXTURE_OPTIMIZERS = {
     "legacy_adam.pt": ("", "Adam"),
     "cuda_adam.pt": ("optimizer", "Adam"),
 }
-
-
-def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
 def assert_error_line(result: Result, code: int, *needles: str) -> str:

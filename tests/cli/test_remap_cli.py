@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_one_line_error
+from checks import assert_one_line_error, two_optimizers
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -297,11 +297,7 @@ def test_reset_mismatched(ckpt: tuple[Path, Any], tmp_path: Path) -> None:
 
 def test_key_picks_one_of_several_optimizers(tmp_path: Path) -> None:
     model = _model()
-    a = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
-    b = torch.optim.Adam(model.named_parameters(), lr=0.1)
-    _train(model, a)
-    _train(model, b)
-    torch.save({"optimizer_states": [a.state_dict(), b.state_dict()]}, tmp_path / "two.ckpt")
+    torch.save({"optimizer_states": two_optimizers(model, _train)}, tmp_path / "two.ckpt")
     optckpt.save_layout(model, None, tmp_path / "same.json")
     args = ["remap", str(tmp_path / "two.ckpt"), "--to", str(tmp_path / "same.json"), "--dry-run"]
     refused = runner.invoke(app, args)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_one_line_error
+from checks import RESUME_CHECKS, assert_one_line_error, save_tree
 from typer.testing import CliRunner
 
 from optckpt.cli.app import app
@@ -26,15 +26,6 @@ LAYOUT = {
         {"params": ["enc.bias"], "weight_decay": 0.0},
     ],
 }
-CHECK_NAMES = [
-    "loads",
-    "shapes",
-    "step_counters_agree",
-    "finite_before",
-    "steps_taken",
-    "step_counters_advance",
-    "finite_after",
-]
 
 
 def _layout(tmp_path: Path) -> Path:
@@ -43,19 +34,28 @@ def _layout(tmp_path: Path) -> Path:
     return path
 
 
-def _regenerate(tmp_path: Path, name: str, *extra: str) -> Any:
+def _regenerate_argv(
+    tmp_path: Path, name: str, *extra: str, optimizer: str = "adamw", layout: Path | None = None
+) -> list[str]:
+    """``regenerate --optimizer OPTIMIZER --layout LAYOUT -o tmp_path/NAME EXTRA...``."""
+    where = _layout(tmp_path) if layout is None else layout
+    return [
+        "regenerate",
+        "--optimizer",
+        optimizer,
+        "--layout",
+        str(where),
+        "-o",
+        str(tmp_path / name),
+        *extra,
+    ]
+
+
+def _regenerate(
+    tmp_path: Path, name: str, *extra: str, optimizer: str = "adamw", layout: Path | None = None
+) -> Any:
     return runner.invoke(
-        app,
-        [
-            "regenerate",
-            "--optimizer",
-            "adamw",
-            "--layout",
-            str(_layout(tmp_path)),
-            "-o",
-            str(tmp_path / name),
-            *extra,
-        ],
+        app, _regenerate_argv(tmp_path, name, *extra, optimizer=optimizer, layout=layout)
     )
 
 
@@ -84,36 +84,13 @@ def test_regenerate_json(tmp_path: Path) -> None:
 
 
 def test_regenerate_notes_dropped_layout_keys_on_stderr(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        [
-            "regenerate",
-            "--optimizer",
-            "rprop",
-            "--layout",
-            str(_layout(tmp_path)),
-            "-o",
-            str(tmp_path / "r.pt"),
-        ],
-    )
+    result = _regenerate(tmp_path, "r.pt", optimizer="rprop")
     assert result.exit_code == 0, result.output
     assert result.stderr == (
         "note: layout hyperparameters Rprop does not have were left out: weight_decay\n"
     )
     assert "note:" not in result.stdout
-    as_json = runner.invoke(
-        app,
-        [
-            "regenerate",
-            "--optimizer",
-            "rprop",
-            "--layout",
-            str(_layout(tmp_path)),
-            "-o",
-            str(tmp_path / "j.pt"),
-            "--json",
-        ],
-    )
+    as_json = _regenerate(tmp_path, "j.pt", "--json", optimizer="rprop")
     assert as_json.exit_code == 0, as_json.output
     assert as_json.stderr == ""
     assert json.loads(as_json.stdout)["notes"] == [
@@ -151,18 +128,7 @@ def test_regenerate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 def test_regenerate_missing_layout_is_unreadable(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        [
-            "regenerate",
-            "--optimizer",
-            "sgd",
-            "--layout",
-            str(tmp_path / "nope.pt"),
-            "-o",
-            str(tmp_path / "o.pt"),
-        ],
-    )
+    result = _regenerate(tmp_path, "o.pt", optimizer="sgd", layout=tmp_path / "nope.pt")
     assert result.exit_code == 3
     assert_one_line_error(result.stderr, "no such file")
 
@@ -173,7 +139,7 @@ def test_resume_step_passes_on_a_fixture(tmp_path: Path) -> None:
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{FIXTURES / 'adamw_train.pt'} at 'optimizer': AdamW (guessed")
-    for name in [*CHECK_NAMES, "matches_torch"]:
+    for name in [*RESUME_CHECKS, "matches_torch"]:
         assert any(line.split()[:3] == ["pass", "│", name] for line in lines), name
     assert lines[-1] == "ok"
 
@@ -186,16 +152,14 @@ def test_resume_step_json(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["ok"] is True and data["key"] == "optimizer_states.0" and data["steps"] == 2
     # the fixture's StepLR beside the optimizer adds the companions' check
-    assert [c["name"] for c in data["checks"]] == [*CHECK_NAMES, "companions agree"]
+    assert [c["name"] for c in data["checks"]] == [*RESUME_CHECKS, "companions agree"]
     assert all(c["ok"] is True for c in data["checks"])
 
 
 def _planted_nan(tmp_path: Path) -> Path:
     checkpoint = torch.load(FIXTURES / "adamw_train.pt", weights_only=True)
     checkpoint["optimizer"]["state"][2]["exp_avg_sq"][0] = float("nan")
-    path = tmp_path / "nan.pt"
-    torch.save(checkpoint, path)
-    return path
+    return save_tree(tmp_path / "nan.pt", **checkpoint)
 
 
 def test_resume_step_exits_1_when_a_check_fails(tmp_path: Path) -> None:
@@ -304,15 +268,7 @@ def test_the_readme_ci_snippet_fails_the_pipeline_only_when_resume_step_fails(
 def test_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     for command in (
         ["resume-step", str(FIXTURES / "adamw_train.pt")],
-        [
-            "regenerate",
-            "--optimizer",
-            "sgd",
-            "--layout",
-            str(_layout(tmp_path)),
-            "-o",
-            str(tmp_path / "o.pt"),
-        ],
+        _regenerate_argv(tmp_path, "o.pt", optimizer="sgd"),
     ):
         result = runner.invoke(app, [*command, "--seed", str(2**64 - 1)])
         assert result.exit_code == 2, result.output
@@ -336,11 +292,9 @@ def _two_optimizers(tmp_path: Path) -> Path:
     disc(gen(torch.randn(4, 3))).sum().backward()
     opt_g.step()
     opt_d.step()
-    checkpoint = {"gen": opt_g.state_dict(), "disc": opt_d.state_dict()}
-    checkpoint["disc"]["state"][0]["square_avg"][0, 0] = float("nan")
-    path = tmp_path / "gan.pt"
-    torch.save(checkpoint, path)
-    return path
+    disc_state = opt_d.state_dict()
+    disc_state["state"][0]["square_avg"][0, 0] = float("nan")
+    return save_tree(tmp_path / "gan.pt", gen=opt_g.state_dict(), disc=disc_state)
 
 
 def test_resume_step_checks_every_optimizer_without_key(tmp_path: Path) -> None:

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checks import assert_one_line_error
-from typer.testing import CliRunner
-
-from optckpt.cli.app import app
+from checks import assert_one_line_error, run
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
-runner = CliRunner()
 
 
 def _sha(path: Path) -> str:
@@ -26,9 +22,7 @@ def _sha(path: Path) -> str:
 
 
 def test_diff_identical_exits_0_with_one_line() -> None:
-    result = runner.invoke(
-        app, ["diff", str(FIXTURES / "adamw_train.pt"), str(FIXTURES / "adamw_train.safetensors")]
-    )
+    result = run("diff", FIXTURES / "adamw_train.pt", FIXTURES / "adamw_train.safetensors")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == "identical (bitwise)"
 
@@ -39,32 +33,26 @@ def test_diff_different_exits_1_with_a_table(tmp_path: Path) -> None:
     other["param_groups"][0]["lr"] = 0.5
     other["state"][0]["momentum_buffer"] += 1
     torch.save(other, tmp_path / "b.pt")
-    result = runner.invoke(
-        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt")]
-    )
+    result = run("diff", FIXTURES / "sgd_momentum_bare.pt", tmp_path / "b.pt")
     assert result.exit_code == 1
     assert "hyperparam" in result.stdout and "group 0.lr" in result.stdout
     assert "ID 0.momentum_buffer" in result.stdout
     assert "2 differences" in result.stdout
 
-    as_json = runner.invoke(
-        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--json"]
-    )
+    as_json = run("diff", FIXTURES / "sgd_momentum_bare.pt", tmp_path / "b.pt", "--json")
     assert as_json.exit_code == 1
     data = json.loads(as_json.stdout)
     assert data["ok"] is False
     assert {d["kind"] for d in data["pairs"][0]["differences"]} == {"hyperparam", "values"}
 
-    close = runner.invoke(
-        app, ["diff", str(FIXTURES / "sgd_momentum_bare.pt"), str(tmp_path / "b.pt"), "--atol", "2"]
-    )
+    close = run("diff", FIXTURES / "sgd_momentum_bare.pt", tmp_path / "b.pt", "--atol", "2")
     assert close.exit_code == 1  # lr still differs
     assert "values" not in close.stdout
 
 
 def test_diff_json_ok_when_identical() -> None:
     path = str(FIXTURES / "lightning.ckpt")
-    result = runner.invoke(app, ["diff", path, path, "--json"])
+    result = run("diff", path, path, "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["ok"] is True
 
@@ -92,7 +80,7 @@ def test_diff_json_ok_when_identical() -> None:
     ],
 )
 def test_diff_errors(args: list[str], code: int, needle: str) -> None:
-    result = runner.invoke(app, args)
+    result = run(*args)
     assert result.exit_code == code
     assert_one_line_error(result.stderr, needle)
 
@@ -103,23 +91,13 @@ def test_diff_errors(args: list[str], code: int, needle: str) -> None:
 def test_convert_there_and_back(tmp_path: Path) -> None:
     source = FIXTURES / "lightning.ckpt"
     before = _sha(source)
-    result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "l.safetensors")])
+    result = run("convert", source, "-o", tmp_path / "l.safetensors")
     assert result.exit_code == 0, result.stderr
     assert "safetensors" in result.stdout
-    back = runner.invoke(
-        app,
-        [
-            "convert",
-            str(tmp_path / "l.safetensors"),
-            "-o",
-            str(tmp_path / "l.ckpt"),
-            "--format",
-            "pt",
-        ],
-    )
+    back = run("convert", tmp_path / "l.safetensors", "-o", tmp_path / "l.ckpt", "--format", "pt")
     assert back.exit_code == 0, back.stderr
     assert back.stderr == ""
-    assert runner.invoke(app, ["diff", str(source), str(tmp_path / "l.ckpt")]).exit_code == 0
+    assert run("diff", source, tmp_path / "l.ckpt").exit_code == 0
     loaded = torch.load(tmp_path / "l.ckpt", weights_only=True)
     assert loaded["pytorch-lightning_version"] == "2.4.0" and loaded["global_step"] == 2
     assert _sha(source) == before
@@ -128,15 +106,13 @@ def test_convert_there_and_back(tmp_path: Path) -> None:
 def test_convert_to_is_a_deprecated_alias_of_format(tmp_path: Path) -> None:
     """`--to` names a layout everywhere else: in convert it still works, with a note."""
     source = str(FIXTURES / "adamw_train.pt")
-    result = runner.invoke(app, ["convert", source, "-o", str(tmp_path / "a.x"), "--to", "pt"])
+    result = run("convert", source, "-o", tmp_path / "a.x", "--to", "pt")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == (
         "note: --to is deprecated in convert; use --format (--to names a layout in remap)\n"
     )
     assert "optimizer" in torch.load(tmp_path / "a.x", weights_only=True)
-    as_json = runner.invoke(
-        app, ["convert", source, "-o", str(tmp_path / "b.x"), "--to", "safetensors", "--json"]
-    )
+    as_json = run("convert", source, "-o", tmp_path / "b.x", "--to", "safetensors", "--json")
     assert as_json.exit_code == 0, as_json.stderr
     assert as_json.stderr == ""
     data = json.loads(as_json.stdout)
@@ -144,18 +120,14 @@ def test_convert_to_is_a_deprecated_alias_of_format(tmp_path: Path) -> None:
     assert data["notes"] == [
         "--to is deprecated in convert; use --format (--to names a layout in remap)"
     ]
-    both = runner.invoke(
-        app, ["convert", source, "-o", str(tmp_path / "c.x"), "--to", "pt", "--format", "dcp"]
-    )
+    both = run("convert", source, "-o", tmp_path / "c.x", "--to", "pt", "--format", "dcp")
     assert both.exit_code == 2
     assert_one_line_error(both.stderr, "disagree")
 
 
 def test_convert_json(tmp_path: Path) -> None:
     out = tmp_path / "a.safetensors"
-    result = runner.invoke(
-        app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(out), "--json"]
-    )
+    result = run("convert", FIXTURES / "adamw_train.pt", "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     assert json.loads(result.stdout) == {
@@ -175,31 +147,28 @@ def test_convert_json(tmp_path: Path) -> None:
 def test_convert_refuses_input_and_existing_output(tmp_path: Path) -> None:
     source = tmp_path / "a.pt"
     source.write_bytes((FIXTURES / "adamw_train.pt").read_bytes())
-    same = runner.invoke(app, ["convert", str(source), "-o", str(source)])
+    same = run("convert", source, "-o", source)
     assert same.exit_code == 2
     assert_one_line_error(same.stderr, "is the input")
     existing = tmp_path / "b.safetensors"
     existing.write_bytes(b"precious")
-    refused = runner.invoke(app, ["convert", str(source), "-o", str(existing)])
+    refused = run("convert", source, "-o", existing)
     assert refused.exit_code == 2
     assert_one_line_error(refused.stderr, "--force")
     assert existing.read_bytes() == b"precious"
-    forced = runner.invoke(app, ["convert", str(source), "-o", str(existing), "--force"])
+    forced = run("convert", source, "-o", existing, "--force")
     assert forced.exit_code == 0
     assert existing.read_bytes() != b"precious"
 
 
 def test_convert_incompatible_optimizer_exits_4(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        [
-            "convert",
-            str(FIXTURES / "sgd_momentum_bare.pt"),
-            "-o",
-            str(tmp_path / "x.pt"),
-            "--optimizer",
-            "adamw",
-        ],
+    result = run(
+        "convert",
+        FIXTURES / "sgd_momentum_bare.pt",
+        "-o",
+        tmp_path / "x.pt",
+        "--optimizer",
+        "adamw",
     )
     assert result.exit_code == 4
     assert_one_line_error(result.stderr, "compatible targets")
@@ -209,7 +178,7 @@ def test_convert_incompatible_optimizer_exits_4(tmp_path: Path) -> None:
 def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes((FIXTURES / "adamw_train.pt").read_bytes()[:500])
-    result = runner.invoke(app, ["convert", str(bad), "-o", str(tmp_path / "out.safetensors")])
+    result = run("convert", bad, "-o", tmp_path / "out.safetensors")
     assert result.exit_code == 3
     assert_one_line_error(result.stderr, "truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
@@ -232,7 +201,7 @@ def test_convert_failing_midway_leaves_nothing(
     # the tensors of the mapped input are copied in the kernel one by one: fail mid-file
     monkeypatch.setattr(fmt, "copy_range", disk_full_on_second_tensor)
     out = tmp_path / "o.safetensors"
-    result = runner.invoke(app, ["convert", str(FIXTURES / "adamw_train.pt"), "-o", str(out)])
+    result = run("convert", FIXTURES / "adamw_train.pt", "-o", out)
     assert result.exit_code == 3
     assert_one_line_error(result.stderr, f"cannot write {out}: No space left on device")
     assert len(written) > 1 and written[1] > written[0] > 0, "fail after part of the file"
@@ -243,18 +212,15 @@ def test_convert_failing_midway_leaves_nothing(
 
 
 def test_move_to_bfloat16(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        [
-            "move",
-            str(FIXTURES / "cuda_adam.pt"),
-            "--device",
-            "cpu",
-            "--dtype",
-            "bfloat16",
-            "-o",
-            str(tmp_path / "m.pt"),
-        ],
+    result = run(
+        "move",
+        FIXTURES / "cuda_adam.pt",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "-o",
+        tmp_path / "m.pt",
     )
     assert result.exit_code == 0, result.stderr
     assert "bfloat16" in result.stdout
@@ -271,10 +237,7 @@ def test_move_to_bfloat16(tmp_path: Path) -> None:
 
 def test_move_json_carries_the_note(tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
-    result = runner.invoke(
-        app,
-        ["move", str(FIXTURES / "cuda_adam.pt"), "--device", "cpu", "-o", str(out), "--json"],
-    )
+    result = run("move", FIXTURES / "cuda_adam.pt", "--device", "cpu", "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     data = json.loads(result.stdout)
@@ -300,9 +263,7 @@ def test_move_json_carries_the_note(tmp_path: Path) -> None:
     ],
 )
 def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
-    result = runner.invoke(
-        app, ["move", str(FIXTURES / "adamw_train.pt"), *args, "-o", str(tmp_path / "m.pt")]
-    )
+    result = run("move", FIXTURES / "adamw_train.pt", *args, "-o", tmp_path / "m.pt")
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, needle)
     assert list(tmp_path.iterdir()) == []
@@ -310,10 +271,7 @@ def test_move_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None
 
 def test_move_dtype_only_keeps_every_saved_device(tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
-    result = runner.invoke(
-        app,
-        ["move", str(FIXTURES / "cuda_adam.pt"), "--dtype", "bfloat16", "-o", str(out), "--json"],
-    )
+    result = run("move", FIXTURES / "cuda_adam.pt", "--dtype", "bfloat16", "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert (data["device"], data["dtype"], data["kept_on"], data["notes"]) == (
@@ -322,32 +280,19 @@ def test_move_dtype_only_keeps_every_saved_device(tmp_path: Path) -> None:
         [],
         [],
     )
-    text = runner.invoke(
-        app,
-        ["move", str(FIXTURES / "cuda_adam.pt"), "--dtype", "float64", "-o", str(out), "--force"],
-    )
+    text = run("move", FIXTURES / "cuda_adam.pt", "--dtype", "float64", "-o", out, "--force")
     assert text.exit_code == 0, text.stderr
     assert "cast to float64, on the devices it was saved from" in text.stdout
 
 
 def test_move_to_missing_cuda_is_one_line(tmp_path: Path) -> None:
     missing = f"cuda:{torch.cuda.device_count()}"  # cuda:0 without CUDA, one past the last with
-    result = runner.invoke(
-        app,
-        [
-            "move",
-            str(FIXTURES / "adamw_train.pt"),
-            "--device",
-            missing,
-            "-o",
-            str(tmp_path / "m.pt"),
-        ],
-    )
+    result = run("move", FIXTURES / "adamw_train.pt", "--device", missing, "-o", tmp_path / "m.pt")
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "no such device", missing)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_move_needs_output() -> None:
-    result = runner.invoke(app, ["move", str(FIXTURES / "adamw_train.pt"), "--device", "cpu"])
+    result = run("move", FIXTURES / "adamw_train.pt", "--device", "cpu")
     assert result.exit_code == 2

@@ -121,6 +121,17 @@ def resume_ok(path: Path, *extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- name-keyed state
 
 
+def _trained_split(path: Path, *, named: bool) -> tuple[Net, torch.optim.Optimizer, Path]:
+    """A Net trained by AdamW in weight-decay groups (with param_names where ``named``),
+    saved to ``path`` with its weights."""
+    model = Net()
+    params = model.named_parameters() if named else model.parameters()
+    optimizer = torch.optim.AdamW(decay_split(params), lr=1e-2)
+    train(model, optimizer)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    return model, optimizer, path
+
+
 def _dsd_checkpoint(tmp_path: Path) -> tuple[Net, torch.optim.Optimizer, Path]:
     model = Net()
     model.encoder[0].weight.requires_grad_(False)  # frozen: no state, not in the groups
@@ -211,11 +222,7 @@ def test_convert_keying_names_to_ids_loads_with_load_state_dict(tmp_path: Path) 
 
 
 def test_convert_keying_ids_to_names_loads_with_set_optimizer_state_dict(tmp_path: Path) -> None:
-    model = Net()
-    optimizer = torch.optim.AdamW(decay_split(model.named_parameters()), lr=1e-2)
-    train(model, optimizer)
-    path = tmp_path / "named.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    model, optimizer, path = _trained_split(tmp_path / "named.pt", named=True)
     out = tmp_path / "fqn.pt"
     result = invoke("convert", path, "-o", out, "--keying", "names")
     assert result.exit_code == 0, result.stderr
@@ -244,11 +251,7 @@ def test_convert_keying_ids_to_names_loads_with_set_optimizer_state_dict(tmp_pat
 
 
 def test_convert_keying_names_recovers_names_from_the_weights(tmp_path: Path) -> None:
-    model = Net()
-    optimizer = torch.optim.AdamW(decay_split(model.parameters()), lr=1e-2)  # no param_names
-    train(model, optimizer)
-    path = tmp_path / "unnamed.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    model, optimizer, path = _trained_split(tmp_path / "unnamed.pt", named=False)
     out = tmp_path / "fqn.pt"
     assert invoke("convert", path, "-o", out, "--keying", "names").exit_code == 0
     converted = torch.load(out, weights_only=True)["optimizer"]
@@ -396,11 +399,7 @@ def test_ddp_module_prefix_is_stripped(
 
 
 def test_weight_decay_split_without_param_names(tmp_path: Path) -> None:
-    old = Net()
-    optimizer = torch.optim.AdamW(decay_split(old.parameters()), lr=1e-2)
-    train(old, optimizer)
-    path = tmp_path / "split.pt"
-    torch.save({"model": old.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    old, optimizer, path = _trained_split(tmp_path / "split.pt", named=False)
     truth = {
         i: n
         for i, n in enumerate(

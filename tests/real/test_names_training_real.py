@@ -119,25 +119,17 @@ def _tiny(kind: str) -> Any:
     """A tiny model of another architecture, built by transformers from a config."""
     import transformers as hf
 
+    tiny: dict[str, Any] = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 40,
+    }
     if kind == "llama":  # no biases, RMSNorm, untied head
-        config = hf.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=40,
-        )
-        return hf.LlamaForCausalLM(config)
+        return hf.LlamaForCausalLM(hf.LlamaConfig(**tiny, num_key_value_heads=1))
     if kind == "bert":  # pooler and a classification head
-        config = hf.BertConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=40,
-        )
-        return hf.BertForSequenceClassification(config)
+        return hf.BertForSequenceClassification(hf.BertConfig(**tiny))
     config = hf.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=40)
     return hf.T5ForConditionalGeneration(config)  # encoder-decoder, shared embedding tied
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -82,8 +82,14 @@ def _remap(*args: str) -> Any:
     return runner.invoke(app, ["remap", *args])
 
 
+class Decayed(NamedTuple):
+    path: Path  # the checkpoint: model, optimizer, scheduler, epoch
+    lr: float  # the optimizer's lr, as the scheduler left it
+    before: dict[str, dict[str, Any]]  # its state by parameter name (see _by_name)
+
+
 @pytest.fixture
-def decayed(tmp_path: Path) -> tuple[Path, nn.Module, torch.optim.Optimizer]:
+def decayed(tmp_path: Path) -> Decayed:
     """A GAN-style Adam (betas (0.5, 0.999)) whose lr a real StepLR decayed 1e-3 -> 1e-5."""
     model = _model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.999))
@@ -100,7 +106,7 @@ def decayed(tmp_path: Path) -> tuple[Path, nn.Module, torch.optim.Optimizer]:
         },
         path,
     )
-    return path, model, optimizer
+    return Decayed(path, optimizer.param_groups[0]["lr"], _by_name(model, optimizer))
 
 
 def _fresh_layout(tmp_path: Path, model: nn.Module, **groups: Any) -> Path:
@@ -122,12 +128,8 @@ def _load_and_step(
 # --------------------------------------------------------------------------- trained values
 
 
-def test_a_steplr_decayed_lr_and_gan_betas_are_kept(
-    decayed: tuple[Path, nn.Module, torch.optim.Optimizer], tmp_path: Path
-) -> None:
-    path, old, old_optimizer = decayed
-    trained_lr = old_optimizer.param_groups[0]["lr"]
-    before = _by_name(old, old_optimizer)
+def test_a_steplr_decayed_lr_and_gan_betas_are_kept(decayed: Decayed, tmp_path: Path) -> None:
+    path, trained_lr, before = decayed
     new = _model(extra=True)
     layout = _fresh_layout(tmp_path, new)  # lr 1e-3, betas (0.9, 0.999)
     out = tmp_path / "out.pt"
@@ -162,10 +164,9 @@ def test_a_steplr_decayed_lr_and_gan_betas_are_kept(
 
 
 def test_hyperparams_layout_and_set_change_them_and_the_plan_lists_each(
-    decayed: tuple[Path, nn.Module, torch.optim.Optimizer], tmp_path: Path
+    decayed: Decayed, tmp_path: Path
 ) -> None:
-    path, _, old_optimizer = decayed
-    trained_lr = old_optimizer.param_groups[0]["lr"]
+    path, trained_lr, _ = decayed
     new = _model(extra=True)
     layout = _fresh_layout(tmp_path, new)
 
@@ -202,11 +203,9 @@ def test_hyperparams_layout_and_set_change_them_and_the_plan_lists_each(
 
 
 def test_a_group_of_only_new_parameters_takes_the_layouts_values(
-    decayed: tuple[Path, nn.Module, torch.optim.Optimizer], tmp_path: Path
+    decayed: Decayed, tmp_path: Path
 ) -> None:
-    path, old, old_optimizer = decayed
-    trained_lr = old_optimizer.param_groups[0]["lr"]
-    before = _by_name(old, old_optimizer)
+    path, trained_lr, before = decayed
     new = _model(extra=True)
     body = [p for n, p in new.named_parameters() if not n.startswith("4.")]
     head = [new[4].weight, new[4].bias]
