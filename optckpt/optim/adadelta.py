@@ -7,8 +7,7 @@ dtype (``foreach=True``). torch has no fused Adadelta. Each runs torch's ops in 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,149 +19,20 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["Adadelta", "adadelta"]
-
-
-class Adadelta(Optimizer):
-    """Adadelta; ``torch.optim.Adadelta``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``,
-    ``square_avg`` and ``acc_delta``) as torch's. ``step`` is a 0-dim float32 tensor (float64
-    under a float64 default dtype) on the CPU, or on the parameter's device when the group is
-    ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: coefficient that scales the delta before it is applied, a float or a 1-element
-            tensor.
-        rho: coefficient of the running averages of squared gradients and deltas.
-        eps: term added to the denominator.
-        weight_decay: L2 penalty.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, ``rho`` outside [0, 1], or
-            a tensor ``lr`` with more than one element.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1.0,
-        rho: float = 0.9,
-        eps: float = 1e-6,
-        weight_decay: float = 0,
-        foreach: bool | None = None,
-        *,
-        capturable: bool = False,
-        maximize: bool = False,
-        differentiable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        check_lr(lr)
-        if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"Invalid rho value: {rho}")
-        check_non_negative(eps, "Invalid epsilon value")
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-
-        defaults = {
-            "lr": lr,
-            "rho": rho,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "capturable": capturable,
-            "foreach": foreach,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        square_avgs: list[Tensor],
-        acc_deltas: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "Adadelta does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            square_avgs.append(state["square_avg"])
-            acc_deltas.append(state["acc_delta"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adadelta step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            square_avgs: list[Tensor] = []
-            acc_deltas: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(
-                group, params_with_grad, grads, square_avgs, acc_deltas, state_steps
-            )
-            adadelta(
-                params_with_grad,
-                grads,
-                square_avgs,
-                acc_deltas,
-                state_steps,
-                lr=group["lr"],
-                rho=group["rho"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def adadelta(
@@ -313,3 +183,87 @@ def _multi_tensor_adadelta(
             torch._foreach_add_(device_params, deltas)
         else:
             torch._foreach_add_(device_params, deltas, alpha=-lr)
+
+
+class Adadelta(GroupStepOptimizer):
+    """Adadelta; ``torch.optim.Adadelta``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``,
+    ``square_avg`` and ``acc_delta``) as torch's. ``step`` is a 0-dim float32 tensor (float64
+    under a float64 default dtype) on the CPU, or on the parameter's device when the group is
+    ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: coefficient that scales the delta before it is applied, a float or a 1-element
+            tensor.
+        rho: coefficient of the running averages of squared gradients and deltas.
+        eps: term added to the denominator.
+        weight_decay: L2 penalty.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, ``rho`` outside [0, 1], or
+            a tensor ``lr`` with more than one element.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr rho eps weight_decay maximize capturable foreach differentiable"
+    _STATE_LISTS = "square_avgs acc_deltas state_steps"
+    _functional = staticmethod(adadelta)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        check_lr(lr)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        check_non_negative(eps, "Invalid epsilon value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        acc_deltas: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "Adadelta does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                state["step"] = new_step(0.0, p, group)
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            square_avgs.append(state["square_avg"])
+            acc_deltas.append(state["acc_delta"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

@@ -9,8 +9,7 @@ dtype on the ``capturable`` ones, as in torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,151 +21,22 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_betas,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["Adamax", "adamax"]
-
-
-class Adamax(Optimizer):
-    """Adamax (Adam with the infinity norm); ``torch.optim.Adamax``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``
-    and ``exp_inf``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a float64
-    default dtype) on the CPU, or on the parameter's device when the group is ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        betas: coefficients of the running average and of the decayed infinity norm (stored
-            as given, a tuple or a list).
-        eps: term added to the denominator.
-        weight_decay: L2 penalty.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1), or
-            a tensor ``lr`` with more than one element.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        capturable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        check_lr(lr)
-        check_non_negative(eps, "Invalid epsilon value")
-        check_betas(betas)
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "capturable": capturable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_infs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "Adamax does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_infs.append(state["exp_inf"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adamax step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_infs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-            has_complex = self._init_group(
-                group, params_with_grad, grads, exp_avgs, exp_infs, state_steps
-            )
-            adamax(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_infs,
-                state_steps,
-                eps=group["eps"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def adamax(
@@ -334,3 +204,84 @@ def _multi_tensor_adamax(
             bias_corrections_f = [1 - beta1 ** get_value(step) for step in grouped_state_steps]
             step_size = [(get_value(lr) / bc) * -1 for bc in bias_corrections_f]
             torch._foreach_addcdiv_(grouped_params, grouped_exp_avgs, grouped_exp_infs, step_size)
+
+
+class Adamax(GroupStepOptimizer):
+    """Adamax (Adam with the infinity norm); ``torch.optim.Adamax``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``
+    and ``exp_inf``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a float64
+    default dtype) on the CPU, or on the parameter's device when the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        betas: coefficients of the running average and of the decayed infinity norm (stored
+            as given, a tuple or a list).
+        eps: term added to the denominator.
+        weight_decay: L2 penalty.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1), or
+            a tensor ``lr`` with more than one element.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr betas eps weight_decay foreach maximize differentiable capturable"
+    _STATE_LISTS = "exp_avgs exp_infs state_steps"
+    _functional = staticmethod(adamax)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_infs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "Adamax does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                state["step"] = new_step(0.0, p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            exp_avgs.append(state["exp_avg"])
+            exp_infs.append(state["exp_inf"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

@@ -14,8 +14,8 @@ of torch's scalar dtype) besides the average ``ax``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,173 +26,21 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     scalar_dtype,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["ASGD", "asgd"]
-
-
-class ASGD(Optimizer):
-    """Averaged stochastic gradient descent; ``torch.optim.ASGD``'s twin.
-
-    Same arguments (``foreach``, ``maximize``, ``differentiable`` and ``capturable`` are
-    positional too, as in torch), defaults, validation, param-group keys and state (``step``,
-    ``eta``, ``mu`` and ``ax``) as torch's. ``step``, ``eta`` and ``mu`` are 0-dim float32
-    tensors (float64 under a float64 default dtype) on the parameter's device, whether or not
-    the group is ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        lambd: decay term.
-        alpha: power for the ``eta`` update.
-        t0: the step at which averaging starts.
-        weight_decay: L2 penalty.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-        capturable: compute ``eta`` and ``mu`` on the device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-
-    Raises:
-        ValueError: a negative ``lr`` or ``weight_decay``, or a tensor ``lr`` with more than
-            one element (``lambd``, ``alpha`` and ``t0`` are not checked, as in torch).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-2,
-        lambd: float = 1e-4,
-        alpha: float = 0.75,
-        t0: float = 1e6,
-        weight_decay: float = 0,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        capturable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        check_lr(lr)
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-
-        defaults = {
-            "lr": lr,
-            "lambd": lambd,
-            "alpha": alpha,
-            "t0": t0,
-            "weight_decay": weight_decay,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "capturable": capturable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack; step, eta and mu saved
-    # as numbers become tensors.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step", "eta", "mu")
-
-    def _number_state_to_tensor(
-        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
-    ) -> Tensor:
-        """A tensor of torch's scalar dtype on the parameter's device, whether or not capturable.
-
-        eta and mu are converted as they are (no ``float()``), as torch does.
-        """
-        return torch.tensor(
-            float(value) if key == "step" else value, dtype=scalar_dtype(), device=p.device
-        )
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        mus: list[Tensor],
-        axs: list[Tensor],
-        etas: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "ASGD does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                # Unlike most optimizers, torch puts the scalar state on the parameter's
-                # device even without capturable; eta starts at the group's lr.
-                state["step"] = torch.zeros((), device=p.device, dtype=scalar_dtype())
-                state["eta"] = (
-                    torch.as_tensor(to_scalar(group["lr"]), device=p.device, dtype=scalar_dtype())
-                    .clone()
-                    .detach()
-                )
-                state["mu"] = torch.ones((), device=p.device, dtype=scalar_dtype())
-                state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            mus.append(state["mu"])
-            axs.append(state["ax"])
-            etas.append(state["eta"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one ASGD step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            mus: list[Tensor] = []
-            axs: list[Tensor] = []
-            etas: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(
-                group, params_with_grad, grads, mus, axs, etas, state_steps
-            )
-            asgd(
-                params_with_grad,
-                grads,
-                axs,
-                mus,
-                etas,
-                state_steps,
-                lambd=group["lambd"],
-                lr=group["lr"],
-                t0=group["t0"],
-                alpha=group["alpha"],
-                weight_decay=group["weight_decay"],
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def asgd(
@@ -383,3 +231,106 @@ def _multi_tensor_asgd(
             ]
             torch._foreach_copy_(grouped_etas, new_eta_list)
             torch._foreach_copy_(grouped_mus, new_mu_list)
+
+
+class ASGD(GroupStepOptimizer):
+    """Averaged stochastic gradient descent; ``torch.optim.ASGD``'s twin.
+
+    Same arguments (``foreach``, ``maximize``, ``differentiable`` and ``capturable`` are
+    positional too, as in torch), defaults, validation, param-group keys and state (``step``,
+    ``eta``, ``mu`` and ``ax``) as torch's. ``step``, ``eta`` and ``mu`` are 0-dim float32
+    tensors (float64 under a float64 default dtype) on the parameter's device, whether or not
+    the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        lambd: decay term.
+        alpha: power for the ``eta`` update.
+        t0: the step at which averaging starts.
+        weight_decay: L2 penalty.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+        capturable: compute ``eta`` and ``mu`` on the device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+
+    Raises:
+        ValueError: a negative ``lr`` or ``weight_decay``, or a tensor ``lr`` with more than
+            one element (``lambd``, ``alpha`` and ``t0`` are not checked, as in torch).
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr lambd alpha t0 weight_decay foreach maximize differentiable capturable"
+    _STATE_LISTS = "axs mus etas state_steps"
+    _functional = staticmethod(asgd)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lambd: float = 1e-4,
+        alpha: float = 0.75,
+        t0: float = 1e6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        check_lr(lr)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack; step, eta and mu saved
+    # as numbers become tensors.
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _NUMBER_STATE_KEYS = ("step", "eta", "mu")
+
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
+    ) -> Tensor:
+        """A tensor of torch's scalar dtype on the parameter's device, whether or not capturable.
+
+        eta and mu are converted as they are (no ``float()``), as torch does.
+        """
+        return torch.tensor(
+            float(value) if key == "step" else value, dtype=scalar_dtype(), device=p.device
+        )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        axs: list[Tensor],
+        mus: list[Tensor],
+        etas: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "ASGD does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                # Unlike most optimizers, torch puts the scalar state on the parameter's
+                # device even without capturable; eta starts at the group's lr.
+                state["step"] = torch.zeros((), device=p.device, dtype=scalar_dtype())
+                state["eta"] = (
+                    torch.as_tensor(to_scalar(group["lr"]), device=p.device, dtype=scalar_dtype())
+                    .clone()
+                    .detach()
+                )
+                state["mu"] = torch.ones((), device=p.device, dtype=scalar_dtype())
+                state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            mus.append(state["mu"])
+            axs.append(state["ax"])
+            etas.append(state["eta"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

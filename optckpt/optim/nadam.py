@@ -10,8 +10,7 @@ step sizes derived from it mix float32 tensor values with Python floats exactly 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,170 +22,22 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_betas,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["NAdam", "nadam"]
-
-
-class NAdam(Optimizer):
-    """NAdam (Adam with Nesterov momentum); ``torch.optim.NAdam``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``,
-    ``mu_product``, ``exp_avg`` and ``exp_avg_sq``) as torch's. ``step`` and ``mu_product`` are
-    0-dim float32 tensors (float64 under a float64 default dtype) on the CPU, or on the
-    parameter's device when the group is ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        betas: the running-average coefficients (stored as given).
-        eps: term added to the denominator.
-        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
-        momentum_decay: the momentum decay ``psi`` of the momentum cache schedule.
-        decoupled_weight_decay: decay the weights directly (NAdamW) instead of through the
-            gradient.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        capturable: keep ``step`` and ``mu_product`` on the parameter's device for graph
-            capture (CUDA and the like; stepping CPU parameters then fails, as in torch).
-        differentiable: let autograd run through the step.
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps``, ``weight_decay`` or ``momentum_decay``, a beta
-            outside [0, 1), or a tensor ``lr`` with more than one element.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum_decay: float = 4e-3,
-        decoupled_weight_decay: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types. Unlike Adam, torch takes
-        # a tensor lr with foreach=True here (the foreach path reads it with .item()).
-        check_lr(lr)
-        check_non_negative(eps, "Invalid epsilon value")
-        check_betas(betas)
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-        check_non_negative(momentum_decay, "Invalid momentum_decay value")
-
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "momentum_decay": momentum_decay,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack; step and mu_product
-    # saved as numbers become the tensors a fresh step would hold.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "maximize": False,
-        "foreach": None,
-        "capturable": False,
-        "differentiable": False,
-        "decoupled_weight_decay": False,
-    }
-    _NUMBER_STATE_KEYS = ("step", "mu_product")
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        mu_products: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "NAdam does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                # torch's key order: step, mu_product, exp_avg, exp_avg_sq.
-                state["step"] = new_step(0.0, p, group)
-                state["mu_product"] = new_step(1.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            mu_products.append(state["mu_product"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one NAdam step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            mu_products: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-            has_complex = self._init_group(
-                group, params_with_grad, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps
-            )
-            nadam(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                mu_products,
-                state_steps,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum_decay=group["momentum_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                foreach=group["foreach"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def nadam(
@@ -440,3 +291,99 @@ def _multi_tensor_nadam(
             torch._foreach_addcdiv_(
                 device_params, device_exp_avgs, exp_avg_sq_sqrt, step_sizes_expavg
             )
+
+
+class NAdam(GroupStepOptimizer):
+    """NAdam (Adam with Nesterov momentum); ``torch.optim.NAdam``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``,
+    ``mu_product``, ``exp_avg`` and ``exp_avg_sq``) as torch's. ``step`` and ``mu_product`` are
+    0-dim float32 tensors (float64 under a float64 default dtype) on the CPU, or on the
+    parameter's device when the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        betas: the running-average coefficients (stored as given).
+        eps: term added to the denominator.
+        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
+        momentum_decay: the momentum decay ``psi`` of the momentum cache schedule.
+        decoupled_weight_decay: decay the weights directly (NAdamW) instead of through the
+            gradient.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        capturable: keep ``step`` and ``mu_product`` on the parameter's device for graph
+            capture (CUDA and the like; stepping CPU parameters then fails, as in torch).
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps``, ``weight_decay`` or ``momentum_decay``, a beta
+            outside [0, 1), or a tensor ``lr`` with more than one element.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr betas eps weight_decay momentum_decay decoupled_weight_decay maximize foreach capturable differentiable"
+    _STATE_LISTS = "exp_avgs exp_avg_sqs mu_products state_steps"
+    _functional = staticmethod(nadam)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types. Unlike Adam, torch takes
+        # a tensor lr with foreach=True here (the foreach path reads it with .item()).
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(momentum_decay, "Invalid momentum_decay value")
+
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack; step and mu_product
+    # saved as numbers become the tensors a fresh step would hold.
+    _GROUP_KEY_DEFAULTS = newer_group_keys(
+        "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"
+    )
+    _NUMBER_STATE_KEYS = ("step", "mu_product")
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        mu_products: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "NAdam does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                # torch's key order: step, mu_product, exp_avg, exp_avg_sq.
+                state["step"] = new_step(0.0, p, group)
+                state["mu_product"] = new_step(1.0, p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            mu_products.append(state["mu_product"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

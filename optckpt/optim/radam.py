@@ -11,8 +11,7 @@ rectification term are Python floats on the plain paths and tensors on the ``cap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,157 +23,22 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_betas,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["RAdam", "radam"]
-
-
-class RAdam(Optimizer):
-    """RAdam (Adam with a rectified adaptive learning rate); ``torch.optim.RAdam``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``
-    and ``exp_avg_sq``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a
-    float64 default dtype) on the CPU, or on the parameter's device when the group is
-    ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        betas: the running-average coefficients (stored as given).
-        eps: term added to the denominator.
-        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
-        decoupled_weight_decay: decay the weights directly instead of through the gradient.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-        differentiable: let autograd run through the step.
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1), or
-            a tensor ``lr`` with more than one element.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        decoupled_weight_decay: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        check_lr(lr)
-        check_non_negative(eps, "Invalid epsilon value")
-        check_betas(betas)
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-
-        # torch's key order: capturable before decoupled_weight_decay and differentiable.
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "decoupled_weight_decay": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "RAdam does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one RAdam step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-            has_complex = self._init_group(
-                group, params_with_grad, grads, exp_avgs, exp_avg_sqs, state_steps
-            )
-            radam(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def radam(
@@ -445,3 +309,90 @@ def _multi_tensor_radam(
         torch._foreach_reciprocal_(buffer)
         torch._foreach_add_(buffer, unrect_step_size)
         torch._foreach_addcmul_(device_params, device_exp_avgs, buffer)
+
+
+class RAdam(GroupStepOptimizer):
+    """RAdam (Adam with a rectified adaptive learning rate); ``torch.optim.RAdam``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``
+    and ``exp_avg_sq``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a
+    float64 default dtype) on the CPU, or on the parameter's device when the group is
+    ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        betas: the running-average coefficients (stored as given).
+        eps: term added to the denominator.
+        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
+        decoupled_weight_decay: decay the weights directly instead of through the gradient.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1), or
+            a tensor ``lr`` with more than one element.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay differentiable"
+    _STATE_LISTS = "exp_avgs exp_avg_sqs state_steps"
+    _functional = staticmethod(radam)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+
+        # torch's key order: capturable before decoupled_weight_decay and differentiable.
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys(
+        "foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"
+    )
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "RAdam does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                state["step"] = new_step(0.0, p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

@@ -8,8 +8,7 @@ dtype (``foreach=True``). torch has no fused RMSprop. Each runs torch's ops in t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,178 +20,20 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["RMSprop", "rmsprop"]
-
-
-class RMSprop(Optimizer):
-    """RMSprop, optionally centered and with momentum; ``torch.optim.RMSprop``'s twin.
-
-    Same arguments (all positional-or-keyword, as in torch), defaults, validation,
-    param-group keys and state (``step``, ``square_avg``, ``momentum_buffer`` when
-    ``momentum > 0`` and ``grad_avg`` when ``centered``) as torch's. ``step`` is a 0-dim
-    float32 tensor (float64 under a float64 default dtype) on the CPU, or on the parameter's
-    device when the group is ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        alpha: smoothing constant of the squared-gradient average.
-        eps: term added to the denominator.
-        weight_decay: L2 penalty.
-        momentum: momentum factor.
-        centered: normalize by the estimated variance of the gradient instead of its second
-            moment.
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps``, ``momentum``, ``weight_decay`` or ``alpha``,
-            or a tensor ``lr`` with more than one element.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types (alpha is only checked
-        # for being non-negative, as in torch).
-        check_lr(lr)
-        check_non_negative(eps, "Invalid epsilon value")
-        check_non_negative(momentum, "Invalid momentum value")
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-        check_non_negative(alpha, "Invalid alpha value")
-
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "alpha": alpha,
-            "eps": eps,
-            "centered": centered,
-            "weight_decay": weight_decay,
-            "capturable": capturable,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "momentum": 0,
-        "centered": False,
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        square_avgs: list[Tensor],
-        momentum_buffer_list: list[Tensor],
-        grad_avgs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "RMSprop does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["momentum"] > 0:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                if group["centered"]:
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            square_avgs.append(state["square_avg"])
-            state_steps.append(state["step"])
-            # Like torch, a group whose momentum or centered changed after the state was made
-            # fails here with a KeyError.
-            if group["momentum"] > 0:
-                momentum_buffer_list.append(state["momentum_buffer"])
-            if group["centered"]:
-                grad_avgs.append(state["grad_avg"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one RMSprop step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            square_avgs: list[Tensor] = []
-            grad_avgs: list[Tensor] = []
-            momentum_buffer_list: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(
-                group,
-                params_with_grad,
-                grads,
-                square_avgs,
-                momentum_buffer_list,
-                grad_avgs,
-                state_steps,
-            )
-            rmsprop(
-                params_with_grad,
-                grads,
-                square_avgs,
-                grad_avgs,
-                momentum_buffer_list,
-                state_steps,
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=group["centered"],
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def rmsprop(
@@ -377,3 +218,106 @@ def _multi_tensor_rmsprop(
             torch._foreach_addcdiv_(device_params, device_grads, avg)
         else:
             torch._foreach_addcdiv_(device_params, device_grads, avg, value=-lr)
+
+
+class RMSprop(GroupStepOptimizer):
+    """RMSprop, optionally centered and with momentum; ``torch.optim.RMSprop``'s twin.
+
+    Same arguments (all positional-or-keyword, as in torch), defaults, validation,
+    param-group keys and state (``step``, ``square_avg``, ``momentum_buffer`` when
+    ``momentum > 0`` and ``grad_avg`` when ``centered``) as torch's. ``step`` is a 0-dim
+    float32 tensor (float64 under a float64 default dtype) on the CPU, or on the parameter's
+    device when the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        alpha: smoothing constant of the squared-gradient average.
+        eps: term added to the denominator.
+        weight_decay: L2 penalty.
+        momentum: momentum factor.
+        centered: normalize by the estimated variance of the gradient instead of its second
+            moment.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps``, ``momentum``, ``weight_decay`` or ``alpha``,
+            or a tensor ``lr`` with more than one element.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = (
+        "lr momentum alpha eps centered weight_decay capturable foreach maximize differentiable"
+    )
+    _STATE_LISTS = "square_avgs grad_avgs momentum_buffer_list state_steps"
+    _functional = staticmethod(rmsprop)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types (alpha is only checked
+        # for being non-negative, as in torch).
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_non_negative(momentum, "Invalid momentum value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(alpha, "Invalid alpha value")
+
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys(
+        "momentum", "centered", "foreach", "maximize", "differentiable", "capturable"
+    )
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        grad_avgs: list[Tensor],
+        momentum_buffer_list: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "RMSprop does not support sparse gradients"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                state["step"] = new_step(0.0, p, group)
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            square_avgs.append(state["square_avg"])
+            state_steps.append(state["step"])
+            # Like torch, a group whose momentum or centered changed after the state was made
+            # fails here with a KeyError.
+            if group["momentum"] > 0:
+                momentum_buffer_list.append(state["momentum_buffer"])
+            if group["centered"]:
+                grad_avgs.append(state["grad_avg"])
+        return any(torch.is_complex(p) for p in params_with_grad)

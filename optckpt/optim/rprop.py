@@ -9,7 +9,7 @@ the step sizes evolve by ``etas`` within ``step_sizes``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,146 +21,19 @@ from optckpt.optim._functional import (
     increment_steps,
     use_foreach,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_lr,
-    evaluate_closure,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["Rprop", "rprop"]
-
-
-class Rprop(Optimizer):
-    """Resilient backpropagation; ``torch.optim.Rprop``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``, ``prev`` and
-    ``step_size``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a float64
-    default dtype) on the CPU, or on the parameter's device when the group is ``capturable``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: the initial step size, a float or a 1-element tensor.
-        etas: the multiplicative decrease and increase factors ``(etaminus, etaplus)``.
-        step_sizes: the minimal and maximal step sizes.
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-
-    Raises:
-        ValueError: a negative ``lr``, a tensor ``lr`` with more than one element, or etas
-            not satisfying ``0 < etaminus < 1 < etaplus``.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-2,
-        etas: tuple[float, float] = (0.5, 1.2),
-        step_sizes: tuple[float, float] = (1e-6, 50),
-        *,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types (step_sizes unchecked).
-        check_lr(lr)
-        if not 0.0 < etas[0] < 1.0 < etas[1]:
-            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
-
-        defaults = {
-            "lr": lr,
-            "etas": etas,
-            "step_sizes": step_sizes,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "capturable": capturable,
-        }
-        super().__init__(params, defaults)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "capturable": False,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        prevs: list[Tensor],
-        step_sizes: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "Rprop does not support sparse gradients"
-        for p, grad, state in self._params_with_grad(group, params, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # Shaped like the grad, as in torch. A complex parameter is two independent
-                # real numbers, so its imaginary step size starts at lr too.
-                if p.dtype.is_complex:
-                    state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
-                else:
-                    state["step_size"] = torch.full_like(grad, to_scalar(group["lr"]))
-
-            prevs.append(state["prev"])
-            step_sizes.append(state["step_size"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Rprop step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            prevs: list[Tensor] = []
-            step_sizes: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            etaminus, etaplus = group["etas"]
-            step_size_min, step_size_max = group["step_sizes"]
-            has_complex = self._init_group(group, params, grads, prevs, step_sizes, state_steps)
-            rprop(
-                params,
-                grads,
-                prevs,
-                step_sizes,
-                state_steps,
-                step_size_min=step_size_min,
-                step_size_max=step_size_max,
-                etaminus=etaminus,
-                etaplus=etaplus,
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-        return loss
 
 
 def rprop(
@@ -312,3 +185,91 @@ def _multi_tensor_rprop(
 
         grad_signs = [grad.sign() for grad in device_grads]
         torch._foreach_addcmul_(device_params, grad_signs, device_step_sizes, value=-1)
+
+
+class Rprop(GroupStepOptimizer):
+    """Resilient backpropagation; ``torch.optim.Rprop``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``, ``prev`` and
+    ``step_size``) as torch's. ``step`` is a 0-dim float32 tensor (float64 under a float64
+    default dtype) on the CPU, or on the parameter's device when the group is ``capturable``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: the initial step size, a float or a 1-element tensor.
+        etas: the multiplicative decrease and increase factors ``(etaminus, etaplus)``.
+        step_sizes: the minimal and maximal step sizes.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+
+    Raises:
+        ValueError: a negative ``lr``, a tensor ``lr`` with more than one element, or etas
+            not satisfying ``0 < etaminus < 1 < etaplus``.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = "lr etas step_sizes foreach maximize differentiable capturable"
+    _STATE_LISTS = "prevs step_sizes state_steps"
+    _NOT_STEP_KEYS = "lr"
+    _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {
+        "etas": "etaminus etaplus",
+        "step_sizes": "step_size_min step_size_max",
+    }
+    _functional = staticmethod(rprop)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        etas: tuple[float, float] = (0.5, 1.2),
+        step_sizes: tuple[float, float] = (1e-6, 50),
+        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types (step_sizes unchecked).
+        check_lr(lr)
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+
+        super().__init__(params, locals())
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        prevs: list[Tensor],
+        step_sizes: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "Rprop does not support sparse gradients"
+        for p, grad, state in self._params_with_grad(group, params, grads, sparse_error):
+            if len(state) == 0:
+                state["step"] = new_step(0.0, p, group)
+                state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # Shaped like the grad, as in torch. A complex parameter is two independent
+                # real numbers, so its imaginary step size starts at lr too.
+                if p.dtype.is_complex:
+                    state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
+                else:
+                    state["step_size"] = torch.full_like(grad, to_scalar(group["lr"]))
+
+            prevs.append(state["prev"])
+            step_sizes.append(state["step_size"])
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params)

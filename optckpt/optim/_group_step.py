@@ -1,0 +1,126 @@
+"""The ``__init__`` tail and the ``step`` that torch writes out again in each optimizer class.
+
+torch's Adam, Adamax, RMSprop, ... build ``defaults`` by restating every constructor argument,
+and share one ``step``: run the closure, then for each param group make empty lists, fill them
+with ``self._init_group(group, ...)`` and call the module's functional (``adam``,
+``adamax``, ...) with the lists and the group's hyperparameters as keywords.
+:class:`GroupStepOptimizer` does both once, from what each class declares:
+
+- ``_GROUP_KEYS``: the group's hyperparameters, in torch's order (names separated by spaces,
+  as ``namedtuple`` takes its fields, here and in the other declarations of names); ``defaults`` holds the
+  constructor's arguments of those names, and the step passes each to the functional as a
+  keyword of the same name, except the ``_NOT_STEP_KEYS``, and the ``_SPLIT_KEYS``, whose two
+  values are passed as two keywords (``betas`` as ``beta1`` and ``beta2``).
+- ``_STATE_LISTS``: the lists ``_init_group`` fills after ``params`` and ``grads``, named as
+  torch names them, in the order the functional takes them.
+- ``_FLAGS``: the keywords that ``_init_group`` returns (``has_complex``; a tuple of them
+  where it returns more than one).
+- ``_GRAD_SCALER``: the functional takes ``grad_scale`` and ``found_inf`` (set on the
+  optimizer by ``torch.amp.GradScaler``), as the fused ones do.
+- ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
+- ``_functional``: the functional itself.
+
+Nothing here touches a tensor: the functional and ``_init_group`` do that in torch's order.
+The optimizers whose step is not this loop (SparseAdam, LBFGS, Adafactor, Muon) keep their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from optckpt.optim.base import Optimizer, ParamsT, evaluate_closure, use_grad_for_differentiable
+
+__all__ = ["GroupStepOptimizer", "newer_group_keys"]
+
+# The value torch's ``__setstate__`` gives each group key that older checkpoints lack (the same
+# in every optimizer that has the key, except SGD's ``fused``).
+_NEWER_KEY_VALUES: Mapping[str, Any] = {
+    "foreach": None,
+    "maximize": False,
+    "differentiable": False,
+    "capturable": False,
+    "fused": None,
+    "amsgrad": False,
+    "decoupled_weight_decay": False,
+    "nesterov": False,
+    "centered": False,
+    "momentum": 0,
+}
+
+
+def newer_group_keys(*keys: str, **values: Any) -> dict[str, Any]:
+    """A class's ``_GROUP_KEY_DEFAULTS``: ``keys`` in torch's ``setdefault`` order, each with
+    the value torch gives it, then ``values`` where a class gives another one."""
+    return {key: _NEWER_KEY_VALUES[key] for key in keys} | values
+
+
+class GroupStepOptimizer(Optimizer):
+    """An optimizer whose ``defaults`` and ``step`` follow from its declarations (module doc).
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        arguments: the subclass constructor's ``locals()``; ``defaults`` takes the value of
+            each of ``_GROUP_KEYS`` from it, in that order.
+    """
+
+    _GROUP_KEYS: ClassVar[str]
+    _NOT_STEP_KEYS: ClassVar[str] = ""
+    _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {"betas": "beta1 beta2"}
+    _STATE_LISTS: ClassVar[str]
+    _FLAGS: ClassVar[str] = "has_complex"
+    _GRAD_SCALER: ClassVar[bool] = False
+    _CAPTURE_CHECK: ClassVar[bool] = True
+    _functional: ClassVar[Callable[..., None]]
+    _init_group: Callable[..., Any]
+
+    def __init__(self, params: ParamsT, arguments: Mapping[str, Any]) -> None:
+        super().__init__(params, {key: arguments[key] for key in self._GROUP_KEYS.split()})
+
+    def _step_keywords(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The functional's keywords from ``group`` (read before ``_init_group``, as torch
+        unpacks ``betas`` before it), and the scaler's tensors where it takes them."""
+        keywords: dict[str, Any] = {}
+        for key in self._GROUP_KEYS.split():
+            if key in self._NOT_STEP_KEYS.split():
+                continue
+            if key in self._SPLIT_KEYS:
+                first, second = group[key]
+                keywords.update(zip(self._SPLIT_KEYS[key].split(), (first, second)))
+            else:
+                keywords[key] = group[key]
+        if self._GRAD_SCALER:
+            keywords["grad_scale"] = getattr(self, "grad_scale", None)
+            keywords["found_inf"] = getattr(self, "found_inf", None)
+        return keywords
+
+    def _after_group_step(self, group: Mapping[str, Any], lists: tuple[list[Any], ...]) -> None:
+        """What the class does after the functional ran on ``group`` (SGD stores its new
+        momentum buffers); nothing by default."""
+
+    @use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step over every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; optional. It runs with
+                grad enabled (:func:`~optckpt.optim.base.evaluate_closure`), before the update.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        if self._CAPTURE_CHECK:
+            self._accelerator_graph_capture_health_check()
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            keywords = self._step_keywords(group)
+            # params (params_with_grad in most of torch's steps), grads, then the state lists.
+            lists: tuple[list[Any], ...] = tuple(
+                [] for _ in range(2 + len(self._STATE_LISTS.split()))
+            )
+            flags = self._init_group(group, *lists)
+            names = self._FLAGS.split()
+            keywords.update(zip(names, flags if len(names) > 1 else (flags,)))
+            self._functional(*lists, **keywords)
+            self._after_group_step(group, lists)
+        return loss
