@@ -8,11 +8,14 @@ dtypes, ``state_dict()`` output, and steps bit for bit on the CPU (float32 and f
 Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``step`` state):
 
 1. ``optckpt/optim/<name>.py`` with a subclass of :class:`~optckpt.optim.base.Optimizer`:
-   ``__init__`` validates in torch's order, builds ``defaults`` with torch's keys in torch's
-   order and calls ``super().__init__``; what torch's ``__setstate__`` does is declared in
-   ``_GROUP_KEY_DEFAULTS`` (the newer group keys) and ``_NUMBER_STATE_KEYS`` (state torch <
-   1.12 saved as Python numbers); ``_init_group`` creates state lazily as torch does (the
-   base's ``_params_with_grad`` is its opening loop); ``step`` opens with
+   ``__init__`` validates in torch's order and calls ``super().__init__``; what torch's
+   ``__setstate__`` does is declared in ``_GROUP_KEY_DEFAULTS`` (the newer group keys) and
+   ``_NUMBER_STATE_KEYS`` (state torch < 1.12 saved as Python numbers); ``_init_group``
+   creates state lazily as torch does (the base's ``_params_with_grad`` is its opening loop).
+   Where torch's ``step`` is the usual loop over groups (``_init_group``, then the
+   functional), subclass :class:`~optckpt.optim._group_step.GroupStepOptimizer` and declare
+   the group keys in torch's order (``defaults`` is built from them), the state lists and the
+   functional; else write ``step``: it opens with
    :func:`~optckpt.optim.base.evaluate_closure`, is decorated with
    :func:`~optckpt.optim.base.use_grad_for_differentiable` (or ``torch.no_grad()`` where torch
    uses that) and gets the step hooks from the base class automatically.

@@ -6,8 +6,7 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
 ``adamax``, ...) with the lists and the group's hyperparameters as keywords.
 :class:`GroupStepOptimizer` does both once, from what each class declares:
 
-- ``_GROUP_KEYS``: the group's hyperparameters, in torch's order (names separated by spaces,
-  as ``namedtuple`` takes its fields, here and in the other declarations of names); ``defaults`` holds the
+- ``_GROUP_KEYS``: the group's hyperparameters, in torch's order; ``defaults`` holds the
   constructor's arguments of those names, and the step passes each to the functional as a
   keyword of the same name, except the ``_NOT_STEP_KEYS``, and the ``_SPLIT_KEYS``, whose two
   values are passed as two keywords (``betas`` as ``beta1`` and ``beta2``).
@@ -19,6 +18,9 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
   optimizer by ``torch.amp.GradScaler``), as the fused ones do.
 - ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
 - ``_functional``: the functional itself.
+
+Lists of names are strings of names separated by spaces, as ``namedtuple`` takes its fields:
+one line each, where a tuple of strings would take a line a name.
 
 Nothing here touches a tensor: the functional and ``_init_group`` do that in torch's order.
 The optimizers whose step is not this loop (SparseAdam, LBFGS, Adafactor, Muon) keep their own.
@@ -49,10 +51,11 @@ _NEWER_KEY_VALUES: Mapping[str, Any] = {
 }
 
 
-def newer_group_keys(*keys: str, **values: Any) -> dict[str, Any]:
-    """A class's ``_GROUP_KEY_DEFAULTS``: ``keys`` in torch's ``setdefault`` order, each with
-    the value torch gives it, then ``values`` where a class gives another one."""
-    return {key: _NEWER_KEY_VALUES[key] for key in keys} | values
+def newer_group_keys(keys: str, **values: Any) -> dict[str, Any]:
+    """A class's ``_GROUP_KEY_DEFAULTS``: ``keys`` (names separated by spaces) in torch's
+    ``setdefault`` order, each with the value torch gives it, then ``values`` where a class
+    gives another one."""
+    return {key: _NEWER_KEY_VALUES[key] for key in keys.split()} | values
 
 
 class GroupStepOptimizer(Optimizer):

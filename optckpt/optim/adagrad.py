@@ -12,8 +12,8 @@ value is the constructor's ``initial_accumulator_value`` (``defaults``), never a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,220 +24,23 @@ from optckpt.optim._functional import (
     fused_step,
     increment_steps,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     check_lr,
     check_non_negative,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     scalar_dtype,
     scalar_tensor,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["Adagrad", "adagrad"]
-
-
-class Adagrad(Optimizer):
-    """Adagrad; ``torch.optim.Adagrad``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step`` and ``sum``,
-    created for every parameter at construction) as torch's. ``step`` is a 0-dim float32
-    tensor (float64 under a float64 default dtype) on the CPU, or a float32 one on the
-    parameter's device when the group is ``fused``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        lr_decay: learning-rate decay: step ``t`` uses ``lr / (1 + (t - 1) * lr_decay)``.
-        weight_decay: L2 penalty.
-        initial_accumulator_value: starting value of the sum of squared gradients (taken from
-            the constructor for every group, as torch does, even where a group sets its own).
-        eps: term added to the denominator.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        differentiable: let autograd run through the step.
-        fused: use torch's fused kernel (no sparse gradients, no complex parameters).
-
-    Raises:
-        ValueError: a negative ``lr``, ``lr_decay``, ``weight_decay``,
-            ``initial_accumulator_value`` or ``eps``, or a tensor ``lr`` with more than one
-            element.
-        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
-        initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        check_lr(lr)
-        check_non_negative(lr_decay, "Invalid lr_decay value")
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-        check_non_negative(initial_accumulator_value, "Invalid initial_accumulator_value value")
-        check_non_negative(eps, "Invalid epsilon value")
-
-        defaults = {
-            "lr": lr,
-            "lr_decay": lr_decay,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "initial_accumulator_value": initial_accumulator_value,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        super().__init__(params, defaults)
-
-        if fused:
-            self._init_fused(differentiable, foreach)
-            self._need_device_dtype_check_for_fused = True
-
-        # torch creates every parameter's state here, from the constructor's
-        # initial_accumulator_value (a group's own value is not consulted), and without the
-        # fused device/dtype check, which waits for the first step.
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._new_state(p, group, initial_accumulator_value)
-
-    def _new_state(self, p: Tensor, group: dict[str, Any], initial_value: float) -> None:
-        """Fresh ``step`` and ``sum`` for ``p``, laid out as torch lays them out."""
-        state = self.state[p]
-        # torch's note [special device hosting for step]: on the CPU unless fused.
-        state["step"] = (
-            scalar_tensor(0.0, device=p.device, is_fused=group["fused"])
-            if group["fused"]
-            else scalar_tensor(0.0)
-        )
-        # Complex parameters start both the real and the imaginary parts at the value.
-        init_value = complex(initial_value, initial_value) if torch.is_complex(p) else initial_value
-        state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "foreach": None,
-        "maximize": False,
-        "differentiable": False,
-        "fused": None,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _number_state_to_tensor(
-        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
-    ) -> Tensor:
-        """The tensor a fresh state would have: on the CPU unless the group is ``fused``."""
-        if group["fused"]:
-            return torch.tensor(
-                float(value), dtype=scalar_dtype(is_fused=group["fused"]), device=p.device
-            )
-        return torch.tensor(float(value), dtype=scalar_dtype())
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Install loaded state as every optimizer does, then convert stray number steps.
-
-        Like torch: if the first state of all still has a number ``step`` (state of
-        parameters in no group), every state's ``step`` is converted, with the last group's
-        ``fused`` picking the dtype.
-        """
-        super().__setstate__(state)
-        fused = self.param_groups[-1]["fused"] if self.param_groups else None
-        state_values = list(self.state.values())
-        step_is_tensor = len(state_values) != 0 and torch.is_tensor(state_values[0]["step"])
-        if not step_is_tensor:
-            for s in state_values:
-                s["step"] = torch.tensor(float(s["step"]), dtype=scalar_dtype(is_fused=fused))
-
-    def share_memory(self) -> None:
-        """Move every ``sum`` state tensor to shared memory (torch's ``share_memory``)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["sum"].share_memory_()
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        state_sums: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> tuple[bool, bool]:
-        """Collect the group's parameters that have a grad, creating missing state.
-
-        Returns whether any grad is sparse and whether any parameter is complex.
-        """
-        has_sparse_grad, has_complex = False, False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            # torch checks the first parameter with a grad once per optimizer...
-            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
-                device_dtype_check_for_fused(p)
-                self._need_device_dtype_check_for_fused = False
-            has_sparse_grad |= p.grad.is_sparse
-            has_complex |= torch.is_complex(p)
-            params_with_grad.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            if len(state) == 0:
-                # ...and each parameter whose state starts here (added or loaded without one).
-                if group["fused"]:
-                    device_dtype_check_for_fused(p)
-                # torch reads the optimizer-wide default here, not the group's value.
-                self._new_state(p, group, self.defaults["initial_accumulator_value"])
-            state_sums.append(state["sum"])
-            state_steps.append(state["step"])
-        return has_sparse_grad, has_complex
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adagrad step over every param group; see :meth:`Optimizer.step`."""
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            state_sums: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_sparse_grad, has_complex = self._init_group(
-                group, params_with_grad, grads, state_sums, state_steps
-            )
-            adagrad(
-                params_with_grad,
-                grads,
-                state_sums,
-                state_steps,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                lr_decay=group["lr_decay"],
-                eps=group["eps"],
-                has_sparse_grad=has_sparse_grad,
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                has_complex=has_complex,
-                fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-            )
-        return loss
 
 
 def adagrad(
@@ -464,3 +267,162 @@ def _fused_adagrad(
         eps=eps,
         maximize=maximize,
     )
+
+
+class Adagrad(GroupStepOptimizer):
+    """Adagrad; ``torch.optim.Adagrad``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step`` and ``sum``,
+    created for every parameter at construction) as torch's. ``step`` is a 0-dim float32
+    tensor (float64 under a float64 default dtype) on the CPU, or a float32 one on the
+    parameter's device when the group is ``fused``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        lr_decay: learning-rate decay: step ``t`` uses ``lr / (1 + (t - 1) * lr_decay)``.
+        weight_decay: L2 penalty.
+        initial_accumulator_value: starting value of the sum of squared gradients (taken from
+            the constructor for every group, as torch does, even where a group sets its own).
+        eps: term added to the denominator.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: let autograd run through the step.
+        fused: use torch's fused kernel (no sparse gradients, no complex parameters).
+
+    Raises:
+        ValueError: a negative ``lr``, ``lr_decay``, ``weight_decay``,
+            ``initial_accumulator_value`` or ``eps``, or a tensor ``lr`` with more than one
+            element.
+        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = (
+        "lr lr_decay eps weight_decay initial_accumulator_value foreach maximize differentiable"
+        " fused"
+    )
+    _STATE_LISTS = "state_sums state_steps"
+    _NOT_STEP_KEYS = "initial_accumulator_value"
+    _FLAGS = "has_sparse_grad has_complex"
+    _GRAD_SCALER = True
+    _CAPTURE_CHECK = False
+    _functional = staticmethod(adagrad)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        check_lr(lr)
+        check_non_negative(lr_decay, "Invalid lr_decay value")
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        check_non_negative(initial_accumulator_value, "Invalid initial_accumulator_value value")
+        check_non_negative(eps, "Invalid epsilon value")
+
+        super().__init__(params, locals())
+
+        if fused:
+            self._init_fused(differentiable, foreach)
+            self._need_device_dtype_check_for_fused = True
+
+        # torch creates every parameter's state here, from the constructor's
+        # initial_accumulator_value (a group's own value is not consulted), and without the
+        # fused device/dtype check, which waits for the first step.
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._new_state(p, group, initial_accumulator_value)
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], initial_value: float) -> None:
+        """Fresh ``step`` and ``sum`` for ``p``, laid out as torch lays them out."""
+        state = self.state[p]
+        # torch's note [special device hosting for step]: on the CPU unless fused.
+        state["step"] = (
+            scalar_tensor(0.0, device=p.device, is_fused=group["fused"])
+            if group["fused"]
+            else scalar_tensor(0.0)
+        )
+        # Complex parameters start both the real and the imaginary parts at the value.
+        init_value = complex(initial_value, initial_value) if torch.is_complex(p) else initial_value
+        state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable fused")
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _number_state_to_tensor(
+        self, key: str, value: Any, p: Tensor, group: Mapping[str, Any]
+    ) -> Tensor:
+        """The tensor a fresh state would have: on the CPU unless the group is ``fused``."""
+        if group["fused"]:
+            return torch.tensor(
+                float(value), dtype=scalar_dtype(is_fused=group["fused"]), device=p.device
+            )
+        return torch.tensor(float(value), dtype=scalar_dtype())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Install loaded state as every optimizer does, then convert stray number steps.
+
+        Like torch: if the first state of all still has a number ``step`` (state of
+        parameters in no group), every state's ``step`` is converted, with the last group's
+        ``fused`` picking the dtype.
+        """
+        super().__setstate__(state)
+        fused = self.param_groups[-1]["fused"] if self.param_groups else None
+        state_values = list(self.state.values())
+        step_is_tensor = len(state_values) != 0 and torch.is_tensor(state_values[0]["step"])
+        if not step_is_tensor:
+            for s in state_values:
+                s["step"] = torch.tensor(float(s["step"]), dtype=scalar_dtype(is_fused=fused))
+
+    def share_memory(self) -> None:
+        """Move every ``sum`` state tensor to shared memory (torch's ``share_memory``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        state_sums: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> tuple[bool, bool]:
+        """Collect the group's parameters that have a grad, creating missing state.
+
+        Returns whether any grad is sparse and whether any parameter is complex.
+        """
+        has_sparse_grad, has_complex = False, False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            # torch checks the first parameter with a grad once per optimizer...
+            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
+                device_dtype_check_for_fused(p)
+                self._need_device_dtype_check_for_fused = False
+            has_sparse_grad |= p.grad.is_sparse
+            has_complex |= torch.is_complex(p)
+            params_with_grad.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                # ...and each parameter whose state starts here (added or loaded without one).
+                if group["fused"]:
+                    device_dtype_check_for_fused(p)
+                # torch reads the optimizer-wide default here, not the group's value.
+                self._new_state(p, group, self.defaults["initial_accumulator_value"])
+            state_sums.append(state["sum"])
+            state_steps.append(state["step"])
+        return has_sparse_grad, has_complex

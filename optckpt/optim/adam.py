@@ -10,8 +10,7 @@ particular the bias corrections are Python floats (float64) on the plain paths b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,9 +22,9 @@ from optckpt.optim._functional import (
     fused_step,
     increment_steps,
 )
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     capturable_supported_devices,
     check_betas,
@@ -33,203 +32,14 @@ from optckpt.optim.base import (
     check_non_negative,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
-    evaluate_closure,
     get_value,
     group_tensors_by_device_and_dtype,
     new_step,
     to_scalar,
-    use_grad_for_differentiable,
     view_as_real,
 )
 
 __all__ = ["Adam", "adam"]
-
-
-class Adam(Optimizer):
-    """Adam (and, with ``decoupled_weight_decay=True``, AdamW); ``torch.optim.Adam``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``,
-    ``exp_avg_sq``, and ``max_exp_avg_sq`` with ``amsgrad``) as torch's. ``step`` is a 0-dim
-    float32 tensor (float64 under a float64 default dtype) on the CPU, or on the parameter's
-    device when the group is ``capturable`` or ``fused``.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        betas: the running-average coefficients, both floats or both 1-element tensors.
-        eps: term added to the denominator.
-        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
-        amsgrad: use the AMSGrad variant.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        maximize: maximize the objective instead of minimizing it.
-        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
-            like; stepping CPU parameters then fails, as in torch).
-        differentiable: let autograd run through the step.
-        fused: use torch's fused kernel.
-        decoupled_weight_decay: decay the weights directly instead of through the gradient.
-
-    Raises:
-        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1),
-            betas of mixed types, multi-element tensors, or a tensor ``lr`` or beta with
-            ``foreach=True`` and ``capturable=False``.
-        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        decoupled_weight_decay: bool = False,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and foreach and not capturable:
-            raise ValueError(
-                "lr as a Tensor is not supported for capturable=False and foreach=True"
-            )
-        check_lr(lr)
-        check_non_negative(eps, "Invalid epsilon value")
-        check_betas(betas)
-        check_non_negative(weight_decay, "Invalid weight_decay value")
-        if not (
-            (isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
-        ):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                if not capturable and foreach:
-                    raise ValueError(
-                        f"betas[{index}] as a Tensor is not supported for capturable=False "
-                        "and foreach=True"
-                    )
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        betas = (to_scalar(betas[0]), to_scalar(betas[1]))
-
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-            "fused": fused,
-            "decoupled_weight_decay": decoupled_weight_decay,
-        }
-        super().__init__(params, defaults)
-
-        if fused:
-            self._init_fused(differentiable, foreach)
-
-    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "amsgrad": False,
-        "maximize": False,
-        "foreach": None,
-        "capturable": False,
-        "differentiable": False,
-        "decoupled_weight_decay": False,
-        "fused": None,
-    }
-    _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        max_exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
-        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                if group["fused"]:
-                    device_dtype_check_for_fused(p)
-                state["step"] = new_step(0.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError(
-                    "`requires_grad` is not supported for `step` in differentiable mode"
-                )
-            # A group added or loaded later can carry a tensor lr past the constructor's check.
-            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
-                raise RuntimeError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one Adam step over every param group; see :meth:`Optimizer.step`."""
-        self._accelerator_graph_capture_health_check()
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-            has_complex = self._init_group(
-                group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-            )
-            adam(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                state_steps,
-                foreach=group["foreach"],
-                fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-                amsgrad=group["amsgrad"],
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-            )
-        return loss
 
 
 def adam(
@@ -600,3 +410,139 @@ def _fused_adam(
         eps=eps,
         maximize=maximize,
     )
+
+
+class Adam(GroupStepOptimizer):
+    """Adam (and, with ``decoupled_weight_decay=True``, AdamW); ``torch.optim.Adam``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state (``step``, ``exp_avg``,
+    ``exp_avg_sq``, and ``max_exp_avg_sq`` with ``amsgrad``) as torch's. ``step`` is a 0-dim
+    float32 tensor (float64 under a float64 default dtype) on the CPU, or on the parameter's
+    device when the group is ``capturable`` or ``fused``.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        betas: the running-average coefficients, both floats or both 1-element tensors.
+        eps: term added to the denominator.
+        weight_decay: L2 penalty (decoupled, as in AdamW, with ``decoupled_weight_decay``).
+        amsgrad: use the AMSGrad variant.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        maximize: maximize the objective instead of minimizing it.
+        capturable: keep ``step`` on the parameter's device for graph capture (CUDA and the
+            like; stepping CPU parameters then fails, as in torch).
+        differentiable: let autograd run through the step.
+        fused: use torch's fused kernel.
+        decoupled_weight_decay: decay the weights directly instead of through the gradient.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, a beta outside [0, 1),
+            betas of mixed types, multi-element tensors, or a tensor ``lr`` or beta with
+            ``foreach=True`` and ``capturable=False``.
+        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = (
+        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused"
+        " decoupled_weight_decay"
+    )
+    _STATE_LISTS = "exp_avgs exp_avg_sqs max_exp_avg_sqs state_steps"
+    _GRAD_SCALER = True
+    _functional = staticmethod(adam)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        if isinstance(lr, Tensor) and foreach and not capturable:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        check_lr(lr)
+        check_non_negative(eps, "Invalid epsilon value")
+        check_betas(betas)
+        check_non_negative(weight_decay, "Invalid weight_decay value")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, Tensor):
+                if not capturable and foreach:
+                    raise ValueError(
+                        f"betas[{index}] as a Tensor is not supported for capturable=False "
+                        "and foreach=True"
+                    )
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        betas = (to_scalar(betas[0]), to_scalar(betas[1]))
+
+        super().__init__(params, locals())
+
+        if fused:
+            self._init_fused(differentiable, foreach)
+
+    # torch's __setstate__: the group keys older checkpoints lack, and a number step.
+    _GROUP_KEY_DEFAULTS = newer_group_keys(
+        "amsgrad maximize foreach capturable differentiable decoupled_weight_decay fused"
+    )
+    _NUMBER_STATE_KEYS = ("step",)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the group's parameters that have a grad, creating their state on first use.
+
+        Returns whether any of them is complex.
+        """
+        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
+            if len(state) == 0:
+                if group["fused"]:
+                    device_dtype_check_for_fused(p)
+                state["step"] = new_step(0.0, p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            # A group added or loaded later can carry a tensor lr past the constructor's check.
+            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
+                raise RuntimeError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            state_steps.append(state["step"])
+        return any(torch.is_complex(p) for p in params_with_grad)

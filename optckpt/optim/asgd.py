@@ -287,7 +287,7 @@ class ASGD(GroupStepOptimizer):
 
     # torch's __setstate__: the group keys older checkpoints lack; step, eta and mu saved
     # as numbers become tensors.
-    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")
     _NUMBER_STATE_KEYS = ("step", "eta", "mu")
 
     def _number_state_to_tensor(

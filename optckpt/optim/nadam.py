@@ -323,7 +323,10 @@ class NAdam(GroupStepOptimizer):
 
     # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
     # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr betas eps weight_decay momentum_decay decoupled_weight_decay maximize foreach capturable differentiable"
+    _GROUP_KEYS = (
+        "lr betas eps weight_decay momentum_decay decoupled_weight_decay maximize foreach"
+        " capturable differentiable"
+    )
     _STATE_LISTS = "exp_avgs exp_avg_sqs mu_products state_steps"
     _functional = staticmethod(nadam)
 
@@ -355,7 +358,7 @@ class NAdam(GroupStepOptimizer):
     # torch's __setstate__: the group keys older checkpoints lack; step and mu_product
     # saved as numbers become the tensors a fresh step would hold.
     _GROUP_KEY_DEFAULTS = newer_group_keys(
-        "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"
+        "maximize foreach capturable differentiable decoupled_weight_decay"
     )
     _NUMBER_STATE_KEYS = ("step", "mu_product")
 

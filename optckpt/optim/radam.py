@@ -339,7 +339,10 @@ class RAdam(GroupStepOptimizer):
 
     # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
     # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay differentiable"
+    _GROUP_KEYS = (
+        "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay"
+        " differentiable"
+    )
     _STATE_LISTS = "exp_avgs exp_avg_sqs state_steps"
     _functional = staticmethod(radam)
 
@@ -368,7 +371,7 @@ class RAdam(GroupStepOptimizer):
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys(
-        "foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"
+        "foreach maximize differentiable decoupled_weight_decay capturable"
     )
     _NUMBER_STATE_KEYS = ("step",)
 

@@ -283,7 +283,7 @@ class RMSprop(GroupStepOptimizer):
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys(
-        "momentum", "centered", "foreach", "maximize", "differentiable", "capturable"
+        "momentum centered foreach maximize differentiable capturable"
     )
     _NUMBER_STATE_KEYS = ("step",)
 

@@ -241,7 +241,7 @@ class Rprop(GroupStepOptimizer):
         super().__init__(params, locals())
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
-    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach", "maximize", "differentiable", "capturable")
+    _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")
     _NUMBER_STATE_KEYS = ("step",)
 
     def _init_group(

@@ -8,161 +8,24 @@ Each runs torch's ops in torch's order, which is what makes the results bit-iden
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from optckpt.optim._functional import foreach_add_weight_decay
+from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
-    Optimizer,
     ParamsT,
     default_to_fused_or_foreach,
     device_dtype_check_for_fused,
-    evaluate_closure,
     group_tensors_by_device_and_dtype,
     to_scalar,
-    use_grad_for_differentiable,
 )
 
 __all__ = ["SGD", "sgd"]
-
-
-class SGD(Optimizer):
-    """Stochastic gradient descent, optionally with momentum; ``torch.optim.SGD``'s twin.
-
-    Same arguments, defaults, validation, param-group keys and state
-    (``momentum_buffer``, only when ``momentum != 0``) as torch's.
-
-    Args:
-        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
-        lr: learning rate, a float or a 1-element tensor.
-        momentum: momentum factor.
-        dampening: dampening for momentum.
-        weight_decay: L2 penalty, a float or a tensor.
-        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
-        maximize: maximize the objective instead of minimizing it.
-        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
-        differentiable: let autograd run through the step.
-        fused: use torch's fused kernel.
-
-    Raises:
-        ValueError: a negative ``lr``, ``momentum`` or ``weight_decay``, a tensor ``lr`` with
-            more than one element, or ``nesterov`` without momentum or with dampening.
-        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float | Tensor = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-    ) -> None:
-        # Validation in torch's order, with torch's exception types.
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, defaults)
-
-        if fused:
-            self._init_fused(differentiable, foreach)
-            self._need_device_dtype_check_for_fused = True
-
-    # torch's __setstate__: the group keys older checkpoints lack (SGD has no step).
-    _GROUP_KEY_DEFAULTS: ClassVar[Mapping[str, Any]] = {
-        "nesterov": False,
-        "maximize": False,
-        "foreach": None,
-        "differentiable": False,
-        "fused": False,
-    }
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        momentum_buffer_list: list[Tensor | None],
-    ) -> bool:
-        """Collect the group's parameters that have a grad; return whether a grad is sparse."""
-        has_sparse_grad = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
-                device_dtype_check_for_fused(p)
-                self._need_device_dtype_check_for_fused = False
-            params.append(p)
-            grads.append(p.grad)
-            if p.grad.is_sparse:
-                has_sparse_grad = True
-            if group["momentum"] != 0:
-                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
-        return has_sparse_grad
-
-    @use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one SGD step over every param group; see :meth:`Optimizer.step`."""
-        loss = evaluate_closure(closure)
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffer_list: list[Tensor | None] = []
-            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
-
-            sgd(
-                params,
-                grads,
-                momentum_buffer_list,
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                has_sparse_grad=has_sparse_grad,
-                foreach=group["foreach"],
-                fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-            )
-
-            # The implementations create missing buffers in the list; store them.
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffer_list, strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-
-        return loss
 
 
 def sgd(
@@ -373,3 +236,105 @@ def _fused_sgd(
             grad_scale=device_grad_scale,
             found_inf=device_found_inf,
         )
+
+
+class SGD(GroupStepOptimizer):
+    """Stochastic gradient descent, optionally with momentum; ``torch.optim.SGD``'s twin.
+
+    Same arguments, defaults, validation, param-group keys and state
+    (``momentum_buffer``, only when ``momentum != 0``) as torch's.
+
+    Args:
+        params: tensors, ``named_parameters()`` pairs, or param-group dicts.
+        lr: learning rate, a float or a 1-element tensor.
+        momentum: momentum factor.
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty, a float or a tensor.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the foreach implementation; ``None`` lets torch's rule decide (off on CPU).
+        differentiable: let autograd run through the step.
+        fused: use torch's fused kernel.
+
+    Raises:
+        ValueError: a negative ``lr``, ``momentum`` or ``weight_decay``, a tensor ``lr`` with
+            more than one element, or ``nesterov`` without momentum or with dampening.
+        RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
+    """
+
+    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
+    # them from the constructor's locals()), the lists _init_group fills, the functional.
+    _GROUP_KEYS = (
+        "lr momentum dampening weight_decay nesterov maximize foreach differentiable fused"
+    )
+    _STATE_LISTS = "momentum_buffer_list"
+    _NOT_STEP_KEYS = "differentiable"
+    _FLAGS = "has_sparse_grad"
+    _GRAD_SCALER = True
+    _CAPTURE_CHECK = False
+    _functional = staticmethod(sgd)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        # Validation in torch's order, with torch's exception types.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, locals())
+
+        if fused:
+            self._init_fused(differentiable, foreach)
+            self._need_device_dtype_check_for_fused = True
+
+    # torch's __setstate__: the group keys older checkpoints lack (SGD has no step).
+    _GROUP_KEY_DEFAULTS = newer_group_keys("nesterov maximize foreach differentiable", fused=False)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffer_list: list[Tensor | None],
+    ) -> bool:
+        """Collect the group's parameters that have a grad; return whether a grad is sparse."""
+        has_sparse_grad = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
+                device_dtype_check_for_fused(p)
+                self._need_device_dtype_check_for_fused = False
+            params.append(p)
+            grads.append(p.grad)
+            if p.grad.is_sparse:
+                has_sparse_grad = True
+            if group["momentum"] != 0:
+                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        return has_sparse_grad
+
+    def _after_group_step(self, group: Mapping[str, Any], lists: tuple[list[Any], ...]) -> None:
+        """Store the momentum buffers the functional created in the list (torch's step does)."""
+        params, _, momentum_buffer_list = lists
+        if group["momentum"] != 0:
+            for p, buf in zip(params, momentum_buffer_list, strict=True):
+                self.state[p]["momentum_buffer"] = buf
