@@ -18,7 +18,7 @@ to the next.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -33,7 +33,7 @@ __all__ = [
     "foreach_add_weight_decay",
     "fused_step",
     "increment_steps",
-    "use_foreach",
+    "run_foreach_or_for_loop",
 ]
 
 TensorList: TypeAlias = list[Tensor] | tuple[Tensor, ...]
@@ -57,16 +57,34 @@ def check_state_steps(state_steps: Sequence[Any], name: str = "state_steps") -> 
         )
 
 
-def use_foreach(foreach: bool | None, params: Sequence[Tensor], differentiable: bool) -> bool:
-    """Whether the foreach implementation runs: ``foreach`` as the group sets it, else torch's rule.
+def run_foreach_or_for_loop(
+    multi_tensor: Callable[..., None],
+    single_tensor: Callable[..., None],
+    tensor_lists: Sequence[Sequence[Any]],
+    foreach: bool | None,
+    differentiable: bool,
+    hyper: Mapping[str, Any],
+) -> None:
+    """Run ``multi_tensor`` or ``single_tensor`` on the lists, as torch's functional picks.
 
-    The functional entry point of each torch optimizer without a fused kernel, left with
-    ``foreach=None``, asks ``_default_to_fused_or_foreach``: foreach for plain tensors on
-    CUDA and the like, the for-loop on the CPU and whenever the step is differentiable.
+    The end of the functional entry point of each torch optimizer without a fused kernel:
+    ``foreach`` as the group sets it; left ``None``, ``_default_to_fused_or_foreach`` decides:
+    foreach for plain tensors on CUDA and the like, the for-loop on the CPU and whenever the
+    step is differentiable.
+
+    Args:
+        multi_tensor: the ``_multi_tensor_<name>`` implementation.
+        single_tensor: the ``_single_tensor_<name>`` implementation.
+        tensor_lists: the parameters first, then the grads and the state lists, passed on in
+            that order.
+        foreach: the group's ``foreach``.
+        differentiable: the group's ``differentiable``, passed on too.
+        hyper: the implementation's other keywords.
     """
     if foreach is None:
-        _, foreach = default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    return bool(foreach)
+        _, foreach = default_to_fused_or_foreach(tensor_lists[0], differentiable, use_fused=False)
+    impl = multi_tensor if foreach else single_tensor
+    impl(*tensor_lists, differentiable=differentiable, **hyper)
 
 
 def check_capturable_devices(

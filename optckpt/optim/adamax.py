@@ -19,7 +19,7 @@ from optckpt.optim._functional import (
     check_state_steps,
     foreach_add_weight_decay,
     increment_steps,
-    use_foreach,
+    run_foreach_or_for_loop,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
@@ -50,22 +50,11 @@ def adamax(
     differentiable: bool,
     **hyper: Any,
 ) -> None:
-    """Pick the implementation as torch's functional ``adamax`` does, and run it.
-
-    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
-    CPU).
-    """
+    """Pick the implementation as torch's functional ``adamax`` does, and run it."""
     check_state_steps(state_steps)
-    foreach = use_foreach(foreach, params, differentiable)
-    func = _multi_tensor_adamax if foreach else _single_tensor_adamax
-    func(
-        params,
-        grads,
-        exp_avgs,
-        exp_infs,
-        state_steps,
-        differentiable=differentiable,
-        **hyper,
+    tensor_lists = [params, grads, exp_avgs, exp_infs, state_steps]
+    run_foreach_or_for_loop(
+        _multi_tensor_adamax, _single_tensor_adamax, tensor_lists, foreach, differentiable, hyper
     )
 
 

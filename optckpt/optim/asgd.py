@@ -24,7 +24,7 @@ from optckpt.optim._functional import (
     check_capturable_devices,
     foreach_add_weight_decay,
     increment_steps,
-    use_foreach,
+    run_foreach_or_for_loop,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
@@ -57,12 +57,12 @@ def asgd(
 ) -> None:
     """Pick the implementation as torch's functional ``asgd`` does, and run it.
 
-    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
-    CPU). Unlike its siblings, torch's ``asgd`` does not check that the steps are tensors.
+    Unlike its siblings, torch's ``asgd`` does not check that the steps are tensors.
     """
-    foreach = use_foreach(foreach, params, differentiable)
-    func = _multi_tensor_asgd if foreach else _single_tensor_asgd
-    func(params, grads, axs, mus, etas, state_steps, differentiable=differentiable, **hyper)
+    tensor_lists = [params, grads, axs, mus, etas, state_steps]
+    run_foreach_or_for_loop(
+        _multi_tensor_asgd, _single_tensor_asgd, tensor_lists, foreach, differentiable, hyper
+    )
 
 
 def _single_tensor_asgd(

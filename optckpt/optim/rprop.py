@@ -19,7 +19,7 @@ from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
     increment_steps,
-    use_foreach,
+    run_foreach_or_for_loop,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
@@ -47,15 +47,12 @@ def rprop(
     differentiable: bool,
     **hyper: Any,
 ) -> None:
-    """Pick the implementation as torch's functional ``rprop`` does, and run it.
-
-    With ``foreach`` unset, torch's default rule decides (foreach on CUDA, the for-loop on the
-    CPU).
-    """
+    """Pick the implementation as torch's functional ``rprop`` does, and run it."""
     check_state_steps(state_steps)
-    foreach = use_foreach(foreach, params, differentiable)
-    func = _multi_tensor_rprop if foreach else _single_tensor_rprop
-    func(params, grads, prevs, step_sizes, state_steps, differentiable=differentiable, **hyper)
+    tensor_lists = [params, grads, prevs, step_sizes, state_steps]
+    run_foreach_or_for_loop(
+        _multi_tensor_rprop, _single_tensor_rprop, tensor_lists, foreach, differentiable, hyper
+    )
 
 
 def _single_tensor_rprop(
