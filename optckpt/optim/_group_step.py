@@ -4,9 +4,10 @@ torch's Adam, Adamax, RMSprop, ... build ``defaults`` by restating every constru
 and share one ``step``: run the closure, then for each param group make empty lists, fill them
 with ``self._init_group(group, ...)`` and call the module's functional (``adam``,
 ``adamax``, ...) with the lists and the group's hyperparameters as keywords.
-:class:`GroupStepOptimizer` does both once, from what each class declares:
+:class:`GroupStepOptimizer` does both once, from what is declared for each class:
 
-- ``_GROUP_KEYS``: the group's hyperparameters, in torch's order; ``defaults`` holds the
+- the group's hyperparameters, in torch's order, are those :mod:`optckpt.optim.specs`
+  declares for the class (or for the bundled class it extends): ``defaults`` holds the
   constructor's arguments of those names, and the step passes each to the functional as a
   keyword of the same name, except the ``_NOT_STEP_KEYS``, and the ``_SPLIT_KEYS``, whose two
   values are passed as two keywords (``betas`` as ``beta1`` and ``beta2``).
@@ -14,6 +15,11 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
   torch names them, in the order the functional takes them.
 - ``_FLAGS``: the keywords that ``_init_group`` returns (``has_complex``; a tuple of them
   where it returns more than one).
+
+``_init_group(group, params, grads, *state_lists)`` is each class's own, as in torch: it
+appends every parameter of the group that has a grad, its grad and its state to the lists,
+creating the state on first use, and returns the flags (by default whether any parameter is
+complex).
 - ``_GRAD_SCALER``: the functional takes ``grad_scale`` and ``found_inf`` (set on the
   optimizer by ``torch.amp.GradScaler``), as the fused ones do.
 - ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
@@ -32,6 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from optckpt.optim.base import Optimizer, ParamsT, evaluate_closure, use_grad_for_differentiable
+from optckpt.optim.specs import SPECS
 
 __all__ = ["GroupStepOptimizer", "newer_group_keys"]
 
@@ -64,10 +71,9 @@ class GroupStepOptimizer(Optimizer):
     Args:
         params: tensors, ``named_parameters()`` pairs, or param-group dicts.
         arguments: the subclass constructor's ``locals()``; ``defaults`` takes the value of
-            each of ``_GROUP_KEYS`` from it, in that order.
+            each group key from it, in torch's order.
     """
 
-    _GROUP_KEYS: ClassVar[str]
     _NOT_STEP_KEYS: ClassVar[str] = ""
     _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {"betas": "beta1 beta2"}
     _STATE_LISTS: ClassVar[str]
@@ -78,13 +84,23 @@ class GroupStepOptimizer(Optimizer):
     _init_group: Callable[..., Any]
 
     def __init__(self, params: ParamsT, arguments: Mapping[str, Any]) -> None:
-        super().__init__(params, {key: arguments[key] for key in self._GROUP_KEYS.split()})
+        super().__init__(params, {key: arguments[key] for key in self._group_keys()})
+
+    @classmethod
+    def _group_keys(cls) -> list[str]:
+        """The group's keys in torch's order, as the spec of the class declares them (of the
+        first bundled class in its MRO, for a subclass of one)."""
+        for klass in cls.__mro__:
+            spec = SPECS.get(klass.__name__)
+            if spec is not None:
+                return list(spec.defaults)
+        raise TypeError(f"no optimizer spec declares the group keys of {cls.__name__}")
 
     def _step_keywords(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The functional's keywords from ``group`` (read before ``_init_group``, as torch
         unpacks ``betas`` before it), and the scaler's tensors where it takes them."""
         keywords: dict[str, Any] = {}
-        for key in self._GROUP_KEYS.split():
+        for key in self._group_keys():
             if key in self._NOT_STEP_KEYS.split():
                 continue
             if key in self._SPLIT_KEYS:

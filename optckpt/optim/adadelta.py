@@ -205,9 +205,8 @@ class Adadelta(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr rho eps weight_decay maximize capturable foreach differentiable"
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "square_avgs acc_deltas state_steps"
     _functional = staticmethod(adadelta)
 
@@ -246,10 +245,6 @@ class Adadelta(GroupStepOptimizer):
         acc_deltas: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "Adadelta does not support sparse gradients"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

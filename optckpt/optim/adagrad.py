@@ -297,12 +297,8 @@ class Adagrad(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = (
-        "lr lr_decay eps weight_decay initial_accumulator_value foreach maximize differentiable"
-        " fused"
-    )
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "state_sums state_steps"
     _NOT_STEP_KEYS = "initial_accumulator_value"
     _FLAGS = "has_sparse_grad has_complex"

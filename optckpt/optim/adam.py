@@ -442,12 +442,8 @@ class Adam(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = (
-        "lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused"
-        " decoupled_weight_decay"
-    )
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "exp_avgs exp_avg_sqs max_exp_avg_sqs state_steps"
     _GRAD_SCALER = True
     _functional = staticmethod(adam)
@@ -514,10 +510,6 @@ class Adam(GroupStepOptimizer):
         max_exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

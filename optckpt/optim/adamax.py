@@ -220,9 +220,8 @@ class Adamax(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr betas eps weight_decay foreach maximize differentiable capturable"
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "exp_avgs exp_infs state_steps"
     _functional = staticmethod(adamax)
 
@@ -259,10 +258,6 @@ class Adamax(GroupStepOptimizer):
         exp_infs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "Adamax does not support sparse gradients"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

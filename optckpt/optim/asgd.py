@@ -260,9 +260,8 @@ class ASGD(GroupStepOptimizer):
             one element (``lambd``, ``alpha`` and ``t0`` are not checked, as in torch).
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr lambd alpha t0 weight_decay foreach maximize differentiable capturable"
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "axs mus etas state_steps"
     _functional = staticmethod(asgd)
 
@@ -311,10 +310,6 @@ class ASGD(GroupStepOptimizer):
         etas: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "ASGD does not support sparse gradients"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

@@ -682,12 +682,9 @@ class Optimizer:
     ) -> RemovableHandle:
         """Register ``hook(optimizer) -> None`` to run before ``state_dict``.
 
-        Args:
-            hook: the hook.
-            prepend: run it before the hooks already registered instead of after them.
-
-        Returns:
-            A handle whose ``remove()`` unregisters the hook.
+        With ``prepend`` it runs before the hooks already registered, else after them (as for
+        every state-dict and load-state-dict hook below). Returns a handle whose ``remove()``
+        unregisters the hook.
         """
         return self._register(self._optimizer_state_dict_pre_hooks, hook, prepend)
 
@@ -696,12 +693,8 @@ class Optimizer:
     ) -> RemovableHandle:
         """Register ``hook(optimizer, state_dict) -> None | state_dict`` to run after state_dict().
 
-        Args:
-            hook: the hook; it may change the state dict in place or return a new one.
-            prepend: run it before the hooks already registered instead of after them.
-
-        Returns:
-            A handle whose ``remove()`` unregisters the hook.
+        The hook may change the state dict in place or return a new one; ``prepend`` and the
+        handle returned are as in :meth:`register_state_dict_pre_hook`.
         """
         return self._register(self._optimizer_state_dict_post_hooks, hook, prepend)
 
@@ -710,13 +703,9 @@ class Optimizer:
     ) -> RemovableHandle:
         """Register ``hook(optimizer, state_dict) -> None | state_dict`` to run before loading.
 
-        Args:
-            hook: the hook; it gets a shallow copy of the caller's state dict and may change
-                it in place or return the one to load.
-            prepend: run it before the hooks already registered instead of after them.
-
-        Returns:
-            A handle whose ``remove()`` unregisters the hook.
+        The hook gets a shallow copy of the caller's state dict and may change it in place or
+        return the one to load; ``prepend`` and the handle returned are as in
+        :meth:`register_state_dict_pre_hook`.
         """
         return self._register(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
 
@@ -725,12 +714,7 @@ class Optimizer:
     ) -> RemovableHandle:
         """Register ``hook(optimizer) -> None`` to run after ``load_state_dict``.
 
-        Args:
-            hook: the hook.
-            prepend: run it before the hooks already registered instead of after them.
-
-        Returns:
-            A handle whose ``remove()`` unregisters the hook.
+        ``prepend`` and the handle returned are as in :meth:`register_state_dict_pre_hook`.
         """
         return self._register(self._optimizer_load_state_dict_post_hooks, hook, prepend)
 

@@ -326,12 +326,8 @@ class RAdam(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = (
-        "lr betas eps weight_decay maximize foreach capturable decoupled_weight_decay"
-        " differentiable"
-    )
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "exp_avgs exp_avg_sqs state_steps"
     _functional = staticmethod(radam)
 
@@ -373,10 +369,6 @@ class RAdam(GroupStepOptimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "RAdam does not support sparse gradients"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

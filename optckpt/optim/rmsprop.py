@@ -237,11 +237,8 @@ class RMSprop(GroupStepOptimizer):
             or a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = (
-        "lr momentum alpha eps centered weight_decay capturable foreach maximize differentiable"
-    )
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "square_avgs grad_avgs momentum_buffer_list state_steps"
     _functional = staticmethod(rmsprop)
 
@@ -285,10 +282,6 @@ class RMSprop(GroupStepOptimizer):
         momentum_buffer_list: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "RMSprop does not support sparse gradients"
         for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
             if len(state) == 0:

@@ -207,9 +207,8 @@ class Rprop(GroupStepOptimizer):
             not satisfying ``0 < etaminus < 1 < etaplus``.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = "lr etas step_sizes foreach maximize differentiable capturable"
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "prevs step_sizes state_steps"
     _NOT_STEP_KEYS = "lr"
     _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {
@@ -250,10 +249,6 @@ class Rprop(GroupStepOptimizer):
         step_sizes: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's parameters that have a grad, creating their state on first use.
-
-        Returns whether any of them is complex.
-        """
         sparse_error = "Rprop does not support sparse gradients"
         for p, grad, state in self._params_with_grad(group, params, grads, sparse_error):
             if len(state) == 0:

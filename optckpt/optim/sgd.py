@@ -262,11 +262,8 @@ class SGD(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations: torch's group keys in its order (``defaults`` takes
-    # them from the constructor's locals()), the lists _init_group fills, the functional.
-    _GROUP_KEYS = (
-        "lr momentum dampening weight_decay nesterov maximize foreach differentiable fused"
-    )
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the lists _init_group fills, and the functional.
     _STATE_LISTS = "momentum_buffer_list"
     _NOT_STEP_KEYS = "differentiable"
     _FLAGS = "has_sparse_grad"
