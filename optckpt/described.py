@@ -99,6 +99,9 @@ class _Device:
 
 
 _CPU = _Device()
+META = _Device("meta")
+"""The device of a description without data (a DCP tensor read for its shape and dtype
+only), as ``torch.device("meta")`` is for a tensor."""
 _STRIDED = "torch.strided"
 
 

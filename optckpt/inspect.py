@@ -338,9 +338,14 @@ def inspect_checkpoint(
     checkpoint: Checkpoint
     described = not stats if describe is None else describe
     if is_dcp(path):  # .metadata and the values: tensors are read only for --stats
-        from optckpt.io.dcp.reader import read_dcp
+        from optckpt.io.dcp.describe import describe_dcp
 
-        checkpoint = read_dcp(path, allow_globals=allow_globals, tensors="meta")
+        dcp = describe_dcp(path, allow_globals=allow_globals) if described else None
+        if dcp is None:  # not modelled without torch, or --stats
+            from optckpt.io.dcp.reader import read_dcp
+
+            dcp = read_dcp(path, allow_globals=allow_globals, tensors="meta")
+        checkpoint = dcp
     else:
         # Without --stats only the structure is needed: described without torch
         # (optckpt.io.structure) where the reader models the file, else read with torch.

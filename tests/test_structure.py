@@ -237,3 +237,109 @@ def test_a_reference_cycle_is_refused_as_torch_path_refuses_it(tmp_path: Path) -
         describe_torch_zip(path, {})
     assert "reference cycle" in str(described.value)
     assert _report(path, describe=True) == _report(path, describe=False)
+
+
+# --------------------------------------------------------------------------- DCP folders
+
+
+def _text(path: Path, describe: bool, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``optckpt inspect PATH --all`` prints, with the folder read one way or the other."""
+    from optckpt.cli.inspect_cmd import render
+    from optckpt.cli.render import print_notes
+
+    capsys.readouterr()
+    report = inspect_checkpoint(path, describe=describe)
+    render(report, show_all=True)
+    print_notes(report.notes)
+    return capsys.readouterr().out
+
+
+def _save_tensor_lr(folder: Path) -> None:
+    """Two groups whose lr is the same 0-dim tensor, saved flattened: regrouping compares
+    the tensors by value (one group comes back)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    optimizer = torch.optim.Adam(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+        lr=torch.tensor(0.01),
+    )
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    msd, osd = get_state_dict(model, optimizer, options=options)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+
+
+@pytest.fixture(scope="module")
+def dcp_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every DCP producer of tests/test_dcp.py (real dcp.save in this process, and the
+    two-file folders built from torch's metadata classes), and a few that the describing
+    reader leaves to torch."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from test_dcp import _save_real, _sharded, _trained
+
+    root = tmp_path_factory.mktemp("dcp")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    _save_real(root / "default", flatten=False)
+    _save_real(root / "flattened", flatten=True)
+    _, optimizer = _trained()
+    dcp.save({"optim": optimizer.state_dict()}, checkpoint_id=str(root / "id_keyed"))
+    for planner in (True, False):
+        for flatten in (False, True):
+            _sharded(root / f"sharded_{planner}_{flatten}", planner=planner, flatten=flatten)
+    _save_tensor_lr(root / "tensor_lr")
+    # left to torch: a value naming torch.Size; a missing file
+    _, optimizer = _trained()
+    extra = {"shape": torch.Size([2, 3])}
+    dcp.save({"optim": optimizer.state_dict(), "extra": extra}, checkpoint_id=str(root / "size"))
+    _save_real(root / "missing", flatten=False)
+    (root / "missing" / "__0_0.distcp").unlink()
+    return {p.name: p for p in root.iterdir()}
+
+
+DCP_DESCRIBED = [
+    "default", "flattened", "id_keyed", "tensor_lr",
+    *(f"sharded_{p}_{f}" for p in (True, False) for f in (False, True)),
+]  # fmt: skip
+DCP_TO_TORCH = ["size", "missing"]
+
+
+@pytest.mark.parametrize("name", DCP_DESCRIBED + DCP_TO_TORCH)
+def test_every_dcp_folder_same_report_both_ways(
+    dcp_folders: dict[str, Path], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from optckpt.io.dcp.describe import describe_dcp
+
+    folder = dcp_folders[name]
+    described = describe_dcp(folder)
+    assert (described is not None) == (name in DCP_DESCRIBED)
+    if described is not None:  # compares the two readers, not torch with itself
+        tensors = [t for _, t in tensor_paths(described.root)]
+        assert tensors and all(isinstance(t, DescribedTensor) for t in tensors)
+    assert _report(folder, describe=True) == _report(folder, describe=False)
+    if name != "missing":
+        assert _text(folder, True, capsys) == _text(folder, False, capsys)
+
+
+def test_flattened_tensor_lr_groups_rebuilt_by_value(dcp_folders: dict[str, Path]) -> None:
+    report = inspect_checkpoint(dcp_folders["tensor_lr"], describe=True).to_json()
+    [optim] = report["optimizers"]
+    assert len(optim["param_groups"]) == 1  # both groups' lr tensors are equal
+    assert optim["param_groups"][0]["num_params"] == 4
+
+
+@pytest.mark.parametrize("args", [["default", "--json"], ["sharded_True_True"], ["flattened"]])
+def test_inspect_of_a_dcp_folder_imports_no_torch(
+    dcp_folders: dict[str, Path], args: list[str]
+) -> None:
+    found = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, str(dcp_folders[args[0]]), *args[1:]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip() == "False", found.stdout + found.stderr

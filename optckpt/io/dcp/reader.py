@@ -27,58 +27,25 @@ import torch
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.dcp import METADATA as METADATA  # re-exported: defined with is_dcp
 from optckpt.io.dcp import is_dcp as is_dcp
-from optckpt.io.dcp.storage import Files, load_bytes, refused_globals
+from optckpt.io.dcp.folder import DcpFolder, folder_files, tensor_layouts
+from optckpt.io.dcp.folder import TensorLayout as TensorLayout  # re-exported
+from optckpt.io.dcp.folder import read_metadata_file as read_metadata_file  # re-exported
+from optckpt.io.dcp.storage import Files, load_bytes
 from optckpt.io.dcp.tensors import Piece, TensorSource
 from optckpt.io.dcp.tree import build_tree
-from optckpt.io.dcp.unpickle import (
-    BadPickle,
-    BytesEntry,
-    Metadata,
-    RefusedGlobals,
-    TensorEntry,
-    read_metadata,
-)
-from optckpt.io.folders import files_under
-from optckpt.io.pickles import MAX_PICKLE_BYTES
-from optckpt.io.read import Checkpoint, resolve_globals
+from optckpt.io.dcp.unpickle import BytesEntry, Metadata, TensorEntry
+from optckpt.io.read import resolve_globals
 
 Tensors = Literal["load", "lazy", "meta"]
 
 
-@dataclass(frozen=True)
-class TensorLayout:
-    """How one tensor is saved: its chunks and the files they are in."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    chunks: int
-    files: list[str]
-
-
 @dataclass
-class DcpCheckpoint(Checkpoint):
-    """A :class:`~optckpt.io.Checkpoint` read from a DCP folder (``format`` ``"dcp"``).
+class DcpCheckpoint(DcpFolder):
+    """A :class:`~optckpt.io.dcp.folder.DcpFolder` with its tensors (see the module doc)."""
 
-    DCP records no device: :meth:`saved_device` is ``None`` for every tensor. ``members`` is
-    empty (the tree's top-level keys are what the folder holds); ``files`` lists the files.
-
-    Attributes:
-        metadata: what ``.metadata`` holds.
-        layouts: how each tensor is saved, by its flat key.
-        files: every file of the folder and its size in bytes.
-    """
-
-    metadata: Metadata | None = None
-    layouts: dict[str, TensorLayout] = field(default_factory=dict)
-    files: dict[str, int] = field(default_factory=dict)
     _sources: dict[int, tuple[torch.Tensor, TensorSource]] = field(default_factory=dict, repr=False)
     # The casts a placeholder made by later() stands for, in order, by its id.
     _casts: dict[int, tuple[torch.dtype, ...]] = field(default_factory=dict, repr=False)
-
-    def saved_device(self, *args: Any, **kwargs: Any) -> str | None:
-        """``None``: DCP does not record where a tensor was (whichever tensor is asked for)."""
-        return None
 
     def resolved(self, tree: Any, *, lazy: bool) -> Any:
         """``tree`` (this checkpoint's, or made from it, e.g. rekeyed) with every ``meta``
@@ -122,15 +89,6 @@ class DcpCheckpoint(Checkpoint):
         self._casts[id(cast)] = (*self._casts.get(id(tensor), ()), dtype)
         return cast
 
-    def summary(self) -> dict[str, Any]:
-        """How the folder stores the checkpoint: its files, and its tensors and their chunks."""
-        return {
-            "files": dict(self.files),
-            "tensors": len(self.layouts),
-            "chunks": sum(t.chunks for t in self.layouts.values()),
-            "sharded": sum(1 for t in self.layouts.values() if t.chunks > 1),
-        }
-
     def layout_of(self, tensor: Any) -> TensorLayout | None:
         """How the tensor (a value of this checkpoint's tree, read in ``"meta"`` mode) is
         saved, or ``None``."""
@@ -138,29 +96,6 @@ class DcpCheckpoint(Checkpoint):
         if found is None or found[0] is not tensor:
             return None
         return self.layouts.get(found[1].key)
-
-
-def read_metadata_file(folder: Path, allowed: Mapping[str, Any]) -> Metadata:
-    """Read and unpickle ``folder/.metadata`` safely.
-
-    Raises:
-        UnreadableCheckpointError: too large, corrupt, or not DCP metadata.
-        UnsafeCheckpointError: it names globals outside the allow-list.
-    """
-    path = folder / METADATA
-    size = path.stat().st_size
-    if size > MAX_PICKLE_BYTES:
-        raise UnreadableCheckpointError(
-            f"{path}: {size:,} bytes of pickle, over the {MAX_PICKLE_BYTES // 2**20} MiB "
-            "that optckpt reads"
-        )
-    data = path.read_bytes()
-    try:
-        return read_metadata(data, allowed)
-    except RefusedGlobals as e:
-        raise refused_globals(str(path), e.names) from e
-    except BadPickle as e:
-        raise UnreadableCheckpointError(f"{path}: {e}") from e
 
 
 def _sources(folder: Path, metadata: Metadata, files: Files) -> dict[str, TensorSource]:
@@ -210,6 +145,7 @@ def read_dcp(
     by_name = {name: obj for obj, name in allowed}
     metadata = read_metadata_file(folder, by_name)
     files = Files(folder)
+    layouts = tensor_layouts(folder, metadata)
     sources = _sources(folder, metadata, files)
     if tensors == "lazy":  # mapped before writing starts, so writers find the mappings
         for source in sources.values():
@@ -234,7 +170,7 @@ def read_dcp(
         return source.load()
 
     root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
-    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in files_under(folder)}
+    sizes = folder_files(folder)
     return DcpCheckpoint(
         path=folder,
         format="dcp",
@@ -243,9 +179,6 @@ def read_dcp(
         sources=files.mapped,
         files=sizes,
         metadata=metadata,
-        layouts={
-            key: TensorLayout(key, s.entry.size, s.entry.dtype, len(s.entry.chunks), s.file_names)
-            for key, s in sources.items()
-        },
+        layouts=layouts,
         _sources=placeholders,
     )

@@ -5,13 +5,28 @@
 :class:`TensorRecord` (a tensor chunk's ``data.pkl``). They hold only ints, strings, tuples
 and dtypes: nothing from ``torch.distributed``. Building them from the pickles, running
 nothing the pickles name, is :mod:`optckpt.io.dcp.unpickle`, which re-exports them.
+
+A dtype is kept as the file names it, a :class:`~optckpt.described.DType` (``described``),
+so that reading a folder's structure never imports torch; ``dtype`` gives the torch dtype
+(importing torch) to the code that makes tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from optckpt.described import DType
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch_dtype(described: DType) -> torch.dtype:
+    import torch
+
+    found: torch.dtype = getattr(torch, described.name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -27,8 +42,13 @@ class TensorEntry:
     """A tensor of the checkpoint: its global size and dtype, and the chunks it is saved in."""
 
     size: tuple[int, ...]
-    dtype: torch.dtype
+    described: DType
     chunks: tuple[Chunk, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return _torch_dtype(self.described)
 
 
 @dataclass(frozen=True)
@@ -75,8 +95,13 @@ class TensorRecord:
     """What a chunk's ``data.pkl`` says: the storage record and how the tensor views it."""
 
     key: str
-    dtype: torch.dtype
+    described: DType
     storage_numel: int  # elements of the storage
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return _torch_dtype(self.described)

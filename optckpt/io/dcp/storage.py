@@ -17,6 +17,9 @@ assume aligned data, so a misaligned chunk that anything computes on is first co
 Bytes entries (hyperparameters, the ``params`` lists, anything else not a tensor) are small
 ``torch.save`` blobs: their pickles are scanned as :mod:`optckpt.io.read` scans a torch file's,
 then loaded with ``torch.load(weights_only=True)``.
+
+Finding an entry and its chunk's record (:func:`open_entry`, :func:`locate_chunk`) imports
+no torch: the torch-free structure reader (:mod:`optckpt.io.dcp.describe`) reads them too.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ import os
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError
 from optckpt.io.dcp.unpickle import (
@@ -50,6 +52,9 @@ from optckpt.io.pickles import (
     torch_allowed_globals,
 )
 from optckpt.io.zip_checks import record_start
+
+if TYPE_CHECKING:
+    import torch
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _PAGE = mmap.PAGESIZE
@@ -186,6 +191,50 @@ class Files:
 # --------------------------------------------------------------------------- zips
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a ``.distcp`` file, a whole ``torch.save`` zip, with its directory read.
+
+    Attributes:
+        where: how messages name it (folder, key, file and offset).
+        mapped: its file's memory map; ``start`` and ``length``: the entry's bytes in it.
+        prefix: the zip's folder (``"archive/"``); ``infos``: its records.
+        pickle: its ``data.pkl``, CRC-checked.
+    """
+
+    where: str
+    mapped: mmap.mmap
+    start: int
+    length: int
+    prefix: str
+    infos: list[zipfile.ZipInfo]
+    pickle: bytes
+
+
+def open_entry(files: Files, stored: Stored, key: str, *, value: bool = False) -> Entry:
+    """The zip of a chunk (or with ``value``, of a bytes entry): its directory and
+    ``data.pkl``, nothing else read.
+
+    Raises:
+        UnreadableCheckpointError: outside its file, not a torch.save zip, a CRC that does
+            not match; a value over :data:`MAX_PICKLE_BYTES`.
+    """
+    where = f"{files.folder}: {key} ({stored.file} at {stored.offset:,})"
+    mapped, start, length = files.window(stored, key)
+    if value and length > MAX_PICKLE_BYTES:
+        raise UnreadableCheckpointError(
+            f"{where}: a value of {length:,} bytes; optckpt reads values of at most "
+            f"{MAX_PICKLE_BYTES // 2**20} MiB that are not tensors"
+        )
+    if not value and mapped[start : start + 4] != b"PK\x03\x04":
+        raise UnreadableCheckpointError(
+            f"{where}: not a torch.save zip (a DCP folder saved with another serialization "
+            "format, such as safetensors, is not read)"
+        )
+    prefix, infos, data = _zip_records(_Window(mapped, start, length), where)
+    return Entry(where, mapped, start, length, prefix, infos, data)
+
+
 def _zip_records(window: _Window, where: str) -> tuple[str, list[zipfile.ZipInfo], bytes]:
     """The folder prefix, the records and the CRC-checked ``data.pkl`` of a torch.save zip."""
     try:
@@ -206,23 +255,18 @@ def _zip_records(window: _Window, where: str) -> tuple[str, list[zipfile.ZipInfo
     return info.filename[: -len("data.pkl")], infos, data
 
 
-def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord, int]:
-    """A tensor chunk's storage bytes, viewed in place (``uint8``), how the tensor views
-    them, and where in the file they start; nothing of the data is read.
+def locate_chunk(files: Files, stored: Stored, key: str) -> tuple[mmap.mmap, TensorRecord, int]:
+    """A tensor chunk's file mapping, how the tensor views its storage, and where in the
+    file the storage's bytes start; nothing of the data is read, and torch is not imported.
 
     Raises:
         UnreadableCheckpointError: not a torch.save zip of one dense tensor, a compressed
             storage, or a tensor that claims more than its storage holds.
         UnsafeCheckpointError: its ``data.pkl`` names globals a tensor does not need.
     """
-    where = f"{files.folder}: {key} ({stored.file} at {stored.offset:,})"
-    mapped, start, length = files.window(stored, key)
-    if mapped[start : start + 4] != b"PK\x03\x04":
-        raise UnreadableCheckpointError(
-            f"{where}: not a torch.save zip (a DCP folder saved with another serialization "
-            "format, such as safetensors, is not read)"
-        )
-    prefix, infos, data = _zip_records(_Window(mapped, start, length), where)
+    entry = open_entry(files, stored, key)
+    where, mapped, start, length = entry.where, entry.mapped, entry.start, entry.length
+    prefix, infos, data = entry.prefix, entry.infos, entry.pickle
     try:
         record = read_tensor_pickle(data)
     except RefusedGlobals as e:
@@ -237,8 +281,7 @@ def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, Ten
         raise UnreadableCheckpointError(f"{where}: its storage record {wanted} is missing")
     if info.compress_type != zipfile.ZIP_STORED:
         raise UnreadableCheckpointError(f"{where}: its storage is compressed")
-    width = torch.empty(0, dtype=record.dtype).element_size()
-    nbytes = record.storage_numel * width
+    nbytes = record.storage_numel * record.described.itemsize
     if info.file_size != nbytes:
         raise UnreadableCheckpointError(
             f"{where}: its storage record holds {info.file_size:,} bytes, its pickle says {nbytes:,}"
@@ -247,6 +290,20 @@ def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, Ten
     if data_start + nbytes > start + length:
         raise UnreadableCheckpointError(f"{where}: its storage runs past the entry's end")
     _check_view(record, where)
+    return mapped, record, data_start
+
+
+def raw_chunk(files: Files, stored: Stored, key: str) -> tuple[torch.Tensor, TensorRecord, int]:
+    """A tensor chunk's storage bytes, viewed in place (``uint8``), how the tensor views
+    them, and where in the file they start; nothing of the data is read.
+
+    Raises:
+        UnreadableCheckpointError, UnsafeCheckpointError: as :func:`locate_chunk`.
+    """
+    import torch
+
+    mapped, record, data_start = locate_chunk(files, stored, key)
+    nbytes = record.storage_numel * record.described.itemsize
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8), record, data_start
     raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=data_start)
@@ -263,7 +320,7 @@ def _check_view(record: TensorRecord, where: str) -> None:
     last = record.offset + sum((s - 1) * st for s, st in zip(record.size, record.stride))
     if last >= record.storage_numel:
         raise UnreadableCheckpointError(f"{where}: the tensor reaches past its storage")
-    width = torch.empty(0, dtype=record.dtype).element_size()
+    width = record.described.itemsize
     if (numel - record.storage_numel) * width > MAX_TENSOR_EXCESS_BYTES:
         raise UnreadableCheckpointError(
             f"{where}: the tensor claims {numel:,} elements from a storage of "
@@ -274,7 +331,9 @@ def _check_view(record: TensorRecord, where: str) -> None:
 def typed(raw: torch.Tensor, record: TensorRecord, *, align: bool) -> torch.Tensor:
     """The chunk's tensor on its bytes; with ``align``, on a copy of them if they are not
     aligned to the element size (see the module doc)."""
-    width = torch.empty(0, dtype=record.dtype).element_size()
+    import torch
+
+    width = record.described.itemsize
     if align and raw.numel() and raw.data_ptr() % width:
         raw = raw.clone()  # fresh memory is aligned
     storage = raw.view(record.dtype) if raw.numel() else torch.empty(0, dtype=record.dtype)
@@ -295,14 +354,11 @@ def load_bytes(files: Files, stored: Stored, key: str, allowed: Mapping[str, Any
         UnreadableCheckpointError: corrupt, or over :data:`MAX_PICKLE_BYTES`.
         UnsafeCheckpointError: globals refused.
     """
-    where = f"{files.folder}: {key} ({stored.file} at {stored.offset:,})"
-    mapped, start, length = files.window(stored, key)
-    if length > MAX_PICKLE_BYTES:
-        raise UnreadableCheckpointError(
-            f"{where}: a value of {length:,} bytes; optckpt reads values of at most "
-            f"{MAX_PICKLE_BYTES // 2**20} MiB that are not tensors"
-        )
-    prefix, infos, data = _zip_records(_Window(mapped, start, length), where)
+    import torch
+
+    entry = open_entry(files, stored, key, value=True)
+    where, mapped, start, length = entry.where, entry.mapped, entry.start, entry.length
+    prefix, infos, data = entry.prefix, entry.infos, entry.pickle
     # Without storages the pickle is the whole value: an equal one was loaded already.
     plain = not any(i.filename.startswith(f"{prefix}data/") for i in infos)
     if plain and data in files.values:

@@ -17,13 +17,10 @@ from typing import Any
 import torch
 
 from optckpt.errors import UnreadableCheckpointError
+from optckpt.io.dcp.folder import check_chunks
 from optckpt.io.dcp.storage import Files, raw_chunk, typed
 from optckpt.io.dcp.unpickle import Chunk, Stored, TensorEntry
 from optckpt.io.torch_format import _DEFERRABLE, Deferred
-
-# Chunks of one tensor checked pairwise for overlap; past this many (thousands of ranks) the
-# tensor is zero-filled first instead, so no byte of it is ever left uninitialised.
-_PAIRWISE = 4096
 
 
 @dataclass(frozen=True)
@@ -32,52 +29,6 @@ class Piece:
 
     chunk: Chunk
     stored: Stored
-
-
-def check_chunks(where: str, entry: TensorEntry) -> bool:
-    """Check that ``entry``'s chunks lie inside the tensor and add up to it.
-
-    Returns:
-        Whether they were also checked not to overlap (see :data:`_PAIRWISE`).
-
-    Raises:
-        UnreadableCheckpointError: a chunk outside the tensor, of another rank, or chunks
-            whose sizes do not add up to the tensor's.
-    """
-    size = entry.size
-    total = 0
-    for c in entry.chunks:
-        if len(c.offsets) != len(size) or len(c.sizes) != len(size):
-            raise UnreadableCheckpointError(
-                f"{where}: a chunk of rank {len(c.sizes)} in a tensor of shape {list(size)}"
-            )
-        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size)):
-            raise UnreadableCheckpointError(
-                f"{where}: a chunk at {list(c.offsets)} of {list(c.sizes)} lies outside the "
-                f"tensor's shape {list(size)}"
-            )
-        total += math.prod(c.sizes)
-    if total != math.prod(size):
-        raise UnreadableCheckpointError(
-            f"{where}: its {len(entry.chunks)} chunks hold {total:,} elements, the tensor "
-            f"{math.prod(size):,} (shape {list(size)})"
-        )
-    chunks = [c for c in entry.chunks if math.prod(c.sizes)]
-    if len(chunks) > _PAIRWISE:
-        return False
-    chunks.sort(key=lambda c: c.offsets)
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1 :]:
-            if size and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
-                break  # sorted by the first offset: no later chunk reaches back into a
-            if all(
-                ao < bo + bs and bo < ao + as_
-                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)
-            ):
-                raise UnreadableCheckpointError(
-                    f"{where}: chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
-                )
-    return True
 
 
 class TensorSource:

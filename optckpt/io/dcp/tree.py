@@ -27,8 +27,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
+from optckpt.described import DescribedTensor, is_tensor
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.optim.specs import SPECS
 
@@ -197,11 +196,23 @@ def _same(group: Mapping[str, Any], hyper: Mapping[str, Any]) -> bool:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if is_tensor(a) or is_tensor(b):
+        if not (is_tensor(a) and is_tensor(b)):
+            return False
+        if isinstance(a, DescribedTensor) or isinstance(b, DescribedTensor):
+            # read without torch (optckpt.io.dcp.describe): only 0-dim tensors are read, as
+            # "meta" mode reads them; torch.equal of two 0-dim tensors compares their items
+            return (
+                isinstance(a, DescribedTensor)
+                and isinstance(b, DescribedTensor)
+                and a.dim() == b.dim() == 0
+                and a.dtype == b.dtype
+                and a.item() == b.item()
+            )
+        import torch
+
         return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.device.type != "meta"
+            a.device.type != "meta"
             and b.device.type != "meta"
             and a.shape == b.shape
             and a.dtype == b.dtype

@@ -29,8 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from optckpt.described import DTYPES, DType
 from optckpt.io.dcp.records import (  # re-exported (__all__): the records live there
     BytesEntry,
     Chunk,
@@ -42,6 +41,7 @@ from optckpt.io.dcp.records import (  # re-exported (__all__): the records live 
 from optckpt.io.dcp.scan import scan
 from optckpt.io.pickles import why_dangerous
 from optckpt.io.unpickle import (
+    DTYPE_GLOBALS,
     STORAGE_CLASSES,
     UNTYPED_STORAGES,
     BadPickle,
@@ -127,11 +127,18 @@ def _path(*parts: Any) -> str:
     return "/".join(parts).replace("//", "/") or "."
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    f"torch.{name}": value
-    for name in dir(torch)
-    if isinstance(value := getattr(torch, name), torch.dtype)
+# torch's other names of its dtypes (torch.float is torch.float32): a pickle of a dtype names
+# the canonical one, but torch's own unpickling accepts these too.
+_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "cfloat": "complex64",
+    "cdouble": "complex128", "chalf": "complex32", "long": "int64", "int": "int32",
+    "short": "int16", "bit": "uint1",
+}  # fmt: skip
+_DTYPES: dict[str, DType] = {
+    **DTYPE_GLOBALS,
+    **{f"torch.{alias}": DTYPES[name] for alias, name in _ALIASES.items()},
 }
+"""Every ``torch.<dtype>`` global (aliases too), as the :class:`DType` it names."""
 
 _DCP = "torch.distributed.checkpoint"
 _SHARD = "torch.distributed._shard.sharded_tensor.metadata"
@@ -166,19 +173,17 @@ class _StorageClass:
     """A storage class in a persistent ID (``torch.FloatStorage``): the dtype it holds, or
     ``None`` for ``UntypedStorage`` (whose tensors ``_rebuild_tensor_v3`` types)."""
 
-    dtype: torch.dtype | None
+    dtype: DType | None
 
 
 # Storage classes of torch.save's persistent IDs, by the dtype they hold.
-_STORAGES: dict[str, torch.dtype] = {
-    name: getattr(torch, dtype) for name, dtype in STORAGE_CLASSES.items()
-}
+_STORAGES: dict[str, DType] = {name: DTYPES[dtype] for name, dtype in STORAGE_CLASSES.items()}
 
 
 @dataclass(frozen=True)
 class _StorageRef:
     key: str
-    dtype: torch.dtype | None  # None: an UntypedStorage (numel in bytes), typed by _v3
+    dtype: DType | None  # None: an UntypedStorage (numel in bytes), typed by _v3
     numel: int
 
 
@@ -191,14 +196,12 @@ def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, grad: Any, hooks: Any, dtype: Any, *rest: Any
 ) -> TensorRecord:
     """``_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[, ...])``."""
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, DType):
         raise BadPickle("a tensor whose dtype is not a torch dtype")
     return _record(storage, offset, size, stride, dtype)
 
 
-def _record(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
-) -> TensorRecord:
+def _record(storage: Any, offset: Any, size: Any, stride: Any, dtype: DType | None) -> TensorRecord:
     if not isinstance(storage, _StorageRef):
         raise BadPickle("a tensor without a storage")
     if type(offset) is not int or offset < 0:
@@ -211,8 +214,7 @@ def _record(
         raise BadPickle("an untyped storage outside _rebuild_tensor_v3")
     numel = storage.numel
     if storage.dtype is None:  # UntypedStorage: numel counts bytes
-        width = torch.empty(0, dtype=dtype).element_size()
-        numel //= width
+        numel //= dtype.itemsize
     return TensorRecord(storage.key, dtype, numel, offset, size, stride)
 
 
@@ -316,7 +318,7 @@ def _tensor_entry(key: str, fields: dict[str, Any]) -> TensorEntry:
     dtype = (
         state[0] if isinstance(state, tuple) and state else _fields(properties, key).get("dtype")
     )
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, DType):
         raise BadPickle(f"{key}: a tensor entry without a dtype")
     size = fields.get("size")
     if not isinstance(size, tuple):

@@ -1,0 +1,166 @@
+"""A DCP folder's structure read without torch, for ``inspect`` without ``--stats``.
+
+What :func:`~optckpt.io.dcp.read_dcp` builds in ``"meta"`` mode, with a
+:class:`~optckpt.described.DescribedTensor` wherever it makes a tensor, and without importing
+torch:
+
+* ``.metadata`` through the same restricted unpickler (:func:`read_metadata_file`), whose
+  errors are the torch path's (it is its first step);
+* each tensor of one or more dimensions a description on the ``meta`` device (shape and
+  dtype, no data), as the torch path's ``meta`` placeholders;
+* each 0-dim tensor (``step``) described from its chunk (a ``torch.save`` zip in a ``.distcp``
+  file, found by :func:`~optckpt.io.dcp.storage.locate_chunk`) and read in place;
+* each bytes entry (a small ``torch.save`` zip) through the structure reader's table
+  (:func:`~optckpt.io.unpickle.describe_torch_pickle`) after the same scan of its pickle.
+
+Whatever this reader does not model exactly gives ``None`` (the caller reads the folder with
+torch, which gives the result, or the error, it always gave): ``--allow-global``, a value
+whose pickle names a global beyond the table or holds a tensor of one or more dimensions, a
+0-dim tensor of a dtype :meth:`~optckpt.described.DescribedTensor.item` does not decode, a
+big-endian value, and any error past ``.metadata`` (a missing file, chunks that do not tile
+their tensor, a corrupt value).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from optckpt.described import META, DescribedStorage, DescribedTensor
+from optckpt.errors import OptckptError
+from optckpt.io.dcp.folder import DcpFolder, folder_files, read_metadata_file, tensor_layouts
+from optckpt.io.dcp.storage import Files, locate_chunk, open_entry
+from optckpt.io.dcp.tree import build_tree
+from optckpt.io.dcp.unpickle import BytesEntry, Metadata, TensorEntry
+from optckpt.io.pickles import Refused, check_tree, scan_pickles
+from optckpt.io.unpickle import (
+    TORCH_ZIP_NAMES,
+    BadPickle,
+    RefusedGlobals,
+    StorageClass,
+    describe_torch_pickle,
+)
+from optckpt.io.zip_checks import record_start
+from optckpt.locate import tensor_paths
+
+
+class _NotModelled(Exception):
+    """What this reader leaves to torch."""
+
+
+def describe_dcp(path: str | Path, *, allow_globals: Iterable[str] = ()) -> DcpFolder | None:
+    """A DCP folder with its tensors described (see the module doc), or ``None``: read it
+    with :func:`~optckpt.io.dcp.read_dcp` (``tensors="meta"``).
+
+    Raises:
+        UnreadableCheckpointError, UnsafeCheckpointError: ``.metadata`` refused, as
+            :func:`~optckpt.io.dcp.read_dcp` refuses it.
+    """
+    if tuple(allow_globals):
+        return None
+    folder = Path(path)
+    metadata = read_metadata_file(folder, {})
+    try:
+        return _describe(folder, metadata)
+    except (_NotModelled, OptckptError):
+        return None  # the torch path gives the result, or its own error
+
+
+def _describe(folder: Path, metadata: Metadata) -> DcpFolder:
+    files = Files(folder)
+    layouts = tensor_layouts(folder, metadata)
+
+    def value(key: str) -> Any:
+        entry = metadata.entries[key]
+        if isinstance(entry, BytesEntry):
+            stored = metadata.storage.get((key, None))
+            if stored is None:
+                raise _NotModelled(key)
+            return _value(files, stored, key)
+        if entry.size:
+            return _placeholder(key, entry)
+        return _scalar(files, metadata, key, entry)
+
+    root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
+    sizes = folder_files(folder)
+    return DcpFolder(
+        path=folder,
+        format="dcp",
+        size=sum(sizes.values()),
+        root=root,
+        sources=files.mapped,
+        files=sizes,
+        metadata=metadata,
+        layouts=layouts,
+    )
+
+
+def _placeholder(key: str, entry: TensorEntry) -> DescribedTensor:
+    """A tensor of ``entry``'s shape and dtype on the ``meta`` device (contiguous strides)."""
+    strides: list[int] = []
+    step = 1
+    for size in reversed(entry.size):
+        strides.append(step)
+        step *= size
+    storage = DescribedStorage(key, step * entry.described.itemsize, "meta", 0)
+    return DescribedTensor(
+        entry.described, entry.size, tuple(reversed(strides)), 0, storage, device=META
+    )
+
+
+def _scalar(files: Files, metadata: Metadata, key: str, entry: TensorEntry) -> DescribedTensor:
+    """A 0-dim tensor described from its one chunk, its value read in place by ``item()``."""
+    if len(entry.chunks) != 1 or not entry.described.format:
+        raise _NotModelled(key)
+    stored = metadata.storage[(key, entry.chunks[0].offsets)]
+    mapped, record, start = locate_chunk(files, stored, key)
+    if record.size != entry.chunks[0].sizes or record.described != entry.described:
+        raise _NotModelled(key)  # the torch path says how they differ
+    nbytes = record.storage_numel * record.described.itemsize
+    storage = DescribedStorage(record.key, nbytes, "cpu", start, mapped, files.folder / stored.file)
+    return DescribedTensor(record.described, record.size, record.stride, record.offset, storage)
+
+
+def _value(files: Files, stored: Any, key: str) -> Any:
+    """A bytes entry's value, with any tensor in it described (0-dim ones only)."""
+    entry = open_entry(files, stored, key, value=True)
+    try:
+        scanned = scan_pickles(entry.pickle)
+    except Refused as e:
+        raise _NotModelled(key) from e
+    if scanned.unsupported or any(g not in TORCH_ZIP_NAMES for g in scanned.globals):
+        raise _NotModelled(key)  # torch's allow-list or refusal decides
+    records = {i.filename: i for i in entry.infos}
+    byteorder = records.get(f"{entry.prefix}byteorder")
+    if byteorder is not None:
+        begin = record_start(entry.mapped, entry.start, byteorder, entry.where)
+        if entry.mapped[begin : begin + byteorder.file_size] != b"little":
+            raise _NotModelled(key)
+    storages: dict[str, DescribedStorage] = {}
+
+    def storage(kind: StorageClass, name: str, location: str, nbytes: int) -> DescribedStorage:
+        found = storages.get(name)
+        if found is not None:
+            return found  # torch keeps the storage first made for a key
+        info = records.get(f"{entry.prefix}data/{name}")
+        if info is None or info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
+            raise BadPickle(f"storage {name}: no record of {nbytes} bytes")
+        begin = record_start(entry.mapped, entry.start, info, entry.where)
+        if begin + nbytes > entry.start + entry.length:
+            raise BadPickle(f"storage {name}: runs past the end of the entry")
+        path = files.folder / stored.file
+        storages[name] = DescribedStorage(name, nbytes, location, begin, entry.mapped, path)
+        return storages[name]
+
+    try:
+        root = describe_torch_pickle(entry.pickle, storage)
+        check_tree(root)
+    except (BadPickle, RefusedGlobals, Refused) as e:
+        raise _NotModelled(key) from e
+    for _, tensor in tensor_paths(root):
+        assert isinstance(tensor, DescribedTensor)
+        if tensor.dim() or not tensor.dtype.format:
+            raise _NotModelled(key)  # compared by value when groups are rebuilt; torch reads it
+    return root
