@@ -343,3 +343,16 @@ def test_inspect_of_a_dcp_folder_imports_no_torch(
         check=True,
     )
     assert found.stdout.strip() == "False", found.stdout + found.stderr
+
+
+def test_dcp_dtype_globals_are_torchs_names_and_aliases() -> None:
+    from optckpt.described import DType
+    from optckpt.io.dcp.unpickle import METADATA_GLOBALS, TENSOR_GLOBALS
+
+    theirs = {
+        f"torch.{name}": str(dtype)
+        for name in dir(torch)
+        if isinstance(dtype := getattr(torch, name), torch.dtype)
+    }
+    for table in (METADATA_GLOBALS, TENSOR_GLOBALS):
+        assert {k: str(v) for k, v in table.items() if isinstance(v, DType)} == theirs

@@ -274,3 +274,21 @@ def test_move_and_remap_of_uneven_shards_stream_and_equal_torch_cast(
     remapped = torch.load(tmp_path / "remapped.pt", weights_only=True)
     assert_same_bits(flat_optimizer_state(remapped["optim"]), want)
     assert made.made == tensors and made.most_alive == 1
+
+
+@pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat", "written"])
+def test_fsdp2_folders_inspected_without_torch_as_with_it(run: Path, name: str) -> None:
+    """inspect without --stats describes the folder (no torch): the same report as read by
+    torch (tests/test_structure.py runs the one-process producers)."""
+    import json
+
+    from optckpt.described import DescribedTensor
+    from optckpt.inspect import inspect_checkpoint
+    from optckpt.io.dcp.describe import describe_dcp
+    from optckpt.locate import tensor_paths
+
+    described = describe_dcp(run / name)
+    assert described is not None
+    assert all(isinstance(t, DescribedTensor) for _, t in tensor_paths(described.root))
+    both = [json.dumps(inspect_checkpoint(run / name, describe=d).to_json()) for d in (True, False)]
+    assert both[0] == both[1]
