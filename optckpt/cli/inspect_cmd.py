@@ -71,12 +71,56 @@ def render(report: InspectReport, *, show_all: bool = False) -> None:
             f"{report.storage['chunks']} chunks ({report.storage['sharded']} sharded)",
             soft_wrap=True,
         )
+        _render_sharded(report.storage["layouts"], show_all)
     for optimizer in report.optimizers:
         out.print()
         _render_optimizer(optimizer, show_all)
     for companion in report.companions:
         out.print()
         render_companion(companion)
+
+
+def _render_sharded(layouts: list[dict[str, Any]], show_all: bool) -> None:
+    """The tensors of a DCP folder saved in more than one chunk: shape, dtype, how they are
+    split, files (the first ``_ROWS`` without ``--all``; unsharded ones are only counted)."""
+    from rich.table import Table
+
+    sharded = [t for t in layouts if len(t["chunks"]) > 1]
+    if not sharded:
+        return
+    rows = sharded if show_all else sharded[:_ROWS]
+    table = Table(title="sharded tensors", title_justify="left", show_edge=False)
+    for column in ("tensor", "shape", "dtype", "chunks", "split", "files"):
+        table.add_column(column, justify="right" if column == "chunks" else "left")
+    for t in rows:
+        files = t["files"]
+        shown = ", ".join(files) if len(files) <= 3 else f"{files[0]}, ... ({len(files)} files)"
+        table.add_row(
+            safe(t["key"]),
+            "[" + ",".join(map(str, t["shape"])) + "]",
+            safe(short_dtype(t["dtype"])),
+            str(len(t["chunks"])),
+            _split(t),
+            safe(shown),
+        )
+    console().print(table)
+    if len(rows) < len(sharded):
+        console().print(
+            f"... {len(sharded) - len(rows)} more sharded tensors (--all lists them, --json "
+            "gives all)"
+        )
+
+
+def _split(layout: dict[str, Any]) -> str:
+    """How a tensor's chunks split it: ``"dim 0: 3+2"`` (sizes along the one split dimension,
+    in order), else the split dimensions."""
+    shape, chunks = layout["shape"], layout["chunks"]
+    dims = sorted({d for c in chunks for d, n in enumerate(c["sizes"]) if n != shape[d]})
+    if len(dims) == 1:
+        d = dims[0]
+        ordered = sorted(chunks, key=lambda c: c["offsets"][d])
+        return f"dim {d}: " + "+".join(str(c["sizes"][d]) for c in ordered)
+    return "dims " + ",".join(map(str, dims)) if dims else "replicated"
 
 
 def render_companion(companion: CompanionReport) -> None:

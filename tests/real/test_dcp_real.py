@@ -292,3 +292,57 @@ def test_fsdp2_folders_inspected_without_torch_as_with_it(run: Path, name: str) 
     assert all(isinstance(t, DescribedTensor) for _, t in tensor_paths(described.root))
     both = [json.dumps(inspect_checkpoint(run / name, describe=d).to_json()) for d in (True, False)]
     assert both[0] == both[1]
+
+
+@pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat"])
+def test_inspect_shows_each_tensors_chunks_as_torchs_metadata_says(run: Path, name: str) -> None:
+    """``dcp.layouts`` in --json and the sharded-tensor table, against torch's own reading of
+    ``.metadata`` (FileSystemReader.read_metadata)."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+    from typer.testing import CliRunner
+
+    from optckpt.cli.app import app
+
+    metadata = FileSystemReader(str(run / name)).read_metadata()
+    expected = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        files = [
+            metadata.storage_data[MetadataIndex(key, c.offsets)].relative_path for c in entry.chunks
+        ]
+        expected[key] = {
+            "key": key,
+            "shape": list(entry.size),
+            "dtype": str(entry.properties.dtype).removeprefix("torch."),
+            "files": list(dict.fromkeys(files)),
+            "chunks": [
+                {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": f}
+                for c, f in zip(entry.chunks, files)
+            ],
+        }
+    result = CliRunner().invoke(app, ["inspect", str(run / name), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)["dcp"]
+    assert {t["key"]: t for t in report["layouts"]} == expected
+    sharded = {k: t for k, t in expected.items() if len(t["chunks"]) > 1}
+    assert report["sharded"] == len(sharded) > 0
+    assert report["tensors"] == len(expected)
+    # FSDP2 shards dimension 0 with torch.chunk: 5 rows are 3 + 2
+    weight = expected["optim.state.0.weight.exp_avg"]
+    assert [c["sizes"] for c in weight["chunks"]] == [[3, 4], [2, 4]]
+
+    text = CliRunner().invoke(app, ["inspect", str(run / name), "--all"])
+    assert text.exit_code == 0, text.stderr
+    rows = [line.split() for line in text.stdout.splitlines()]
+    for key, t in sharded.items():
+        [row] = [r for r in rows if r and r[0] == key]
+        split = "+".join(str(c["sizes"][0]) for c in t["chunks"])
+        assert row[1:6] == [
+            "│", "[" + ",".join(map(str, t["shape"])) + "]", "│", "f32", "│"
+        ] and f"0: {split}" in " ".join(row), row  # fmt: skip
+    unsharded = [k for k, t in expected.items() if len(t["chunks"]) == 1]
+    assert unsharded and not any(r and r[0] in unsharded for r in rows)
