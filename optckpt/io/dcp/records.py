@@ -62,12 +62,16 @@ class Stored:
 
     Attributes:
         transforms: torch's stream transforms (compression, ...) applied to the bytes.
+        limit: for an entry with transforms, the most bytes its stream may give back: what
+            ``.metadata`` declares it holds (a chunk's elements, a value's bound) and room
+            for the records of its ``torch.save`` zip; more is refused, never read.
     """
 
     file: str
     offset: int
     length: int
     transforms: tuple[str, ...] = ()
+    limit: int = 0
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError
+from optckpt.io.dcp.transforms import Decompressed, decompress
 from optckpt.io.dcp.unpickle import (
     BadPickle,
     RefusedGlobals,
@@ -148,12 +149,9 @@ class Files:
         return mapped
 
     def window(self, stored: Stored, key: str) -> tuple[mmap.mmap, int, int]:
-        """The map of ``stored``'s file, and the entry's start and length in it."""
-        if stored.transforms:
-            raise UnreadableCheckpointError(
-                f"{self.folder}: {key} is stored through {', '.join(stored.transforms)} "
-                "(a DCP storage extension such as compression), which optckpt does not read"
-            )
+        """The map of ``stored``'s file, and the entry's start and length in it; for an entry
+        stored compressed, its bytes decompressed into memory of their own
+        (:func:`~optckpt.io.dcp.transforms.decompress`, bounded), from 0."""
         mapped = self._map(stored.file, key)
         if stored.offset + stored.length > len(mapped):
             raise UnreadableCheckpointError(
@@ -161,6 +159,11 @@ class Files:
                 f"{stored.offset + stored.length:,} of {stored.file}, which holds "
                 f"{len(mapped):,} (truncated?)"
             )
+        if stored.transforms:
+            where = f"{self.folder}: {key} ({stored.file} at {stored.offset:,})"
+            raw = _Window(mapped, stored.offset, stored.length)
+            decompressed, length = decompress(raw, stored, where)
+            return decompressed, 0, length
         return mapped, stored.offset, stored.length
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
@@ -181,8 +184,8 @@ class Files:
     def drop(self, mapped: mmap.mmap, start: int, length: int) -> None:
         """Release the resident pages of a range that has been read (see
         :mod:`optckpt.io.pages`: safe for a private mapping never written to)."""
-        if _MADV_DONTNEED is None or length <= 0:
-            return
+        if _MADV_DONTNEED is None or length <= 0 or isinstance(mapped, Decompressed):
+            return  # a decompressed entry is not a file's pages: released when dropped
         first = start - start % _PAGE
         end = min(len(mapped), start + length + (-(start + length) % _PAGE))
         mapped.madvise(_MADV_DONTNEED, first, end - first)

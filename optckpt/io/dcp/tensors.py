@@ -90,7 +90,8 @@ class TensorSource:
             raw, record, start = self._raw(piece)
             place = tuple(slice(o, o + s) for o, s in zip(piece.chunk.offsets, piece.chunk.sizes))
             dest = out[place]
-            if dest.is_contiguous() and _dense(record):  # FSDP2's row shards: read into place
+            # FSDP2's row shards: read into place (from the file: not a compressed entry)
+            if dest.is_contiguous() and _dense(record) and not piece.stored.transforms:
                 into = dest.reshape(-1).view(torch.uint8).numpy()
                 self.files.read_into(piece.stored.file, start, into.data)
                 continue

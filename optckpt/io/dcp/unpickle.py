@@ -25,8 +25,9 @@ globals it names and how deep it nests. The records are :mod:`optckpt.io.dcp.rec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from optckpt.described import DTYPES, DType
@@ -39,7 +40,7 @@ from optckpt.io.dcp.records import (  # re-exported (__all__): the records live 
     TensorRecord,
 )
 from optckpt.io.dcp.scan import scan
-from optckpt.io.pickles import why_dangerous
+from optckpt.io.pickles import MAX_PICKLE_BYTES, why_dangerous
 from optckpt.io.unpickle import (
     DTYPE_GLOBALS,
     STORAGE_CLASSES,
@@ -280,9 +281,32 @@ def read_metadata(data: bytes, allowed: Mapping[str, Any] | None = None) -> Meta
     state = loaded.state
     entries = _entries(state.get("state_dict_metadata"))
     planner = _planner_data(state.get("planner_data"), entries)
-    storage = _storage(state.get("storage_data"))
+    storage = _limited(_storage(state.get("storage_data")), entries)
     version = state.get("version")
     return Metadata(entries, planner, storage, version if isinstance(version, str) else None)
+
+
+ZIP_ROOM = 1 << 20
+"""Bytes a decompressed chunk may hold beyond its tensor's: the records of a ``torch.save``
+zip of one tensor (headers, ``data.pkl``, alignment; a few KiB in practice)."""
+
+
+def _limited(
+    storage: dict[tuple[str, tuple[int, ...] | None], Stored],
+    entries: Mapping[str, TensorEntry | BytesEntry],
+) -> dict[tuple[str, tuple[int, ...] | None], Stored]:
+    """Each transformed entry with the most bytes its stream may give back (``Stored.limit``):
+    a value, :data:`MAX_PICKLE_BYTES`; a chunk, its declared elements and :data:`ZIP_ROOM`."""
+    for (key, offsets), stored in storage.items():
+        if not stored.transforms:
+            continue
+        entry = entries.get(key)
+        limit = MAX_PICKLE_BYTES
+        if isinstance(entry, TensorEntry):
+            sizes = next((c.sizes for c in entry.chunks if c.offsets == offsets), ())
+            limit = math.prod(sizes) * entry.described.itemsize + ZIP_ROOM
+        storage[(key, offsets)] = replace(stored, limit=limit)
+    return storage
 
 
 def _fields(obj: Any, what: str) -> dict[str, Any]:
