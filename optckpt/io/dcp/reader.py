@@ -65,7 +65,8 @@ class DcpCheckpoint(DcpFolder):
         if not lazy:
             return source.cast(casts)
         for piece in source.pieces:  # mapped now, so that writers find the mappings
-            source.files.window(piece.stored, source.key)
+            if not piece.stored.transforms:  # (a compressed one is decompressed when read)
+                source.files.window(piece.stored, source.key)
         return source.lazy(casts)
 
     def real(self, tensor: Any) -> Any:
@@ -150,7 +151,8 @@ def read_dcp(
     if tensors == "lazy":  # mapped before writing starts, so writers find the mappings
         for source in sources.values():
             for piece in source.pieces:
-                files.window(piece.stored, source.key)
+                if not piece.stored.transforms:  # decompressed when read
+                    files.window(piece.stored, source.key)
     placeholders: dict[int, tuple[torch.Tensor, TensorSource]] = {}
 
     def value(key: str) -> Any:

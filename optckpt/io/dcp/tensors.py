@@ -96,8 +96,9 @@ class TensorSource:
                 self.files.read_into(piece.stored.file, start, into.data)
                 continue
             _copy_into(dest, raw, record)
-            mapped, first, length = self.files.window(piece.stored, self.key)
-            self.files.drop(mapped, first, length)
+            if not piece.stored.transforms:  # a decompressed chunk's memory is freed with it
+                mapped, first, length = self.files.window(piece.stored, self.key)
+                self.files.drop(mapped, first, length)
         return out
 
     def lazy(self, casts: tuple[torch.dtype, ...] = ()) -> torch.Tensor | Assembled:
