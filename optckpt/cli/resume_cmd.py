@@ -41,12 +41,13 @@ def resume_step(
         typer.Option("--atol", help="With --check-torch: tolerance instead of bitwise."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    out: Annotated[
-        Path | None,
+    out: Annotated[  # str, not Path: Path would drop the "/" that asks for a DCP folder
+        str | None,
         typer.Option(
             "-o",
             "--output",
-            help="Write the checkpoint after the steps (if all pass); a folder for a folder.",
+            help="Write the checkpoint after the steps (if all pass): a file, a DCP folder "
+            "(ending in /), or a folder for a folder.",
         ),
     ] = None,
     key: Key = None,

@@ -42,6 +42,7 @@ def check_out(
         inputs=[model, from_layout],
         rewrites=path,
         command="resume-step",
+        dcp=True,
         link=link,
     )
 
