@@ -841,3 +841,22 @@ def test_resume_step_output_of_a_dcp_folder_resumes_in_torch(tmp_path: Path, out
     assert_same_bits(dict(fresh.state_dict()), dict(model.state_dict()))
     fresh(torch.randn(2, 4)).pow(2).sum().backward()
     fresh_optimizer.step()
+
+
+def test_inspect_stats_releases_the_pages_of_files_mapped_while_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's file holds tensor chunks only: it is first mapped when --stats reads them,
+    after the releaser was made, and its pages are released all the same."""
+    import optckpt.inspect
+    from optckpt.inspect import inspect_checkpoint
+
+    _sharded(tmp_path / "ckpt")
+    released: list[set[str]] = []
+    monkeypatch.setattr(optckpt.inspect, "_RELEASE_EVERY", 1)
+    monkeypatch.setattr(
+        "optckpt.io.pages.release", lambda files: released.append({Path(f).name for f in files})
+    )
+    report = inspect_checkpoint(tmp_path / "ckpt", stats=True)
+    assert report.optimizers[0].params[0].stats  # values were read
+    assert released and released[-1] == {"__0_0.distcp", "__1_0.distcp"}

@@ -114,10 +114,14 @@ def release(files: Iterable[str | Path]) -> None:
 
 
 class Releaser:
-    """Calls :func:`release` on ``files`` once every ``every`` bytes reported to :meth:`read`."""
+    """Calls :func:`release` on ``files`` once every ``every`` bytes reported to :meth:`read`.
+
+    A list is kept as given, not copied: a DCP folder's list of mapped files grows as its
+    chunks are read (:class:`optckpt.io.dcp.storage.Files`), and each release sees them all.
+    """
 
     def __init__(self, files: Iterable[str | Path], every: int = 256 * 1024 * 1024) -> None:
-        self.files = list(files)
+        self.files = files if isinstance(files, list) else list(files)
         self.every = every
         self._pending = 0
 
