@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 22  # elements per chunk when reading values, so memory stays flat
 # --stats releases the pages it has read this often: on a 482 MB DCP folder, peak RSS above
-# torch's import is 83 MB with 32 MiB (300 MB with the 256 MiB writers use).
+# torch's import is 100-180 MB with 32 MiB (317 MB with the 256 MiB writers use).
 _RELEASE_EVERY = 32 << 20
 
 
