@@ -11,15 +11,16 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
   constructor's arguments of those names, and the step passes each to the functional as a
   keyword of the same name, except the ``_NOT_STEP_KEYS``, and the ``_SPLIT_KEYS``, whose two
   values are passed as two keywords (``betas`` as ``beta1`` and ``beta2``).
-- ``_STATE_LISTS``: the lists ``_init_group`` fills after ``params`` and ``grads``, named as
-  torch names them, in the order the functional takes them.
+- ``_STATE_KEYS``: the state key that each list after ``params`` and ``grads`` holds, one
+  entry per parameter, in the order the functional takes the lists.
 - ``_FLAGS``: the keywords that ``_init_group`` returns (``has_complex``; a tuple of them
   where it returns more than one).
 
-``_init_group(group, params, grads, *state_lists)`` is each class's own, as in torch: it
-appends every parameter of the group that has a grad, its grad and its state to the lists,
-creating the state on first use, and returns the flags (by default whether any parameter is
-complex).
+``_init_group(group, params, grads, *state_lists)`` appends every parameter of the group
+that has a grad, its grad and its state to the lists, creating the state on first use, and
+returns the flags. By default it is torch's usual one: ``_SPARSE_ERROR`` for a sparse grad,
+the state made by ``_init_state`` (``step``, then zeros for the other keys), and whether any
+parameter is complex; a class whose torch ``_init_group`` does more has its own.
 - ``_GRAD_SCALER``: the functional takes ``grad_scale`` and ``found_inf`` (set on the
   optimizer by ``torch.amp.GradScaler``), as the fused ones do.
 - ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
@@ -37,7 +38,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from optckpt.optim.base import Optimizer, ParamsT, evaluate_closure, use_grad_for_differentiable
+import torch
+from torch import Tensor
+
+from optckpt.optim.base import (
+    Optimizer,
+    ParamsT,
+    evaluate_closure,
+    new_step,
+    use_grad_for_differentiable,
+)
 from optckpt.optim.specs import SPECS
 
 __all__ = ["GroupStepOptimizer", "newer_group_keys"]
@@ -76,12 +86,12 @@ class GroupStepOptimizer(Optimizer):
 
     _NOT_STEP_KEYS: ClassVar[str] = ""
     _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {"betas": "beta1 beta2"}
-    _STATE_LISTS: ClassVar[str]
+    _STATE_KEYS: ClassVar[str]
+    _SPARSE_ERROR: ClassVar[str]
     _FLAGS: ClassVar[str] = "has_complex"
     _GRAD_SCALER: ClassVar[bool] = False
     _CAPTURE_CHECK: ClassVar[bool] = True
     _functional: ClassVar[Callable[..., None]]
-    _init_group: Callable[..., Any]
 
     def __init__(self, params: ParamsT, arguments: Mapping[str, Any]) -> None:
         super().__init__(params, {key: arguments[key] for key in self._group_keys()})
@@ -113,6 +123,37 @@ class GroupStepOptimizer(Optimizer):
             keywords["found_inf"] = getattr(self, "found_inf", None)
         return keywords
 
+    def _usual_init_group(
+        self,
+        group: Mapping[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        *state_lists: list[Tensor],
+    ) -> bool:
+        """torch's usual ``_init_group`` (see the module doc); returns whether any parameter
+        is complex."""
+        for p, grad, state in self._params_with_grad(
+            group, params_with_grad, grads, self._SPARSE_ERROR
+        ):
+            if len(state) == 0:
+                self._init_state(p, grad, state, group)
+            for key, values in zip(self._STATE_KEYS.split(), state_lists, strict=True):
+                values.append(state[key])
+        return any(torch.is_complex(p) for p in params_with_grad)
+
+    # A class attribute, not a method, so that a class's own _init_group may name its lists.
+    _init_group: Callable[..., Any] = _usual_init_group
+
+    def _init_state(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: Mapping[str, Any]
+    ) -> None:
+        """The first state of ``p``, in torch's key order: ``step`` (:func:`new_step`), then
+        zeros like ``p`` for the other ``_STATE_KEYS``, in their order."""
+        state["step"] = new_step(0.0, p, group)
+        for key in self._STATE_KEYS.split():
+            if key != "step":
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _after_group_step(self, group: Mapping[str, Any], lists: tuple[list[Any], ...]) -> None:
         """What the class does after the functional ran on ``group`` (SGD stores its new
         momentum buffers); nothing by default."""
@@ -135,7 +176,7 @@ class GroupStepOptimizer(Optimizer):
             keywords = self._step_keywords(group)
             # params (params_with_grad in most of torch's steps), grads, then the state lists.
             lists: tuple[list[Any], ...] = tuple(
-                [] for _ in range(2 + len(self._STATE_LISTS.split()))
+                [] for _ in range(2 + len(self._STATE_KEYS.split()))
             )
             flags = self._init_group(group, *lists)
             names = self._FLAGS.split()

@@ -27,7 +27,6 @@ from optckpt.optim.base import (
     check_lr,
     check_non_negative,
     group_tensors_by_device_and_dtype,
-    new_step,
     to_scalar,
     view_as_real,
 )
@@ -206,8 +205,9 @@ class Adadelta(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "square_avgs acc_deltas state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "square_avg acc_delta step"
+    _SPARSE_ERROR = "Adadelta does not support sparse gradients"
     _functional = staticmethod(adadelta)
 
     def __init__(
@@ -235,24 +235,3 @@ class Adadelta(GroupStepOptimizer):
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")
     _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        square_avgs: list[Tensor],
-        acc_deltas: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "Adadelta does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            square_avgs.append(state["square_avg"])
-            acc_deltas.append(state["acc_delta"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)

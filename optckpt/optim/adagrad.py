@@ -298,8 +298,8 @@ class Adagrad(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "state_sums state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "sum step"
     _NOT_STEP_KEYS = "initial_accumulator_value"
     _FLAGS = "has_sparse_grad has_complex"
     _GRAD_SCALER = True

@@ -443,8 +443,8 @@ class Adam(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "exp_avgs exp_avg_sqs max_exp_avg_sqs state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq max_exp_avg_sq step"
     _GRAD_SCALER = True
     _functional = staticmethod(adam)
 

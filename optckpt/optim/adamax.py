@@ -31,7 +31,6 @@ from optckpt.optim.base import (
     check_non_negative,
     get_value,
     group_tensors_by_device_and_dtype,
-    new_step,
     to_scalar,
     view_as_real,
 )
@@ -221,8 +220,9 @@ class Adamax(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "exp_avgs exp_infs state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_inf step"
+    _SPARSE_ERROR = "Adamax does not support sparse gradients"
     _functional = staticmethod(adamax)
 
     def __init__(
@@ -248,24 +248,3 @@ class Adamax(GroupStepOptimizer):
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")
     _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_infs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "Adamax does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_infs.append(state["exp_inf"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)

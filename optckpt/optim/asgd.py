@@ -261,8 +261,9 @@ class ASGD(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "axs mus etas state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "ax mu eta step"
+    _SPARSE_ERROR = "ASGD does not support sparse gradients"
     _functional = staticmethod(asgd)
 
     def __init__(
@@ -300,32 +301,16 @@ class ASGD(GroupStepOptimizer):
             float(value) if key == "step" else value, dtype=scalar_dtype(), device=p.device
         )
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        axs: list[Tensor],
-        mus: list[Tensor],
-        etas: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "ASGD does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                # Unlike most optimizers, torch puts the scalar state on the parameter's
-                # device even without capturable; eta starts at the group's lr.
-                state["step"] = torch.zeros((), device=p.device, dtype=scalar_dtype())
-                state["eta"] = (
-                    torch.as_tensor(to_scalar(group["lr"]), device=p.device, dtype=scalar_dtype())
-                    .clone()
-                    .detach()
-                )
-                state["mu"] = torch.ones((), device=p.device, dtype=scalar_dtype())
-                state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            mus.append(state["mu"])
-            axs.append(state["ax"])
-            etas.append(state["eta"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
+    def _init_state(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: Mapping[str, Any]
+    ) -> None:
+        """Unlike most optimizers, torch puts the scalar state on the parameter's device even
+        without capturable; eta starts at the group's lr."""
+        state["step"] = torch.zeros((), device=p.device, dtype=scalar_dtype())
+        state["eta"] = (
+            torch.as_tensor(to_scalar(group["lr"]), device=p.device, dtype=scalar_dtype())
+            .clone()
+            .detach()
+        )
+        state["mu"] = torch.ones((), device=p.device, dtype=scalar_dtype())
+        state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)

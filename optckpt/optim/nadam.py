@@ -10,6 +10,7 @@ step sizes derived from it mix float32 tensor values with Python floats exactly 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -310,8 +311,9 @@ class NAdam(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "exp_avgs exp_avg_sqs mu_products state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq mu_product step"
+    _SPARSE_ERROR = "NAdam does not support sparse gradients"
     _functional = staticmethod(nadam)
 
     def __init__(
@@ -346,27 +348,12 @@ class NAdam(GroupStepOptimizer):
     )
     _NUMBER_STATE_KEYS = ("step", "mu_product")
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        mu_products: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "NAdam does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                # torch's key order: step, mu_product, exp_avg, exp_avg_sq.
-                state["step"] = new_step(0.0, p, group)
-                state["mu_product"] = new_step(1.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            mu_products.append(state["mu_product"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)
+    def _init_state(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: Mapping[str, Any]
+    ) -> None:
+        """torch's key order: step, mu_product (a step-like scalar that starts at 1), exp_avg,
+        exp_avg_sq."""
+        state["step"] = new_step(0.0, p, group)
+        state["mu_product"] = new_step(1.0, p, group)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

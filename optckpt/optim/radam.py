@@ -33,7 +33,6 @@ from optckpt.optim.base import (
     check_non_negative,
     get_value,
     group_tensors_by_device_and_dtype,
-    new_step,
     to_scalar,
     view_as_real,
 )
@@ -327,8 +326,9 @@ class RAdam(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "exp_avgs exp_avg_sqs state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq step"
+    _SPARSE_ERROR = "RAdam does not support sparse gradients"
     _functional = staticmethod(radam)
 
     def __init__(
@@ -359,24 +359,3 @@ class RAdam(GroupStepOptimizer):
         "foreach maximize differentiable decoupled_weight_decay capturable"
     )
     _NUMBER_STATE_KEYS = ("step",)
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params_with_grad: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "RAdam does not support sparse gradients"
-        for p, _, state in self._params_with_grad(group, params_with_grad, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params_with_grad)

@@ -238,8 +238,8 @@ class RMSprop(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "square_avgs grad_avgs momentum_buffer_list state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "square_avg grad_avg momentum_buffer step"
     _functional = staticmethod(rmsprop)
 
     def __init__(

@@ -208,13 +208,14 @@ class Rprop(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "prevs step_sizes state_steps"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "prev step_size step"
     _NOT_STEP_KEYS = "lr"
     _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {
         "etas": "etaminus etaplus",
         "step_sizes": "step_size_min step_size_max",
     }
+    _SPARSE_ERROR = "Rprop does not support sparse gradients"
     _functional = staticmethod(rprop)
 
     def __init__(
@@ -240,28 +241,14 @@ class Rprop(GroupStepOptimizer):
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")
     _NUMBER_STATE_KEYS = ("step",)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        prevs: list[Tensor],
-        step_sizes: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        sparse_error = "Rprop does not support sparse gradients"
-        for p, grad, state in self._params_with_grad(group, params, grads, sparse_error):
-            if len(state) == 0:
-                state["step"] = new_step(0.0, p, group)
-                state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # Shaped like the grad, as in torch. A complex parameter is two independent
-                # real numbers, so its imaginary step size starts at lr too.
-                if p.dtype.is_complex:
-                    state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
-                else:
-                    state["step_size"] = torch.full_like(grad, to_scalar(group["lr"]))
-
-            prevs.append(state["prev"])
-            step_sizes.append(state["step_size"])
-            state_steps.append(state["step"])
-        return any(torch.is_complex(p) for p in params)
+    def _init_state(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: Mapping[str, Any]
+    ) -> None:
+        """step, prev, and step_size shaped like the grad, as in torch. A complex parameter is
+        two independent real numbers, so its imaginary step size starts at lr too."""
+        state["step"] = new_step(0.0, p, group)
+        state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p.dtype.is_complex:
+            state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
+        else:
+            state["step_size"] = torch.full_like(grad, to_scalar(group["lr"]))

@@ -263,8 +263,8 @@ class SGD(GroupStepOptimizer):
     """
 
     # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the lists _init_group fills, and the functional.
-    _STATE_LISTS = "momentum_buffer_list"
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "momentum_buffer"
     _NOT_STEP_KEYS = "differentiable"
     _FLAGS = "has_sparse_grad"
     _GRAD_SCALER = True
