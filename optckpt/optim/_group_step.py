@@ -15,21 +15,22 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
   entry per parameter, in the order the functional takes the lists.
 - ``_FLAGS``: the keywords that ``_init_group`` returns (``has_complex``; a tuple of them
   where it returns more than one).
+- ``_GRAD_SCALER``: the functional takes ``grad_scale`` and ``found_inf`` (set on the
+  optimizer by ``torch.amp.GradScaler``), as the fused ones do.
+- ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
+- ``_functional``: the functional itself.
 
 ``_init_group(group, params, grads, *state_lists)`` appends every parameter of the group
 that has a grad, its grad and its state to the lists, creating the state on first use, and
 returns the flags. By default it is torch's usual one: ``_SPARSE_ERROR`` for a sparse grad,
 the state made by ``_init_state`` (``step``, then zeros for the other keys), and whether any
 parameter is complex; a class whose torch ``_init_group`` does more has its own.
-- ``_GRAD_SCALER``: the functional takes ``grad_scale`` and ``found_inf`` (set on the
-  optimizer by ``torch.amp.GradScaler``), as the fused ones do.
-- ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
-- ``_functional``: the functional itself.
 
 Lists of names are strings of names separated by spaces, as ``namedtuple`` takes its fields:
 one line each, where a tuple of strings would take a line a name.
 
-Nothing here touches a tensor: the functional and ``_init_group`` do that in torch's order.
+No update is computed here: the functionals run torch's ops in torch's order, and new state is
+made as torch makes it, in torch's key order.
 The optimizers whose step is not this loop (SparseAdam, LBFGS, Adafactor, Muon) keep their own.
 """
 
