@@ -18,7 +18,7 @@ to the next.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "TensorList",
     "check_capturable_devices",
     "check_state_steps",
+    "for_loop_tensors",
     "foreach_add_weight_decay",
     "fused_step",
     "increment_steps",
@@ -85,6 +86,20 @@ def run_foreach_or_for_loop(
         _, foreach = default_to_fused_or_foreach(tensor_lists[0], differentiable, use_fused=False)
     impl = multi_tensor if foreach else single_tensor
     impl(*tensor_lists, differentiable=differentiable, **hyper)
+
+
+def for_loop_tensors(
+    params: Sequence[Tensor], grads: Sequence[Tensor], maximize: bool, *state_lists: Sequence[Any]
+) -> Iterator[tuple[Any, ...]]:
+    """``(i, param, grad, *state)`` for each parameter, as torch's for-loop steps open.
+
+    torch's ``_single_tensor_<name>`` loops start each iteration with ``grad = grads[i] if not
+    maximize else -grads[i]`` and then pick the parameter's entry of each state list; this
+    yields the same, the negation run as the iteration starts, after the ops of the one before.
+    """
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        yield (i, param, grad, *(values[i] for values in state_lists))
 
 
 def check_capturable_devices(

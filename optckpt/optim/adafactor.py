@@ -16,7 +16,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from optckpt.optim._functional import increment_steps
+from optckpt.optim._functional import for_loop_tensors, increment_steps
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
@@ -232,12 +232,9 @@ def _single_tensor_adafactor(
         raise AssertionError("Grad scaling should occur outside of optimizer.step()")
     lr = to_scalar(lr)
 
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        step_t = state_steps[i]
-        row_var = row_vars[i]
-        col_var = col_vars[i]
-        variance = variances[i]
+    for _, param, grad, step_t, row_var, col_var, variance in for_loop_tensors(
+        params, grads, maximize, state_steps, row_vars, col_vars, variances
+    ):
         if eps1 is None:
             # Set once, from the first parameter, and kept for the rest of the group: torch
             # assigns the loop's shared eps1, so a later parameter of another dtype uses the

@@ -17,6 +17,7 @@ from torch import Tensor
 from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
+    for_loop_tensors,
     foreach_add_weight_decay,
     increment_steps,
     run_foreach_or_for_loop,
@@ -77,12 +78,9 @@ def _single_tensor_adamax(
     """One tensor at a time."""
     lr = to_scalar(lr)
 
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        exp_avg = exp_avgs[i]
-        exp_inf = exp_infs[i]
-        step_t = state_steps[i]
-
+    for _, param, grad, exp_avg, exp_inf, step_t in for_loop_tensors(
+        params, grads, maximize, exp_avgs, exp_infs, state_steps
+    ):
         if capturable:
             check_capturable_devices(capturable_supported_devices(), [param], [step_t])
 

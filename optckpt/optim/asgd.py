@@ -22,6 +22,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    for_loop_tensors,
     foreach_add_weight_decay,
     increment_steps,
     run_foreach_or_for_loop,
@@ -86,13 +87,9 @@ def _single_tensor_asgd(
     """One tensor at a time."""
     lr = to_scalar(lr)
 
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        mu = mus[i]
-        ax = axs[i]
-        eta = etas[i]
-        step_t = state_steps[i]
-
+    for _, param, grad, mu, ax, eta, step_t in for_loop_tensors(
+        params, grads, maximize, mus, axs, etas, state_steps
+    ):
         if capturable:
             check_capturable_devices(
                 capturable_supported_devices(),

@@ -19,6 +19,7 @@ from torch import Tensor
 from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
+    for_loop_tensors,
     foreach_add_weight_decay,
     increment_steps,
     run_foreach_or_for_loop,
@@ -85,13 +86,9 @@ def _single_tensor_nadam(
     """One tensor at a time."""
     lr = to_scalar(lr)
 
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        exp_avg = exp_avgs[i]
-        exp_avg_sq = exp_avg_sqs[i]
-        mu_product = mu_products[i]
-        step_t = state_steps[i]
-
+    for _, param, grad, exp_avg, exp_avg_sq, mu_product, step_t in for_loop_tensors(
+        params, grads, maximize, exp_avgs, exp_avg_sqs, mu_products, state_steps
+    ):
         # torch views complex tensors as real before its capturable check.
         if torch.is_complex(param):
             param = torch.view_as_real(param)

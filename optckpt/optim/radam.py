@@ -19,6 +19,7 @@ from torch import Tensor
 from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
+    for_loop_tensors,
     foreach_add_weight_decay,
     increment_steps,
     run_foreach_or_for_loop,
@@ -80,12 +81,9 @@ def _single_tensor_radam(
     """One tensor at a time."""
     lr = to_scalar(lr)
 
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        exp_avg = exp_avgs[i]
-        exp_avg_sq = exp_avg_sqs[i]
-        step_t = state_steps[i]
-
+    for _, param, grad, exp_avg, exp_avg_sq, step_t in for_loop_tensors(
+        params, grads, maximize, exp_avgs, exp_avg_sqs, state_steps
+    ):
         if capturable:
             check_capturable_devices(capturable_supported_devices(), [param], [step_t])
 
