@@ -29,6 +29,7 @@ from optckpt.optim.base import Hyper, default_to_fused_or_foreach, group_tensors
 __all__ = [
     "TensorList",
     "check_capturable_devices",
+    "check_no_grad_scale",
     "check_state_steps",
     "for_loop_tensors",
     "foreach_add_weight_decay",
@@ -100,6 +101,24 @@ def for_loop_tensors(
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         yield (i, param, grad, *(values[i] for values in state_lists))
+
+
+def check_no_grad_scale(
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    message: str = "Expected grad_scale and found_inf to be None",
+) -> None:
+    """Refuse ``grad_scale`` or ``found_inf`` where torch's implementation does not unscale.
+
+    torch asserts this at the top of each for-loop and foreach implementation of an optimizer
+    that has a fused one (and of Adafactor, with its own ``message``): only the fused kernel
+    unscales the grads itself, so ``torch.amp.GradScaler`` must have unscaled them before.
+
+    Raises:
+        AssertionError: either is set (torch's exception type).
+    """
+    if grad_scale is not None or found_inf is not None:
+        raise AssertionError(message)
 
 
 def check_capturable_devices(

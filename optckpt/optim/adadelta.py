@@ -204,12 +204,6 @@ class Adadelta(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "square_avg acc_delta step"
-    _SPARSE_ERROR = "Adadelta does not support sparse gradients"
-    _functional = staticmethod(adadelta)
-
     def __init__(
         self,
         params: ParamsT,
@@ -231,6 +225,12 @@ class Adadelta(GroupStepOptimizer):
         check_non_negative(weight_decay, "Invalid weight_decay value")
 
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "square_avg acc_delta step"
+    _SPARSE_ERROR = "Adadelta does not support sparse gradients"
+    _functional = staticmethod(adadelta)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from optckpt.optim._functional import for_loop_tensors, increment_steps
+from optckpt.optim._functional import check_no_grad_scale, for_loop_tensors, increment_steps
 from optckpt.optim.base import (
     Hyper,
     Optimizer,
@@ -228,8 +228,9 @@ def _single_tensor_adafactor(
     has_complex: bool,
 ) -> None:
     """One tensor at a time."""
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Grad scaling should occur outside of optimizer.step()")
+    check_no_grad_scale(
+        grad_scale, found_inf, "Grad scaling should occur outside of optimizer.step()"
+    )
     lr = to_scalar(lr)
 
     for _, param, grad, step_t, row_var, col_var, variance in for_loop_tensors(
@@ -324,8 +325,9 @@ def _multi_tensor_adafactor(
     """foreach ops per (device, dtype, factored) bucket."""
     if len(params) == 0:
         return
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Grad scaling should occur outside of optimizer.step()")
+    check_no_grad_scale(
+        grad_scale, found_inf, "Grad scaling should occur outside of optimizer.step()"
+    )
     lr = to_scalar(lr)
 
     buckets = _group_tensors_by_device_dtype_and_is_multidim(

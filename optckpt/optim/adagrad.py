@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from optckpt.optim._functional import (
+    check_no_grad_scale,
     check_state_steps,
     foreach_add_weight_decay,
     fused_step,
@@ -100,8 +101,7 @@ def _single_tensor_adagrad(
     has_complex: bool,
 ) -> None:
     """One tensor at a time, sparse grads included."""
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     lr = to_scalar(lr)
 
     for param, grad, state_sum, step_t in zip(params, grads, state_sums, state_steps, strict=True):
@@ -166,8 +166,7 @@ def _multi_tensor_adagrad(
     """
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     if not params:
         return
     lr = to_scalar(lr)
@@ -297,15 +296,6 @@ class Adagrad(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "sum step"
-    _NOT_STEP_KEYS = "initial_accumulator_value"
-    _FLAGS = "has_sparse_grad has_complex"
-    _GRAD_SCALER = True
-    _CAPTURE_CHECK = False
-    _functional = staticmethod(adagrad)
-
     def __init__(
         self,
         params: ParamsT,
@@ -352,6 +342,15 @@ class Adagrad(GroupStepOptimizer):
         # Complex parameters start both the real and the imaginary parts at the value.
         init_value = complex(initial_value, initial_value) if torch.is_complex(p) else initial_value
         state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "sum step"
+    _NOT_STEP_KEYS = "initial_accumulator_value"
+    _FLAGS = "has_sparse_grad has_complex"
+    _GRAD_SCALER = True
+    _CAPTURE_CHECK = False
+    _functional = staticmethod(adagrad)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable fused")

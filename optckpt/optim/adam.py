@@ -17,6 +17,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_no_grad_scale,
     check_state_steps,
     for_loop_tensors,
     foreach_add_weight_decay,
@@ -116,8 +117,7 @@ def _single_tensor_adam(
     decoupled_weight_decay: bool,
 ) -> None:
     """One tensor at a time."""
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     lr = to_scalar(lr)
     beta1 = to_scalar(beta1)
     beta2 = to_scalar(beta2)
@@ -256,8 +256,7 @@ def _multi_tensor_adam(
         check_capturable_devices(
             capturable_supported_devices(supports_xla=False), params, state_steps
         )
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
 
@@ -440,12 +439,6 @@ class Adam(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "exp_avg exp_avg_sq max_exp_avg_sq step"
-    _GRAD_SCALER = True
-    _functional = staticmethod(adam)
-
     def __init__(
         self,
         params: ParamsT,
@@ -491,6 +484,12 @@ class Adam(GroupStepOptimizer):
 
         if fused:
             self._init_fused(differentiable, foreach)
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq max_exp_avg_sq step"
+    _GRAD_SCALER = True
+    _functional = staticmethod(adam)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys(

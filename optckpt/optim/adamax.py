@@ -217,12 +217,6 @@ class Adamax(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "exp_avg exp_inf step"
-    _SPARSE_ERROR = "Adamax does not support sparse gradients"
-    _functional = staticmethod(adamax)
-
     def __init__(
         self,
         params: ParamsT,
@@ -242,6 +236,12 @@ class Adamax(GroupStepOptimizer):
         check_betas(betas)
         check_non_negative(weight_decay, "Invalid weight_decay value")
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_inf step"
+    _SPARSE_ERROR = "Adamax does not support sparse gradients"
+    _functional = staticmethod(adamax)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")

@@ -257,12 +257,6 @@ class ASGD(GroupStepOptimizer):
             one element (``lambd``, ``alpha`` and ``t0`` are not checked, as in torch).
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "ax mu eta step"
-    _SPARSE_ERROR = "ASGD does not support sparse gradients"
-    _functional = staticmethod(asgd)
-
     def __init__(
         self,
         params: ParamsT,
@@ -281,6 +275,12 @@ class ASGD(GroupStepOptimizer):
         check_non_negative(weight_decay, "Invalid weight_decay value")
 
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "ax mu eta step"
+    _SPARSE_ERROR = "ASGD does not support sparse gradients"
+    _functional = staticmethod(asgd)
 
     # torch's __setstate__: the group keys older checkpoints lack; step, eta and mu saved
     # as numbers become tensors.

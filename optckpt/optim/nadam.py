@@ -307,12 +307,6 @@ class NAdam(GroupStepOptimizer):
             outside [0, 1), or a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "exp_avg exp_avg_sq mu_product step"
-    _SPARSE_ERROR = "NAdam does not support sparse gradients"
-    _functional = staticmethod(nadam)
-
     def __init__(
         self,
         params: ParamsT,
@@ -337,6 +331,12 @@ class NAdam(GroupStepOptimizer):
         check_non_negative(momentum_decay, "Invalid momentum_decay value")
 
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq mu_product step"
+    _SPARSE_ERROR = "NAdam does not support sparse gradients"
+    _functional = staticmethod(nadam)
 
     # torch's __setstate__: the group keys older checkpoints lack; step and mu_product
     # saved as numbers become the tensors a fresh step would hold.

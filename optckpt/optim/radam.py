@@ -323,12 +323,6 @@ class RAdam(GroupStepOptimizer):
             a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "exp_avg exp_avg_sq step"
-    _SPARSE_ERROR = "RAdam does not support sparse gradients"
-    _functional = staticmethod(radam)
-
     def __init__(
         self,
         params: ParamsT,
@@ -351,6 +345,12 @@ class RAdam(GroupStepOptimizer):
 
         # torch's key order: capturable before decoupled_weight_decay and differentiable.
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "exp_avg exp_avg_sq step"
+    _SPARSE_ERROR = "RAdam does not support sparse gradients"
+    _functional = staticmethod(radam)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys(

@@ -237,11 +237,6 @@ class RMSprop(GroupStepOptimizer):
             or a tensor ``lr`` with more than one element.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "square_avg grad_avg momentum_buffer step"
-    _functional = staticmethod(rmsprop)
-
     def __init__(
         self,
         params: ParamsT,
@@ -265,6 +260,11 @@ class RMSprop(GroupStepOptimizer):
         check_non_negative(alpha, "Invalid alpha value")
 
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "square_avg grad_avg momentum_buffer step"
+    _functional = staticmethod(rmsprop)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys(

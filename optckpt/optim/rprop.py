@@ -207,17 +207,6 @@ class Rprop(GroupStepOptimizer):
             not satisfying ``0 < etaminus < 1 < etaplus``.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "prev step_size step"
-    _NOT_STEP_KEYS = "lr"
-    _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {
-        "etas": "etaminus etaplus",
-        "step_sizes": "step_size_min step_size_max",
-    }
-    _SPARSE_ERROR = "Rprop does not support sparse gradients"
-    _functional = staticmethod(rprop)
-
     def __init__(
         self,
         params: ParamsT,
@@ -236,6 +225,17 @@ class Rprop(GroupStepOptimizer):
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
 
         super().__init__(params, locals())
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "prev step_size step"
+    _NOT_STEP_KEYS = "lr"
+    _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {
+        "etas": "etaminus etaplus",
+        "step_sizes": "step_size_min step_size_max",
+    }
+    _SPARSE_ERROR = "Rprop does not support sparse gradients"
+    _functional = staticmethod(rprop)
 
     # torch's __setstate__: the group keys older checkpoints lack, and a number step.
     _GROUP_KEY_DEFAULTS = newer_group_keys("foreach maximize differentiable capturable")

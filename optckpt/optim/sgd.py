@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optckpt.optim._functional import foreach_add_weight_decay
+from optckpt.optim._functional import check_no_grad_scale, foreach_add_weight_decay
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
     Hyper,
@@ -81,8 +81,7 @@ def _single_tensor_sgd(
     has_sparse_grad: bool,
 ) -> None:
     """One tensor at a time."""
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     lr = to_scalar(lr)
 
     for i, param in enumerate(params):
@@ -128,8 +127,7 @@ def _multi_tensor_sgd(
     has_sparse_grad: bool,
 ) -> None:
     """foreach ops per (device, dtype) bucket."""
-    if grad_scale is not None or found_inf is not None:
-        raise AssertionError("Expected grad_scale and found_inf to be None")
+    check_no_grad_scale(grad_scale, found_inf)
     if not params:
         return
     lr = to_scalar(lr)
@@ -262,15 +260,6 @@ class SGD(GroupStepOptimizer):
         RuntimeError: ``fused`` together with ``differentiable`` or ``foreach``.
     """
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
-    _STATE_KEYS = "momentum_buffer"
-    _NOT_STEP_KEYS = "differentiable"
-    _FLAGS = "has_sparse_grad"
-    _GRAD_SCALER = True
-    _CAPTURE_CHECK = False
-    _functional = staticmethod(sgd)
-
     def __init__(
         self,
         params: ParamsT,
@@ -302,6 +291,15 @@ class SGD(GroupStepOptimizer):
         if fused:
             self._init_fused(differentiable, foreach)
             self._need_device_dtype_check_for_fused = True
+
+    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
+    # constructor's locals()): the state in the functional's lists, and the functional.
+    _STATE_KEYS = "momentum_buffer"
+    _NOT_STEP_KEYS = "differentiable"
+    _FLAGS = "has_sparse_grad"
+    _GRAD_SCALER = True
+    _CAPTURE_CHECK = False
+    _functional = staticmethod(sgd)
 
     # torch's __setstate__: the group keys older checkpoints lack (SGD has no step).
     _GROUP_KEY_DEFAULTS = newer_group_keys("nesterov maximize foreach differentiable", fused=False)
