@@ -33,6 +33,7 @@ __all__ = [
     "check_state_steps",
     "for_loop_tensors",
     "foreach_add_weight_decay",
+    "foreach_maximize_count_decay",
     "fused_step",
     "increment_steps",
     "run_foreach_or_for_loop",
@@ -174,6 +175,26 @@ def foreach_add_weight_decay(
         torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
         return device_grads
     return torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+
+def foreach_maximize_count_decay(
+    device_grads: TensorList,
+    device_params: TensorList,
+    device_state_steps: TensorList,
+    weight_decay: Hyper,
+    maximize: bool,
+) -> TensorList:
+    """The grads of a foreach bucket negated with ``maximize``, the steps counted, then the L2
+    decay added: the opening of Adagrad's, Adamax's and RMSprop's foreach steps, in that order.
+
+    Returns the grads the rest of the step uses (a new list where negated or decayed).
+    """
+    if maximize:
+        device_grads = torch._foreach_neg(device_grads)
+    increment_steps(device_state_steps)
+    if weight_decay != 0:
+        device_grads = foreach_add_weight_decay(device_grads, device_params, weight_decay, maximize)
+    return device_grads
 
 
 def fused_step(

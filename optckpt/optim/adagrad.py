@@ -21,9 +21,8 @@ from torch import Tensor
 from optckpt.optim._functional import (
     check_no_grad_scale,
     check_state_steps,
-    foreach_add_weight_decay,
+    foreach_maximize_count_decay,
     fused_step,
-    increment_steps,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
 from optckpt.optim.base import (
@@ -196,15 +195,9 @@ def _multi_tensor_adagrad(
         if has_complex:
             view_as_real(device_params, device_grads, device_state_sums)
 
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-
-        increment_steps(device_state_steps)
-
-        if weight_decay != 0:
-            device_grads = foreach_add_weight_decay(
-                device_grads, device_params, weight_decay, maximize
-            )
+        device_grads = foreach_maximize_count_decay(
+            device_grads, device_params, device_state_steps, weight_decay, maximize
+        )
 
         # Unlike the for-loop, torch negates lr before dividing.
         minus_clr = [-lr / (1 + (get_value(step) - 1) * lr_decay) for step in device_state_steps]

@@ -18,8 +18,7 @@ from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
     for_loop_tensors,
-    foreach_add_weight_decay,
-    increment_steps,
+    foreach_maximize_count_decay,
     run_foreach_or_for_loop,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
@@ -156,15 +155,9 @@ def _multi_tensor_adamax(
         if has_complex:
             view_as_real(grouped_params, grouped_grads, grouped_exp_avgs, grouped_exp_infs)
 
-        if maximize:
-            grouped_grads = torch._foreach_neg(grouped_grads)
-
-        increment_steps(grouped_state_steps)
-
-        if weight_decay != 0:
-            grouped_grads = foreach_add_weight_decay(
-                grouped_grads, grouped_params, weight_decay, maximize
-            )
+        grouped_grads = foreach_maximize_count_decay(
+            grouped_grads, grouped_params, grouped_state_steps, weight_decay, maximize
+        )
 
         # The biased first moment.
         torch._foreach_lerp_(grouped_exp_avgs, grouped_grads, 1 - beta1)

@@ -16,8 +16,7 @@ from torch import Tensor
 from optckpt.optim._functional import (
     check_capturable_devices,
     check_state_steps,
-    foreach_add_weight_decay,
-    increment_steps,
+    foreach_maximize_count_decay,
     run_foreach_or_for_loop,
 )
 from optckpt.optim._group_step import GroupStepOptimizer, newer_group_keys
@@ -167,15 +166,9 @@ def _multi_tensor_rmsprop(
                 state_and_grads.append(device_grad_avgs)
             view_as_real(device_params, *state_and_grads)
 
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-
-        increment_steps(device_state_steps)
-
-        if weight_decay != 0:
-            device_grads = foreach_add_weight_decay(
-                device_grads, device_params, weight_decay, maximize
-            )
+        device_grads = foreach_maximize_count_decay(
+            device_grads, device_params, device_state_steps, weight_decay, maximize
+        )
 
         torch._foreach_mul_(device_square_avgs, alpha)
         torch._foreach_addcmul_(device_square_avgs, device_grads, device_grads, value=1 - alpha)
