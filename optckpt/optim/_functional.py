@@ -29,6 +29,7 @@ from optckpt.optim.base import Hyper, default_to_fused_or_foreach, group_tensors
 __all__ = [
     "TensorList",
     "check_capturable_devices",
+    "check_foreach_not_differentiable",
     "check_no_grad_scale",
     "check_state_steps",
     "for_loop_tensors",
@@ -102,6 +103,16 @@ def for_loop_tensors(
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         yield (i, param, grad, *(values[i] for values in state_lists))
+
+
+def check_foreach_not_differentiable(differentiable: bool) -> None:
+    """Refuse a differentiable foreach step, as each torch ``_multi_tensor_*`` step does.
+
+    Raises:
+        AssertionError: ``differentiable`` is set; foreach ops have no autograd support.
+    """
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
 
 
 def check_no_grad_scale(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_state_steps,
     foreach_add_weight_decay,
     increment_steps,
@@ -127,8 +128,7 @@ def _multi_tensor_adadelta(
     has_complex: bool,
 ) -> None:
     """foreach ops per (device, dtype) bucket."""
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if capturable:
         check_capturable_devices(
             capturable_supported_devices(supports_xla=False), params, state_steps

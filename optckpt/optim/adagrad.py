@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from optckpt.optim._functional import (
+    check_foreach_not_differentiable,
     check_no_grad_scale,
     check_state_steps,
     foreach_maximize_count_decay,
@@ -163,8 +164,7 @@ def _multi_tensor_adagrad(
 
     A bucket with a sparse grad runs the for-loop instead, as in torch.
     """
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     check_no_grad_scale(grad_scale, found_inf)
     if not params:
         return

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_no_grad_scale,
     check_state_steps,
     for_loop_tensors,
@@ -257,8 +258,7 @@ def _multi_tensor_adam(
             capturable_supported_devices(supports_xla=False), params, state_steps
         )
     check_no_grad_scale(grad_scale, found_inf)
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
 
     lr = to_scalar(lr)
     beta1 = to_scalar(beta1)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_state_steps,
     for_loop_tensors,
     foreach_maximize_count_decay,
@@ -137,8 +138,7 @@ def _multi_tensor_adamax(
     has_complex: bool,
 ) -> None:
     """foreach ops per (device, dtype) bucket."""
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if not params:
         return
     if capturable:

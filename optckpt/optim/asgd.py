@@ -22,6 +22,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     for_loop_tensors,
     foreach_add_weight_decay,
     increment_steps,
@@ -155,8 +156,7 @@ def _multi_tensor_asgd(
     """foreach ops per (device, dtype) bucket."""
     if not params:
         return
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if capturable:
         check_capturable_devices(
             capturable_supported_devices(supports_xla=False),

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_state_steps,
     for_loop_tensors,
     foreach_add_weight_decay,
@@ -166,8 +167,7 @@ def _multi_tensor_nadam(
     """foreach ops per (device, dtype) bucket."""
     if not params:
         return
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if capturable:
         check_capturable_devices(
             capturable_supported_devices(supports_xla=False),

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_state_steps,
     foreach_maximize_count_decay,
     run_foreach_or_for_loop,
@@ -144,8 +145,7 @@ def _multi_tensor_rmsprop(
     """foreach ops per (device, dtype) bucket."""
     if not params:
         return
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if capturable:
         # torch's RMSprop lists XLA here, unlike its other foreach optimizers.
         check_capturable_devices(capturable_supported_devices(), params, state_steps)

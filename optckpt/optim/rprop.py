@@ -17,6 +17,7 @@ from torch import Tensor
 
 from optckpt.optim._functional import (
     check_capturable_devices,
+    check_foreach_not_differentiable,
     check_state_steps,
     increment_steps,
     run_foreach_or_for_loop,
@@ -134,8 +135,7 @@ def _multi_tensor_rprop(
     """foreach ops per (device, dtype) bucket."""
     if not params:
         return
-    if differentiable:
-        raise AssertionError("_foreach ops don't support autograd")
+    check_foreach_not_differentiable(differentiable)
     if capturable:
         check_capturable_devices(capturable_supported_devices(), params, state_steps)
 
