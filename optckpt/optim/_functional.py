@@ -2,18 +2,21 @@
 
 torch's optimizer modules repeat a few pieces nearly verbatim: the functional entry point's
 check of the steps and its choice between ``_multi_tensor_<name>`` and
-``_single_tensor_<name>``, the ``capturable`` device check, the foreach paths' ``step``
-increment and their L2 weight decay. Each helper here runs exactly the ops of torch's inline
-block, in the same order, so a call in place of the block changes no bit of any result (which
-``tests/optim/test_parity.py`` checks against torch). The class-side repetitions (the closure,
-``__setstate__``, the ``_init_group`` loop) are folded in :mod:`optckpt.optim.base`.
+``_single_tensor_<name>`` (:func:`run_foreach_or_for_loop`), the assertions that open the
+implementations (no autograd through foreach ops, no grad scaler outside the fused kernels),
+the ``capturable`` device check, the opening of the for-loop steps (:func:`for_loop_tensors`),
+the foreach paths' ``step`` increment and their L2 weight decay. Each helper here runs exactly
+the ops of torch's inline block, in the same order, so a call in place of the block changes
+no bit of any result (which ``tests/optim/test_parity.py`` checks against torch). The
+class-side repetitions (the closure, ``__setstate__``, the ``_init_group`` loop, the ``step``
+loop) are folded in :mod:`optckpt.optim.base` and :mod:`optckpt.optim._group_step`.
 :func:`fused_step` is the loop torch's ``_fused_adam`` and ``_fused_adagrad`` share around
 their ATen kernels.
 
 What stays inline in each module is what differs between torch's optimizers, even where it
 looks alike: the arithmetic of every implementation, and the order of ``maximize``,
 ``view_as_real`` and the step increment, which torch does not keep the same from one module
-to the next.
+to the next (:func:`foreach_maximize_count_decay` is the one order three of them share).
 """
 
 from __future__ import annotations
