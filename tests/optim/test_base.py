@@ -198,6 +198,16 @@ def test_groups_and_defaults_are_torchs(ours: type, theirs: type) -> None:
 
 
 @pytest.mark.parametrize(("ours", "theirs"), PAIRS)
+def test_a_subclass_keeps_torchs_defaults(ours: type, theirs: type) -> None:
+    """A user's subclass, which the specs do not name, builds torch's defaults in its order."""
+
+    class Sub(ours):  # type: ignore[misc, valid-type]
+        pass
+
+    assert list(Sub(params()).defaults.items()) == list(theirs(params()).defaults.items())
+
+
+@pytest.mark.parametrize(("ours", "theirs"), PAIRS)
 def test_named_parameters_record_param_names(ours: type, theirs: type) -> None:
     # No biases: Muon takes only 2-D parameters.
     model = torch.nn.Sequential(
