@@ -45,6 +45,7 @@ from torch import Tensor
 from optckpt.optim.base import (
     Optimizer,
     ParamsT,
+    device_dtype_check_for_fused,
     evaluate_closure,
     new_step,
     use_grad_for_differentiable,
@@ -154,6 +155,14 @@ class GroupStepOptimizer(Optimizer):
         for key in self._STATE_KEYS.split():
             if key != "step":
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _check_fused_once(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        """SGD's and Adagrad's fused device and dtype check: of the first parameter with a grad
+        in a ``fused`` group, once per optimizer (torch's ``_need_device_dtype_check_for_fused``,
+        which their constructors set when ``fused``)."""
+        if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
+            device_dtype_check_for_fused(p)
+            self._need_device_dtype_check_for_fused = False
 
     def _after_group_step(self, group: Mapping[str, Any], lists: tuple[list[Any], ...]) -> None:
         """What the class does after the functional ran on ``group`` (SGD stores its new

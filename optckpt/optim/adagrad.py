@@ -397,9 +397,7 @@ class Adagrad(GroupStepOptimizer):
             if p.grad is None:
                 continue
             # torch checks the first parameter with a grad once per optimizer...
-            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
-                device_dtype_check_for_fused(p)
-                self._need_device_dtype_check_for_fused = False
+            self._check_fused_once(p, group)
             has_sparse_grad |= p.grad.is_sparse
             has_complex |= torch.is_complex(p)
             params_with_grad.append(p)

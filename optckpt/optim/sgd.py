@@ -20,7 +20,6 @@ from optckpt.optim.base import (
     Hyper,
     ParamsT,
     default_to_fused_or_foreach,
-    device_dtype_check_for_fused,
     group_tensors_by_device_and_dtype,
     to_scalar,
 )
@@ -316,9 +315,7 @@ class SGD(GroupStepOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
-                device_dtype_check_for_fused(p)
-                self._need_device_dtype_check_for_fused = False
+            self._check_fused_once(p, group)
             params.append(p)
             grads.append(p.grad)
             if p.grad.is_sparse:
