@@ -171,3 +171,26 @@ def test_move_to_another_device_reads_the_tensors(tmp_path: Path) -> None:
             assert torch.equal(value, want)
         else:
             assert value.device.type == "meta" and value.shape == want.shape
+
+
+def test_convert_dcp_to_dcp_streams_and_equals_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DCP output from a DCP folder: torch's writer asks for each tensor in turn, and the
+    one made before is freed then."""
+    from optckpt.convert import convert_checkpoint
+
+    folder = tmp_path / "ckpt"
+    _save(folder)
+    reference = dcp_as_torch_reads_it(folder, tmp_path)
+    made = track_assemblies(monkeypatch)
+    convert_checkpoint(folder, f"{tmp_path / 'again'}/")
+    back = dcp_as_torch_reads_it(tmp_path / "again", tmp_path)
+    flat = flat_optimizer_state(reference["optim"])
+    assert_same_bits(flat_optimizer_state(back["optim"]), flat)
+    assert_same_bits(
+        {(k,): v for k, v in back["model"].items()},
+        {(k,): v for k, v in reference["model"].items()},
+    )
+    # each a view of its file here (one process saved it whole): none holds memory of its own
+    assert made.made == _placeholders(reference) and made.most_alive == 0
