@@ -236,11 +236,11 @@ def dcp_as_torch_reads_it(folder: Path, scratch: Path) -> Any:
 
 class Assemblies:
     """What :func:`track_assemblies` saw: each tensor a DCP placeholder's writer made, and
-    the most that held memory of their own at once (weak references to their storages: a
-    view of an input file holds none, a storage freed under its tensor holds none)."""
+    the most that held memory of their own at once (weak references to their storages; a
+    view of a ``.distcp`` file holds none, nor does a storage freed under its tensor)."""
 
     def __init__(self) -> None:
-        self.storages: list[Any] = []
+        self.storages: list[tuple[Any, bool]] = []  # (weak reference, a view of a file)
         self.most_alive = 0
 
     @property
@@ -250,9 +250,19 @@ class Assemblies:
     def alive(self) -> int:
         return sum(
             1
-            for ref in self.storages
-            if (s := ref()) is not None and s.resizable() and s.nbytes() > 0
+            for ref, in_file in self.storages
+            if not in_file and (s := ref()) is not None and s.nbytes() > 0
         )
+
+
+def _in_distcp_mapping(address: int) -> bool:
+    """Whether ``address`` lies in a memory mapping of a ``.distcp`` file (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return len(fields) == 6 and fields[5].endswith(".distcp")
+    return False
 
 
 def track_assemblies(monkeypatch: pytest.MonkeyPatch) -> Assemblies:
@@ -267,7 +277,8 @@ def track_assemblies(monkeypatch: pytest.MonkeyPatch) -> Assemblies:
 
     def materialize(self: Assembled) -> torch.Tensor:
         tensor = original(self)
-        seen.storages.append(weakref.ref(tensor.untyped_storage()))
+        storage = tensor.untyped_storage()
+        seen.storages.append((weakref.ref(storage), _in_distcp_mapping(storage.data_ptr())))
         seen.most_alive = max(seen.most_alive, seen.alive())
         return tensor
 

@@ -10,6 +10,7 @@ tensor before anything is read (:func:`check_chunks`).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -92,8 +93,7 @@ class TensorSource:
             dest = out[place]
             # FSDP2's row shards: read into place (from the file: not a compressed entry)
             if dest.is_contiguous() and _dense(record) and not piece.stored.transforms:
-                into = dest.reshape(-1).view(torch.uint8).numpy()
-                self.files.read_into(piece.stored.file, start, into.data)
+                self.files.read_into(piece.stored.file, start, _bytes_of(dest))
                 continue
             _copy_into(dest, raw, record)
             if not piece.stored.transforms:  # a decompressed chunk's memory is freed with it
@@ -115,6 +115,14 @@ class TensorSource:
         for dtype in casts:
             tensor = tensor.to(dtype=dtype)
         return tensor
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The writable bytes of a contiguous CPU tensor, valid while it lives. Not through
+    ``.numpy()``: that marks its storage as never to be resized, and the DCP writer frees a
+    tensor it has written by resizing its storage to nothing."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _dense(record: Any) -> bool:

@@ -108,8 +108,6 @@ def write_safetensors(
             if isinstance(value, DescribedTensor):  # bytes of a file: copied, never made
                 _copy_described(value, f, files, progress)
                 continue
-            import torch
-
             tensor = _stored(value)
             nbytes = tensor.numel() * tensor.element_size()
             found = ranges.find(tensor.data_ptr(), nbytes)
@@ -120,13 +118,8 @@ def write_safetensors(
             if progress is not None and done:
                 progress(done)
             if done < nbytes:
-                data = tensor.reshape(-1).view(torch.uint8).numpy().data
-                for start in range(done, nbytes, _SLICE):
-                    piece = data[start : start + _SLICE]
-                    write_all(f, piece)
-                    if progress is not None:
-                        progress(len(piece))
-            del tensor
+                _write_from(f, tensor, done, progress)
+            del tensor  # its memory goes now (nothing else holds it), before the next is made
             # pages read from a mapped input can go
             read = value.source if is_deferred(value) else value
             ranges.drop(read.data_ptr(), read.numel() * read.element_size())
@@ -134,6 +127,21 @@ def write_safetensors(
                 trim_heap()  # see optckpt.io.pages.trim_heap
         end_output(f)
     release(sources)
+
+
+def _write_from(
+    f: Any, tensor: torch.Tensor, start: int, progress: Callable[[int], None] | None
+) -> None:
+    """Write the contiguous ``tensor``'s bytes from ``start`` on, in slices; the views of it
+    made here go when it returns."""
+    import torch
+
+    data = tensor.reshape(-1).view(torch.uint8).numpy().data
+    for first in range(start, len(data), _SLICE):
+        piece = data[first : first + _SLICE]
+        write_all(f, piece)
+        if progress is not None:
+            progress(len(piece))
 
 
 def _devices(
