@@ -21,6 +21,7 @@ from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.dcp.folder import check_chunks
 from optckpt.io.dcp.storage import Files, raw_chunk, typed
 from optckpt.io.dcp.unpickle import Chunk, Stored, TensorEntry
+from optckpt.io.pages import trim_heap
 from optckpt.io.torch_format import _DEFERRABLE, Deferred
 
 
@@ -174,11 +175,15 @@ class Assembled(Deferred):
         """Make the tensor: contiguous, owning exactly its storage (as a writer records it)."""
         if self._casts:  # read aligned (a cast reads it as its dtype), then cast
             read = self._source_of.load()
-            if self._source_of._whole() is not None:
+            whole = self._source_of._whole() is not None
+            if whole:
                 self.source = read  # a view of the file: the writer releases its pages
             made = read.contiguous()
+            del read
             for dtype in self._casts:  # each differs from the one before: a new tensor
                 made = made.to(dtype=dtype)
+            if not whole:  # the tensor assembled for the cast is freed: give its memory back
+                trim_heap()  # now, not at the writer's next trim, which counts casts only
             return made
         made = self._source_of.load(align=False)
         exact = (
