@@ -175,15 +175,14 @@ class Assembled(Deferred):
         """Make the tensor: contiguous, owning exactly its storage (as a writer records it)."""
         if self._casts:  # read aligned (a cast reads it as its dtype), then cast
             read = self._source_of.load()
-            whole = self._source_of._whole() is not None
-            if whole:
+            if self._in_file():
                 self.source = read  # a view of the file: the writer releases its pages
             made = read.contiguous()
             del read
             for dtype in self._casts:  # each differs from the one before: a new tensor
                 made = made.to(dtype=dtype)
-            if not whole:  # the tensor assembled for the cast is freed: give its memory back
-                trim_heap()  # now, not at the writer's next trim, which counts casts only
+            if not self._in_file():  # what was made for the cast is freed: give its memory
+                trim_heap()  # back now, not at the writer's next trim, which counts casts only
             return made
         made = self._source_of.load(align=False)
         exact = (
@@ -193,6 +192,13 @@ class Assembled(Deferred):
         )
         if not exact:  # a view of part of its storage: aligned copy
             made = self._source_of.load(align=True).contiguous().clone()
-        elif self._source_of._whole() is not None:
+        elif self._in_file():
             self.source = made  # a view of the file: the writer releases its pages
         return made
+
+    def _in_file(self) -> bool:
+        """Whether the tensor is read as a view of its (mapped) file: one chunk covers it,
+        stored as it is. Only such a view is kept (as :attr:`source`) after writing: a
+        decompressed chunk's memory must go with the tensor made from it."""
+        whole = self._source_of._whole()
+        return whole is not None and not whole.stored.transforms

@@ -198,6 +198,9 @@ def _later_planner(later: Mapping[int, tuple[Any, Deferred]], ranges: FileRanges
                 return data
             self.release()
             made = found[1].materialize()
+            nbytes = made.numel() * made.element_size()
+            if not made.untyped_storage().resizable() and not ranges.find(made.data_ptr(), nbytes):
+                made = made.clone()  # memory not torch's (a decompressed chunk): freed as ours
             self._last = (found[1], made)
             return made
 
