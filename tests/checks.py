@@ -23,6 +23,17 @@ from optckpt.layout import find_model_state
 BEFORE_2_13 = TorchVersion(torch.__version__) < "2.13.0a0"
 
 
+# Every optimizer class of the installed torch.optim, by name: enumerated from torch itself, so
+# that a torch upgrade adding one fails the tests that walk them until optckpt knows it.
+TORCH_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    name: cls
+    for name, cls in vars(torch.optim).items()
+    if isinstance(cls, type)
+    and issubclass(cls, torch.optim.Optimizer)
+    and cls is not torch.optim.Optimizer
+}
+
+
 # The checks of resume-step, in the order it reports them (without --check-torch).
 RESUME_CHECKS = [
     "loads",

@@ -1,7 +1,7 @@
 """NAdam, RAdam, RMSprop and Rprop against ``torch.optim``, beyond the parity table.
 
 The table rows live in ``rows_adam_variants.py``; here are the behaviours the table cannot
-express: constructor signatures (RMSprop's flags are positional), the ``capturable``
+express (``test_base`` checks the constructor signatures): the ``capturable``
 arithmetic (torch refuses it on the CPU, so both sides are allowed the CPU here and run it),
 differentiable runs that torch itself cannot backpropagate through, and a state whose group
 options changed.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import inspect
 import sys
 from typing import Any
 
@@ -35,17 +34,6 @@ from optckpt.optim import NAdam, RAdam, RMSprop, Rprop
 OURS = (NAdam, RAdam, RMSprop, Rprop)
 # From test_parity's table (importing rows_adam_variants first would be a circular import).
 ROW = {row.name: row for row in ROWS if row.ours in OURS}
-
-
-@pytest.mark.parametrize("ours", [pytest.param(cls, id=cls.__name__) for cls in OURS])
-def test_signature_is_torchs(ours: type) -> None:
-    """Same names, kinds (RMSprop's flags positional, the others' keyword-only), defaults."""
-
-    def shape(cls: type) -> list[tuple[str, Any, Any]]:
-        parameters = inspect.signature(cls).parameters.values()
-        return [(p.name, p.kind, p.default) for p in parameters]
-
-    assert shape(ours) == shape(getattr(torch.optim, ours.__name__))
 
 
 # --- capturable, with the CPU allowed --------------------------------------------------------

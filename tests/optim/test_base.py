@@ -198,6 +198,18 @@ def test_groups_and_defaults_are_torchs(ours: type, theirs: type) -> None:
 
 
 @pytest.mark.parametrize(("ours", "theirs"), PAIRS)
+def test_signature_is_torchs(ours: type, theirs: type) -> None:
+    """Same parameter names, kinds (positional or keyword-only, as torch has them: ASGD's and
+    RMSprop's flags are positional) and defaults, in the same order."""
+
+    def shape(cls: type) -> list[tuple[str, Any, Any]]:
+        parameters = inspect.signature(cls).parameters.values()
+        return [(p.name, p.kind, p.default) for p in parameters]
+
+    assert shape(ours) == shape(theirs)
+
+
+@pytest.mark.parametrize(("ours", "theirs"), PAIRS)
 def test_a_subclass_keeps_torchs_defaults(ours: type, theirs: type) -> None:
     """A user's subclass, which the specs do not name, builds torch's defaults in its order."""
 

@@ -11,18 +11,11 @@ from typing import Any
 
 import pytest
 import torch
+from checks import TORCH_CLASSES
 from torch import nn
 
 from optckpt.optim import guess as guess_module
 from optckpt.optim.guess import guess_optimizer
-
-TORCH_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    name: cls
-    for name, cls in vars(torch.optim).items()
-    if isinstance(cls, type)
-    and issubclass(cls, torch.optim.Optimizer)
-    and cls is not torch.optim.Optimizer
-}
 
 # Group keys torch added over the releases; a checkpoint from an older torch lacks them.
 VERSIONED_KEYS = {

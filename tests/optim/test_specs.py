@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import TORCH_CLASSES
 
 from optckpt.optim import by_name
 from optckpt.optim.registry import defaults
@@ -28,14 +29,6 @@ from optckpt.optim.specs import (
     spec_of,
     state_mismatches,
 )
-
-TORCH_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    name: cls
-    for name, cls in vars(torch.optim).items()
-    if isinstance(cls, type)
-    and issubclass(cls, torch.optim.Optimizer)
-    and cls is not torch.optim.Optimizer
-}
 
 SHAPES = [(3, 4), (5,), (2, 3, 4)]
 MATRICES = [(3, 4), (5, 2)]

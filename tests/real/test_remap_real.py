@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from checks import assert_bitwise_equal, assert_one_line_error
+from checks import TORCH_CLASSES, assert_bitwise_equal, assert_one_line_error
 from torch import nn
 from typer.testing import CliRunner
 
@@ -24,14 +24,6 @@ import optckpt
 from optckpt.cli.app import app
 
 runner = CliRunner()
-
-TORCH_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    name: cls
-    for name, cls in vars(torch.optim).items()
-    if isinstance(cls, type)
-    and issubclass(cls, torch.optim.Optimizer)
-    and cls is not torch.optim.Optimizer
-}
 
 
 def _model(head: int = 3, extra: bool = False) -> nn.Module:
