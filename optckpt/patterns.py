@@ -13,6 +13,7 @@ the rule and the name.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,14 @@ import regex
 
 from optckpt.errors import UsageError
 
-__all__ = ["SECONDS_IN_ALL", "SECONDS_PER_NAME", "Pattern", "compile_pattern"]
+__all__ = [
+    "SECONDS_IN_ALL",
+    "SECONDS_PER_NAME",
+    "Pattern",
+    "apply_renames",
+    "compile_pattern",
+    "parse_rename",
+]
 
 SECONDS_PER_NAME = 1.0
 """Time one pattern may take on one name (a real one takes microseconds)."""
@@ -113,3 +121,29 @@ def compile_pattern(pattern: str, *, option: str, rule: str) -> Pattern:
     except (regex.error, ValueError, OverflowError, RecursionError) as e:
         raise UsageError(f"{option} {rule!r}: bad regex ({e})") from e
     return Pattern(option, rule, compiled)
+
+
+def parse_rename(rule: str) -> tuple[Pattern, str]:
+    """Parse ``'REGEX=REPLACEMENT'`` (split at the first ``=``; ``\\1`` refers to groups).
+
+    The pattern runs with a time budget (:mod:`optckpt.patterns`): names come from the
+    checkpoint, and a backtracking pattern must not hang the command.
+
+    Raises:
+        UsageError: no ``=`` or a bad regex.
+    """
+    pattern, sep, replacement = rule.partition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--rename {rule!r}: expected 'REGEX=REPLACEMENT'")
+    return compile_pattern(pattern, option="--rename", rule=rule), replacement
+
+
+def apply_renames(name: str, rules: Sequence[tuple[Pattern, str]]) -> str:
+    """``name`` with the ``--rename`` rules (from :func:`parse_rename`) applied in order.
+
+    Raises:
+        UsageError: a rule runs out of time or its replacement is bad.
+    """
+    for pattern, replacement in rules:
+        name = pattern.sub(replacement, name)
+    return name

@@ -48,7 +48,7 @@ from optckpt.optim.specs import (
     spec_of,
     state_mismatches,
 )
-from optckpt.patterns import Pattern, compile_pattern
+from optckpt.patterns import apply_renames, parse_rename
 from optckpt.remap_hyperparams import (
     PREFERENCES,
     HyperparamChange,
@@ -126,29 +126,6 @@ class RemapPlan:
             if self.scheduler_changes is None
             else {"scheduler_changes": [c.to_json() for c in self.scheduler_changes]}
         )
-
-
-def parse_rename(rule: str) -> tuple[Pattern, str]:
-    """Parse ``'REGEX=REPLACEMENT'`` (split at the first ``=``; ``\\1`` refers to groups).
-
-    The pattern runs with a time budget (:mod:`optckpt.patterns`): names come from the
-    checkpoint, and a backtracking pattern must not hang the command.
-
-    Raises:
-        UsageError: no ``=`` or a bad regex.
-    """
-    pattern, sep, replacement = rule.partition("=")
-    if not sep or not pattern:
-        raise UsageError(f"--rename {rule!r}: expected 'REGEX=REPLACEMENT'")
-    return compile_pattern(pattern, option="--rename", rule=rule), replacement
-
-
-def _renamed(name: str, rules: Sequence[tuple[Pattern, str]]) -> str:
-    """Apply the rules in order; a UsageError when one runs out of time or its replacement
-    is bad."""
-    for regex, replacement in rules:
-        name = regex.sub(replacement, name)
-    return name
 
 
 def _carry(
@@ -265,7 +242,7 @@ def remap(
     rules = [parse_rename(r) for r in rename]
     by_target_name: dict[str, tuple[str, Any]] = {}
     for pid, name in names.items():
-        new_name = _renamed(name, rules)
+        new_name = apply_renames(name, rules)
         if new_name in by_target_name:
             raise UsageError(
                 f"--rename maps both {by_target_name[new_name][0]!r} and {name!r} to {new_name!r}"

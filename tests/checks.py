@@ -104,6 +104,52 @@ def changed_in_2_13(what: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(BEFORE_2_13, reason=f"torch < 2.13: {what}", strict=True)
 
 
+def dcp_save_trained(
+    folder: Path,
+    widths: tuple[int, int, int],
+    *,
+    steps: int,
+    batch: int,
+    extra: dict[str, Any],
+    compress: bool = False,
+) -> None:
+    """``dcp.save`` (one process) of ``get_state_dict``'s model and AdamW after ``steps``
+    real steps, beside ``extra``: a seeded ``Linear(a, b), ReLU, Linear(b, c)`` for
+    ``widths`` ``(a, b, c)``; ``compress``: every entry through torch's ZStandard extension."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    torch.manual_seed(0)
+    a, b, c = widths
+    model = nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(torch.randn(batch, a)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    msd, osd = get_state_dict(model, optimizer)
+    extensions = [ZStandard()] if compress else None
+    writer = FileSystemWriter(str(folder), _extensions=extensions)
+    dcp.save({"model": msd, "optim": osd, "extra": extra}, storage_writer=writer)
+
+
+def step_by_recipe(optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    """``steps`` steps of a torch optimizer on the synthetic gradients of ``seed``, by the
+    README's recipe (its own code, not optckpt's): a generator seeded ``seed + 1``, one
+    ``randn`` per parameter in group order, each step."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(steps):
+        for p in order:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+
+
 def assert_bitwise_equal(ours: Any, theirs: Any, path: str = "") -> None:
     """Equal structure, key order, types, dtypes, devices and bits (torch.equal)."""
     if isinstance(theirs, torch.Tensor):

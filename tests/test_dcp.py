@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, flat_optimizer_state
+from checks import assert_same_bits, flat_optimizer_state, step_by_recipe
 from torch import nn
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
@@ -809,12 +809,7 @@ def test_resume_step_output_of_a_dcp_folder_resumes_in_torch(tmp_path: Path, out
     # the same two steps with torch.optim, by the documented recipe
     model, optimizer = _trained(steps=0, skip=False)
     _load_into(folder, model, optimizer)
-    gen = torch.Generator().manual_seed(4)
-    order = [p for g in optimizer.param_groups for p in g["params"]]
-    for _ in range(2):
-        for p in order:
-            p.grad = torch.randn(p.shape, generator=gen)
-        optimizer.step()
+    step_by_recipe(optimizer, steps=2, seed=3)
     names = {p: n for n, p in model.named_parameters()}
     expected = {(names[p], k): v for p, st in optimizer.state.items() for k, v in st.items()}
 

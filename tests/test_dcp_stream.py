@@ -22,10 +22,10 @@ import torch
 from checks import (
     assert_same_bits,
     dcp_as_torch_reads_it,
+    dcp_save_trained,
     flat_optimizer_state,
     track_assemblies,
 )
-from torch import nn
 
 from optckpt.io import load_checkpoint
 from optckpt.move import move_checkpoint
@@ -43,26 +43,8 @@ def _quiet_dcp() -> None:
 def _save(folder: Path, *, compress: bool = False) -> None:
     """dcp.save of get_state_dict's model and AdamW after three steps, with an integer
     tensor and plain values beside them (``compress``: through torch's ZStandard)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        model(torch.randn(2, 4)).pow(2).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    msd, osd = get_state_dict(model, optimizer)
     extra = {"ids": torch.arange(7), "epoch": 3}
-    state = {"model": msd, "optim": osd, "extra": extra}
-    if not compress:
-        dcp.save(state, checkpoint_id=str(folder))
-        return
-    from torch.distributed.checkpoint._extension import ZStandard
-
-    dcp.save(state, storage_writer=FileSystemWriter(str(folder), _extensions=[ZStandard()]))
+    dcp_save_trained(folder, (4, 5, 3), steps=3, batch=2, extra=extra, compress=compress)
 
 
 def _read_back(out: Path, kind: str, scratch: Path) -> Any:

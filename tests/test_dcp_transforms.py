@@ -7,14 +7,12 @@ import json
 import pickle
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, flat_optimizer_state
-from torch import nn
+from checks import assert_same_bits, dcp_save_trained, flat_optimizer_state
 
 zstandard = pytest.importorskip("zstandard")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -32,23 +30,8 @@ def _cli(*args: Any) -> Any:
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """dcp.save of get_state_dict's model and AdamW (two steps) and a value, every entry
     written through torch's ZStandard extension."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint._extension import ZStandard
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(2):
-        model(torch.randn(4, 64)).pow(2).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    msd, osd = get_state_dict(model, optimizer)
     folder = tmp_path_factory.mktemp("zstd") / "ckpt"
-    writer = FileSystemWriter(str(folder), _extensions=[ZStandard()])
-    dcp.save({"model": msd, "optim": osd, "extra": {"epoch": 2}}, storage_writer=writer)
+    dcp_save_trained(folder, (64, 48, 5), steps=2, batch=4, extra={"epoch": 2}, compress=True)
     return folder
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from optckpt.described import META, DescribedStorage, DescribedTensor
 from optckpt.errors import OptckptError
-from optckpt.io.dcp.folder import DcpFolder, folder_files, read_metadata_file, tensor_layouts
+from optckpt.io.dcp.folder import DcpFolder, read_metadata_file, tensor_layouts
 from optckpt.io.dcp.storage import Files, locate_chunk, open_entry
 from optckpt.io.dcp.tree import build_tree
 from optckpt.io.dcp.unpickle import BytesEntry, Metadata, TensorEntry
@@ -84,17 +84,7 @@ def _describe(folder: Path, metadata: Metadata) -> DcpFolder:
         return _scalar(files, metadata, key, entry)
 
     root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
-    sizes = folder_files(folder)
-    return DcpFolder(
-        path=folder,
-        format="dcp",
-        size=sum(sizes.values()),
-        root=root,
-        sources=files.mapped,
-        files=sizes,
-        metadata=metadata,
-        layouts=layouts,
-    )
+    return DcpFolder.made(folder, metadata, root, sources=files.mapped, layouts=layouts)
 
 
 def _placeholder(key: str, entry: TensorEntry) -> DescribedTensor:

@@ -11,10 +11,10 @@ tensors are descriptions (``inspect`` without ``--stats``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from optckpt.described import DType, dtype_name
 from optckpt.errors import UnreadableCheckpointError
@@ -22,8 +22,10 @@ from optckpt.io.dcp import METADATA
 from optckpt.io.dcp.storage import refused_globals
 from optckpt.io.dcp.unpickle import (
     BadPickle,
+    Chunk,
     Metadata,
     RefusedGlobals,
+    Stored,
     TensorEntry,
     read_metadata,
 )
@@ -145,15 +147,16 @@ class TensorLayout:
         }
 
 
-def tensor_layouts(folder: Path, metadata: Metadata) -> dict[str, TensorLayout]:
-    """How each tensor of ``metadata`` is saved, by its flat key; its chunks checked
-    (:func:`check_chunks`), in the order of ``.metadata``.
+def stored_chunks(
+    folder: Path, metadata: Metadata
+) -> Iterator[tuple[str, TensorEntry, list[tuple[Chunk, Stored]]]]:
+    """Each tensor of ``metadata`` (flat key, entry) with its chunks and where each is
+    stored, in the order of ``.metadata``.
 
     Raises:
         UnreadableCheckpointError: a chunk that ``.metadata`` does not say where it is
-            stored, or chunks that do not tile their tensor.
+            stored.
     """
-    found = {}
     for key, entry in metadata.entries.items():
         if not isinstance(entry, TensorEntry):
             continue
@@ -164,7 +167,21 @@ def tensor_layouts(folder: Path, metadata: Metadata) -> dict[str, TensorLayout]:
                 raise UnreadableCheckpointError(
                     f"{folder}: {key}: .metadata says where no chunk at {list(chunk.offsets)} is"
                 )
-            pieces.append(ChunkLayout(chunk.offsets, chunk.sizes, stored.file))
+            pieces.append((chunk, stored))
+        yield key, entry, pieces
+
+
+def tensor_layouts(folder: Path, metadata: Metadata) -> dict[str, TensorLayout]:
+    """How each tensor of ``metadata`` is saved, by its flat key; its chunks checked
+    (:func:`check_chunks`), in the order of ``.metadata``.
+
+    Raises:
+        UnreadableCheckpointError: a chunk that ``.metadata`` does not say where it is
+            stored, or chunks that do not tile their tensor.
+    """
+    found = {}
+    for key, entry, stored in stored_chunks(folder, metadata):
+        pieces = [ChunkLayout(chunk.offsets, chunk.sizes, where.file) for chunk, where in stored]
         check_chunks(f"{folder}: {key}", entry)
         files = list(dict.fromkeys(p.file for p in pieces))
         found[key] = TensorLayout(
@@ -176,6 +193,9 @@ def tensor_layouts(folder: Path, metadata: Metadata) -> dict[str, TensorLayout]:
 def folder_files(folder: Path) -> dict[str, int]:
     """Every file of the folder (relative name) and its size in bytes."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in files_under(folder)}
+
+
+_Folder = TypeVar("_Folder", bound="DcpFolder")
 
 
 @dataclass
@@ -198,6 +218,32 @@ class DcpFolder(Checkpoint):
     def saved_device(self, *args: Any, **kwargs: Any) -> str | None:
         """``None``: DCP does not record where a tensor was (whichever tensor is asked for)."""
         return None
+
+    @classmethod
+    def made(
+        cls: type[_Folder],
+        folder: Path,
+        metadata: Metadata,
+        root: Any,
+        *,
+        sources: list[Path],
+        layouts: dict[str, TensorLayout],
+        **extra: Any,
+    ) -> _Folder:
+        """The checkpoint of ``folder`` once its tree is built: its files and their sizes
+        listed now; ``sources``: the files mapped while reading it."""
+        sizes = folder_files(folder)
+        return cls(
+            path=folder,
+            format="dcp",
+            size=sum(sizes.values()),
+            root=root,
+            sources=sources,
+            files=sizes,
+            metadata=metadata,
+            layouts=layouts,
+            **extra,
+        )
 
     def summary(self) -> dict[str, Any]:
         """How the folder stores the checkpoint: its files, its tensors and their chunks

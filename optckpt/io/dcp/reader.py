@@ -27,13 +27,13 @@ import torch
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.dcp import METADATA as METADATA  # re-exported: defined with is_dcp
 from optckpt.io.dcp import is_dcp as is_dcp
-from optckpt.io.dcp.folder import DcpFolder, folder_files, tensor_layouts
+from optckpt.io.dcp.folder import DcpFolder, stored_chunks, tensor_layouts
 from optckpt.io.dcp.folder import TensorLayout as TensorLayout  # re-exported
 from optckpt.io.dcp.folder import read_metadata_file as read_metadata_file  # re-exported
 from optckpt.io.dcp.storage import Files, load_bytes
 from optckpt.io.dcp.tensors import Piece, TensorSource
 from optckpt.io.dcp.tree import build_tree
-from optckpt.io.dcp.unpickle import BytesEntry, Metadata, TensorEntry
+from optckpt.io.dcp.unpickle import BytesEntry, Metadata
 from optckpt.io.read import resolve_globals
 
 Tensors = Literal["load", "lazy", "meta"]
@@ -101,20 +101,10 @@ class DcpCheckpoint(DcpFolder):
 
 def _sources(folder: Path, metadata: Metadata, files: Files) -> dict[str, TensorSource]:
     """Every tensor's chunks, each found in ``storage_data``; chunks checked to tile it."""
-    found = {}
-    for key, entry in metadata.entries.items():
-        if not isinstance(entry, TensorEntry):
-            continue
-        pieces = []
-        for chunk in entry.chunks:
-            stored = metadata.storage.get((key, chunk.offsets))
-            if stored is None:
-                raise UnreadableCheckpointError(
-                    f"{folder}: {key}: .metadata says where no chunk at {list(chunk.offsets)} is"
-                )
-            pieces.append(Piece(chunk, stored))
-        found[key] = TensorSource(key, entry, pieces, files)
-    return found
+    return {
+        key: TensorSource(key, entry, [Piece(chunk, stored) for chunk, stored in pieces], files)
+        for key, entry, pieces in stored_chunks(folder, metadata)
+    }
 
 
 def read_dcp(
@@ -172,15 +162,6 @@ def read_dcp(
         return source.load()
 
     root = build_tree(str(folder), list(metadata.entries), metadata.planner_data, value)
-    sizes = folder_files(folder)
-    return DcpCheckpoint(
-        path=folder,
-        format="dcp",
-        size=sum(sizes.values()),
-        root=root,
-        sources=files.mapped,
-        files=sizes,
-        metadata=metadata,
-        layouts=layouts,
-        _sources=placeholders,
+    return DcpCheckpoint.made(
+        folder, metadata, root, sources=files.mapped, layouts=layouts, _sources=placeholders
     )
