@@ -141,6 +141,35 @@ class DescribedStorage:
 
 
 @dataclass(eq=False)
+class JoinedStorage(DescribedStorage):
+    """A storage whose bytes are several runs of files, one after another: a DCP tensor
+    saved as row chunks (FSDP's shards of dimension 0), whose bytes in order are the
+    tensor's. Writers copy each run (:attr:`parts`); :meth:`read` reads across them.
+
+    Attributes:
+        parts: the runs, in order; their sizes add up to ``size``.
+    """
+
+    parts: tuple[DescribedStorage, ...] = ()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (in bytes, within the joined storage)."""
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"storage {self.key}: bytes {offset}..{offset + length} out of range")
+        out = bytearray()
+        for part in self.parts:
+            if length == 0:
+                break
+            if offset >= part.size:
+                offset -= part.size
+                continue
+            take = min(length, part.size - offset)
+            out += part.read(offset, take)
+            offset, length = 0, length - take
+        return bytes(out)
+
+
+@dataclass(eq=False)
 class DescribedTensor:
     """A tensor as the file describes it: the view of a storage ``torch.load`` would make.
 
@@ -251,7 +280,12 @@ class DescribedTensor:
         import torch
 
         dtype = getattr(torch, self.dtype.name)
-        if self.storage.source is None or self.storage.size == 0:
+        if self.storage.size == 0:
+            raw = torch.empty(0, dtype=torch.uint8)
+        elif isinstance(self.storage, JoinedStorage):  # bytes of several runs: gathered
+            joined = bytearray(self.storage.read(0, self.storage.size))
+            raw = torch.frombuffer(joined, dtype=torch.uint8)
+        elif self.storage.source is None:
             raw = torch.empty(0, dtype=torch.uint8)
         else:
             raw = torch.frombuffer(

@@ -163,3 +163,18 @@ def test_without_zstandard_exit_3_naming_the_package(compressed: Path) -> None:
         assert found.returncode == 3, found.stderr
         [line, _rss] = found.stderr.splitlines()
         assert line.startswith("error: ") and "pip install zstandard" in line
+
+
+def test_compressed_folder_converts_to_safetensors_through_torch(
+    compressed: Path, tmp_path: Path
+) -> None:
+    # compressed chunks cannot be copied file to file: the describing reader leaves the
+    # folder to the torch path, and convert writes the same file either way
+    from optckpt.convert import convert_checkpoint
+    from optckpt.io.dcp.describe import describe_dcp
+
+    assert describe_dcp(compressed, data=True) is None
+    described, loaded = tmp_path / "d.safetensors", tmp_path / "t.safetensors"
+    convert_checkpoint(compressed, described)
+    convert_checkpoint(compressed, loaded, describe=False)
+    assert described.read_bytes() == loaded.read_bytes()

@@ -281,8 +281,17 @@ class Rewrite:
         safetensors) reads the file without torch where it can
         (:mod:`optckpt.io.structure`): the writer then copies each tensor's bytes from the
         file. A file with a tensor that is not one contiguous run of bytes is read with
-        torch (its bytes must be gathered)."""
+        torch (its bytes must be gathered). A DCP folder likewise
+        (:func:`~optckpt.io.dcp.describe.describe_dcp` with ``data``): a tensor saved as
+        row chunks is copied chunk by chunk; one saved otherwise (compressed, split on
+        another dimension) makes the whole folder take the torch path."""
         if self.dcp and is_dcp(self.source):
+            if describe and not read:  # every tensor where its bytes are, else None
+                from optckpt.io.dcp.describe import describe_dcp
+
+                found = describe_dcp(self.source, allow_globals=self.allow_globals, data=True)
+                if found is not None:
+                    return found
             from optckpt.io.dcp.reader import read_dcp
 
             tensors: Literal["load", "meta"] = "load" if read else "meta"

@@ -346,3 +346,45 @@ def test_inspect_shows_each_tensors_chunks_as_torchs_metadata_says(run: Path, na
         ] and f"0: {split}" in " ".join(row), row  # fmt: skip
     unsharded = [k for k, t in expected.items() if len(t["chunks"]) == 1]
     assert unsharded and not any(r and r[0] in unsharded for r in rows)
+
+
+@pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat"])
+def test_fsdp2_folders_convert_to_safetensors_without_torch(
+    run: Path, name: str, tmp_path: Path
+) -> None:
+    """Uneven row shards are copied chunk by chunk from the .distcp files, in a process that
+    never imports torch; the file is the torch path's, byte for byte, and its values are
+    dcp_to_torch_save's."""
+    import subprocess
+    import sys
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from optckpt.convert import convert_checkpoint
+    from optckpt.io.dcp.describe import describe_dcp
+
+    described, loaded = tmp_path / "d.safetensors", tmp_path / "t.safetensors"
+    script = (
+        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
+        f"convert_checkpoint({str(run / name)!r}, {str(described)!r})\n"
+        "print('torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    convert_checkpoint(run / name, loaded, describe=False)
+    assert described.read_bytes() == loaded.read_bytes()
+
+    dcp_to_torch_save(str(run / name), str(tmp_path / "ref.pt"))
+    reference = torch.load(tmp_path / "ref.pt", weights_only=True)
+    named = tmp_path / "names.safetensors"
+    convert_checkpoint(run / name, named, keying="names")
+    back = load_checkpoint(named).root
+    assert_same_bits(back["model"], reference["model"])
+    assert_same_bits(flat_optimizer_state(back["optim"]), flat_optimizer_state(reference["optim"]))
+    # the description of a sharded tensor reads its bytes across both files
+    folder = describe_dcp(run / name, data=True)
+    assert folder is not None
+    weight = folder.root["optim"]["state"]["0.weight"]["exp_avg"]
+    assert [p.file.name for p in weight.storage.parts] == ["__0_0.distcp", "__1_0.distcp"]
+    expected = flat_optimizer_state(reference["optim"])[("0.weight", "exp_avg")]
+    assert torch.equal(weight.to_torch(), expected)

@@ -23,12 +23,13 @@ their tensor, a corrupt value).
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import META, DescribedStorage, DescribedTensor
+from optckpt.described import META, DescribedStorage, DescribedTensor, JoinedStorage
 from optckpt.errors import OptckptError
 from optckpt.io.dcp.folder import DcpFolder, read_metadata_file, tensor_layouts
 from optckpt.io.dcp.storage import Files, locate_chunk, open_entry
@@ -50,9 +51,16 @@ class _NotModelled(Exception):
     """What this reader leaves to torch."""
 
 
-def describe_dcp(path: str | Path, *, allow_globals: Iterable[str] = ()) -> DcpFolder | None:
+def describe_dcp(
+    path: str | Path, *, allow_globals: Iterable[str] = (), data: bool = False
+) -> DcpFolder | None:
     """A DCP folder with its tensors described (see the module doc), or ``None``: read it
-    with :func:`~optckpt.io.dcp.read_dcp` (``tensors="meta"``).
+    with :func:`~optckpt.io.dcp.read_dcp` (``tensors="meta"``, or ``"lazy"`` for ``data``).
+
+    With ``data`` (``convert`` to safetensors), every tensor is described where its bytes
+    are, for a writer that copies them file to file (:func:`_in_place`); a tensor saved
+    another way (compressed, a view that is not its chunk's storage in order, chunks that
+    split another dimension than the first) makes it ``None``.
 
     Raises:
         UnreadableCheckpointError, UnsafeCheckpointError: ``.metadata`` refused, as
@@ -63,12 +71,12 @@ def describe_dcp(path: str | Path, *, allow_globals: Iterable[str] = ()) -> DcpF
     folder = Path(path)
     metadata = read_metadata_file(folder, {})
     try:
-        return _describe(folder, metadata)
+        return _describe(folder, metadata, data)
     except (_NotModelled, OptckptError):
         return None  # the torch path gives the result, or its own error
 
 
-def _describe(folder: Path, metadata: Metadata) -> DcpFolder:
+def _describe(folder: Path, metadata: Metadata, data: bool) -> DcpFolder:
     files = Files(folder)
     layouts = tensor_layouts(folder, metadata)
 
@@ -79,6 +87,8 @@ def _describe(folder: Path, metadata: Metadata) -> DcpFolder:
             if stored is None:
                 raise _NotModelled(key)
             return _value(files, stored, key)
+        if data:
+            return _in_place(files, metadata, key, entry)
         if entry.size:
             return _placeholder(key, entry)
         return _scalar(files, metadata, key, entry)
@@ -89,14 +99,10 @@ def _describe(folder: Path, metadata: Metadata) -> DcpFolder:
 
 def _placeholder(key: str, entry: TensorEntry) -> DescribedTensor:
     """A tensor of ``entry``'s shape and dtype on the ``meta`` device (contiguous strides)."""
-    strides: list[int] = []
-    step = 1
-    for size in reversed(entry.size):
-        strides.append(step)
-        step *= size
-    storage = DescribedStorage(key, step * entry.described.itemsize, "meta", 0)
+    nbytes = math.prod(entry.size) * entry.described.itemsize
+    storage = DescribedStorage(key, nbytes, "meta", 0)
     return DescribedTensor(
-        entry.described, entry.size, tuple(reversed(strides)), 0, storage, device=META
+        entry.described, entry.size, _contiguous(entry.size), 0, storage, device=META
     )
 
 
@@ -111,6 +117,49 @@ def _scalar(files: Files, metadata: Metadata, key: str, entry: TensorEntry) -> D
     nbytes = record.storage_numel * record.described.itemsize
     storage = DescribedStorage(record.key, nbytes, "cpu", start, mapped, files.folder / stored.file)
     return DescribedTensor(record.described, record.size, record.stride, record.offset, storage)
+
+
+def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) -> DescribedTensor:
+    """A tensor described where its bytes are: one chunk's storage run, or the runs of its
+    row chunks (split on dimension 0 only, as FSDP shards) joined in row order, each
+    chunk's tensor the whole of its storage in row-major order (what ``dcp.save`` writes)."""
+    runs = []
+    chunks = sorted(entry.chunks, key=lambda c: c.offsets)
+    for chunk in chunks:
+        if any(chunk.offsets[1:]) or chunk.sizes[1:] != entry.size[1:]:
+            raise _NotModelled(key)  # a split of another dimension: gathered with torch
+        stored = metadata.storage[(key, chunk.offsets)]
+        if stored.transforms:
+            raise _NotModelled(key)  # compressed: decompressed with torch
+        mapped, record, start = locate_chunk(files, stored, key)
+        size = record.described.itemsize * math.prod(chunk.sizes)
+        if (
+            record.size != chunk.sizes
+            or record.described != entry.described
+            or record.stride != _contiguous(chunk.sizes)
+            or size != record.storage_numel * record.described.itemsize
+        ):
+            raise _NotModelled(key)  # not the storage in order: the torch path copies it
+        begin = start + record.offset * record.described.itemsize
+        runs.append(
+            DescribedStorage(record.key, size, "cpu", begin, mapped, files.folder / stored.file)
+        )
+    if len(runs) == 1:
+        storage = runs[0]
+    else:
+        total = sum(run.size for run in runs)
+        storage = JoinedStorage(key, total, "cpu", 0, parts=tuple(runs))
+    return DescribedTensor(entry.described, entry.size, _contiguous(entry.size), 0, storage)
+
+
+def _contiguous(size: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``size``."""
+    strides: list[int] = []
+    step = 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _value(files: Files, stored: Any, key: str) -> Any:

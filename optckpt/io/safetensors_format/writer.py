@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import DescribedTensor
+from optckpt.described import DescribedStorage, DescribedTensor, JoinedStorage
 from optckpt.errors import UsageError
 from optckpt.io.outfile import (
     end_output,
@@ -205,6 +205,25 @@ def _copy_described(
     storage = tensor.storage
     nbytes = tensor.numel() * tensor.element_size()
     begin = tensor.offset * tensor.element_size()
+    if isinstance(storage, JoinedStorage):  # a DCP tensor's row chunks, in row order
+        if begin != 0 or nbytes != storage.size:
+            raise ValueError("a described tensor over joined runs must be all of them")
+        for part in storage.parts:
+            _copy_run(part, 0, part.size, f, files, progress)
+    else:
+        _copy_run(storage, begin, nbytes, f, files, progress)
+
+
+def _copy_run(
+    storage: DescribedStorage,
+    begin: int,
+    nbytes: int,
+    f: Any,
+    files: _Files,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Write ``nbytes`` of ``storage`` from ``begin``: in the kernel where it can, else
+    through its read-only mapping, in slices."""
     done = 0
     if storage.file is not None:
         done = copy_range(files.fd(storage.file), storage.start + begin, f.fileno(), nbytes)
