@@ -125,9 +125,17 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
     chunk's tensor the whole of its storage in row-major order (what ``dcp.save`` writes)."""
     runs = []
     chunks = sorted(entry.chunks, key=lambda c: c.offsets)
+    rows = 0  # where the next chunk must start
     for chunk in chunks:
         if any(chunk.offsets[1:]) or chunk.sizes[1:] != entry.size[1:]:
             raise _NotModelled(key)  # a split of another dimension: gathered with torch
+        if entry.size and 0 not in chunk.sizes:
+            # Past check_chunks' pairwise limit, overlapping chunks whose sizes add up to the
+            # tensor reach here; joined, they would shift every later row (the torch path
+            # zero-fills the tensor and copies each chunk to its place).
+            if chunk.offsets[0] != rows:
+                raise _NotModelled(key)
+            rows += chunk.sizes[0]
         stored = metadata.storage[(key, chunk.offsets)]
         if stored.transforms:
             raise _NotModelled(key)  # compressed: decompressed with torch
@@ -144,6 +152,8 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
         runs.append(
             DescribedStorage(record.key, size, "cpu", begin, mapped, files.folder / stored.file)
         )
+    if entry.size and 0 not in entry.size and rows != entry.size[0]:
+        raise _NotModelled(key)
     if len(runs) == 1:
         storage = runs[0]
     else:
