@@ -187,6 +187,37 @@ def test_a_failed_write_behind_is_an_unwritable_output(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "code", [errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS], ids=["EINVAL", "EOPNOTSUPP", "ENOSYS"]
+)
+def test_a_file_system_that_cannot_flush_behind_still_gets_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # fdatasync's EINVAL (a file system without it) ends the write-behind, not the write:
+    # whether the file is durable is the final fsync's to say
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
+    calls: list[int] = []
+
+    def unsupported(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fdatasync", unsupported)
+    slow = outfile.write_all
+
+    def slow_write(f: object, data: object) -> None:
+        slow(f, data)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    tree = {"w": torch.randn(10)}
+    out = tmp_path / "out.safetensors"
+    save_checkpoint(tree, out, "safetensors")
+    assert len(calls) == 1  # tried once, then stopped
+    assert torch.equal(read_safetensors(out)["w"], tree["w"])
+    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+
+
 def test_an_existing_target_survives_a_failed_write(tmp_path: Path) -> None:
     out = tmp_path / "out.pt"
     out.write_bytes(b"old")

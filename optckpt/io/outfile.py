@@ -10,6 +10,7 @@ tells a cast made when written (:class:`~optckpt.io.torch_format.Deferred`) from
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
@@ -139,7 +140,8 @@ class _WriteBehind:
 
     An error of a background flush (``EIO``, ``ENOSPC``) is raised by :meth:`stop`, as an
     :class:`OSError` naming the file: the kernel reports a write-back error once per
-    descriptor, so the final fsync might not see it again.
+    descriptor, so the final fsync might not see it again. A file system that cannot flush
+    the file (``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``) just ends the thread.
     """
 
     def __init__(self, fd: int, path: Path) -> None:
@@ -159,7 +161,10 @@ class _WriteBehind:
                     os.fdatasync(self._fd)
                     flushed = end
             except OSError as e:
-                self._error = e
+                # A file system that cannot flush this file (fdatasync's EINVAL) only loses
+                # the head start; whether the write is durable is the final fsync's to say.
+                if e.errno not in _UNSUPPORTED:
+                    self._error = e
                 return
 
     def stop(self) -> None:
@@ -178,6 +183,8 @@ class _WriteBehind:
 # Write back every this many new bytes: large enough that small files never start a flush.
 WRITE_BEHIND_BYTES = 64 * 1024 * 1024
 _POLL_SECONDS = 0.01
+# What fdatasync says where a file system cannot flush the file: the write-behind stops.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
 def end_output(f: Any) -> None:
