@@ -218,6 +218,35 @@ def test_a_file_system_that_cannot_flush_behind_still_gets_the_write(
     assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
+def test_an_error_while_a_write_behind_failed_is_that_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    # Ctrl-C (or any error) in the writer after a background flush failed: the file is
+    # abandoned, and what is reported is the error in flight (exit 130 for Ctrl-C), not EIO
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
+
+    def io_error(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    slow = outfile.write_all
+    calls: list[int] = []
+
+    def failing(f: object, data: object) -> None:
+        slow(f, data)
+        time.sleep(0.05)
+        calls.append(1)
+        if len(calls) > 1:
+            raise error
+
+    monkeypatch.setattr(safetensors_writer, "write_all", failing)
+    with pytest.raises(error):
+        save_checkpoint({"w": torch.randn(10)}, tmp_path / "out.safetensors", "safetensors")
+    assert len(calls) > 1 and list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+
+
 def test_an_existing_target_survives_a_failed_write(tmp_path: Path) -> None:
     out = tmp_path / "out.pt"
     out.write_bytes(b"old")

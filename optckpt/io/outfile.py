@@ -119,6 +119,15 @@ class _Output(io.FileIO):
         super().__init__(fd, "wb")
         self._behind = _WriteBehind(fd, path)
 
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if kind is not None and not self.closed:
+                # The exception in flight (Ctrl-C, SIGTERM, a failed read) is the one to
+                # report, and the file is abandoned: a background flush's error is dropped.
+                self._behind.stop(report=False)
+        finally:
+            self.close()
+
     def close(self) -> None:
         behind = getattr(self, "_behind", None)
         try:
@@ -167,16 +176,19 @@ class _WriteBehind:
                     self._error = e
                 return
 
-    def stop(self) -> None:
+    def stop(self, *, report: bool = True) -> None:
         """End the thread (waiting for a flush under way).
+
+        Args:
+            report: raise a background flush's error (else it is dropped).
 
         Raises:
             OSError: a background flush failed; the message names the file.
         """
         self._done.set()
         self._thread.join()
-        if self._error is not None:
-            e, self._error = self._error, None
+        e, self._error = self._error, None
+        if e is not None and report:
             raise OSError(e.errno, e.strerror, str(self._path)) from e
 
 
