@@ -472,3 +472,31 @@ def test_an_error_while_casting_leaves_nothing(
         save_checkpoint(tree, tmp_path / "out.pt", "pt")
     assert len(made) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_behind_uses_fsync_where_there_is_no_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # some platforms' Pythons (macOS) have no os.fdatasync: the flush falls back to fsync
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
+    monkeypatch.delattr(os, "fdatasync")
+    flushed: list[int] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    slow = outfile.write_all
+
+    def slow_write(f: object, data: object) -> None:
+        slow(f, data)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    out = tmp_path / "out.safetensors"
+    tree = {"w": torch.randn(10)}
+    save_checkpoint(tree, out, "safetensors")
+    assert len(flushed) >= 2  # the write-behind's, then the final one
+    assert torch.equal(read_safetensors(out)["w"], tree["w"])

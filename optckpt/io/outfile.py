@@ -167,7 +167,7 @@ class _WriteBehind:
             try:
                 end = os.fstat(self._fd).st_size
                 if end - flushed >= WRITE_BEHIND_BYTES:
-                    os.fdatasync(self._fd)
+                    _datasync(self._fd)
                     flushed = end
             except OSError as e:
                 # A file system that cannot flush this file (fdatasync's EINVAL) only loses
@@ -190,6 +190,12 @@ class _WriteBehind:
         e, self._error = self._error, None
         if e is not None and report:
             raise OSError(e.errno, e.strerror, str(self._path)) from e
+
+
+def _datasync(fd: int) -> None:
+    """``fdatasync`` where the platform has it (not every macOS Python does), else ``fsync``."""
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
 
 
 # Write back every this many new bytes: large enough that small files never start a flush.
