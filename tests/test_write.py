@@ -7,6 +7,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -130,13 +131,45 @@ def test_a_failed_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     assert list(tmp_path.iterdir()) == []
 
 
+def _write_behind(
+    monkeypatch: pytest.MonkeyPatch,
+    flush: Callable[[int], None],
+    *,
+    every: int = 1,
+    pause: float = 0.05,
+    after_write: Callable[[], None] | None = None,
+) -> None:
+    """Make the write-behind flush (through ``flush``, in place of ``os.fdatasync``) every
+    ``every`` bytes, and each write of both writers pause ``pause`` s, so that the 10 ms poll
+    sees the file grow; ``after_write`` runs after each write."""
+    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", every)
+    monkeypatch.setattr(os, "fdatasync", flush)
+    slow = outfile.write_all
+
+    def slow_write(f: object, data: object) -> None:
+        slow(f, data)
+        time.sleep(pause)
+        if after_write is not None:
+            after_write()
+
+    monkeypatch.setattr(torch_format, "write_all", slow_write)
+    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+
+
+def _io_error(fd: int) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def _no_write_behind_left() -> bool:
+    return not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+
+
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_large_writes_are_written_back_while_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
     # The write-behind thread flushes each time another WRITE_BEHIND_BYTES have been written,
     # before the file is complete; the file is still the same bytes.
-    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1 << 16)
     sizes: list[int] = []
     real = os.fdatasync
 
@@ -144,15 +177,7 @@ def test_large_writes_are_written_back_while_writing(
         sizes.append(os.fstat(fd).st_size)
         real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", recording)
-    slow = outfile.write_all
-
-    def slow_write(f: object, data: object) -> None:  # give the 10 ms poll time to see growth
-        slow(f, data)
-        time.sleep(0.02)
-
-    monkeypatch.setattr(torch_format, "write_all", slow_write)
-    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    _write_behind(monkeypatch, recording, every=1 << 16, pause=0.02)
     monkeypatch.setattr(safetensors_writer, "_SLICE", 1 << 16)
     tree = {"w": torch.randn(200_000)}  # 800 KB, written in 64 KiB slices
     out = tmp_path / f"out.{fmt}"
@@ -160,7 +185,7 @@ def test_large_writes_are_written_back_while_writing(
     assert sizes and min(sizes) < out.stat().st_size  # flushed before the end
     loaded = torch.load(out, weights_only=True) if fmt == "pt" else read_safetensors(out)
     assert torch.equal(loaded["w"], tree["w"])
-    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+    assert _no_write_behind_left()
 
 
 def test_a_failed_write_behind_is_an_unwritable_output(
@@ -168,19 +193,7 @@ def test_a_failed_write_behind_is_an_unwritable_output(
 ) -> None:
     # The kernel reports a write-back error once per descriptor: the background flush that got
     # it must raise it, or the final fsync could pass over lost data.
-    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
-
-    def io_error(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fdatasync", io_error)
-    slow = outfile.write_all
-
-    def slow_write(f: object, data: object) -> None:
-        slow(f, data)
-        time.sleep(0.05)
-
-    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    _write_behind(monkeypatch, _io_error)
     out = tmp_path / "out.safetensors"
     with pytest.raises(UnwritableOutputError, match="Input/output error"):
         save_checkpoint({"w": torch.randn(10)}, out, "safetensors")
@@ -195,27 +208,19 @@ def test_a_file_system_that_cannot_flush_behind_still_gets_the_write(
 ) -> None:
     # fdatasync's EINVAL (a file system without it) ends the write-behind, not the write:
     # whether the file is durable is the final fsync's to say
-    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
     calls: list[int] = []
 
     def unsupported(fd: int) -> None:
         calls.append(fd)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "fdatasync", unsupported)
-    slow = outfile.write_all
-
-    def slow_write(f: object, data: object) -> None:
-        slow(f, data)
-        time.sleep(0.05)
-
-    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
+    _write_behind(monkeypatch, unsupported)
     tree = {"w": torch.randn(10)}
     out = tmp_path / "out.safetensors"
     save_checkpoint(tree, out, "safetensors")
     assert len(calls) == 1  # tried once, then stopped
     assert torch.equal(read_safetensors(out)["w"], tree["w"])
-    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+    assert _no_write_behind_left()
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
@@ -224,27 +229,18 @@ def test_an_error_while_a_write_behind_failed_is_that_error(
 ) -> None:
     # Ctrl-C (or any error) in the writer after a background flush failed: the file is
     # abandoned, and what is reported is the error in flight (exit 130 for Ctrl-C), not EIO
-    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
-
-    def io_error(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fdatasync", io_error)
-    slow = outfile.write_all
     calls: list[int] = []
 
-    def failing(f: object, data: object) -> None:
-        slow(f, data)
-        time.sleep(0.05)
+    def fail_second() -> None:
         calls.append(1)
         if len(calls) > 1:
             raise error
 
-    monkeypatch.setattr(safetensors_writer, "write_all", failing)
+    _write_behind(monkeypatch, _io_error, after_write=fail_second)
     with pytest.raises(error):
         save_checkpoint({"w": torch.randn(10)}, tmp_path / "out.safetensors", "safetensors")
     assert len(calls) > 1 and list(tmp_path.iterdir()) == []
-    assert not [t for t in threading.enumerate() if t.name == "optckpt-write-behind"]
+    assert _no_write_behind_left()
 
 
 def test_an_existing_target_survives_a_failed_write(tmp_path: Path) -> None:
@@ -478,8 +474,6 @@ def test_write_behind_uses_fsync_where_there_is_no_fdatasync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # some platforms' Pythons (macOS) have no os.fdatasync: the flush falls back to fsync
-    monkeypatch.setattr(outfile, "WRITE_BEHIND_BYTES", 1)
-    monkeypatch.delattr(os, "fdatasync")
     flushed: list[int] = []
     real = os.fsync
 
@@ -487,14 +481,9 @@ def test_write_behind_uses_fsync_where_there_is_no_fdatasync(
         flushed.append(fd)
         real(fd)
 
+    _write_behind(monkeypatch, _io_error)  # the slow writes; fdatasync then taken away
+    monkeypatch.delattr(os, "fdatasync")
     monkeypatch.setattr(os, "fsync", recording)
-    slow = outfile.write_all
-
-    def slow_write(f: object, data: object) -> None:
-        slow(f, data)
-        time.sleep(0.05)
-
-    monkeypatch.setattr(safetensors_writer, "write_all", slow_write)
     out = tmp_path / "out.safetensors"
     tree = {"w": torch.randn(10)}
     save_checkpoint(tree, out, "safetensors")
