@@ -388,3 +388,20 @@ def test_fsdp2_folders_convert_to_safetensors_without_torch(
     assert [p.file.name for p in weight.storage.parts] == ["__0_0.distcp", "__1_0.distcp"]
     expected = flat_optimizer_state(reference["optim"])[("0.weight", "exp_avg")]
     assert torch.equal(weight.to_torch(), expected)
+    # the ID-keyed file loads into torch.optim and takes a step
+    ids = load_checkpoint(described).root
+    model = _model()
+    model.load_state_dict(ids["model"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(ids["optim"])
+    names = {p: n for n, p in model.named_parameters()}
+    assert_same_bits(
+        {(names[p], k): v for p, st in optimizer.state.items() for k, v in st.items()},
+        flat_optimizer_state(reference["optim"]),
+    )
+    before = {p: float(st["step"]) for p, st in optimizer.state.items()}
+    model(_batch(0)).pow(2).sum().backward()
+    optimizer.step()
+    assert {p: float(st["step"]) for p, st in optimizer.state.items()} == {
+        p: step + 1 for p, step in before.items()
+    }
