@@ -8,7 +8,8 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
 
 - the group's hyperparameters, in torch's order, are those :mod:`optckpt.optim.specs`
   declares for the class (or for the bundled class it extends): ``defaults`` holds the
-  constructor's arguments of those names, and the step passes each to the functional as a
+  constructor's arguments of those names (the constructor passes its ``locals()`` to
+  ``GroupStepOptimizer.__init__``), and the step passes each to the functional as a
   keyword of the same name, except the ``_NOT_STEP_KEYS``, and the ``_SPLIT_KEYS``, whose two
   values are passed as two keywords (``betas`` as ``beta1`` and ``beta2``).
 - ``_STATE_KEYS``: the state key that each list after ``params`` and ``grads`` holds, one
@@ -19,6 +20,8 @@ with ``self._init_group(group, ...)`` and call the module's functional (``adam``
   optimizer by ``torch.amp.GradScaler``), as the fused ones do.
 - ``_CAPTURE_CHECK``: the step opens with torch's graph-capture health check.
 - ``_functional``: the functional itself.
+
+Each class declares these after its ``__init__``, beside its ``__setstate__`` declarations.
 
 ``_init_group(group, params, grads, *state_lists)`` appends every parameter of the group
 that has a grad, its grad and its state to the lists, creating the state on first use, and

@@ -226,8 +226,6 @@ class Adadelta(GroupStepOptimizer):
 
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "square_avg acc_delta step"
     _SPARSE_ERROR = "Adadelta does not support sparse gradients"
     _functional = staticmethod(adadelta)

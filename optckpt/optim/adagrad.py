@@ -336,8 +336,6 @@ class Adagrad(GroupStepOptimizer):
         init_value = complex(initial_value, initial_value) if torch.is_complex(p) else initial_value
         state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "sum step"
     _NOT_STEP_KEYS = "initial_accumulator_value"
     _FLAGS = "has_sparse_grad has_complex"

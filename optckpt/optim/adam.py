@@ -485,8 +485,6 @@ class Adam(GroupStepOptimizer):
         if fused:
             self._init_fused(differentiable, foreach)
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "exp_avg exp_avg_sq max_exp_avg_sq step"
     _GRAD_SCALER = True
     _functional = staticmethod(adam)

@@ -230,8 +230,6 @@ class Adamax(GroupStepOptimizer):
         check_non_negative(weight_decay, "Invalid weight_decay value")
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "exp_avg exp_inf step"
     _SPARSE_ERROR = "Adamax does not support sparse gradients"
     _functional = staticmethod(adamax)

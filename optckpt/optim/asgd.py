@@ -276,8 +276,6 @@ class ASGD(GroupStepOptimizer):
 
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "ax mu eta step"
     _SPARSE_ERROR = "ASGD does not support sparse gradients"
     _functional = staticmethod(asgd)

@@ -332,8 +332,6 @@ class NAdam(GroupStepOptimizer):
 
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "exp_avg exp_avg_sq mu_product step"
     _SPARSE_ERROR = "NAdam does not support sparse gradients"
     _functional = staticmethod(nadam)

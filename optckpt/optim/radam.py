@@ -343,11 +343,8 @@ class RAdam(GroupStepOptimizer):
         check_betas(betas)
         check_non_negative(weight_decay, "Invalid weight_decay value")
 
-        # torch's key order: capturable before decoupled_weight_decay and differentiable.
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "exp_avg exp_avg_sq step"
     _SPARSE_ERROR = "RAdam does not support sparse gradients"
     _functional = staticmethod(radam)

@@ -254,8 +254,6 @@ class RMSprop(GroupStepOptimizer):
 
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "square_avg grad_avg momentum_buffer step"
     _functional = staticmethod(rmsprop)
 

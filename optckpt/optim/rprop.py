@@ -226,8 +226,6 @@ class Rprop(GroupStepOptimizer):
 
         super().__init__(params, locals())
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "prev step_size step"
     _NOT_STEP_KEYS = "lr"
     _SPLIT_KEYS: ClassVar[Mapping[str, str]] = {

@@ -291,8 +291,6 @@ class SGD(GroupStepOptimizer):
             self._init_fused(differentiable, foreach)
             self._need_device_dtype_check_for_fused = True
 
-    # GroupStepOptimizer's declarations (defaults: the spec's group keys, from the
-    # constructor's locals()): the state in the functional's lists, and the functional.
     _STATE_KEYS = "momentum_buffer"
     _NOT_STEP_KEYS = "differentiable"
     _FLAGS = "has_sparse_grad"
