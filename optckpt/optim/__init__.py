@@ -14,8 +14,8 @@ Adding one (``optckpt/optim/sgd.py`` is the model, ``adam.py`` the one with a ``
    creates state lazily as torch does (the base's ``_params_with_grad`` is its opening loop).
    Where torch's ``step`` is the usual loop over groups (``_init_group``, then the
    functional), subclass :class:`~optckpt.optim._group_step.GroupStepOptimizer` and declare
-   the group keys in torch's order (``defaults`` is built from them), the state lists and the
-   functional; else write ``step``: it opens with
+   the state lists and the functional (``defaults`` and the step's keywords are built from the
+   group keys that ``specs.SPECS`` declares, step 3); else write ``step``: it opens with
    :func:`~optckpt.optim.base.evaluate_closure`, is decorated with
    :func:`~optckpt.optim.base.use_grad_for_differentiable` (or ``torch.no_grad()`` where torch
    uses that) and gets the step hooks from the base class automatically.
