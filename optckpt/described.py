@@ -297,6 +297,16 @@ class DescribedTensor:
         return typed.as_strided(self.shape, self.strides, self.offset)
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The row-major strides of ``shape`` (what ``torch.empty(shape).stride()`` gives)."""
+    strides: list[int] = []
+    step = 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def readable_item(tensor: DescribedTensor) -> bool:
     """Whether :meth:`DescribedTensor.item` decodes this tensor's dtype."""
     return bool(tensor.dtype.format)

@@ -27,7 +27,7 @@ import mmap
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import DescribedStorage, DescribedTensor, dtype_named
+from optckpt.described import DescribedStorage, DescribedTensor, contiguous_strides, dtype_named
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.pickles import Refused, check_tree, scan_pickles
 from optckpt.io.unpickle import (
@@ -136,13 +136,8 @@ def describe_safetensors(path: Path) -> Any | None:
         if dtype is None:
             return None
         shape = tuple(entry["shape"])
-        strides = []
-        step = 1
-        for size in reversed(shape):
-            strides.append(step)
-            step *= size
         storage = DescribedStorage(name, end - begin, "cpu", start + begin, mapped, path)
-        tensors[name] = DescribedTensor(dtype, shape, tuple(reversed(strides)), 0, storage)
+        tensors[name] = DescribedTensor(dtype, shape, contiguous_strides(shape), 0, storage)
     if tree is None:
         return tensors
     root = decode_tree(path, tree, metadata, tensors, None)

@@ -29,7 +29,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import META, DescribedStorage, DescribedTensor, JoinedStorage
+from optckpt.described import (
+    META,
+    DescribedStorage,
+    DescribedTensor,
+    JoinedStorage,
+    contiguous_strides,
+)
 from optckpt.errors import OptckptError
 from optckpt.io.dcp.folder import DcpFolder, read_metadata_file, tensor_layouts
 from optckpt.io.dcp.storage import Files, locate_chunk, open_entry
@@ -102,7 +108,7 @@ def _placeholder(key: str, entry: TensorEntry) -> DescribedTensor:
     nbytes = math.prod(entry.size) * entry.described.itemsize
     storage = DescribedStorage(key, nbytes, "meta", 0)
     return DescribedTensor(
-        entry.described, entry.size, _contiguous(entry.size), 0, storage, device=META
+        entry.described, entry.size, contiguous_strides(entry.size), 0, storage, device=META
     )
 
 
@@ -144,7 +150,7 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
         if (
             record.size != chunk.sizes
             or record.described != entry.described
-            or record.stride != _contiguous(chunk.sizes)
+            or record.stride != contiguous_strides(chunk.sizes)
             or size != record.storage_numel * record.described.itemsize
         ):
             raise _NotModelled(key)  # not the storage in order: the torch path copies it
@@ -159,17 +165,7 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
     else:
         total = sum(run.size for run in runs)
         storage = JoinedStorage(key, total, "cpu", 0, parts=tuple(runs))
-    return DescribedTensor(entry.described, entry.size, _contiguous(entry.size), 0, storage)
-
-
-def _contiguous(size: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides of ``size``."""
-    strides: list[int] = []
-    step = 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
+    return DescribedTensor(entry.described, entry.size, contiguous_strides(entry.size), 0, storage)
 
 
 def _value(files: Files, stored: Any, key: str) -> Any:
