@@ -19,12 +19,13 @@ steps, each a small function here:
 Output kinds: an :class:`Output` names its kind, and :func:`save` dispatches on it through
 :data:`KINDS` (how a kind's output is checked, and how it is written). Files are ``"pt"`` and
 ``"safetensors"``; ``"dcp"`` is a torch.distributed.checkpoint folder
-(:mod:`optckpt.io.dcp.writer`), for the commands that take ``dcp=True`` (``convert``; ``move``
-and ``remap`` from a DCP folder only), chosen by :func:`kind_for`. ``"folder"`` is a training
-folder (a Trainer ``checkpoint-N/``, an Accelerate ``save_state`` folder; an output folder
-stands for its newest ``checkpoint-N``): the checkpoint to rewrite is one, so the output is
-one too, its optimizer files rewritten in their own names and formats and every other file
-carried over (:mod:`optckpt.io.folder_writer`).
+(:mod:`optckpt.io.dcp.writer`), for the commands that rewrite a checkpoint (``dcp=True``: all
+but ``regenerate``; ``move`` and ``remap`` from a DCP folder only), chosen by
+:func:`kind_for`. ``"folder"`` is a training folder (a Trainer ``checkpoint-N/``, an
+Accelerate ``save_state`` folder; an output folder stands for its newest ``checkpoint-N``):
+the checkpoint to rewrite is one, so the output is one too, its optimizer files rewritten in
+their own names and formats and every other file carried over
+(:mod:`optckpt.io.folder_writer`).
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def prepare_output(
             output a folder of the same files (kind ``"folder"``); an output folder stands
             for its newest ``checkpoint-N`` (:func:`~optckpt.io.folders.resolve_folder`).
         command: the command's name, for messages.
-        dcp: whether the command reads and writes DCP folders (see :func:`kind_for`).
+        dcp: whether ``out`` may be a DCP folder (see :func:`kind_for`): every command
+            that rewrites a checkpoint reads and writes them; ``regenerate`` does not.
         link: a training folder's other files are hard-linked, not copied
             (:func:`~optckpt.io.folder_writer.write_training_folder`).
 
@@ -218,11 +220,6 @@ def prepare_output(
         return Output(path, "folder", folder, link)
     output = Output(path, kind_for(out, kind, dcp=dcp))
     KINDS[output.kind].check(path, sources, force=force)
-    if rewrites is not None and Path(rewrites).is_dir() and not dcp:
-        raise UsageError(
-            f"{command} writes no DCP folder; convert {rewrites} to a file first "
-            f"(optckpt convert {rewrites} -o FILE.pt)"
-        )
     return output
 
 
@@ -256,18 +253,16 @@ class Rewrite:
     """One checkpoint file to rewrite, its options checked once by :func:`plan_rewrite`.
 
     Attributes:
-        source: the checkpoint file (or DCP folder, with ``dcp``).
+        source: the checkpoint file or DCP folder.
         output: where it goes; ``None`` for a dry run, which writes nothing.
         key: the key path of the optimizer state dict to change (``--key``), or ``None``.
         allow_globals: pickle globals to let through while reading.
-        dcp: whether DCP folders may be read and written.
     """
 
     source: Path
     output: Output | None
     key: str | None = None
     allow_globals: tuple[str, ...] = ()
-    dcp: bool = False
 
     def load(self, *, read: bool = False, describe: bool = False) -> Checkpoint:
         """Read the checkpoint (see :func:`optckpt.io.load_checkpoint`). A DCP folder's
@@ -285,7 +280,7 @@ class Rewrite:
         (:func:`~optckpt.io.dcp.describe.describe_dcp` with ``data``): a tensor saved as
         row chunks is copied chunk by chunk; one saved otherwise (compressed, split on
         another dimension) makes the whole folder take the torch path."""
-        if self.dcp and is_dcp(self.source):
+        if is_dcp(self.source):
             if describe and not read:  # every tensor where its bytes are, else None
                 from optckpt.io.dcp.describe import describe_dcp
 
@@ -364,7 +359,6 @@ def plan_rewrite(
     inputs: Iterable[object] = (),
     key: str | None = None,
     allow_globals: Iterable[str] = (),
-    dcp: bool = True,
     link: bool = False,
 ) -> Rewrite:
     """Check a rewrite's output (:func:`prepare_output`) and carry its options.
@@ -373,8 +367,8 @@ def plan_rewrite(
         path: the checkpoint file to rewrite.
         out: the output; ``None`` for a dry run (nothing checked, nothing written).
         command: the command's name, for messages.
-        force, kind, inputs, dcp, link: as :func:`prepare_output` takes them (``dcp``: every
-            rewriting command reads and writes DCP folders).
+        force, kind, inputs, link: as :func:`prepare_output` takes them (with ``dcp``:
+            every rewriting command reads and writes DCP folders).
         key: the key path of the optimizer state dict to change.
         allow_globals: pickle globals to let through while reading.
 
@@ -390,7 +384,7 @@ def plan_rewrite(
             kind=kind,
             rewrites=path,
             command=command,
-            dcp=dcp,
+            dcp=True,
             link=link,
         )
-    return Rewrite(Path(path), output, key, tuple(allow_globals), dcp)
+    return Rewrite(Path(path), output, key, tuple(allow_globals))
