@@ -332,8 +332,8 @@ def measure(
     Round-robin, so a burst of load from other processes hits every command alike. Warm (the
     default): the ``warm`` files are read and ``python -c "import <imports>"`` run once
     first, so every command finds them cached; ``cold``: the page cache is dropped before
-    every run instead. After each run its outputs are deleted and the file system synced,
-    untimed, so no command pays for an earlier one's write-back.
+    every run instead. After each run its outputs (files or folders) are deleted and the file
+    system synced, untimed, so no command pays for an earlier one's write-back.
     """
     if not cold:
         for path in warm:
@@ -346,7 +346,10 @@ def measure(
             wall, rss, cpu = run_once(c.argv)
             c.record(wall, rss, cpu)
             for o in c.outputs:
-                o.unlink(missing_ok=True)
+                if o.is_dir():
+                    shutil.rmtree(o)
+                else:
+                    o.unlink(missing_ok=True)
             os.sync()
             print(
                 f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s wall, {cpu:.2f}s CPU, {mb(rss)}",

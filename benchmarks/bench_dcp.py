@@ -40,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Command, machine, mb, optckpt_argv, run_once, warm_read
+from _common import Command, machine, mb, measure, optckpt_argv
 
 LAYERS = 24
 BYTES_PER_PARAM = 12  # float32 weight + exp_avg + exp_avg_sq
@@ -130,9 +130,6 @@ def main() -> None:
         large, small = work / "large", work / "small"
         large_bytes = produce(large, args.size)
         small_bytes = produce(small, args.size / 4)
-        for folder in (large, small):
-            for f in folder.iterdir():
-                warm_read(f)
         optckpt = optckpt_argv()
         py = sys.executable
         layout = work / "layout.json"
@@ -159,15 +156,8 @@ def main() -> None:
             Command(f"optckpt inspect --json ({small_bytes / 1e9:.2f} GB)", [*optckpt, "inspect", str(small), "--json"]),
             floor_command,
         ]  # fmt: skip
-        for _ in range(args.repeats):
-            for command in commands:
-                command.record(*run_once(command.argv))
-                for out in command.outputs:
-                    if out.is_dir():
-                        shutil.rmtree(out)
-                    else:
-                        out.unlink(missing_ok=True)
-                os.sync()
+        inputs = [f for folder in (large, small) for f in folder.iterdir()]
+        measure(commands, args.repeats, warm=inputs, imports="torch, optckpt.cli.app")
         floor = floor_command.peak
         reference = torch_save.wall
         print(f"machine: {machine()}")
