@@ -32,7 +32,7 @@ from optckpt.inspect_report import jsonable as jsonable
 from optckpt.io import Checkpoint, load_checkpoint
 from optckpt.io.dcp import is_dcp
 from optckpt.io.pages import Releaser
-from optckpt.locate import KeyPath, Located, locate_optimizers, select_optimizers
+from optckpt.locate import KeyPath, Located, keyed_optimizers, select_optimizers
 from optckpt.names import Naming, name_parameters, sources_of
 from optckpt.optim.guess import guess_optimizer
 from optckpt.optim.specs import (
@@ -370,6 +370,6 @@ def inspect_checkpoint(
         read_notes=checkpoint.notes(),
         companions=report_companions(
             checkpoint_companions(checkpoint, allow_globals, describe=described),
-            [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)],
+            keyed_optimizers(checkpoint.root),
         ),
     )

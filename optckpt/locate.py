@@ -99,6 +99,12 @@ def locate_optimizers(root: Any) -> list[Located]:
     return list(_walk(root, "", ()))
 
 
+def keyed_optimizers(root: Any) -> list[tuple[str, StateDict]]:
+    """``(key, state dict)`` for every optimizer state dict in ``root``, in order: the
+    optimizers a companion may drive (:mod:`optckpt.companions`)."""
+    return [(found.key, found.state_dict) for found in locate_optimizers(root)]
+
+
 def _children(node: Any) -> list[tuple[str, Any]]:
     return [(str(k), v) for k, _, v in _keyed_children(node)]
 

@@ -37,7 +37,7 @@ from optckpt.io.folder_writer import OMIT
 from optckpt.io.rewrite import plan_rewrite
 from optckpt.io.write import ProgressStart
 from optckpt.layout import Layout, ParamSpec, load_layout
-from optckpt.locate import locate_optimizers
+from optckpt.locate import keyed_optimizers
 from optckpt.move import Later
 from optckpt.names import NameSources, match_names, name_parameters, sources_of, to_name_keyed
 from optckpt.optim.guess import guess_optimizer
@@ -456,8 +456,11 @@ def remap_checkpoint(
         name_sources=sources_of(checkpoint, located.state_dict),
         later=checkpoint.later,
     )
-    optimizers = [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)]
-    schedulers = driving(checkpoint_companions(checkpoint, allow_globals), optimizers, located.key)
+    schedulers = driving(
+        checkpoint_companions(checkpoint, allow_globals),
+        keyed_optimizers(checkpoint.root),
+        located.key,
+    )
     mapping = GroupMapping(
         plan.group_sources, new["param_groups"], len(located.state_dict["param_groups"])
     )

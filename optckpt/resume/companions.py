@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from optckpt.companions import CompanionReport, checkpoint_companions, report_companions
-from optckpt.locate import locate_optimizers
+from optckpt.locate import keyed_optimizers
 from optckpt.resume.report import Check
 
 
@@ -22,8 +22,9 @@ def companions_of(
 ) -> list[CompanionReport]:
     """The companions of ``checkpoint`` that belong with the optimizer at ``key`` (those
     that drive it, and those that drive no optimizer for sure)."""
-    optimizers = [(loc.key, loc.state_dict) for loc in locate_optimizers(checkpoint.root)]
-    found = report_companions(checkpoint_companions(checkpoint, allow_globals), optimizers)
+    found = report_companions(
+        checkpoint_companions(checkpoint, allow_globals), keyed_optimizers(checkpoint.root)
+    )
     return [c for c in found if c.optimizer in (key, None)]
 
 
