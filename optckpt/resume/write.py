@@ -29,11 +29,11 @@ def check_out(
     link: bool = False,
 ) -> Output:
     """The output, once :func:`~optckpt.io.rewrite.prepare_output` accepts it with every
-    input named: the checkpoint (a file, not a folder), ``model``, a ``from_layout`` file.
+    input named: the checkpoint (a file, a DCP folder, or a training folder, written as a
+    folder of the same files, hard-linked with ``link``), ``model``, a ``from_layout`` file.
 
     Raises:
-        UsageError: ``out`` is refused (see :func:`~optckpt.io.write.check_output`), or
-            ``path`` is a folder.
+        UsageError: ``out`` is refused (see :func:`~optckpt.io.write.check_output`).
         UnwritableOutputError: the folder of ``out`` cannot be written.
     """
     return prepare_output(
