@@ -78,11 +78,13 @@ class GroupMapping:
     old_count: int
 
     def major(self, index: int) -> int | None:
-        """The source group most of target group ``index``'s parameters came from (the first
-        one seen, on a tie, as :func:`optckpt.remap_hyperparams.majority` decides)."""
+        """The source group most of target group ``index``'s parameters came from (the lowest
+        index among equals, as :func:`optckpt.remap_hyperparams.majority` decides: that module
+        imports torch, this one may not)."""
         if not self.sources[index]:
             return None
-        return Counter(self.sources[index]).most_common(1)[0][0]
+        counts = Counter(self.sources[index])
+        return min(counts, key=lambda g: (-counts[g], g))
 
     @property
     def first_carried(self) -> int | None:
