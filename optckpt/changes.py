@@ -1,14 +1,17 @@
 """One change ``remap`` makes to a group's entry, as its plan lists it (hyperparameters and
-LR scheduler entries alike); torch-free."""
+LR scheduler entries alike), and :func:`majority`, which source group a merged target group
+follows (both plans use it); torch-free."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from optckpt.json_values import jsonable
 
-__all__ = ["Change"]
+__all__ = ["Change", "majority"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,10 @@ class Change:
     def json_value(self, value: Any) -> Any:
         """How ``old`` and ``new`` are written in JSON."""
         return jsonable(value)
+
+
+def majority(sources: Sequence[int]) -> tuple[int, Counter[int]]:
+    """The source group most of a target group's carried parameters came from (the lowest
+    index among equals), and the count of each."""
+    counts = Counter(sources)
+    return min(counts, key=lambda g: (-counts[g], g)), counts

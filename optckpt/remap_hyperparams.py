@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from optckpt.changes import Change
+from optckpt.changes import Change, majority
 from optckpt.errors import IncompatibleStateError, UsageError
 from optckpt.optim import by_name
 from optckpt.optim.specs import SCHEDULER_GROUP_KEYS, spec_of
@@ -155,13 +155,6 @@ def _check_settings(
                 f"--set {where}: {whose} has no such hyperparameter "
                 f"(it has {', '.join(sorted(known))})"
             )
-
-
-def majority(sources: Sequence[int]) -> tuple[int, Counter[int]]:
-    """The source group most of a target group's carried parameters came from (the lowest
-    index among equals), and the count of each."""
-    counts = Counter(sources)
-    return min(counts, key=lambda g: (-counts[g], g)), counts
 
 
 def plan_hyperparams(

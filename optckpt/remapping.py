@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from optckpt.changes import majority
 from optckpt.companions import checkpoint_companions
 from optckpt.companions.remap import (
     GroupMapping,
@@ -54,7 +55,6 @@ from optckpt.remap_hyperparams import (
     HyperparamChange,
     KeptValue,
     Setting,
-    majority,
     parse_settings,
     plan_hyperparams,
 )

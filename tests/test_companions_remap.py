@@ -163,9 +163,9 @@ def test_no_scheduler_no_scheduler_changes(tmp_path: Path) -> None:
 
 def test_a_tied_merge_takes_the_lowest_source_group_as_hyperparameters_do() -> None:
     """A target group with as many parameters from source group 1 (seen first) as from 0
-    carries group 0's entries, as remap_hyperparams.majority picks its hyperparameters."""
+    carries group 0's entries, as changes.majority picks its hyperparameters."""
+    from optckpt.changes import majority
     from optckpt.companions.remap import GroupMapping
-    from optckpt.remap_hyperparams import majority
 
     mapping = GroupMapping([[1, 0], [2, 1, 1]], [{}, {}], 3)
     assert [mapping.major(i) for i in range(2)] == [majority([1, 0])[0], majority([2, 1, 1])[0]]

@@ -27,13 +27,12 @@ Plain Python: the new state dicts are shallow copies with new lists; the input i
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optckpt.changes import Change
+from optckpt.changes import Change, majority
 from optckpt.companions.checks import pair, suffix
 from optckpt.companions.find import Companion, find_in_folder
 from optckpt.companions.kinds import PER_GROUP_KEYS, guess_scheduler
@@ -78,13 +77,11 @@ class GroupMapping:
     old_count: int
 
     def major(self, index: int) -> int | None:
-        """The source group most of target group ``index``'s parameters came from (the lowest
-        index among equals, as :func:`optckpt.remap_hyperparams.majority` decides: that module
-        imports torch, this one may not)."""
+        """The source group most of target group ``index``'s parameters came from (see
+        :func:`optckpt.changes.majority`, which the hyperparameters follow too)."""
         if not self.sources[index]:
             return None
-        counts = Counter(self.sources[index])
-        return min(counts, key=lambda g: (-counts[g], g))
+        return majority(self.sources[index])[0]
 
     @property
     def first_carried(self) -> int | None:
