@@ -10,19 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
 from optckpt import save_layout
-from optckpt.cli.app import app
-from tests.checks import assert_one_line_error
+from tests.checks import assert_one_line_error, run
 from tests.schedulers import SCHEDULERS, TwoLayers, make_optimizer, step, trained
 
 # Every class whose entries optckpt can make for a new group (LambdaLR's lambdas are code).
 FOLLOWING = [n for n in SCHEDULERS if n not in ("LambdaLR", "MultiplicativeLR")]
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _checkpoint(tmp_path: Path, name: str) -> tuple[Path, TwoLayers, torch.optim.Optimizer, Any]:
@@ -55,7 +49,7 @@ def test_torch_continues_the_schedule_after_a_group_is_added(tmp_path: Path, nam
     path, old_model, old_optimizer, old_scheduler = _checkpoint(tmp_path, name)
     layout, model, optimizer, scheduler = _grown(tmp_path, name)
     out = tmp_path / "out.pt"
-    result = _run("remap", path, "--to", layout, "-o", out, "--json")
+    result = run("remap", path, "--to", layout, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     # Resume as a training script does: build, then load both state dicts.
@@ -85,7 +79,7 @@ def test_swapped_groups_swap_their_entries(tmp_path: Path, name: str) -> None:
     layout = tmp_path / "layout.json"
     save_layout(model, swapped, layout)
     out = tmp_path / "out.pt"
-    result = _run("remap", path, "--to", layout, "-o", out)
+    result = run("remap", path, "--to", layout, "-o", out)
     assert result.exit_code == 0, result.output
     saved = torch.load(out, weights_only=True)
     swapped.load_state_dict(saved["optimizer"])
@@ -105,7 +99,7 @@ def _merged_layout(tmp_path: Path) -> Path:
 def test_a_merge_of_groups_on_different_schedules_is_refused(tmp_path: Path) -> None:
     path, *_ = _checkpoint(tmp_path, "StepLR")
     out = tmp_path / "out.pt"
-    result = _run("remap", path, "--to", _merged_layout(tmp_path), "-o", out)
+    result = run("remap", path, "--to", _merged_layout(tmp_path), "-o", out)
     assert_one_line_error(result.stderr, "merges source groups on different schedules")
     assert result.exit_code == 4 and "--drop-scheduler" in result.stderr
     assert not out.exists()
@@ -114,7 +108,7 @@ def test_a_merge_of_groups_on_different_schedules_is_refused(tmp_path: Path) -> 
 def test_drop_scheduler_leaves_it_out_and_says_so(tmp_path: Path) -> None:
     path, *_ = _checkpoint(tmp_path, "StepLR")
     out = tmp_path / "out.pt"
-    result = _run(
+    result = run(
         "remap", path, "--to", _merged_layout(tmp_path), "-o", out, "--drop-scheduler", "--json"
     )
     assert result.exit_code == 0, result.output
@@ -128,7 +122,7 @@ def test_drop_scheduler_leaves_it_out_and_says_so(tmp_path: Path) -> None:
 def test_a_lambda_scheduler_cannot_make_a_new_groups_entry(tmp_path: Path) -> None:
     path, *_ = _checkpoint(tmp_path, "LambdaLR")
     layout, *_ = _grown(tmp_path, "LambdaLR")
-    result = _run("remap", path, "--to", layout, "--dry-run")
+    result = run("remap", path, "--to", layout, "--dry-run")
     assert_one_line_error(result.stderr, "cannot give new group 2 a lr_lambdas", "code")
     assert result.exit_code == 4
 
@@ -145,7 +139,7 @@ def test_lightning_list_of_schedulers_follows(tmp_path: Path) -> None:
         path,
     )
     layout, *_ = _grown(tmp_path, "ExponentialLR")
-    result = _run("remap", path, "--to", layout, "--dry-run", "--json")
+    result = run("remap", path, "--to", layout, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     keys = {c["key"] for c in json.loads(result.stdout)["scheduler_changes"]}
     assert keys == {"lr_schedulers.0.base_lrs", "lr_schedulers.0._last_lr"}
@@ -156,7 +150,7 @@ def test_no_scheduler_no_scheduler_changes(tmp_path: Path) -> None:
     path = tmp_path / "plain.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
     layout, *_ = _grown(tmp_path, "StepLR")
-    result = _run("remap", path, "--to", layout, "--dry-run", "--json")
+    result = run("remap", path, "--to", layout, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     assert "scheduler_changes" not in json.loads(result.stdout)
 

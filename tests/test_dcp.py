@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, flat_optimizer_state, step_by_recipe
+from checks import assert_same_bits, flat_optimizer_state, run, step_by_recipe
 from torch import nn
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
@@ -535,20 +535,12 @@ def test_load_checkpoint_reads_dcp_folders(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def _cli(*args: str) -> Any:
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_inspect_reads_the_metadata_and_values_only(tmp_path: Path) -> None:
     import json
 
     folder = tmp_path / "ckpt"
     _save_real(folder, flatten=False)
-    result = _cli("inspect", folder, "--json")
+    result = run("inspect", folder, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["format"] == "dcp"
@@ -562,12 +554,12 @@ def test_inspect_reads_the_metadata_and_values_only(tmp_path: Path) -> None:
     assert exp_avg["device"] is None  # DCP records no device
     assert params["0.weight"]["step"] == 3
     assert params["0.bias"]["state"] == {}  # frozen
-    stats = _cli("inspect", folder, "--json", "--stats")
+    stats = run("inspect", folder, "--json", "--stats")
     assert stats.exit_code == 0, stats.stderr
     got = {p["id"]: p for p in json.loads(stats.stdout)["optimizers"][0]["params"]}
     expected = read_dcp(folder).root["optim"]["state"]["2.weight"]["exp_avg"]
     assert got["2.weight"]["stats"]["exp_avg"]["norm"] == pytest.approx(float(expected.norm()))
-    text = _cli("inspect", folder)
+    text = run("inspect", folder)
     assert text.exit_code == 0, text.stderr
     assert "dcp" in text.stdout and "2.weight" in text.stdout
 
@@ -577,10 +569,10 @@ def test_unsafe_folder_exits_3_on_one_line(tmp_path: Path) -> None:
     write_folder(tmp_path / "ckpt", {}, {})
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps([_Evil(canary)]))
     for command in (["inspect"], ["inspect", "--stats"], ["diff", tmp_path / "ckpt"]):
-        result = _cli(command[0], tmp_path / "ckpt", *command[1:])
+        result = run(command[0], tmp_path / "ckpt", *command[1:])
         assert result.exit_code == 3, result.stderr
         assert result.stderr.count("\n") == 1 and "posix.system" in result.stderr
-    result = _cli("convert", tmp_path / "ckpt", "-o", tmp_path / "out.pt")
+    result = run("convert", tmp_path / "ckpt", "-o", tmp_path / "out.pt")
     assert result.exit_code == 3 and not (tmp_path / "out.pt").exists()
     assert not canary.exists()
 
@@ -589,7 +581,7 @@ def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     _save_real(folder, flatten=True)
     original = read_dcp(folder).root
-    result = _cli("convert", folder, "-o", tmp_path / "ids.pt")
+    result = run("convert", folder, "-o", tmp_path / "ids.pt")
     assert result.exit_code == 0, result.stderr
     ids = torch.load(tmp_path / "ids.pt", weights_only=True)
     # ID-keyed with param_names by default: Optimizer.load_state_dict takes it
@@ -600,7 +592,7 @@ def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
     )
     _, optimizer = _trained()
     optimizer.load_state_dict(ids["optim"])
-    result = _cli("convert", folder, "-o", tmp_path / "names.safetensors", "--keying", "names")
+    result = run("convert", folder, "-o", tmp_path / "names.safetensors", "--keying", "names")
     assert result.exit_code == 0, result.stderr
     from optckpt.io import load_checkpoint
 
@@ -609,13 +601,13 @@ def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
     assert_same_bits(flat_optimizer_state(names["optim"]), flat_optimizer_state(original["optim"]))
 
     # back to DCP: an -o that ends in "/", and --to dcp
-    result = _cli("convert", tmp_path / "ids.pt", "-o", f"{tmp_path / 'again'}/")
+    result = run("convert", tmp_path / "ids.pt", "-o", f"{tmp_path / 'again'}/")
     assert result.exit_code == 0, result.stderr
     again = read_dcp(tmp_path / "again").root
     assert is_name_keyed(again["optim"])
     assert_same_bits(flat_optimizer_state(again["optim"]), flat_optimizer_state(original["optim"]))
     assert_same_bits(again["model"], original["model"])
-    result = _cli(
+    result = run(
         "convert", tmp_path / "names.safetensors", "-o", tmp_path / "again2", "--to", "dcp"
     )
     assert result.exit_code == 0, result.stderr
@@ -623,14 +615,14 @@ def test_convert_dcp_to_files_and_back_by_name(tmp_path: Path) -> None:
 
     # diff by name: DCP against DCP, and against the ID-keyed file
     for other in (tmp_path / "again", tmp_path / "ids.pt", tmp_path / "names.safetensors"):
-        result = _cli("diff", folder, other)
+        result = run("diff", folder, other)
         assert result.exit_code == 0, (other, result.stdout, result.stderr)
 
 
 def test_convert_refuses_ids_keying_for_dcp(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     _save_real(folder, flatten=False)
-    result = _cli("convert", folder, "-o", f"{tmp_path / 'out'}/", "--keying", "ids")
+    result = run("convert", folder, "-o", f"{tmp_path / 'out'}/", "--keying", "ids")
     assert result.exit_code == 2
     assert not (tmp_path / "out").exists()
 
@@ -696,7 +688,7 @@ def test_move_casts_a_dcp_folder_to_dcp_and_to_a_file(tmp_path: Path) -> None:
     expected = _cast(original, torch.bfloat16)
 
     # DCP -> DCP: an -o that ends in "/"
-    result = _cli(
+    result = run(
         "move", folder, "--device", "cpu", "--dtype", "bfloat16", "-o", f"{tmp_path / 'bf16'}/"
     )
     assert result.exit_code == 0, result.stderr
@@ -713,7 +705,7 @@ def test_move_casts_a_dcp_folder_to_dcp_and_to_a_file(tmp_path: Path) -> None:
     optimizer.step()  # a step runs
 
     # DCP -> .pt: name-keyed as the folder was; Optimizer.load_state_dict takes it
-    result = _cli(
+    result = run(
         "move", folder, "--device", "cpu", "--dtype", "bfloat16", "-o", tmp_path / "bf16.pt"
     )
     assert result.exit_code == 0, result.stderr
@@ -728,12 +720,12 @@ def test_move_casts_a_dcp_folder_to_dcp_and_to_a_file(tmp_path: Path) -> None:
     optimizer.step()
 
     # --format dcp; a device DCP cannot record, and a DCP output from a file, are refused
-    result = _cli("move", folder, "--device", "cpu", "-o", tmp_path / "f", "--format", "dcp")
+    result = run("move", folder, "--device", "cpu", "-o", tmp_path / "f", "--format", "dcp")
     assert result.exit_code == 0, result.stderr
     assert is_dcp(tmp_path / "f")
-    result = _cli("move", folder, "--device", "meta", "-o", f"{tmp_path / 'meta'}/")
+    result = run("move", folder, "--device", "meta", "-o", f"{tmp_path / 'meta'}/")
     assert result.exit_code == 2 and "records no device" in result.stderr
-    result = _cli("move", tmp_path / "bf16.pt", "--device", "cpu", "-o", f"{tmp_path / 'x'}/")
+    result = run("move", tmp_path / "bf16.pt", "--device", "cpu", "-o", f"{tmp_path / 'x'}/")
     assert result.exit_code == 2 and "optckpt convert" in result.stderr
     assert not (tmp_path / "meta").exists() and not (tmp_path / "x").exists()
 
@@ -763,7 +755,7 @@ def test_remap_a_dcp_folder_to_a_layout_with_an_added_parameter(tmp_path: Path) 
         "groups": [{"params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups],
     }
     (tmp_path / "layout.json").write_text(__import__("json").dumps(layout))
-    result = _cli("remap", folder, "--to", tmp_path / "layout.json", "-o", f"{tmp_path / 'out'}/")
+    result = run("remap", folder, "--to", tmp_path / "layout.json", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 0, result.stderr
     out = read_dcp(tmp_path / "out").root
     assert is_name_keyed(out["optim"])
@@ -789,7 +781,7 @@ def test_resume_step_on_a_dcp_folder(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     _save_all_stepped(folder)
     # names from the state's keys, parameters from the folder's model entries
-    result = _cli("resume-step", folder, "--json")
+    result = run("resume-step", folder, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [g["num_params"] for g in report["groups"]] == [3, 3]
@@ -804,7 +796,7 @@ def test_resume_step_output_of_a_dcp_folder_resumes_in_torch(tmp_path: Path, out
     folder = tmp_path / "ckpt"
     _save_all_stepped(folder)
     target = f"{tmp_path}/{out}"  # as typed: a Path would drop the "/"
-    result = _cli("resume-step", folder, "--steps", "2", "--seed", "3", "-o", target)
+    result = run("resume-step", folder, "--steps", "2", "--seed", "3", "-o", target)
     assert result.exit_code == 0, result.stderr
     # the same two steps with torch.optim, by the documented recipe
     model, optimizer = _trained(steps=0, skip=False)

@@ -12,18 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, dcp_save_trained, flat_optimizer_state
+from checks import assert_same_bits, dcp_save_trained, flat_optimizer_state, run
 
 zstandard = pytest.importorskip("zstandard")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def _cli(*args: Any) -> Any:
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def test_convert_equals_dcp_to_torch_save_bitwise(compressed: Path, tmp_path: Pa
 
     dcp_to_torch_save(str(compressed), str(tmp_path / "ref.pt"))
     reference = torch.load(tmp_path / "ref.pt", weights_only=True)
-    result = _cli("convert", compressed, "-o", tmp_path / "out.pt", "--keying", "names")
+    result = run("convert", compressed, "-o", tmp_path / "out.pt", "--keying", "names")
     assert result.exit_code == 0, result.stderr
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert_same_bits(out["model"], reference["model"])
@@ -65,7 +57,7 @@ def test_inspect_stats_reads_what_dcp_load_reads(compressed: Path) -> None:
 
     from optckpt.inspect import tensor_stats
 
-    result = _cli("inspect", compressed, "--json", "--stats")
+    result = run("inspect", compressed, "--json", "--stats")
     assert result.exit_code == 0, result.stderr
     [optim] = json.loads(result.stdout)["optimizers"]
     # torch's own reader, into a state dict of the saved shapes

@@ -13,18 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from optckpt.cli.app import app
 from optckpt.sanitize import sanitize_tree
-from tests.checks import assert_bitwise_equal
+from tests.checks import assert_bitwise_equal, run
 from tests.schedulers import trained
 
 DTYPES = ("float32", "float64", "int64", "bool")
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _old_checkpoint(path: Path) -> dict[str, Any]:
@@ -64,7 +58,7 @@ def test_sanitized_output_loads_weights_only_with_equal_values(tmp_path: Path) -
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # why it is needed
     out = tmp_path / "clean.pt"
-    result = _run("convert", path, *_allow_list(path), "--sanitize", "-o", out, "--json")
+    result = run("convert", path, *_allow_list(path), "--sanitize", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     clean = torch.load(out, weights_only=True)  # no safe_globals, no allow-list
     assert clean["args"] == {
@@ -99,7 +93,7 @@ def test_without_sanitize_the_output_still_needs_the_allow_list(tmp_path: Path) 
     path = tmp_path / "old.pt"
     _old_checkpoint(path)
     out = tmp_path / "same.pt"
-    result = _run("convert", path, *_allow_list(path), "-o", out)
+    result = run("convert", path, *_allow_list(path), "-o", out)
     assert result.exit_code == 0, result.output
     with pytest.raises(pickle.UnpicklingError):
         torch.load(out, weights_only=True)
@@ -109,7 +103,7 @@ def test_the_missing_dtype_class_is_named(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     _old_checkpoint(path)
     own = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    result = _run("inspect", path, *[a for n in own for a in ("--allow-global", n)])
+    result = run("inspect", path, *[a for n in own for a in ("--allow-global", n)])
     assert result.exit_code == 3
     assert "--allow-global numpy.dtypes." in result.stderr
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import run
 
 from optckpt.inspect import inspect_checkpoint
 
@@ -75,10 +76,6 @@ def test_accelerate_scheduler_drives_the_first_optimizer(training_outputs: Train
 def test_remapping_a_trainer_optimizer_file_warns_about_its_scheduler_file(
     training_outputs: TrainingOutputs, tmp_path: Path
 ) -> None:
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
     folder = training_outputs.trainer / "checkpoint-2"
     optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     # the Trainer's two groups (decay, no decay) become one: the scheduler's lists must follow
@@ -91,18 +88,15 @@ def test_remapping_a_trainer_optimizer_file_warns_about_its_scheduler_file(
     target = {"params": params, "groups": [{"params": names}]}
     (tmp_path / "from.json").write_text(json.dumps(source))
     (tmp_path / "to.json").write_text(json.dumps(target))
-    result = CliRunner().invoke(
-        app,
-        [
-            "remap",
-            str(folder / "optimizer.pt"),
-            "--from",
-            str(tmp_path / "from.json"),
-            "--to",
-            str(tmp_path / "to.json"),
-            "--dry-run",
-            "--json",
-        ],
+    result = run(
+        "remap",
+        folder / "optimizer.pt",
+        "--from",
+        tmp_path / "from.json",
+        "--to",
+        tmp_path / "to.json",
+        "--dry-run",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     warnings = json.loads(result.stdout)["warnings"]
@@ -133,21 +127,13 @@ def _trainer_layout(folder: Path, out: Path, *, merge: bool = False, extra: bool
     return out
 
 
-def _remap(*args: object) -> Any:
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
-    return CliRunner().invoke(app, ["remap", *(str(a) for a in args)])
-
-
 def test_remapping_a_trainer_folder_rewrites_its_scheduler_file(
     training_outputs: TrainingOutputs, tmp_path: Path
 ) -> None:
     folder = training_outputs.trainer / "checkpoint-2"
     layout = _trainer_layout(folder, tmp_path / "merged.json", merge=True)
     out = tmp_path / "merged"
-    result = _remap(folder, "--to", layout, "-o", out, "--json")
+    result = run("remap", folder, "--to", layout, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     keys = {c["key"] for c in json.loads(result.stdout)["scheduler_changes"]}
     assert keys == {"scheduler.pt.base_lrs", "scheduler.pt._last_lr", "scheduler.pt.lr_lambdas"}
@@ -170,11 +156,11 @@ def test_a_trainer_scheduler_that_cannot_follow_is_refused_or_dropped(
 ) -> None:
     folder = training_outputs.trainer / "checkpoint-2"
     layout = _trainer_layout(folder, tmp_path / "grown.json", extra=True)
-    refused = _remap(folder, "--to", layout, "-o", tmp_path / "no")
+    refused = run("remap", folder, "--to", layout, "-o", tmp_path / "no")
     assert refused.exit_code == 4 and "cannot give new group 2 a lr_lambdas" in refused.stderr
     assert not (tmp_path / "no").exists()
     out = tmp_path / "dropped"
-    result = _remap(folder, "--to", layout, "-o", out, "--drop-scheduler")
+    result = run("remap", folder, "--to", layout, "-o", out, "--drop-scheduler")
     assert result.exit_code == 0, result.output
     written = {p.name for p in out.iterdir()}
     assert "scheduler.pt" not in written

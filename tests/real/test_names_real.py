@@ -18,17 +18,15 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal, assert_one_line_error
+from checks import assert_bitwise_equal, assert_one_line_error, run
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from typer.testing import CliRunner
 
 import optckpt
-from optckpt.cli.app import app
 from optckpt.names import canonical
 
 from .producers import Net, decay_split, train
@@ -36,7 +34,6 @@ from .producers import Net, decay_split, train
 PRODUCERS = Path(__file__).with_name("producers.py")
 # New parameters have no state yet; torch's loader refuses that unless told not to be strict.
 NEW_PARAMS_OK = StateDictOptions(strict=False)
-runner = CliRunner()
 
 
 def produce(kind: str, out: Path) -> Path:
@@ -57,10 +54,6 @@ def produced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         kind: produce(kind, folder / f"{kind}.pt")
         for kind in ("fsdp", "ddp", "ddp-split", "ddp-named")
     }
-
-
-def invoke(*args: Any) -> Any:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def state_by_name(state_dict: dict[str, Any], names: dict[Any, str] | None = None) -> dict:
@@ -105,13 +98,13 @@ def new_model_and_layout(
 
 
 def remap_json(path: Path, layout: Path, out: Path, *extra: Any) -> dict[str, Any]:
-    result = invoke("remap", path, "--to", layout, "-o", out, "--json", *extra)
+    result = run("remap", path, "--to", layout, "-o", out, "--json", *extra)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def resume_ok(path: Path, *extra: Any) -> dict[str, Any]:
-    result = invoke("resume-step", path, "--check-torch", "--steps", 2, "--json", *extra)
+    result = run("resume-step", path, "--check-torch", "--steps", 2, "--json", *extra)
     assert result.exit_code == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] and report["params_from"].startswith("model weights")
@@ -150,13 +143,13 @@ def test_get_optimizer_state_dict_is_named_by_its_keys(tmp_path: Path) -> None:
     fqns = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(saved["state"]) == sorted(fqns)  # torch keyed it by FQN
 
-    result = invoke("inspect", path, "--json")
+    result = run("inspect", path, "--json")
     assert result.exit_code == 0, result.stderr
     (opt,) = json.loads(result.stdout)["optimizers"]
     assert opt["names_source"] == "keys"
     assert [p["id"] for p in opt["params"]] == [p["name"] for p in opt["params"]]
     assert sorted(p["name"] for p in opt["params"]) == sorted(fqns)
-    text = invoke("inspect", path)
+    text = run("inspect", path)
     assert "names from the state dict's keys" in text.stdout
 
     # resume-step without --from, stepping torch.optim alongside
@@ -166,7 +159,7 @@ def test_get_optimizer_state_dict_is_named_by_its_keys(tmp_path: Path) -> None:
     # diff by name against torch's own ID-keyed state dict of the same optimizer
     ids_file = tmp_path / "ids.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, ids_file)
-    same = invoke("diff", path, ids_file, "--json")
+    same = run("diff", path, ids_file, "--json")
     assert same.exit_code == 0, same.stdout + same.stderr
     assert json.loads(same.stdout)["pairs"][0]["match_by"] == "name"
 
@@ -198,7 +191,7 @@ def test_convert_keying_names_to_ids_loads_with_load_state_dict(tmp_path: Path) 
     _, _, path = _dsd_checkpoint(tmp_path)
     saved = torch.load(path, weights_only=True)["optimizer"]
     out = tmp_path / "ids.pt"
-    result = invoke("convert", path, "-o", out, "--keying", "ids")
+    result = run("convert", path, "-o", out, "--keying", "ids")
     assert result.exit_code == 0, result.stderr
     assert "keyed 'optimizer' by ids" in result.stdout
     converted = torch.load(out, weights_only=True)["optimizer"]
@@ -224,7 +217,7 @@ def test_convert_keying_names_to_ids_loads_with_load_state_dict(tmp_path: Path) 
 def test_convert_keying_ids_to_names_loads_with_set_optimizer_state_dict(tmp_path: Path) -> None:
     model, optimizer, path = _trained_split(tmp_path / "named.pt", named=True)
     out = tmp_path / "fqn.pt"
-    result = invoke("convert", path, "-o", out, "--keying", "names")
+    result = run("convert", path, "-o", out, "--keying", "names")
     assert result.exit_code == 0, result.stderr
     converted = torch.load(out, weights_only=True)["optimizer"]
     # the same keys and groups as torch's own get_optimizer_state_dict
@@ -244,16 +237,16 @@ def test_convert_keying_ids_to_names_loads_with_set_optimizer_state_dict(tmp_pat
 
     # and back: names -> ids -> names is the identity
     back = tmp_path / "back.pt"
-    assert invoke("convert", out, "-o", back, "--keying", "ids").exit_code == 0
+    assert run("convert", out, "-o", back, "--keying", "ids").exit_code == 0
     again = tmp_path / "again.pt"
-    assert invoke("convert", back, "-o", again, "--keying", "names").exit_code == 0
+    assert run("convert", back, "-o", again, "--keying", "names").exit_code == 0
     assert_bitwise_equal(torch.load(again, weights_only=True), torch.load(out, weights_only=True))
 
 
 def test_convert_keying_names_recovers_names_from_the_weights(tmp_path: Path) -> None:
     model, optimizer, path = _trained_split(tmp_path / "unnamed.pt", named=False)
     out = tmp_path / "fqn.pt"
-    assert invoke("convert", path, "-o", out, "--keying", "names").exit_code == 0
+    assert run("convert", path, "-o", out, "--keying", "names").exit_code == 0
     converted = torch.load(out, weights_only=True)["optimizer"]
     theirs = get_optimizer_state_dict(model, optimizer)
     assert [g["params"] for g in converted["param_groups"]] == [
@@ -263,7 +256,7 @@ def test_convert_keying_names_recovers_names_from_the_weights(tmp_path: Path) ->
     # a bare ID-keyed state dict without names cannot be keyed by names
     bare = tmp_path / "bare.pt"
     torch.save(optimizer.state_dict(), bare)
-    refused = invoke("convert", bare, "-o", tmp_path / "x.pt", "--keying", "names")
+    refused = run("convert", bare, "-o", tmp_path / "x.pt", "--keying", "names")
     assert refused.exit_code == 2
     assert_one_line_error(refused.stderr, "no param_names", "--from OLD_LAYOUT")
     assert not (tmp_path / "x.pt").exists()
@@ -280,7 +273,7 @@ def test_fsdp1_full_optim_state_dict(produced: dict[str, Path], tmp_path: Path) 
     assert sorted(saved["state"]) == sorted(fqns)  # FSDP keys the state by FQN
     assert list(checkpoint["model"]) == fqns
 
-    result = invoke("inspect", path, "--json")
+    result = run("inspect", path, "--json")
     (opt,) = json.loads(result.stdout)["optimizers"]
     assert opt["names_source"] == "keys"
     assert [p["name"] for p in opt["params"]] == fqns  # in the groups' order
@@ -297,7 +290,7 @@ def test_fsdp1_full_optim_state_dict(produced: dict[str, Path], tmp_path: Path) 
 
     # and into a plain (unwrapped) model's optimizer by ID
     ids = tmp_path / "ids.pt"
-    assert invoke("convert", path, "-o", ids, "--keying", "ids").exit_code == 0
+    assert run("convert", path, "-o", ids, "--keying", "ids").exit_code == 0
     plain = Net()
     plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=0.5)
     plain_optimizer.load_state_dict(torch.load(ids, weights_only=True)["optimizer"])
@@ -339,7 +332,7 @@ def test_torch_compile_prefix_is_stripped(tmp_path: Path, named: bool) -> None:
     assert_carried(model, new_optimizer, state_by_name(saved, names))
     step_runs(model, new_optimizer)
 
-    text = invoke("remap", path, "--to", layout, "--dry-run")
+    text = run("remap", path, "--to", layout, "--dry-run")
     assert "wrapper prefixes stripped to match names: _orig_mod." in text.stdout
     resume_ok(path)
 
@@ -351,18 +344,18 @@ def test_diff_strips_the_compile_prefix(tmp_path: Path) -> None:
     theirs = get_optimizer_state_dict(compiled, optimizer)
     assert all(not k.startswith("_orig_mod.") for k in theirs["state"])
     torch.save({"optimizer": theirs}, fqn)
-    result = invoke("diff", path, fqn, "--json")
+    result = run("diff", path, fqn, "--json")
     assert result.exit_code == 0, result.stdout
     (pair,) = json.loads(result.stdout)["pairs"]
     assert (pair["match_by"], pair["prefixes_stripped"]) == ("name", ["_orig_mod."])
     # a changed moment is reported under its name
     theirs["state"]["head.bias"]["exp_avg"].add_(1.0)
     torch.save({"optimizer": theirs}, fqn)
-    changed = invoke("diff", path, fqn, "--json")
+    changed = run("diff", path, fqn, "--json")
     assert changed.exit_code == 1
     wheres = [d["where"] for d in json.loads(changed.stdout)["pairs"][0]["differences"]]
     assert wheres == ["_orig_mod.head.bias.exp_avg"]
-    text = invoke("diff", path, fqn)
+    text = run("diff", path, fqn)
     assert "wrapper prefixes stripped to match names: _orig_mod." in text.stdout
     # resume-step finds the name-keyed state's parameters in the compiled model's weights
     both = tmp_path / "both.pt"
@@ -407,7 +400,7 @@ def test_weight_decay_split_without_param_names(tmp_path: Path) -> None:
             + [n for n, p in old.named_parameters() if p.dim() < 2]
         )
     }
-    (opt,) = json.loads(invoke("inspect", path, "--json").stdout)["optimizers"]
+    (opt,) = json.loads(run("inspect", path, "--json").stdout)["optimizers"]
     assert opt["names_source"] == "recovered"
     assert {p["id"]: p["name"] for p in opt["params"]} == truth
     resume_ok(path)
@@ -422,8 +415,8 @@ def test_weight_decay_split_without_param_names(tmp_path: Path) -> None:
 
     # diff against the same state named by param_names: paired by name, identical
     named = tmp_path / "named.pt"
-    assert invoke("convert", path, "-o", named, "--keying", "names").exit_code == 0
-    result = invoke("diff", path, named, "--json")
+    assert run("convert", path, "-o", named, "--keying", "names").exit_code == 0
+    result = run("diff", path, named, "--json")
     assert result.exit_code == 0, result.stdout
     assert json.loads(result.stdout)["pairs"][0]["match_by"] == "name"
 
@@ -462,7 +455,7 @@ def test_the_same_shape_case_is_refused_by_every_command(tmp_path: Path) -> None
     torch.save({"optimizer": named_optimizer.state_dict()}, named)
     needles = ("more than one way", "ID 0 could be a or b")
 
-    shown = invoke("inspect", path, "--json")  # inspect shows IDs, with a warning
+    shown = run("inspect", path, "--json")  # inspect shows IDs, with a warning
     assert shown.exit_code == 0
     (opt,) = json.loads(shown.stdout)["optimizers"]
     assert opt["names_source"] is None and opt["params"][0]["name"] is None
@@ -475,16 +468,16 @@ def test_the_same_shape_case_is_refused_by_every_command(tmp_path: Path) -> None
         (["diff", named, path], "--from-b OLD_LAYOUT"),
         (["convert", path, "-o", tmp_path / "x.pt", "--keying", "names"], "--from OLD_LAYOUT"),
     ):
-        refused = invoke(*args)
+        refused = run(*args)
         assert refused.exit_code == 2, (args, refused.stdout, refused.stderr)
         assert_one_line_error(refused.stderr, *needles, flag)
     assert not (tmp_path / "x.pt").exists()
 
     # named by --from, every command works, and resume-step steps b, not a
-    assert invoke("remap", path, "--to", layout, "--from", layout, "--dry-run").exit_code == 0
-    assert invoke("diff", path, named, "--from-a", layout).exit_code == 0
+    assert run("remap", path, "--to", layout, "--from", layout, "--dry-run").exit_code == 0
+    assert run("diff", path, named, "--from-a", layout).exit_code == 0
     out = tmp_path / "stepped.pt"
-    result = invoke("resume-step", path, "--from", layout, "--check-torch", "-o", out)
+    result = run("resume-step", path, "--from", layout, "--check-torch", "-o", out)
     assert result.exit_code == 0, result.stdout + result.stderr
     stepped = torch.load(out, weights_only=True)["model"]
     assert torch.equal(stepped["a"], model.a) and not torch.equal(stepped["b"], model.b)
