@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_same_bits, flat_optimizer_state, run, step_by_recipe
+from checks import (
+    assert_same_bits,
+    dcp_as_torch_reads_it,
+    flat_optimizer_state,
+    run,
+    step_by_recipe,
+)
 from torch import nn
 
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
@@ -77,21 +83,13 @@ def _save_real(folder: Path, *, flatten: bool) -> dict[str, Any]:
     return state
 
 
-def _reference(folder: Path, tmp_path: Path) -> Any:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp_path / f"{folder.name}.ref.pt"
-    dcp_to_torch_save(str(folder), str(out))
-    return torch.load(out, weights_only=True)
-
-
 @pytest.mark.parametrize("flatten", [False, True], ids=["default", "flattened"])
 def test_read_equals_dcp_to_torch_save_by_name_and_bitwise(tmp_path: Path, flatten: bool) -> None:
     folder = tmp_path / "ckpt"
     saved = _save_real(folder, flatten=flatten)
     assert is_dcp(folder)
     checkpoint = read_dcp(folder)
-    reference = _reference(folder, tmp_path)
+    reference = dcp_as_torch_reads_it(folder, tmp_path)
     assert checkpoint.format == "dcp"
     root = checkpoint.root
     assert set(root) == {"model", "optim", "scheduler", "extra"}
