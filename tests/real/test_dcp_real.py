@@ -149,10 +149,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("name", ["fsdp_default", "fsdp_flat"])
 def test_fsdp2_folders_read_as_dcp_to_torch_save_reads_them(run: Path, name: str) -> None:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(str(run / name), str(run / f"{name}.ref.pt"))
-    reference = torch.load(run / f"{name}.ref.pt", weights_only=True)
+    reference = dcp_as_torch_reads_it(run / name, run)
     full = torch.load(run / "fsdp_full.pt", weights_only=True)
     for tensors in ("load", "lazy"):
         root = read_dcp(run / name, tensors=tensors).root  # type: ignore[arg-type]
@@ -358,8 +355,6 @@ def test_fsdp2_folders_convert_to_safetensors_without_torch(
     import subprocess
     import sys
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     from optckpt.convert import convert_checkpoint
     from optckpt.io.dcp.describe import describe_dcp
 
@@ -374,8 +369,7 @@ def test_fsdp2_folders_convert_to_safetensors_without_torch(
     convert_checkpoint(run / name, loaded, describe=False)
     assert described.read_bytes() == loaded.read_bytes()
 
-    dcp_to_torch_save(str(run / name), str(tmp_path / "ref.pt"))
-    reference = torch.load(tmp_path / "ref.pt", weights_only=True)
+    reference = dcp_as_torch_reads_it(run / name, tmp_path)
     named = tmp_path / "names.safetensors"
     convert_checkpoint(run / name, named, keying="names")
     back = load_checkpoint(named).root
