@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 import torch
 from torch.optim import lr_scheduler as sched
-from typer.testing import CliRunner
 
-from optckpt.cli.app import app
 from optckpt.companions import find_in_tree, guess_scheduler, is_scheduler_state
 from optckpt.companions.kinds import expected_keys
 from optckpt.inspect import inspect_checkpoint
+from tests.checks import run
 from tests.schedulers import SCHEDULERS, TwoLayers, make_optimizer, step, trained
 
 NAMES = list(SCHEDULERS)
@@ -298,7 +297,7 @@ def test_inspect_shows_each_companion(tmp_path: Path) -> None:
             "epoch": 2,
         },
     )
-    result = CliRunner().invoke(app, ["inspect", str(path)])
+    result = run("inspect", path)
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "lr scheduler at 'scheduler': SequentialLR, drives 'optimizer'" in out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checks import assert_bitwise_equal, folder_digests
+from checks import assert_bitwise_equal, folder_digests, run
 
 from optckpt.convert import convert_checkpoint
 from optckpt.errors import UsageError
@@ -277,10 +277,6 @@ def test_a_folder_that_cannot_be_listed_fails_the_write(
 def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
 ) -> None:
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
@@ -290,9 +286,7 @@ def test_a_full_disk_while_carrying_exits_3_and_leaves_nothing(
     before, listing = folder_digests(run_dir), sorted(os.listdir(tmp_path))
     if fails == "link":  # copies then: only the optimizer file's write fails
         monkeypatch.setattr("optckpt.io.torch_format.save_torch", lambda *a, **k: full())
-    result = CliRunner().invoke(
-        app, ["move", str(run_dir), "-o", str(tmp_path / "out"), "--dtype", "bfloat16", "--link"]
-    )
+    result = run("move", run_dir, "-o", tmp_path / "out", "--dtype", "bfloat16", "--link")
     assert result.exit_code == 3, result.output
     assert "No space left on device" in result.stderr
     assert sorted(os.listdir(tmp_path)) == listing and folder_digests(run_dir) == before
@@ -305,10 +299,6 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
     # write, the size the CLI reports and the removal of a failed write's temporary folder
     import sys
 
-    from typer.testing import CliRunner
-
-    from optckpt.cli.app import app
-
     deep = run_dir / "checkpoint-2" / "extra"
     for _ in range(sys.getrecursionlimit() + 100):
         deep = deep / "a"
@@ -318,7 +308,7 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
     # pytest removes old temporary folders with shutil.rmtree: leave it nothing this deep
     request.addfinalizer(lambda: remove_tree(run_dir / "checkpoint-2" / "extra" / "a"))
     request.addfinalizer(lambda: remove_tree(out / "extra" / "a"))
-    result = CliRunner().invoke(app, ["convert", str(run_dir), "-o", str(out)])
+    result = run("convert", run_dir, "-o", out)
     assert result.exit_code == 0, result.output
     copied = out / (deep / "notes.txt").relative_to(run_dir / "checkpoint-2")
     assert copied.read_text() == "deep"
@@ -329,9 +319,7 @@ def test_a_folder_nested_deeper_than_pythons_recursion_is_written(
     # fails once the whole tree is in the temporary folder, which must then go
     monkeypatch.setattr("optckpt.io.dcp.writer.fsync", full)
     listing = sorted(os.listdir(tmp_path))
-    result = CliRunner().invoke(
-        app, ["move", str(run_dir), "-o", str(tmp_path / "o2"), "--dtype", "bfloat16"]
-    )
+    result = run("move", run_dir, "-o", tmp_path / "o2", "--dtype", "bfloat16")
     assert result.exit_code == 3, result.output
     assert sorted(os.listdir(tmp_path)) == listing
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
+from checks import run
 
-from optckpt.cli.app import app
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError, UsageError
 from optckpt.io import load_checkpoint, pickles
 from optckpt.io.pickles import (
@@ -195,13 +194,6 @@ def _write_attack(folder: Path, attack: str, form: str) -> Path:
         path.write_bytes(_legacy(body))
         return path
     return _torch_zip(folder / "attack.pt", body)
-
-
-# --------------------------------------------------------------------------- running commands
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def assert_one_error_line(stderr: str, code: int, result_code: int, *needles: str) -> str:
