@@ -35,11 +35,8 @@ from optckpt.io.dcp.writer import check_output_folder, name_keyed_tree, wants_dc
 from optckpt.io.write import save_checkpoint
 from optckpt.names import is_name_keyed, name_parameters, to_name_keyed
 
-
-@pytest.fixture(autouse=True)
-def _quiet_dcp() -> None:
-    # dcp.save without a process group warns that it assumes one process
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+# dcp.save without a process group warns that it assumes one process
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def _trained(steps: int = 3, *, skip: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:

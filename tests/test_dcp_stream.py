@@ -13,7 +13,6 @@ Folders come from ``torch.distributed.checkpoint.save`` in this process; sharded
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,8 @@ from optckpt.remapping import remap_checkpoint
 KINDS = {"pt": "out.pt", "safetensors": "out.safetensors", "dcp": "out/"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_dcp() -> None:
-    # dcp.save without a process group warns that it assumes one process
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+# dcp.save without a process group warns that it assumes one process
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def _save(folder: Path, *, compress: bool = False) -> None:
