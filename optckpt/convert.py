@@ -123,7 +123,9 @@ def convert_checkpoint(
             ``torch.load(weights_only=True)`` and no allow-list.
         describe: read the input without torch and copy its tensors' bytes from file to file
             (:meth:`~optckpt.io.rewrite.Rewrite.load`); ``None``: whenever the output is a
-            safetensors file. The output is the same either way (``tests/test_convert.py``).
+            file (``.pt`` or safetensors). The output is the same either way
+            (``tests/test_convert.py``; a ``.pt`` file's serialization id aside,
+            :mod:`optckpt.io.zip_writer`).
 
     Raises:
         UsageError: bad output path or format (a training folder takes none), ``key`` without ``optimizer``
@@ -163,9 +165,8 @@ def convert_checkpoint(
         )
     if is_dcp(job.source) and not to_dcp and keying is None:
         keying = "ids"  # what Optimizer.load_state_dict takes; --keying names keeps the FQNs
-    if describe is None:
-        describe = job.output.kind == "safetensors"
-    checkpoint = job.load(describe=describe and job.output.kind == "safetensors")
+    by_bytes = job.output.kind in ("pt", "safetensors")
+    checkpoint = job.load(describe=by_bytes if describe is None else describe and by_bytes)
     sanitized = None
     if sanitize:
         checkpoint.root, sanitized = sanitize_tree(checkpoint.root)

@@ -341,3 +341,29 @@ def track_assemblies(monkeypatch: pytest.MonkeyPatch) -> Assemblies:
 
     monkeypatch.setattr(Assembled, "materialize", materialize)
     return seen
+
+
+def torch_zip_bytes(path: Path) -> bytes:
+    """A torch zip file's bytes with the value of ``.data/serialization_id`` and its CRC32
+    (data descriptor and central directory) blanked: the one record optckpt's torch-free
+    writer writes otherwise than torch (``optckpt.io.zip_writer``)."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith("/.data/serialization_id")]
+        directory = archive.start_dir  # type: ignore[attr-defined]
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_length + extra_length
+    assert data[start : start + 40].isdigit() and info.file_size == 40
+    data[start : start + 40] = b"0" * 40
+    assert data[start + 40 : start + 44] == b"PK\x07\x08"
+    data[start + 44 : start + 48] = bytes(4)
+    at = directory  # the central directory: entries of 46 bytes plus name, extra, comment
+    while data[at : at + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack_from("<HHH", data, at + 28)
+        if bytes(data[at + 46 : at + 46 + n]) == info.filename.encode():
+            data[at + 16 : at + 20] = bytes(4)
+        at += 46 + n + m + k
+    return bytes(data)

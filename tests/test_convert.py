@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from checks import saved_devices, trained_adam
+from checks import assert_bitwise_equal, saved_devices, torch_zip_bytes, trained_adam
 from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
@@ -245,3 +245,71 @@ def test_contiguous_slices_are_copied_without_torch(tmp_path: Path) -> None:
     back = load_checkpoint(out).root
     assert torch.equal(back["rows"], base[1:3]) and torch.equal(back["all"], base)
     assert back["step"].item() == 3.0
+
+
+@pytest.mark.parametrize("name", _ALL)
+def test_to_pt_copies_bytes_and_writes_what_torch_save_writes(name: str, tmp_path: Path) -> None:
+    """A .pt output from a described tree, without torch, is the torch path's file (which is
+    torch.save's where nothing is placed on a device), byte for byte but for the
+    serialization id."""
+    described, loaded = tmp_path / "d.pt", tmp_path / "t.pt"
+    convert_checkpoint(FIXTURES / name, described, describe=True)
+    convert_checkpoint(FIXTURES / name, loaded, describe=False)
+    assert torch_zip_bytes(described) == torch_zip_bytes(loaded)
+    cpu = {"weights_only": True, "map_location": "cpu"}
+    assert_bitwise_equal(torch.load(described, **cpu), torch.load(loaded, **cpu))
+
+
+def _every_kind_of_tensor() -> dict[str, Any]:
+    """What torch.save writes through each rebuild: views, shared storage, parameters, the
+    dtypes of _rebuild_tensor_v2 and _v3, empty and 0-dim tensors, an OrderedDict with
+    attributes (a module's state_dict)."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = nn.Linear(3, 2).state_dict()
+    tree: dict[str, Any] = {
+        "t": base.t(), "rows": base[1:3], "all": base, "again": base,
+        "param": nn.Parameter(torch.ones(3)), "frozen": nn.Parameter(torch.ones(2), False),
+        "empty": torch.empty(0, 5), "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "state": state, "nested": [(torch.zeros(2, dtype=torch.int8), 3), {"x": None}],
+    }  # fmt: skip
+    for dtype in (torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
+                  torch.uint8, torch.bool, torch.complex64, torch.complex128, torch.uint16,
+                  torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2):  # fmt: skip
+        tree[str(dtype)] = torch.arange(6).reshape(2, 3).to(dtype)[:, 1:]
+    return tree
+
+
+def test_to_pt_without_torch_writes_every_kind_of_tensor_as_torch_save(tmp_path: Path) -> None:
+    src = tmp_path / "src.pt"
+    tree = _every_kind_of_tensor()
+    torch.save(tree, src)
+    reference = tmp_path / "reference.pt"
+    with reference.open("wb") as f:  # to a file object, torch names the zip's folder "archive"
+        torch.save(torch.load(src, weights_only=True), f)
+    out = tmp_path / "out.pt"
+    convert_checkpoint(src, out)
+    assert torch_zip_bytes(out) == torch_zip_bytes(reference)
+    back = torch.load(out, weights_only=True)
+    assert_bitwise_equal(back, tree)
+    assert back["again"].untyped_storage().data_ptr() == back["all"].untyped_storage().data_ptr()
+    assert back["t"].stride() == (1, 6) and back["rows"].storage_offset() == 6
+    assert isinstance(back["param"], nn.Parameter) and back["param"].requires_grad
+    assert not back["frozen"].requires_grad
+    assert back["state"]._metadata == tree["state"]._metadata
+
+
+def test_to_pt_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = tmp_path / "src.pt"
+    tree = _every_kind_of_tensor()
+    torch.save(tree, src)
+    out = tmp_path / "out.pt"
+    script = (
+        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
+        f"convert_checkpoint({str(src)!r}, {str(out)!r})\nprint('torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    assert_bitwise_equal(torch.load(out, weights_only=True), tree)

@@ -87,7 +87,7 @@ def _deferred_paths(tree: Any) -> Iterator[tuple[KeyPath, Any]]:
 def recorded_location(storage: Any, locations: Mapping[Any, str]) -> str:
     """The device to record for ``storage``: the one it was saved from (``locations``, from
     :func:`storage_locations`) if it is a CPU storage read from such a file, else where it
-    is."""
+    is; a new string for a device other than the CPU, as torch's."""
     if isinstance(storage, DescribedStorage):
         location = "cpu"  # a description is of a tensor read to the CPU
     else:
@@ -95,8 +95,10 @@ def recorded_location(storage: Any, locations: Mapping[Any, str]) -> str:
 
         location = torch.serialization.location_tag(storage)
     if location == "cpu":
-        return locations.get(storage, location)
-    return location
+        location = locations.get(storage, location)
+    # torch's location_tag builds "cuda:0" anew for each storage, so its pickle writes the
+    # string each time rather than referring back to the first (memoized only per object)
+    return location if location == "cpu" else location.encode().decode()
 
 
 def open_output(path: Path) -> Any:

@@ -44,6 +44,7 @@ from optckpt.io.folders import resolve_folder
 from optckpt.io.read import Checkpoint, load_checkpoint
 from optckpt.io.safetensors_format.writer import check_storable
 from optckpt.io.write import ProgressStart, check_output, format_for, save_checkpoint, tensor_bytes
+from optckpt.io.zip_writer import writable
 from optckpt.locate import KeyPath, Located, select_one, select_optimizers, tensor_paths
 
 if TYPE_CHECKING:
@@ -273,19 +274,21 @@ class Rewrite:
         --dtype`` and ``remap`` stream as ``convert`` does.
 
         ``describe`` (a command that only moves tensors from file to file: ``convert`` to
-        safetensors) reads the file without torch where it can
-        (:mod:`optckpt.io.structure`): the writer then copies each tensor's bytes from the
-        file. A file with a tensor that is not one contiguous run of bytes is read with
-        torch (its bytes must be gathered). A DCP folder likewise
-        (:func:`~optckpt.io.dcp.describe.describe_dcp` with ``data``): a tensor saved as
-        row chunks is copied chunk by chunk; one saved otherwise (compressed, split on
-        another dimension) makes the whole folder take the torch path."""
+        a ``.pt`` or safetensors file) reads the file without torch where it can
+        (:mod:`optckpt.io.structure`): the writer then copies each storage's bytes from the
+        file. What the output cannot take as described is read with torch instead: for
+        safetensors, a tensor that is not one contiguous run of bytes (its bytes must be
+        gathered); for ``.pt``, what :func:`optckpt.io.zip_writer.writable` refuses. A DCP
+        folder likewise (:func:`~optckpt.io.dcp.describe.describe_dcp` with ``data``): a
+        tensor saved as row chunks is copied chunk by chunk; one saved otherwise
+        (compressed, split on another dimension) makes the whole folder take the torch
+        path."""
         if is_dcp(self.source):
             if describe and not read:  # every tensor where its bytes are, else None
                 from optckpt.io.dcp.describe import describe_dcp
 
                 found = describe_dcp(self.source, allow_globals=self.allow_globals, data=True)
-                if found is not None:
+                if found is not None and self._takes_described(found.root):
                     return found
             from optckpt.io.dcp.reader import read_dcp
 
@@ -295,12 +298,17 @@ class Rewrite:
             checkpoint = load_checkpoint(
                 self.source, allow_globals=self.allow_globals, describe=True
             )
-            if all(
-                not isinstance(t, DescribedTensor) or t.is_contiguous()
-                for _, t in tensor_paths(checkpoint.root)
-            ):
+            if self._takes_described(checkpoint.root):
                 return checkpoint
         return load_checkpoint(self.source, allow_globals=self.allow_globals)
+
+    def _takes_described(self, tree: Any) -> bool:
+        """Whether the output can be written from ``tree`` as described (see :meth:`load`)."""
+        if self.output is not None and self.output.kind == "pt":
+            return writable(tree)
+        return all(
+            not isinstance(t, DescribedTensor) or t.is_contiguous() for _, t in tensor_paths(tree)
+        )
 
     def refuse_file_to_dcp(self, command: str) -> None:
         """Refuse, before anything is read, a DCP output from a checkpoint file: DCP keeps

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import is_tensor
+from optckpt.described import DescribedTensor, is_tensor
 from optckpt.errors import Terminated, UnwritableOutputError, UsageError
 from optckpt.io.outfile import is_deferred
-from optckpt.locate import KeyPath
+from optckpt.locate import KeyPath, tensor_paths
 
 FORMATS = ("pt", "safetensors")
 
@@ -220,7 +220,8 @@ def save_checkpoint(
         tree: the checkpoint; may hold :class:`optckpt.io.torch_format.Deferred` casts,
             made one at a time as they are written.
         out: the target file.
-        fmt: ``"pt"`` (the bytes ``torch.save`` writes) or ``"safetensors"``.
+        fmt: ``"pt"`` (the bytes ``torch.save`` writes; a tree of described tensors is
+            written so without torch, :mod:`optckpt.io.zip_writer`) or ``"safetensors"``.
         progress: called with the number of bytes of each write.
         sources: the memory-mapped files ``tree`` was read from (private mappings that were
             never written to); their pages are released as they are copied, so memory stays
@@ -236,6 +237,11 @@ def save_checkpoint(
             from optckpt.io.safetensors_format.writer import write_safetensors
 
             write_safetensors(tree, tmp, progress=progress, sources=sources, placement=placement)
+            return
+        if any(isinstance(t, DescribedTensor) for _, t in tensor_paths(tree)):
+            from optckpt.io.zip_writer import write_described  # read without torch: ``convert``
+
+            write_described(tree, tmp, progress=progress, placement=placement)
             return
         from optckpt.io.torch_format import save_torch
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import DescribedStorage, DescribedTensor, JoinedStorage
+from optckpt.described import DescribedTensor
 from optckpt.errors import UsageError
 from optckpt.io.outfile import (
     end_output,
@@ -20,6 +19,7 @@ from optckpt.io.outfile import (
     write_all,
 )
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
+from optckpt.io.runs import Files, Run, copy_runs, runs
 from optckpt.io.safetensors_format.header import safetensors_dtype
 from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
 from optckpt.locate import KeyPath
@@ -100,13 +100,13 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     sources = list(sources)
-    with open_output(path) as f, FileRanges(sources) as ranges, _Files() as files:
+    with open_output(path) as f, FileRanges(sources) as ranges, Files() as files:
         write_all(f, struct.pack("<Q", len(blob)) + blob)
         for value in encoder.tensors.values():
             if not value.numel():
                 continue
             if isinstance(value, DescribedTensor):  # bytes of a file: copied, never made
-                _copy_described(value, f, files, progress)
+                copy_runs(_runs_of(value), f, files, progress)
                 continue
             tensor = _stored(value)
             nbytes = tensor.numel() * tensor.element_size()
@@ -170,31 +170,8 @@ def _stored(value: torch.Tensor | Deferred) -> torch.Tensor:
     return value.detach().to("cpu").contiguous()
 
 
-class _Files:
-    """The input files of described tensors, each opened once (a context manager)."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def __enter__(self) -> _Files:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _copy_described(
-    tensor: DescribedTensor, f: Any, files: _Files, progress: Callable[[int], None] | None
-) -> None:
-    """Write a described tensor's bytes from its file: in the kernel (``copy_file_range``,
-    as ``cp`` does) where it can, else through its read-only mapping, in slices.
+def _runs_of(tensor: DescribedTensor) -> list[Run]:
+    """The runs of files holding a described tensor's bytes, as safetensors stores them.
 
     Raises:
         ValueError: a tensor that is not one contiguous run of its storage (the caller reads
@@ -202,35 +179,5 @@ def _copy_described(
     """
     if not tensor.is_contiguous():
         raise ValueError("a described tensor that is not contiguous cannot be copied as bytes")
-    storage = tensor.storage
     nbytes = tensor.numel() * tensor.element_size()
-    begin = tensor.offset * tensor.element_size()
-    if isinstance(storage, JoinedStorage):  # a DCP tensor's row chunks, in row order
-        if begin != 0 or nbytes != storage.size:
-            raise ValueError("a described tensor over joined runs must be all of them")
-        for part in storage.parts:
-            _copy_run(part, 0, part.size, f, files, progress)
-    else:
-        _copy_run(storage, begin, nbytes, f, files, progress)
-
-
-def _copy_run(
-    storage: DescribedStorage,
-    begin: int,
-    nbytes: int,
-    f: Any,
-    files: _Files,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """Write ``nbytes`` of ``storage`` from ``begin``: in the kernel where it can, else
-    through its read-only mapping, in slices."""
-    done = 0
-    if storage.file is not None:
-        done = copy_range(files.fd(storage.file), storage.start + begin, f.fileno(), nbytes)
-    if progress is not None and done:
-        progress(done)
-    for start in range(done, nbytes, _SLICE):
-        piece = storage.read(begin + start, min(_SLICE, nbytes - start))
-        write_all(f, piece)
-        if progress is not None:
-            progress(len(piece))
+    return runs(tensor.storage, tensor.offset * tensor.element_size(), nbytes)
