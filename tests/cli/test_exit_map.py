@@ -272,7 +272,8 @@ def test_head_c1_exits_0_quietly() -> None:
 _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-import optckpt.io.torch_format as torch_format  # the writers import it when they write
+import optckpt.io.torch_format as torch_format  # the writers import them when they write
+import optckpt.io.zip_writer as zip_writer
 
 ready = Path(sys.argv.pop(1))
 
@@ -281,7 +282,7 @@ def slow(tree, path, **kwargs):
     ready.touch()
     time.sleep(120)
 
-torch_format.save_torch = slow
+torch_format.save_torch = zip_writer.write_described = slow
 from optckpt.cli.app import main
 main()
 """

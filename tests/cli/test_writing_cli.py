@@ -184,13 +184,14 @@ def test_convert_unreadable_exits_3_and_writes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_convert_failing_midway_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
 ) -> None:
-    import optckpt.io.safetensors_format.writer as fmt
+    import optckpt.io.runs
 
     written: list[int] = []
-    real_copy = fmt.copy_range
+    real_copy = optckpt.io.runs.copy_range
 
     def disk_full_on_second_tensor(src: int, offset: int, dst: int, nbytes: int) -> int:
         written.append(sum(p.stat().st_size for p in tmp_path.iterdir()))
@@ -198,9 +199,9 @@ def test_convert_failing_midway_leaves_nothing(
             raise OSError(28, "No space left on device")
         return real_copy(src, offset, dst, nbytes)
 
-    # the tensors of the mapped input are copied in the kernel one by one: fail mid-file
-    monkeypatch.setattr(fmt, "copy_range", disk_full_on_second_tensor)
-    out = tmp_path / "o.safetensors"
+    # the storages of the input are copied in the kernel one by one: fail mid-file
+    monkeypatch.setattr(optckpt.io.runs, "copy_range", disk_full_on_second_tensor)
+    out = tmp_path / f"o{suffix}"
     result = run("convert", FIXTURES / "adamw_train.pt", "-o", out)
     assert result.exit_code == 3
     assert_one_line_error(result.stderr, f"cannot write {out}: No space left on device")
