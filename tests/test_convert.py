@@ -248,10 +248,16 @@ def test_contiguous_slices_are_copied_without_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", _ALL)
-def test_to_pt_copies_bytes_and_writes_what_torch_save_writes(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("copied", [False, True])
+def test_to_pt_copies_bytes_and_writes_what_torch_save_writes(
+    name: str, copied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A .pt output from a described tree, without torch, is the torch path's file (which is
     torch.save's where nothing is placed on a device), byte for byte but for the
-    serialization id."""
+    serialization id; storages read in place (small ones) or copied in the kernel with
+    their CRC32 from the checksum thread (``copied``: every one) alike."""
+    if copied:
+        monkeypatch.setattr("optckpt.io.zip_writer._SMALL", 0)
     described, loaded = tmp_path / "d.pt", tmp_path / "t.pt"
     convert_checkpoint(FIXTURES / name, described, describe=True)
     convert_checkpoint(FIXTURES / name, loaded, describe=False)
@@ -271,7 +277,9 @@ def _every_kind_of_tensor() -> dict[str, Any]:
         "param": nn.Parameter(torch.ones(3)), "frozen": nn.Parameter(torch.ones(2), False),
         "empty": torch.empty(0, 5), "scalar": torch.tensor(2.5, dtype=torch.float64),
         "state": state, "nested": [(torch.zeros(2, dtype=torch.int8), 3), {"x": None}],
+        "big": torch.randn(700, 700, generator=torch.Generator().manual_seed(0)),
     }  # fmt: skip
+    tree["big_rows"] = tree["big"][100:]  # a view into a storage copied in the kernel
     for dtype in (torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
                   torch.uint8, torch.bool, torch.complex64, torch.complex128, torch.uint16,
                   torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2):  # fmt: skip

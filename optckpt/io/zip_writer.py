@@ -35,7 +35,7 @@ import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +56,8 @@ ARCHIVE = "archive"
 """The folder of every record: what torch's writer names it when it writes to a file object."""
 ALIGNMENT = 64  # torch.serialization._get_storage_alignment()'s default
 _VERSION = "3\n"  # kProducedFileFormatVersion, the "version" record
+_BUFFER = 1024 * 1024  # bytes of headers and small records gathered per write
+_SMALL = 1024 * 1024  # storages smaller than this are read and checksummed in place, not copied
 _ZIP64_AT = 0xFFFFFFFF  # sizes and offsets from here on take ZIP64 fields (miniz: >= UINT32_MAX)
 
 # ---------------------------------------------------------------------------------- the pickle
@@ -293,11 +295,17 @@ def serialization_id(records: list[tuple[str, int]]) -> str:
 
 class ZipWriter:
     """Records appended one after another to a raw binary file, as torch's writer lays them
-    out; :meth:`finish` writes the last two records and the central directory."""
+    out; :meth:`finish` writes the last two records and the central directory.
+
+    Headers, descriptors and the data of :meth:`add` are gathered and written
+    :data:`_BUFFER` bytes at a time (a checkpoint of many small tensors would otherwise cost
+    a few system calls each); :meth:`add_copied` writes what is gathered, then copies.
+    """
 
     def __init__(self, f: Any) -> None:
         self._f = f
         self._at = 0
+        self._pending = bytearray()
         self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, offset, size
 
     def _begin(self, record: str, size: int) -> tuple[bytes, int]:
@@ -307,18 +315,23 @@ class ZipWriter:
         return name, offset
 
     def _end(self, name: bytes, crc: int, offset: int, size: int) -> None:
-        self._at += size
         self._write(descriptor(crc, offset, size))
         self._entries.append((name, crc, offset, size))
 
     def _write(self, data: bytes) -> None:
-        write_all(self._f, data)
+        self._pending += data
         self._at += len(data)
+        if len(self._pending) >= _BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        write_all(self._f, self._pending)
+        self._pending.clear()
 
     def add(self, record: str, data: bytes) -> None:
         """Append a record of ``data``."""
         name, offset = self._begin(record, len(data))
-        write_all(self._f, data)
+        self._write(data)
         self._end(name, zlib.crc32(data), offset, len(data))
 
     def add_copied(
@@ -328,7 +341,9 @@ class ZipWriter:
         """Append a record of the bytes of ``found`` (``size`` in all), copied from their
         files; ``crc`` gives their CRC32 once they are copied."""
         name, offset = self._begin(record, size)
+        self._flush()
         copy_runs(found, self._f, files, progress)
+        self._at += size
         self._end(name, crc(), offset, size)
 
     def finish(self) -> None:
@@ -339,6 +354,7 @@ class ZipWriter:
         directory = self._at
         listing = b"".join(central_entry(*entry) for entry in self._entries)
         self._write(listing + end_records(len(self._entries), directory, len(listing)))
+        self._flush()
 
 
 # ---------------------------------------------------------------------------------- the writer
@@ -395,11 +411,18 @@ def _write_records(
     zipped.add("byteorder", sys.byteorder.encode())
     records = [(key, runs(storage, 0, storage.size), storage.size)
                for storage, key in storages.keys.items()]  # fmt: skip
-    for _, found, _ in records:  # opened here, so that the checksum thread only reads
+    large = [(found, size) for _, found, size in records if size >= _SMALL]
+    for found, _ in large:  # opened here, so that the checksum thread only reads
         for storage, _, _ in found:
             if storage.file is not None:
                 files.fd(storage.file)
-    crcs: list[Future[int]] = [pool.submit(crc32_runs, found, files) for _, found, _ in records]
-    for (key, found, size), crc in zip(records, crcs):
-        zipped.add_copied(f"data/{key}", found, size, crc.result, files, progress)
+    crcs = iter([pool.submit(crc32_runs, found, files) for found, _ in large])
+    for key, found, size in records:
+        if size >= _SMALL:
+            zipped.add_copied(f"data/{key}", found, size, next(crcs).result, files, progress)
+            continue
+        data = b"".join(storage.read(begin, n) for storage, begin, n in found)
+        zipped.add(f"data/{key}", data)
+        if progress is not None and size:
+            progress(size)
     zipped.finish()

@@ -190,23 +190,27 @@ def test_convert_failing_midway_leaves_nothing(
 ) -> None:
     import optckpt.io.runs
 
+    src = tmp_path / "src.pt"  # storages large enough to be copied in the kernel
+    torch.save({f"t{i}": torch.full((600_000,), float(i)) for i in range(3)}, src)
+    folder = tmp_path / "out"
+    folder.mkdir()
     written: list[int] = []
     real_copy = optckpt.io.runs.copy_range
 
     def disk_full_on_second_tensor(src: int, offset: int, dst: int, nbytes: int) -> int:
-        written.append(sum(p.stat().st_size for p in tmp_path.iterdir()))
+        written.append(sum(p.stat().st_size for p in folder.iterdir()))
         if len(written) > 1:
             raise OSError(28, "No space left on device")
         return real_copy(src, offset, dst, nbytes)
 
     # the storages of the input are copied in the kernel one by one: fail mid-file
     monkeypatch.setattr(optckpt.io.runs, "copy_range", disk_full_on_second_tensor)
-    out = tmp_path / f"o{suffix}"
-    result = run("convert", FIXTURES / "adamw_train.pt", "-o", out)
+    out = folder / f"o{suffix}"
+    result = run("convert", src, "-o", out)
     assert result.exit_code == 3
     assert_one_line_error(result.stderr, f"cannot write {out}: No space left on device")
     assert len(written) > 1 and written[1] > written[0] > 0, "fail after part of the file"
-    assert list(tmp_path.iterdir()) == []
+    assert list(folder.iterdir()) == []
 
 
 # move -------------------------------------------------------------------------------------
