@@ -154,19 +154,36 @@ class JoinedStorage(DescribedStorage):
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (in bytes, within the joined storage)."""
-        if offset < 0 or offset + length > self.size:
-            raise ValueError(f"storage {self.key}: bytes {offset}..{offset + length} out of range")
-        out = bytearray()
-        for part in self.parts:
-            if length == 0:
-                break
-            if offset >= part.size:
-                offset -= part.size
-                continue
-            take = min(length, part.size - offset)
-            out += part.read(offset, take)
-            offset, length = 0, length - take
-        return bytes(out)
+        return b"".join(part.read(b, n) for part, b, n in runs(self, offset, length))
+
+
+Run = tuple[DescribedStorage, int, int]
+"""``(storage, begin, nbytes)``: ``nbytes`` bytes from byte ``begin`` of a storage that is
+one run of one file (never a :class:`JoinedStorage`)."""
+
+
+def runs(storage: DescribedStorage, begin: int, nbytes: int) -> list[Run]:
+    """The runs of files holding ``nbytes`` of ``storage`` from byte ``begin``, in order: one,
+    or several for a :class:`JoinedStorage`.
+
+    Raises:
+        ValueError: the range is not inside the storage.
+    """
+    if begin < 0 or nbytes < 0 or begin + nbytes > storage.size:
+        raise ValueError(f"storage {storage.key}: bytes {begin}..{begin + nbytes} out of range")
+    if not isinstance(storage, JoinedStorage):
+        return [(storage, begin, nbytes)] if nbytes else []
+    found: list[Run] = []
+    for part in storage.parts:
+        if nbytes == 0:
+            break
+        if begin >= part.size:
+            begin -= part.size
+            continue
+        take = min(nbytes, part.size - begin)
+        found.append((part, begin, take))
+        begin, nbytes = 0, nbytes - take
+    return found
 
 
 @dataclass(eq=False)

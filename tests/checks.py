@@ -367,3 +367,17 @@ def torch_zip_bytes(path: Path) -> bytes:
             data[at + 16 : at + 20] = bytes(4)
         at += 46 + n + m + k
     return bytes(data)
+
+
+def convert_without_torch(src: Path, out: Path) -> None:
+    """``convert_checkpoint(src, out)`` in a fresh process; assert that it never imported
+    torch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
+        f"convert_checkpoint({str(src)!r}, {str(out)!r})\nprint('torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stdout + found.stderr

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_bitwise_equal, saved_devices, torch_zip_bytes, trained_adam
+from checks import (
+    assert_bitwise_equal,
+    convert_without_torch,
+    saved_devices,
+    torch_zip_bytes,
+    trained_adam,
+)
 from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
@@ -229,19 +235,11 @@ def test_views_that_are_not_contiguous_go_through_torch(tmp_path: Path) -> None:
 
 
 def test_contiguous_slices_are_copied_without_torch(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
     src = tmp_path / "slices.pt"
     torch.save({"rows": base[1:3], "all": base, "step": torch.tensor(3.0)}, src)
     out = tmp_path / "out.safetensors"
-    script = (
-        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
-        f"convert_checkpoint({str(src)!r}, {str(out)!r})\nprint('torch' in sys.modules)"
-    )
-    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    convert_without_torch(src, out)
     back = load_checkpoint(out).root
     assert torch.equal(back["rows"], base[1:3]) and torch.equal(back["all"], base)
     assert back["step"].item() == 3.0
@@ -307,17 +305,9 @@ def test_to_pt_without_torch_writes_every_kind_of_tensor_as_torch_save(tmp_path:
 
 
 def test_to_pt_imports_no_torch(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     src = tmp_path / "src.pt"
     tree = _every_kind_of_tensor()
     torch.save(tree, src)
     out = tmp_path / "out.pt"
-    script = (
-        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
-        f"convert_checkpoint({str(src)!r}, {str(out)!r})\nprint('torch' in sys.modules)"
-    )
-    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    convert_without_torch(src, out)
     assert_bitwise_equal(torch.load(out, weights_only=True), tree)

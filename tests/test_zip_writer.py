@@ -72,6 +72,20 @@ def _torch_writes(records: list[tuple[str, Any]], *, crc: bool = True) -> _Captu
     return sink
 
 
+def _assert_written_as_torch_writes(records: list[tuple[str, bytes]], tmp_path: Path) -> None:
+    """Records written by torch's writer and by :class:`ZipWriter`: the same file, the
+    serialization id aside."""
+    theirs, ours = tmp_path / "theirs.pt", tmp_path / "ours.pt"
+    theirs.write_bytes(b"".join(p for p in _torch_writes(records).parts if isinstance(p, bytes)))
+    buffer = io.BytesIO()
+    writer = ZipWriter(buffer)
+    for name, data in records:
+        writer.add(name, data)
+    writer.finish()
+    ours.write_bytes(buffer.getvalue())
+    assert torch_zip_bytes(ours) == torch_zip_bytes(theirs)
+
+
 @pytest.mark.parametrize("sizes", [[0], [1, 63, 64, 65], [5, 1000, 100_000, 3, 0, 77]])
 def test_records_are_laid_out_as_torch_writes_them(sizes: list[int], tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(len(sizes))
@@ -80,29 +94,13 @@ def test_records_are_laid_out_as_torch_writes_them(sizes: list[int], tmp_path: P
     for i, n in enumerate(sizes):
         data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
         records.append((f"data/{i}", data.numpy().tobytes()))
-    theirs, ours = tmp_path / "theirs.pt", tmp_path / "ours.pt"
-    theirs.write_bytes(b"".join(p for p in _torch_writes(records).parts if isinstance(p, bytes)))
-    buffer = io.BytesIO()
-    writer = ZipWriter(buffer)
-    for name, data in records:
-        writer.add(name, data)
-    writer.finish()
-    ours.write_bytes(buffer.getvalue())
-    assert torch_zip_bytes(ours) == torch_zip_bytes(theirs)
+    _assert_written_as_torch_writes(records, tmp_path)
 
 
 def test_more_records_than_the_end_record_counts(tmp_path: Path) -> None:
     """Past 65,535 records the classic end record says 0xFFFF, as miniz writes it."""
     records = [("byteorder", b"little"), *((f"data/{i}", b"x") for i in range(65_540))]
-    theirs, ours = tmp_path / "theirs.pt", tmp_path / "ours.pt"
-    theirs.write_bytes(b"".join(p for p in _torch_writes(records).parts if isinstance(p, bytes)))
-    buffer = io.BytesIO()
-    writer = ZipWriter(buffer)
-    for name, data in records:
-        writer.add(name, data)
-    writer.finish()
-    ours.write_bytes(buffer.getvalue())
-    assert torch_zip_bytes(ours) == torch_zip_bytes(theirs)
+    _assert_written_as_torch_writes(records, tmp_path)
 
 
 def test_zip64_fields_past_4_gib() -> None:

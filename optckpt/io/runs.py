@@ -2,9 +2,9 @@
 
 A writer of described tensors never makes a tensor: it copies each storage's bytes from the
 file they are in, inside the kernel (``os.copy_file_range``, as ``cp`` does) where it can,
-else through the file's read-only mapping in slices. :func:`runs` cuts a range of a storage
-into the runs of files it lies in (one, or several for a DCP tensor saved as row chunks,
-:class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them and
+else through the file's read-only mapping in slices. :func:`~optckpt.described.runs` cuts a
+range of a storage into the runs of files it lies in (one, or several for a DCP tensor saved
+as row chunks, :class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them and
 :func:`crc32_runs` checksums them (the torch zip writer needs each record's CRC32) through a
 window of the file mapped at a time, so memory stays flat.
 """
@@ -18,39 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import DescribedStorage, JoinedStorage
+from optckpt.described import Run
 from optckpt.io.outfile import write_all
 from optckpt.io.pages import copy_range
 
-Run = tuple[DescribedStorage, int, int]
-"""``(storage, begin, nbytes)``: ``nbytes`` bytes from byte ``begin`` of a storage that is
-one run of one file (never a :class:`~optckpt.described.JoinedStorage`)."""
-
 _SLICE = 16 * 1024 * 1024  # bytes per write call when not copied in the kernel
 _WINDOW = 64 * 1024 * 1024  # bytes of a file mapped at once to checksum it
-
-
-def runs(storage: DescribedStorage, begin: int, nbytes: int) -> list[Run]:
-    """The runs of files holding ``nbytes`` of ``storage`` from byte ``begin``, in order.
-
-    Raises:
-        ValueError: the range is not inside the storage.
-    """
-    if begin < 0 or nbytes < 0 or begin + nbytes > storage.size:
-        raise ValueError(f"storage {storage.key}: bytes {begin}..{begin + nbytes} out of range")
-    if not isinstance(storage, JoinedStorage):
-        return [(storage, begin, nbytes)] if nbytes else []
-    found: list[Run] = []
-    for part in storage.parts:
-        if nbytes == 0:
-            break
-        if begin >= part.size:
-            begin -= part.size
-            continue
-        take = min(nbytes, part.size - begin)
-        found.append((part, begin, take))
-        begin, nbytes = 0, nbytes - take
-    return found
 
 
 class Files:

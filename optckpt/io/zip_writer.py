@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from optckpt.described import DescribedStorage, DescribedTensor, DType
+from optckpt.described import DescribedStorage, DescribedTensor, DType, Run, runs
 from optckpt.io.outfile import (
     end_output,
     open_output,
@@ -48,7 +48,7 @@ from optckpt.io.outfile import (
     storage_locations,
     write_all,
 )
-from optckpt.io.runs import Files, Run, copy_runs, crc32_runs, runs
+from optckpt.io.runs import Files, copy_runs, crc32_runs
 from optckpt.io.unpickle import STORAGE_CLASSES
 from optckpt.locate import KeyPath
 

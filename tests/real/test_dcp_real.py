@@ -27,6 +27,7 @@ import pytest
 import torch
 from checks import (
     assert_same_bits,
+    convert_without_torch,
     dcp_as_torch_reads_it,
     flat_optimizer_state,
     torch_zip_bytes,
@@ -354,20 +355,11 @@ def test_fsdp2_folders_convert_to_files_without_torch(
     """Uneven row shards are copied chunk by chunk from the .distcp files, in a process that
     never imports torch; the file is the torch path's, byte for byte (a .pt file's
     serialization id aside), and its values are dcp_to_torch_save's."""
-    import subprocess
-    import sys
-
     from optckpt.convert import convert_checkpoint
     from optckpt.io.dcp.describe import describe_dcp
 
     described, loaded = tmp_path / f"d{suffix}", tmp_path / f"t{suffix}"
-    script = (
-        "import sys\nfrom optckpt.convert import convert_checkpoint\n"
-        f"convert_checkpoint({str(run / name)!r}, {str(described)!r})\n"
-        "print('torch' in sys.modules)"
-    )
-    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert found.stdout.strip() == "False", found.stdout + found.stderr
+    convert_without_torch(run / name, described)
     convert_checkpoint(run / name, loaded, describe=False)
     if suffix == ".pt":
         assert torch_zip_bytes(described) == torch_zip_bytes(loaded)

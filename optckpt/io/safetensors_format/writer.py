@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import DescribedTensor
+from optckpt.described import DescribedTensor, Run, runs
 from optckpt.errors import UsageError
 from optckpt.io.outfile import (
     end_output,
@@ -19,7 +19,7 @@ from optckpt.io.outfile import (
     write_all,
 )
 from optckpt.io.pages import FileRanges, copy_range, release, trim_heap
-from optckpt.io.runs import Files, Run, copy_runs, runs
+from optckpt.io.runs import Files, copy_runs
 from optckpt.io.safetensors_format.header import safetensors_dtype
 from optckpt.io.safetensors_format.tree import DEVICES_KEY, TREE_KEY, VERSION, VERSION_KEY, _Encoder
 from optckpt.locate import KeyPath
