@@ -143,7 +143,7 @@ def test_zip64_fields_past_4_gib() -> None:
     assert _joined(expected) == theirs
 
 
-def _described(tensors: dict[str, torch.Tensor], tmp_path: Path) -> tuple[Any, Path]:
+def _described(tensors: dict[str, Any], tmp_path: Path) -> tuple[Any, Path]:
     src = tmp_path / "src.pt"
     torch.save(tensors, src)
     tree = describe_torch_zip(src, {})
@@ -204,3 +204,22 @@ def test_writable_takes_plain_trees_of_described_tensors_only(tmp_path: Path) ->
     assert not writable({"a": nibbles})  # torch.save writes no int4 tensor
     assert not writable({"a": {1, 2}})  # a set: a global the described path does not write
     assert not writable({"a": torch.ones(1)})  # a torch tensor: the torch writer's
+
+
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_a_thousand_items_are_batched_as_torch_save_batches_them(n: int, tmp_path: Path) -> None:
+    """``torch.save``'s pickler (C) ends an exact dict of 1000 items with an empty batch and
+    writes one item left after full batches as a batch of its own, where Python's pickler
+    does neither: an optimizer of 1000 parameters (``state``) or 1001 (``state`` and the
+    group's ``params``)."""
+    params = [torch.nn.Parameter(torch.ones(1)) for _ in range(n)]
+    adam = torch.optim.Adam(params)
+    torch.stack(params).sum().backward()
+    adam.step()
+    tree, src = _described({"optimizer": adam.state_dict()}, tmp_path)
+    reference = tmp_path / "reference.pt"
+    with reference.open("wb") as f:
+        torch.save(torch.load(src, weights_only=True), f)
+    ours = tmp_path / "ours.pt"
+    write_described(tree, ours)
+    assert torch_zip_bytes(ours) == torch_zip_bytes(reference)

@@ -164,8 +164,9 @@ _PurePickler: Any = pickle._Pickler
 
 
 class _Pickler(_PurePickler):  # type: ignore[misc]
-    """Python's own pickler (the one ``pickle.Pickler`` mirrors byte for byte), taught the
-    stand-ins of this module: a :class:`_Global` is written by name, never imported."""
+    """Python's own pickler, taught the stand-ins of this module (a :class:`_Global` is
+    written by name, never imported) and the batching of ``pickle.Pickler`` (C), which
+    ``torch.save`` uses, where the two differ (exact dicts and lists)."""
 
     dispatch: ClassVar[dict[type, Callable[..., None]]] = dict(_PurePickler.dispatch)
 
@@ -199,6 +200,45 @@ class _Pickler(_PurePickler):  # type: ignore[misc]
             args += (t.dtype,)
         self.save_reduce(_named(rebuild), args, obj=t)
 
+    # torch.save's pickler is _pickle.c's, which batches an exact dict or list otherwise than
+    # the Python pickler (its batch_dict_exact and batch_list_exact): a dict's last full batch
+    # is followed by an empty MARK SETITEMS, and one item left after full batches is a batch
+    # of its own (MARK ... SETITEMS, MARK ... APPENDS), not a SETITEM or an APPEND.
+
+    def _save_dict(self, obj: dict[Any, Any]) -> None:
+        self.write(pickle.EMPTY_DICT)
+        self.memoize(obj)
+        items = list(obj.items())
+        if len(items) == 1:
+            self.save(items[0][0])
+            self.save(items[0][1])
+            self.write(pickle.SETITEM)
+            return
+        start = 0
+        while items:
+            batch = items[start : start + self._BATCHSIZE]
+            self.write(pickle.MARK)
+            for key, value in batch:
+                self.save(key)
+                self.save(value)
+            self.write(pickle.SETITEMS)
+            start += len(batch)
+            if len(batch) < self._BATCHSIZE:
+                break
+
+    def _save_list(self, obj: list[Any]) -> None:
+        self.write(pickle.EMPTY_LIST)
+        self.memoize(obj)
+        if len(obj) == 1:
+            self.save(obj[0])
+            self.write(pickle.APPEND)
+            return
+        for start in range(0, len(obj), self._BATCHSIZE):
+            self.write(pickle.MARK)
+            for item in obj[start : start + self._BATCHSIZE]:
+                self.save(item)
+            self.write(pickle.APPENDS)
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, OrderedDict):  # optckpt's readers build a subclass; torch, the class
             return (_named("collections.OrderedDict"), (), vars(obj) or None, None,
@@ -208,6 +248,8 @@ class _Pickler(_PurePickler):  # type: ignore[misc]
     dispatch[_Global] = _save_global
     dispatch[DType] = _save_dtype
     dispatch[DescribedTensor] = _save_tensor
+    dispatch[dict] = _save_dict
+    dispatch[list] = _save_list
 
 
 def _pickle(tree: Any, storages: _Storages) -> bytes:
