@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from torch import nn
 
 from optckpt.convert import convert_checkpoint, retarget
 from optckpt.diff import diff_checkpoints
-from optckpt.errors import IncompatibleStateError, UsageError
+from optckpt.errors import IncompatibleStateError, UnreadableCheckpointError, UsageError
 from optckpt.io import load_checkpoint
+from optckpt.io.rewrite import Rewrite
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FILES = [
@@ -311,3 +313,27 @@ def test_to_pt_imports_no_torch(tmp_path: Path) -> None:
     out = tmp_path / "out.pt"
     convert_without_torch(src, out)
     assert_bitwise_equal(torch.load(out, weights_only=True), tree)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("cut", ["small", "large"])
+def test_an_input_cut_short_before_it_is_copied_is_refused(
+    suffix: str, cut: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut short after it was read (another process rewriting it) is an unreadable
+    input, and nothing is left behind; touching its mapping past the new end would kill
+    the process with SIGBUS, leaving the temporary output. A small storage is read in
+    place; a large one is copied in the kernel, checksummed in a second thread."""
+    src = tmp_path / "src.pt"
+    torch.save({"small": torch.ones(1000), "large": torch.ones(300_000)}, src)
+    size = src.stat().st_size
+    save = Rewrite.save
+
+    def cut_then_save(self: Rewrite, *args: Any) -> None:
+        os.truncate(src, 3000 if cut == "small" else size - 1000)
+        save(self, *args)
+
+    monkeypatch.setattr(Rewrite, "save", cut_then_save)
+    with pytest.raises(UnreadableCheckpointError, match=r"src\.pt: changed while being copied"):
+        convert_checkpoint(src, tmp_path / f"out{suffix}")
+    assert list(tmp_path.iterdir()) == [src]

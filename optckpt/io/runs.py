@@ -2,11 +2,16 @@
 
 A writer of described tensors never makes a tensor: it copies each storage's bytes from the
 file they are in, inside the kernel (``os.copy_file_range``, as ``cp`` does) where it can,
-else through the file's read-only mapping in slices. :func:`~optckpt.described.runs` cuts a
-range of a storage into the runs of files it lies in (one, or several for a DCP tensor saved
-as row chunks, :class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them and
+else with ``os.pread`` in slices. :func:`~optckpt.described.runs` cuts a range of a storage
+into the runs of files it lies in (one, or several for a DCP tensor saved as row chunks,
+:class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them and
 :func:`crc32_runs` checksums them (the torch zip writer needs each record's CRC32) through a
-window of the file mapped at a time, so memory stays flat.
+window of the file mapped at a time, so memory stays flat; :func:`read_runs` reads small ones.
+
+A file cut short after it was read (another process rewriting it) is reported as
+:class:`~optckpt.errors.UnreadableCheckpointError`: the copy and ``os.pread`` see the short
+file, where touching its mapping past the new end would kill the process (SIGBUS) and leave
+the temporary output behind. (A file cut during the checksum of a mapped window still can.)
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import Run
+from optckpt.described import DescribedStorage, Run
+from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.outfile import write_all
 from optckpt.io.pages import copy_range
 
@@ -47,11 +53,44 @@ class Files:
         self._fds.clear()
 
 
+def _cut_short(path: Path, end: int) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        f"{path}: changed while being copied (it now ends before byte {end})"
+    )
+
+
+def _read(storage: DescribedStorage, begin: int, nbytes: int, files: Files) -> bytes:
+    """``nbytes`` of ``storage`` from byte ``begin``, read from its file (``os.pread``)."""
+    if storage.file is None:
+        return storage.read(begin, nbytes)
+    fd, at = files.fd(storage.file), storage.start + begin
+    data = os.pread(fd, nbytes, at)
+    while len(data) < nbytes:  # a short read: the rest, or the end of the file
+        more = os.pread(fd, nbytes - len(data), at + len(data))
+        if not more:
+            raise _cut_short(storage.file, at + nbytes)
+        data += more
+    return data
+
+
+def read_runs(found: Sequence[Run], files: Files) -> bytes:
+    """The bytes of ``found``, one after another, read from their files.
+
+    Raises:
+        UnreadableCheckpointError: a file is shorter than when it was read.
+    """
+    return b"".join(_read(storage, begin, nbytes, files) for storage, begin, nbytes in found)
+
+
 def copy_runs(
     found: Sequence[Run], f: Any, files: Files, progress: Callable[[int], None] | None
 ) -> None:
     """Append the bytes of ``found`` to the raw file ``f``: in the kernel where it can, else
-    through each storage's read-only mapping, in slices."""
+    read from the file, in slices.
+
+    Raises:
+        UnreadableCheckpointError: a file is shorter than when it was read.
+    """
     for storage, begin, nbytes in found:
         done = 0
         if storage.file is not None:
@@ -59,7 +98,7 @@ def copy_runs(
         if progress is not None and done:
             progress(done)
         for start in range(done, nbytes, _SLICE):
-            piece = storage.read(begin + start, min(_SLICE, nbytes - start))
+            piece = _read(storage, begin + start, min(_SLICE, nbytes - start), files)
             write_all(f, piece)
             if progress is not None:
                 progress(len(piece))
@@ -72,6 +111,9 @@ def crc32_runs(found: Sequence[Run], files: Files) -> int:
     before the next, so its pages never add up in memory; ``zlib.crc32`` releases the GIL,
     so this runs beside a copy in another thread. Open the files (:meth:`Files.fd`) in the
     thread that owns ``files`` first.
+
+    Raises:
+        UnreadableCheckpointError: a file is shorter than when it was read.
     """
     crc = 0
     for storage, begin, nbytes in found:
@@ -82,6 +124,8 @@ def crc32_runs(found: Sequence[Run], files: Files) -> int:
         fd = files.fd(storage.file)
         first = storage.start + begin
         end = first + nbytes
+        if os.fstat(fd).st_size < end:  # else mapping past the end fails, touching it kills
+            raise _cut_short(storage.file, end)
         while first < end:
             base = first - first % mmap.ALLOCATIONGRANULARITY
             length = min(end, base + _WINDOW) - base

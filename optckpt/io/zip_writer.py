@@ -48,7 +48,7 @@ from optckpt.io.outfile import (
     storage_locations,
     write_all,
 )
-from optckpt.io.runs import Files, copy_runs, crc32_runs
+from optckpt.io.runs import Files, copy_runs, crc32_runs, read_runs
 from optckpt.io.unpickle import STORAGE_CLASSES
 from optckpt.locate import KeyPath
 
@@ -463,7 +463,7 @@ def _write_records(
         if size >= _SMALL:
             zipped.add_copied(f"data/{key}", found, size, next(crcs).result, files, progress)
             continue
-        data = b"".join(storage.read(begin, n) for storage, begin, n in found)
+        data = read_runs(found, files)
         zipped.add(f"data/{key}", data)
         if progress is not None and size:
             progress(size)
