@@ -17,6 +17,7 @@ pipeline: a torch tensor (only possible once torch is imported) or a description
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class DescribedStorage:
         start: the offset of its first byte in the file.
         source: the file, memory-mapped (``None`` for an empty storage).
         file: the file's path, for writers that copy the bytes in the kernel.
+        identity: ``file``'s :func:`file_identity` when it was mapped: a writer that opens
+            ``file`` again to copy from it refuses another file put at that path since (a
+            trainer's next checkpoint renamed over it), or the file changed.
     """
 
     key: str
@@ -127,6 +131,7 @@ class DescribedStorage:
     start: int
     source: mmap.mmap | None = field(default=None, repr=False)
     file: Path | None = None
+    identity: tuple[int, ...] | None = None
 
     def nbytes(self) -> int:
         """Its size in bytes, as ``UntypedStorage.nbytes()``."""
@@ -138,6 +143,12 @@ class DescribedStorage:
             raise ValueError(f"storage {self.key}: bytes {offset}..{offset + length} out of range")
         begin = self.start + offset
         return bytes(self.source[begin : begin + length])
+
+
+def file_identity(fd: int) -> tuple[int, ...]:
+    """The open file ``fd`` as it is now: device, inode, size and modification time."""
+    found = os.fstat(fd)
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 @dataclass(eq=False)

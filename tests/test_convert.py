@@ -316,24 +316,57 @@ def test_to_pt_imports_no_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-@pytest.mark.parametrize("cut", ["small", "large"])
-def test_an_input_cut_short_before_it_is_copied_is_refused(
-    suffix: str, cut: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("size", [1000, 300_000])
+def test_an_input_cut_short_while_it_is_copied_is_refused(
+    suffix: str, size: int, tmp_path: Path
 ) -> None:
-    """A file cut short after it was read (another process rewriting it) is an unreadable
-    input, and nothing is left behind; touching its mapping past the new end would kill
-    the process with SIGBUS, leaving the temporary output. A small storage is read in
-    place; a large one is copied in the kernel, checksummed in a second thread."""
+    """A file cut short while it is copied is an unreadable input, and nothing is left
+    behind: reading its mapping past the new end would kill the process with SIGBUS,
+    leaving the temporary output. Small storages are read in place; large ones copied in
+    the kernel, checksummed in a second thread."""
     src = tmp_path / "src.pt"
-    torch.save({"small": torch.ones(1000), "large": torch.ones(300_000)}, src)
-    size = src.stat().st_size
+    torch.save({"a": torch.ones(size), "b": torch.ones(size)}, src)
+
+    def progress(total: int) -> Any:
+        return lambda n: os.truncate(src, min(3000, src.stat().st_size))
+
+    with pytest.raises(UnreadableCheckpointError, match=r"src\.pt: changed while being copied"):
+        convert_checkpoint(src, tmp_path / f"out{suffix}", progress=progress)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("renamed", [True, False])
+def test_an_input_saved_over_after_it_was_read_is_refused(
+    suffix: str, renamed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer saving its next checkpoint over the input after it was read, renamed over
+    it before the copy or saved in place during the copy: the bytes copied from the path
+    would be the new file's under the old tree (a file that loads, with other values), so
+    it is refused, and nothing is left behind."""
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.full((300_000,), 1.0), "b": torch.full((300_000,), 1.0)}, src)
+    saved = []
+
+    def save_next(path: Path) -> None:
+        if not saved:
+            torch.save(
+                {"a": torch.full((300_000,), 2.0), "b": torch.ones(300_000), "step": 2}, path
+            )
+            saved.append(path)
+
     save = Rewrite.save
 
-    def cut_then_save(self: Rewrite, *args: Any) -> None:
-        os.truncate(src, 3000 if cut == "small" else size - 1000)
+    def rename_next_then_save(self: Rewrite, *args: Any) -> None:
+        save_next(tmp_path / "next.pt")
+        os.replace(tmp_path / "next.pt", src)
         save(self, *args)
 
-    monkeypatch.setattr(Rewrite, "save", cut_then_save)
-    with pytest.raises(UnreadableCheckpointError, match=r"src\.pt: changed while being copied"):
-        convert_checkpoint(src, tmp_path / f"out{suffix}")
+    def progress(total: int) -> Any:
+        return lambda n: save_next(src)
+
+    if renamed:
+        monkeypatch.setattr(Rewrite, "save", rename_next_then_save)
+    with pytest.raises(UnreadableCheckpointError, match=r"src\.pt: changed since it was read"):
+        convert_checkpoint(src, tmp_path / f"out{suffix}", progress=progress)
     assert list(tmp_path.iterdir()) == [src]

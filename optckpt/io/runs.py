@@ -4,53 +4,79 @@ A writer of described tensors never makes a tensor: it copies each storage's byt
 file they are in, inside the kernel (``os.copy_file_range``, as ``cp`` does) where it can,
 else with ``os.pread`` in slices. :func:`~optckpt.described.runs` cuts a range of a storage
 into the runs of files it lies in (one, or several for a DCP tensor saved as row chunks,
-:class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them and
-:func:`crc32_runs` checksums them (the torch zip writer needs each record's CRC32) through a
-window of the file mapped at a time, so memory stays flat; :func:`read_runs` reads small ones.
+:class:`~optckpt.described.JoinedStorage`); :func:`copy_runs` copies them,
+:func:`crc32_runs` checksums them (the torch zip writer needs each record's CRC32) one
+buffer at a time, so memory stays flat, and :func:`read_runs` reads small ones.
 
-A file cut short after it was read (another process rewriting it) is reported as
-:class:`~optckpt.errors.UnreadableCheckpointError`: the copy and ``os.pread`` see the short
-file, where touching its mapping past the new end would kill the process (SIGBUS) and leave
-the temporary output behind. (A file cut during the checksum of a mapped window still can.)
+None of them reads a file through a mapping: a file cut short after it was read (another
+process rewriting it) is reported as :class:`~optckpt.errors.UnreadableCheckpointError`,
+where touching a mapping past the new end would kill the process (SIGBUS) and leave the
+temporary output behind.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import DescribedStorage, Run
+from optckpt.described import DescribedStorage, Run, file_identity
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.outfile import write_all
 from optckpt.io.pages import copy_range
 
 _SLICE = 16 * 1024 * 1024  # bytes per write call when not copied in the kernel
-_WINDOW = 64 * 1024 * 1024  # bytes of a file mapped at once to checksum it
 
 
 class Files:
-    """The input files of described storages, each opened once (a context manager)."""
+    """The input files of described storages, each opened once (a context manager).
+
+    A file is opened again by its path to be copied from, so it must still be the file that
+    was read (:attr:`~optckpt.described.DescribedStorage.identity`): one renamed over it
+    since (a trainer saving its next checkpoint) or changed is refused when opened, and one
+    changed while it was copied when the block ends without an error; either would
+    otherwise give a file of the old tree with other bytes.
+    """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._identities: dict[Path, tuple[int, ...]] = {}
 
-    def fd(self, path: Path) -> int:
-        """A read-only descriptor of ``path``, opened on first use."""
+    def fd(self, storage: DescribedStorage) -> int:
+        """A read-only descriptor of ``storage``'s file, opened on first use.
+
+        Raises:
+            UnreadableCheckpointError: the file is not as it was read.
+        """
+        path = storage.file
+        assert path is not None  # a storage read from a file
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
+            if storage.identity is not None:
+                self._identities[path] = storage.identity
+                self._check(path)
         return self._fds[path]
+
+    def _check(self, path: Path) -> None:
+        if file_identity(self._fds[path]) != self._identities[path]:
+            raise UnreadableCheckpointError(
+                f"{path}: changed since it was read (replaced or rewritten); run again"
+            )
 
     def __enter__(self) -> Files:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if kind is None:
+                for path in self._identities:
+                    self._check(path)
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 def _cut_short(path: Path, end: int) -> UnreadableCheckpointError:
@@ -63,7 +89,7 @@ def _read(storage: DescribedStorage, begin: int, nbytes: int, files: Files) -> b
     """``nbytes`` of ``storage`` from byte ``begin``, read from its file (``os.pread``)."""
     if storage.file is None:
         return storage.read(begin, nbytes)
-    fd, at = files.fd(storage.file), storage.start + begin
+    fd, at = files.fd(storage), storage.start + begin
     data = os.pread(fd, nbytes, at)
     while len(data) < nbytes:  # a short read: the rest, or the end of the file
         more = os.pread(fd, nbytes - len(data), at + len(data))
@@ -94,7 +120,7 @@ def copy_runs(
     for storage, begin, nbytes in found:
         done = 0
         if storage.file is not None:
-            done = copy_range(files.fd(storage.file), storage.start + begin, f.fileno(), nbytes)
+            done = copy_range(files.fd(storage), storage.start + begin, f.fileno(), nbytes)
         if progress is not None and done:
             progress(done)
         for start in range(done, nbytes, _SLICE):
@@ -107,33 +133,27 @@ def copy_runs(
 def crc32_runs(found: Sequence[Run], files: Files) -> int:
     """The CRC32 of the bytes of ``found``, one after another (as ``zlib.crc32`` of them).
 
-    A file is read through a read-only mapping of :data:`_WINDOW` bytes at a time, unmapped
-    before the next, so its pages never add up in memory; ``zlib.crc32`` releases the GIL,
-    so this runs beside a copy in another thread. Open the files (:meth:`Files.fd`) in the
-    thread that owns ``files`` first.
+    A file is read (``os.preadv``) into one buffer of at most :data:`_SLICE` bytes, so
+    memory stays flat; ``preadv`` and ``zlib.crc32`` release the GIL, so this runs beside a
+    copy in another thread. Open the files (:meth:`Files.fd`) in the thread that owns
+    ``files`` first.
 
     Raises:
         UnreadableCheckpointError: a file is shorter than when it was read.
     """
     crc = 0
+    buffer = memoryview(bytearray(min(_SLICE, sum(n for _, _, n in found))))
     for storage, begin, nbytes in found:
         if storage.file is None:
             for start in range(0, nbytes, _SLICE):
                 crc = zlib.crc32(storage.read(begin + start, min(_SLICE, nbytes - start)), crc)
             continue
-        fd = files.fd(storage.file)
-        first = storage.start + begin
-        end = first + nbytes
-        if os.fstat(fd).st_size < end:  # else mapping past the end fails, touching it kills
-            raise _cut_short(storage.file, end)
-        while first < end:
-            base = first - first % mmap.ALLOCATIONGRANULARITY
-            length = min(end, base + _WINDOW) - base
-            with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base) as window:
-                view = memoryview(window)
-                piece = view[first - base : length]
-                crc = zlib.crc32(piece, crc)
-                piece.release()
-                view.release()
-            first = base + length
+        fd = files.fd(storage)
+        at, end = storage.start + begin, storage.start + begin + nbytes
+        while at < end:
+            n = os.preadv(fd, [buffer[: end - at]], at)
+            if n == 0:
+                raise _cut_short(storage.file, end)
+            crc = zlib.crc32(buffer[:n], crc)
+            at += n
     return crc

@@ -27,7 +27,13 @@ import mmap
 from pathlib import Path
 from typing import Any
 
-from optckpt.described import DescribedStorage, DescribedTensor, contiguous_strides, dtype_named
+from optckpt.described import (
+    DescribedStorage,
+    DescribedTensor,
+    contiguous_strides,
+    dtype_named,
+    file_identity,
+)
 from optckpt.errors import UnreadableCheckpointError
 from optckpt.io.pickles import Refused, check_tree, scan_pickles
 from optckpt.io.unpickle import (
@@ -41,13 +47,15 @@ from optckpt.io.zip_checks import record_start, zip_records
 from optckpt.locate import KeyPath, tensor_paths
 
 
-def _map(path: Path) -> mmap.mmap | None:
+def _map(path: Path) -> tuple[mmap.mmap | None, tuple[int, ...]]:
+    """The file mapped (``None`` where it cannot be), and its identity then."""
     with path.open("rb") as f:
+        identity = file_identity(f.fileno())
         try:
             # copy-on-write, as torch.load(mmap=True) maps: never written, but torch may view it
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), identity
         except (OSError, ValueError):  # a file system without mmap; an emptied file
-            return None
+            return None, identity
 
 
 def describe_torch_zip(path: Path, placement: dict[KeyPath, str]) -> Any | None:
@@ -69,7 +77,7 @@ def describe_torch_zip(path: Path, placement: dict[KeyPath, str]) -> Any | None:
         return None  # torch refuses it, or allows what this reader does not model
     if records.byteorder not in (None, b"little"):
         return None
-    mapped = _map(path)
+    mapped, identity = _map(path)
     if mapped is None:
         return None
     storages: dict[str, DescribedStorage] = {}
@@ -84,7 +92,9 @@ def describe_torch_zip(path: Path, placement: dict[KeyPath, str]) -> Any | None:
         start = record_start(mapped, 0, info, str(path))
         if start + nbytes > len(mapped):
             raise BadPickle(f"storage {key}: runs past the end of the file")
-        storages[key] = DescribedStorage(key, nbytes, location, start, mapped, path)
+        storages[key] = DescribedStorage(
+            key, nbytes, location, start, mapped, path, identity=identity
+        )
         return storages[key]
 
     try:
@@ -123,7 +133,7 @@ def describe_safetensors(path: Path) -> Any | None:
     ):
         return None
     tensors: dict[str, DescribedTensor] = {}
-    mapped = _map(path) if header else None
+    mapped, identity = _map(path) if header else (None, None)
     if header:
         expected = start + max(entry["data_offsets"][1] for entry in header.values())
         if mapped is None or len(mapped) != expected:
@@ -136,7 +146,9 @@ def describe_safetensors(path: Path) -> Any | None:
         if dtype is None:
             return None
         shape = tuple(entry["shape"])
-        storage = DescribedStorage(name, end - begin, "cpu", start + begin, mapped, path)
+        storage = DescribedStorage(
+            name, end - begin, "cpu", start + begin, mapped, path, identity=identity
+        )
         tensors[name] = DescribedTensor(dtype, shape, contiguous_strides(shape), 0, storage)
     if tree is None:
         return tensors

@@ -457,7 +457,7 @@ def _write_records(
     for found, _ in large:  # opened here, so that the checksum thread only reads
         for storage, _, _ in found:
             if storage.file is not None:
-                files.fd(storage.file)
+                files.fd(storage)
     crcs = iter([pool.submit(crc32_runs, found, files) for found, _ in large])
     for key, found, size in records:
         if size >= _SMALL:

@@ -121,7 +121,15 @@ def _scalar(files: Files, metadata: Metadata, key: str, entry: TensorEntry) -> D
     if record.size != entry.chunks[0].sizes or record.described != entry.described:
         raise _NotModelled(key)  # the torch path says how they differ
     nbytes = record.storage_numel * record.described.itemsize
-    storage = DescribedStorage(record.key, nbytes, "cpu", start, mapped, files.folder / stored.file)
+    storage = DescribedStorage(
+        record.key,
+        nbytes,
+        "cpu",
+        start,
+        mapped,
+        files.folder / stored.file,
+        identity=files.identities[stored.file],
+    )
     return DescribedTensor(record.described, record.size, record.stride, record.offset, storage)
 
 
@@ -156,7 +164,15 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
             raise _NotModelled(key)  # not the storage in order: the torch path copies it
         begin = start + record.offset * record.described.itemsize
         runs.append(
-            DescribedStorage(record.key, size, "cpu", begin, mapped, files.folder / stored.file)
+            DescribedStorage(
+                record.key,
+                size,
+                "cpu",
+                begin,
+                mapped,
+                files.folder / stored.file,
+                identity=files.identities[stored.file],
+            )
         )
     if entry.size and 0 not in entry.size and rows != entry.size[0]:
         raise _NotModelled(key)
@@ -196,7 +212,15 @@ def _value(files: Files, stored: Any, key: str) -> Any:
         if begin + nbytes > entry.start + entry.length:
             raise BadPickle(f"storage {name}: runs past the end of the entry")
         path = files.folder / stored.file
-        storages[name] = DescribedStorage(name, nbytes, location, begin, entry.mapped, path)
+        storages[name] = DescribedStorage(
+            name,
+            nbytes,
+            location,
+            begin,
+            entry.mapped,
+            path,
+            identity=files.identities[stored.file],
+        )
         return storages[name]
 
     try:

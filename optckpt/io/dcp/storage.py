@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optckpt.described import file_identity
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError
 from optckpt.io.dcp.transforms import Decompressed, decompress
 from optckpt.io.dcp.unpickle import (
@@ -112,6 +113,8 @@ class Files:
         # The files mapped so far (what writers and readers may release pages of); one list
         # that grows as files are mapped, so a holder of it sees the later ones too.
         self.mapped: list[Path] = []
+        # Each mapped file's identity then, by name (DescribedStorage.identity).
+        self.identities: dict[str, tuple[int, ...]] = {}
         # Values already loaded, by their pickle: a flattened optimizer saves every
         # hyperparameter once per parameter, mostly the same few values.
         self.values: dict[bytes, Any] = {}
@@ -138,6 +141,7 @@ class Files:
                 f"{self.folder}: {name} is missing (.metadata stores {key} there)"
             )
         with path.open("rb") as f:
+            self.identities[name] = file_identity(f.fileno())
             try:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except ValueError as e:  # an empty file cannot be mapped
