@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from checks import (
+    assert_bitwise_equal,
     assert_same_bits,
     dcp_as_torch_reads_it,
     dcp_save_trained,
@@ -173,3 +174,28 @@ def test_compressed_folder_converts_to_safetensors_through_torch(
     convert_checkpoint(compressed, described)
     convert_checkpoint(compressed, loaded, describe=False)
     assert described.read_bytes() == loaded.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_tensor_in_a_compressed_value_is_written_from_its_decompressed_bytes(
+    fmt: str, tmp_path: Path
+) -> None:
+    """A 0-dim tensor inside a value (a tuple, pickled whole) of a compressed folder is
+    described in the value's decompressed bytes: the torch-free writers read it there, not
+    at the same offset of the file, where the bytes are compressed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    from optckpt.io.dcp.describe import describe_dcp
+    from optckpt.io.read import load_checkpoint
+    from optckpt.io.write import save_checkpoint
+
+    folder = tmp_path / "ckpt"
+    writer = dcp.FileSystemWriter(str(folder), _extensions=[ZStandard()])
+    dcp.save({"extra": (torch.tensor(3.25), "x")}, storage_writer=writer)
+    described = describe_dcp(folder, data=True)
+    assert described is not None
+    out = tmp_path / f"out.{fmt}"
+    save_checkpoint(described.root, out, fmt)
+    reference = dcp_as_torch_reads_it(folder, tmp_path)
+    assert_bitwise_equal(load_checkpoint(out).root["extra"], reference["extra"])

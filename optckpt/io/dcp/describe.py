@@ -211,6 +211,9 @@ def _value(files: Files, stored: Any, key: str) -> Any:
         begin = record_start(entry.mapped, entry.start, info, entry.where)
         if begin + nbytes > entry.start + entry.length:
             raise BadPickle(f"storage {name}: runs past the end of the entry")
+        if stored.transforms:  # decompressed in memory: read there, not at `begin` of the file
+            storages[name] = DescribedStorage(name, nbytes, location, begin, entry.mapped)
+            return storages[name]
         path = files.folder / stored.file
         storages[name] = DescribedStorage(
             name,
