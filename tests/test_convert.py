@@ -11,7 +11,9 @@ import pytest
 import torch
 from checks import (
     assert_bitwise_equal,
+    assert_one_line_error,
     convert_without_torch,
+    run,
     saved_devices,
     torch_zip_bytes,
     trained_adam,
@@ -372,3 +374,21 @@ def test_an_input_saved_over_after_it_was_read_is_refused(
     with pytest.raises(UnreadableCheckpointError, match=rf"src\.pt: changed {changed}"):
         convert_checkpoint(src, tmp_path / f"out{suffix}", progress=progress)
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_sparse_tensors_convert_to_pt_and_are_refused_by_safetensors(tmp_path: Path) -> None:
+    """A sparse tensor has no storage: a .pt keeps it (torch pickles its parts), safetensors
+    cannot hold it (exit 2, nothing written) -- both crashed before (exit 70)."""
+    src = tmp_path / "sparse.pt"
+    tree = {"s": torch.eye(3).to_sparse(), "c": torch.eye(2).to_sparse_csr(), "d": torch.ones(2)}
+    torch.save(tree, src)
+    out = tmp_path / "out.pt"
+    convert_checkpoint(src, out)
+    back = torch.load(out, weights_only=True)
+    assert back["s"].layout == torch.sparse_coo and back["c"].layout == torch.sparse_csr
+    assert torch.equal(back["s"].to_dense(), tree["s"].to_dense())
+    assert torch.equal(back["c"].to_dense(), tree["c"].to_dense())
+    result = run("convert", src, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "cannot store s in safetensors: a sparse_coo tensor")
+    assert not (tmp_path / "out.safetensors").exists()

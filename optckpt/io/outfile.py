@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import DescribedStorage
+from optckpt.described import DescribedStorage, layout_name
 from optckpt.locate import KeyPath, tensor_paths
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ def storage_locations(tree: Any, placement: Mapping[KeyPath, str]) -> dict[Any, 
     """
     found: dict[Any, str] = {}
     for key, tensor in tensor_paths(tree):
-        if tensor.device.type != "cpu":
-            continue
+        if tensor.device.type != "cpu" or layout_name(tensor) != "strided":
+            continue  # a sparse tensor has no storage: torch pickles its parts, where they are
         device = placement.get(key, "cpu")
         storage = tensor.untyped_storage()
         if found.setdefault(storage, device) != device:

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import DType, is_tensor
+from optckpt.described import DType, is_tensor, layout_name
 from optckpt.errors import UnreadableCheckpointError, UsageError
 from optckpt.io.outfile import is_deferred
 from optckpt.io.safetensors_format.header import _kind, _show, corrupt_json, safetensors_dtype
@@ -250,6 +250,11 @@ class _Encoder:
             unique = f"{name}#{n}"
         if is_tensor(value) and value.device.type == "meta":
             raise UsageError(f"cannot store {name}: a meta tensor has no data")
+        if is_tensor(value) and layout_name(value) != "strided":
+            raise UsageError(
+                f"cannot store {name} in safetensors: a {layout_name(value)} tensor "
+                "(safetensors holds dense tensors; write a .pt file)"
+            )
         if safetensors_dtype(value.dtype) is None:
             raise UsageError(f"cannot store {name}: safetensors has no {value.dtype}")
         # made contiguous on the CPU only when written (_stored), one at a time
