@@ -266,19 +266,24 @@ def local_header(name: bytes, offset: int, size: int) -> bytes:
     """The local header of a stored record at ``offset`` in the file: miniz's with the data
     descriptor flag (CRC and sizes after the data), ZIP64 fields where ``size`` or
     ``offset`` reaches 4 GiB, and torch's ``FB`` padding to 64-byte aligned data."""
-    zip64 = b""
-    if size >= _ZIP64_AT:  # the compressed size is miniz's 0 here (the descriptor has it)
-        zip64 += struct.pack("<QQ", size, 0)
-    if offset >= _ZIP64_AT:
-        zip64 += struct.pack("<Q", offset)
-    if zip64:
-        zip64 = struct.pack("<HH", 1, len(zip64)) + zip64
+    zip64 = _zip64(size, 0, offset)  # the compressed size is miniz's 0 (the descriptor has it)
     start = offset + 30 + len(name) + len(zip64) + 4
     padding = -start % ALIGNMENT
     extra = zip64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
     head = struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, _flags(size), 0, 0, 0, 0, 0, 0, len(name),
                        len(extra))  # fmt: skip
     return head + name + extra
+
+
+def _zip64(size: int, compressed: int, offset: int) -> bytes:
+    """The ZIP64 extra field of a record whose ``size`` or ``offset`` reaches 4 GiB (its
+    sizes, then its offset, each only where it does), or nothing."""
+    fields = b""
+    if size >= _ZIP64_AT:
+        fields += struct.pack("<QQ", size, compressed)
+    if offset >= _ZIP64_AT:
+        fields += struct.pack("<Q", offset)
+    return struct.pack("<HH", 1, len(fields)) + fields if fields else b""
 
 
 def _flags(size: int) -> int:
@@ -298,13 +303,7 @@ def descriptor(crc: int, offset: int, size: int) -> bytes:
 
 def central_entry(name: bytes, crc: int, offset: int, size: int) -> bytes:
     """A record's entry in the central directory."""
-    zip64 = b""
-    if size >= _ZIP64_AT:
-        zip64 += struct.pack("<QQ", size, size)
-    if offset >= _ZIP64_AT:
-        zip64 += struct.pack("<Q", offset)
-    if zip64:
-        zip64 = struct.pack("<HH", 1, len(zip64)) + zip64
+    zip64 = _zip64(size, size, offset)
     size32 = min(size, _ZIP64_AT)
     offset32 = min(offset, _ZIP64_AT)
     head = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, _flags(size), 0, 0, 0, crc, size32,
