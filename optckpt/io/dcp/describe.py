@@ -121,15 +121,7 @@ def _scalar(files: Files, metadata: Metadata, key: str, entry: TensorEntry) -> D
     if record.size != entry.chunks[0].sizes or record.described != entry.described:
         raise _NotModelled(key)  # the torch path says how they differ
     nbytes = record.storage_numel * record.described.itemsize
-    storage = DescribedStorage(
-        record.key,
-        nbytes,
-        "cpu",
-        start,
-        mapped,
-        files.folder / stored.file,
-        identity=files.identities[stored.file],
-    )
+    storage = files.described(stored, record.key, nbytes, "cpu", start, mapped)
     return DescribedTensor(record.described, record.size, record.stride, record.offset, storage)
 
 
@@ -163,17 +155,7 @@ def _in_place(files: Files, metadata: Metadata, key: str, entry: TensorEntry) ->
         ):
             raise _NotModelled(key)  # not the storage in order: the torch path copies it
         begin = start + record.offset * record.described.itemsize
-        runs.append(
-            DescribedStorage(
-                record.key,
-                size,
-                "cpu",
-                begin,
-                mapped,
-                files.folder / stored.file,
-                identity=files.identities[stored.file],
-            )
-        )
+        runs.append(files.described(stored, record.key, size, "cpu", begin, mapped))
     if entry.size and 0 not in entry.size and rows != entry.size[0]:
         raise _NotModelled(key)
     if len(runs) == 1:
@@ -211,19 +193,7 @@ def _value(files: Files, stored: Any, key: str) -> Any:
         begin = record_start(entry.mapped, entry.start, info, entry.where)
         if begin + nbytes > entry.start + entry.length:
             raise BadPickle(f"storage {name}: runs past the end of the entry")
-        if stored.transforms:  # decompressed in memory: read there, not at `begin` of the file
-            storages[name] = DescribedStorage(name, nbytes, location, begin, entry.mapped)
-            return storages[name]
-        path = files.folder / stored.file
-        storages[name] = DescribedStorage(
-            name,
-            nbytes,
-            location,
-            begin,
-            entry.mapped,
-            path,
-            identity=files.identities[stored.file],
-        )
+        storages[name] = files.described(stored, name, nbytes, location, begin, entry.mapped)
         return storages[name]
 
     try:

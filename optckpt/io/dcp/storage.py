@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optckpt.described import file_identity
+from optckpt.described import DescribedStorage, file_identity
 from optckpt.errors import UnreadableCheckpointError, UnsafeCheckpointError
 from optckpt.io.dcp.transforms import Decompressed, decompress
 from optckpt.io.dcp.unpickle import (
@@ -169,6 +169,18 @@ class Files:
             decompressed, length = decompress(raw, stored, where)
             return decompressed, 0, length
         return mapped, stored.offset, stored.length
+
+    def described(
+        self, stored: Stored, key: str, nbytes: int, location: str, begin: int, mapped: Any
+    ) -> DescribedStorage:
+        """A storage of ``nbytes`` at ``begin`` of ``mapped`` (what :meth:`window` gave for
+        ``stored``). An uncompressed entry's also names its file and the file's identity
+        when mapped, for writers that copy from the file; a compressed one's bytes are only
+        in memory, decompressed."""
+        if stored.transforms:
+            return DescribedStorage(key, nbytes, location, begin, mapped)
+        path, identity = self.folder / stored.file, self.identities[stored.file]
+        return DescribedStorage(key, nbytes, location, begin, mapped, path, identity=identity)
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` from file ``name`` (already mapped) at ``offset``: one copy from
