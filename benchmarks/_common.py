@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -175,13 +176,18 @@ class Command:
         return max(self.rss)
 
 
-# Runs argv[2:] with stdout on /dev/null and writes "wall maxrss_kib cpu_s exit_code" to
+# Runs argv[3:] with stdout on /dev/null and writes "wall maxrss_kib cpu_s exit_code" to
 # argv[1]. A separate small process, because a child's ru_maxrss starts from the RSS of the
 # process it was forked from (Linux carries the pre-exec high-water mark over exec): forked
 # from this script, which has imported torch, every command would report this script's RSS.
+# Before the clock starts it maps, faults in and unmaps argv[2] bytes of memory (see
+# run_once's ``prime``).
 LAUNCHER = """
-import os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
+import mmap, os, sys, time
+out, prime, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if prime:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    mmap.mmap(-1, prime, flags=flags).close()
 null = os.open(os.devnull, os.O_WRONLY)
 start = time.perf_counter()
 pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, null, 1)])
@@ -192,15 +198,21 @@ with open(out, "w") as f:
 """
 
 
-def run_once(argv: list[str]) -> tuple[float, int, float]:
+def run_once(argv: list[str], *, prime: int = 0) -> tuple[float, int, float]:
     """Run ``argv`` in a fresh process; return wall seconds, its peak RSS (bytes), CPU seconds.
 
     A tiny launcher process spawns the command and reads its rusage with ``os.wait4``, so the
     peak RSS is that one command's own, and the wall time excludes the launcher's start-up.
+
+    ``prime``: bytes of memory the launcher faults in and frees just before the clock starts,
+    so that the first ``prime`` bytes of new memory the command takes (page cache for what it
+    writes, mostly) are pages the hypervisor already backs, whatever ran before (see
+    :func:`reported_mib`). Bounded by half of ``MemAvailable``.
     """
+    prime = min(prime, available_memory() // 2)
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as result:
         done = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", LAUNCHER, result.name, *argv],
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, result.name, str(prime), *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             check=False,
@@ -212,6 +224,33 @@ def run_once(argv: list[str]) -> tuple[float, int, float]:
         )
     wall, rss_kib, cpu = float(fields[0]), int(fields[1]), float(fields[2])
     return wall, rss_kib * 1024, cpu
+
+
+def available_memory() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# Free page reporting (virtio-balloon): the guest hands free memory back to the hypervisor
+# a second or more after it is freed; touching such a page again costs a fault on the host.
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def reported_mib() -> float:
+    """MiB of free memory this guest has handed back to its hypervisor so far (free page
+    reporting), or 0 where the kernel does not say. On the project's VMs, a 3 GB copy into
+    pages handed back this way took 4-6 s instead of 0.5 s: the difference between two
+    commands can be which of them found such pages."""
+    try:
+        return int(REPORTED_KIB.read_text()) / 1024
+    except (OSError, ValueError):
+        return 0.0
 
 
 def drop_caches() -> bool:
@@ -325,25 +364,38 @@ def checkpoint(path: Path, params: float) -> Path:
 
 
 def measure(
-    cmds: list[Command], repeats: int, *, warm: list[Path], imports: str, cold: bool = False
+    cmds: list[Command],
+    repeats: int,
+    *,
+    warm: list[Path],
+    imports: str,
+    cold: bool = False,
+    prime: int = 0,
 ) -> None:
-    """Run every command ``repeats`` times, round-robin, recording each run into its Command.
+    """Run every command ``repeats`` times, recording each run into its Command.
 
-    Round-robin, so a burst of load from other processes hits every command alike. Warm (the
-    default): the ``warm`` files are read and ``python -c "import <imports>"`` run once
-    first, so every command finds them cached; ``cold``: the page cache is dropped before
-    every run instead. After each run its outputs (files or folders) are deleted and the file
-    system synced, untimed, so no command pays for an earlier one's write-back.
+    Every round runs each command once, in an order shuffled afresh each round (seeded, so
+    a rerun repeats it): a burst of load from other processes hits every command alike, and
+    no command always follows the same one (what ran just before changes which memory and
+    disk state a command starts from). Warm (the default): the ``warm`` files are read and
+    ``python -c "import <imports>"`` run once first, so every command finds them cached;
+    ``cold``: the page cache is dropped before every run instead. After each run its outputs
+    (files or folders) are deleted and the file system synced, untimed, so no command pays
+    for an earlier one's write-back. ``prime``: see :func:`run_once` (the size of the largest
+    output, for a benchmark whose commands write files).
     """
     if not cold:
         for path in warm:
             warm_read(path)
         run_once([sys.executable, "-c", f"import {imports}"])
+    order = random.Random(17)
     for r in range(repeats):
-        for c in cmds:
+        for c in order.sample(cmds, len(cmds)):
             if cold:
                 drop_caches()
-            wall, rss, cpu = run_once(c.argv)
+            before = reported_mib()
+            wall, rss, cpu = run_once(c.argv, prime=prime)
+            handed_back = reported_mib() - before
             c.record(wall, rss, cpu)
             for o in c.outputs:
                 if o.is_dir():
@@ -352,7 +404,8 @@ def measure(
                     o.unlink(missing_ok=True)
             os.sync()
             print(
-                f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s wall, {cpu:.2f}s CPU, {mb(rss)}",
+                f"[{r + 1}/{repeats}] {c.label}: {wall:.2f}s wall, {cpu:.2f}s CPU, {mb(rss)}, "
+                f"load {os.getloadavg()[0]:.2f}, {handed_back:.0f} MiB handed back meanwhile",
                 file=sys.stderr,
             )
 

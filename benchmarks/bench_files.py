@@ -28,12 +28,17 @@ Targets (issue 17): ``convert`` within 1.15x the wall time of ``cp && sync OUT``
 ``cp && sync OUT``; and peak RSS well below the file size, taken here as at most 1/4 of it.
 Each ratio divides medians of the same run.
 
-Commands run round-robin (every command once, then again), so a burst of load from other
-processes hits all of them alike; CPU time (user + sys) is reported beside wall time because
-it is much less affected by such load. After every run its output is deleted and the file
-system synced (untimed), so no command pays for an earlier one's write-back. The page cache
-is warm by default (the inputs are read once before timing); ``--cold`` drops it before every
-run instead (needs root).
+Every round runs each command once, in a fresh seeded shuffle, so a burst of load from other
+processes hits all of them alike and no command always follows the same one; CPU time (user
++ sys) is reported beside wall time because it is much less affected by such load. After
+every run its output is deleted and the file system synced (untimed), so no command pays for
+an earlier one's write-back. Just before each run (untimed) the launcher faults in and frees
+1.1x the checkpoint's size of memory, so every command writes into pages the hypervisor
+backs: on a VM with free page reporting, memory freed a second or more earlier has been
+handed back to the host, and a 3 GB copy into such pages took 4-6 s instead of 0.5 s, which
+decided the ratios before (see benchmarks/README.md, issue 17). The page cache is warm by
+default (the inputs are read once before timing); ``--cold`` drops it before every run
+instead (needs root).
 
 Usage::
 
@@ -289,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 warm=[ckpt, copy, st],
                 imports="torch, safetensors, optckpt.cli.app",
                 cold=args.cold,
+                prime=size + size // 10,
             )
         finally:
             shutil.rmtree(out, ignore_errors=True)
