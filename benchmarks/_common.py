@@ -180,14 +180,18 @@ class Command:
 # argv[1]. A separate small process, because a child's ru_maxrss starts from the RSS of the
 # process it was forked from (Linux carries the pre-exec high-water mark over exec): forked
 # from this script, which has imported torch, every command would report this script's RSS.
-# Before the clock starts it maps, faults in and unmaps argv[2] bytes of memory (see
-# run_once's ``prime``).
+# Before the clock starts, a child of it maps, faults in and unmaps argv[2] bytes of memory
+# (see run_once's ``prime``).
 LAUNCHER = """
 import mmap, os, sys, time
 out, prime, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-if prime:
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    mmap.mmap(-1, prime, flags=flags).close()
+if prime:  # in a child of its own: the command's ru_maxrss would start from this one's
+    child = os.fork()
+    if child == 0:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        mmap.mmap(-1, prime, flags=flags).close()
+        os._exit(0)
+    os.waitpid(child, 0)
 null = os.open(os.devnull, os.O_WRONLY)
 start = time.perf_counter()
 pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, null, 1)])
@@ -207,9 +211,10 @@ def run_once(argv: list[str], *, prime: int = 0) -> tuple[float, int, float]:
     ``prime``: bytes of memory the launcher faults in and frees just before the clock starts,
     so that the first ``prime`` bytes of new memory the command takes (page cache for what it
     writes, mostly) are pages the hypervisor already backs, whatever ran before (see
-    :func:`reported_mib`). Bounded by half of ``MemAvailable``.
+    :func:`reported_mib`). Bounded by ``MemFree`` less 512 MiB, so that it never evicts
+    cached inputs.
     """
-    prime = min(prime, available_memory() // 2)
+    prime = max(0, min(prime, free_memory() - (512 << 20)))
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as result:
         done = subprocess.run(
             [sys.executable, "-I", "-S", "-c", LAUNCHER, result.name, str(prime), *argv],
@@ -226,11 +231,11 @@ def run_once(argv: list[str], *, prime: int = 0) -> tuple[float, int, float]:
     return wall, rss_kib * 1024, cpu
 
 
-def available_memory() -> int:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where there is none)."""
+def free_memory() -> int:
+    """``MemFree`` of ``/proc/meminfo`` in bytes (0 where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith("MemFree:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

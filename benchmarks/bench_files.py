@@ -33,10 +33,10 @@ processes hits all of them alike and no command always follows the same one; CPU
 + sys) is reported beside wall time because it is much less affected by such load. After
 every run its output is deleted and the file system synced (untimed), so no command pays for
 an earlier one's write-back. Just before each run (untimed) the launcher faults in and frees
-1.1x the checkpoint's size of memory, so every command writes into pages the hypervisor
-backs: on a VM with free page reporting, memory freed a second or more earlier has been
-handed back to the host, and a 3 GB copy into such pages took 4-6 s instead of 0.5 s, which
-decided the ratios before (see benchmarks/README.md, issue 17). The page cache is warm by
+1.1x the checkpoint's size of memory (at most the free memory), so every command writes into
+pages the hypervisor backs: on a VM with free page reporting, memory freed a second or more
+earlier has been handed back to the host, and faulting 3 GiB of it back in took 4-6 s
+instead of 0.5 s (see benchmarks/README.md, issue 17). The page cache is warm by
 default (the inputs are read once before timing); ``--cold`` drops it before every run
 instead (needs root).
 
