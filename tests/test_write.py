@@ -489,3 +489,27 @@ def test_write_behind_uses_fsync_where_there_is_no_fdatasync(
     save_checkpoint(tree, out, "safetensors")
     assert len(flushed) >= 2  # the write-behind's, then the final one
     assert torch.equal(read_safetensors(out)["w"], tree["w"])
+
+
+def test_the_c_library_is_found_without_running_ldconfig(monkeypatch: pytest.MonkeyPatch) -> None:
+    """madvise and malloc_trim come from the symbols the interpreter already has:
+    ctypes.util.find_library runs ldconfig, a process per command (Linux, glibc)."""
+    import ctypes.util
+    import sys
+
+    from optckpt.io import pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the C library's own symbols: glibc on Linux")
+
+    def no_ldconfig(name: str) -> None:
+        raise AssertionError("find_library runs ldconfig")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_ldconfig)
+    for cached in (pages._libc_function, pages._madvise, pages._malloc_trim):
+        cached.cache_clear()
+    try:
+        assert pages._madvise() is not None and pages._malloc_trim() is not None
+    finally:
+        for cached in (pages._libc_function, pages._madvise, pages._malloc_trim):
+            cached.cache_clear()

@@ -29,12 +29,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @cache
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if name is None or not os.path.exists("/proc/self/maps"):
+def _libc_function(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The C library's function ``name``, or ``None``: looked up among the symbols the
+    interpreter already has (``dlopen(NULL)``: no ``ldconfig`` run, which
+    ``ctypes.util.find_library`` spawns), else in the library found by name."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        pass
+    found = ctypes.util.find_library("c")
+    if found is None:
         return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    func = libc.madvise
+    return getattr(ctypes.CDLL(found, use_errno=True), name, None)
+
+
+@cache
+def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    func = _libc_function("madvise")
+    if func is None or not os.path.exists("/proc/self/maps"):
+        return None
     func.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     func.restype = ctypes.c_int
     return func
@@ -75,10 +88,7 @@ def _mappings(paths: set[str]) -> list[FileMapping]:
 
 @cache
 def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    func = getattr(ctypes.CDLL(name), "malloc_trim", None)  # glibc only
+    func = _libc_function("malloc_trim")  # glibc only
     if func is not None:
         func.argtypes = [ctypes.c_size_t]
         func.restype = ctypes.c_int
