@@ -376,6 +376,7 @@ def test_an_input_saved_over_after_it_was_read_is_refused(
     assert list(tmp_path.iterdir()) == [src]
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_sparse_tensors_convert_to_pt_and_are_refused_by_safetensors(tmp_path: Path) -> None:
     """A sparse tensor has no storage: a .pt keeps it (torch pickles its parts), safetensors
     cannot hold it (exit 2, nothing written) -- both crashed before (exit 70)."""
