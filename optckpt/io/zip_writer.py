@@ -286,6 +286,11 @@ def _zip64(size: int, compressed: int, offset: int) -> bytes:
     return struct.pack("<HH", 1, len(fields)) + fields if fields else b""
 
 
+def _name(record: str) -> bytes:
+    """A record's name in the zip: in the folder :data:`ARCHIVE`."""
+    return f"{ARCHIVE}/{record}".encode()
+
+
 def _flags(size: int) -> int:
     """UTF-8 names; a data descriptor after the data, but for an empty record (miniz's)."""
     return 0x0808 if size else 0x0800
@@ -347,17 +352,16 @@ class ZipWriter:
         self._f = f
         self._at = 0
         self._pending = bytearray()
-        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, offset, size
+        self._entries: list[tuple[str, int, int, int]] = []  # record, crc, offset, size
 
-    def _begin(self, record: str, size: int) -> tuple[bytes, int]:
-        name = f"{ARCHIVE}/{record}".encode()
+    def _begin(self, record: str, size: int) -> int:
         offset = self._at
-        self._write(local_header(name, offset, size))
-        return name, offset
+        self._write(local_header(_name(record), offset, size))
+        return offset
 
-    def _end(self, name: bytes, crc: int, offset: int, size: int) -> None:
+    def _end(self, record: str, crc: int, offset: int, size: int) -> None:
         self._write(descriptor(crc, offset, size))
-        self._entries.append((name, crc, offset, size))
+        self._entries.append((record, crc, offset, size))
 
     def _write(self, data: bytes) -> None:
         self._pending += data
@@ -371,9 +375,9 @@ class ZipWriter:
 
     def add(self, record: str, data: bytes) -> None:
         """Append a record of ``data``."""
-        name, offset = self._begin(record, len(data))
+        offset = self._begin(record, len(data))
         self._write(data)
-        self._end(name, zlib.crc32(data), offset, len(data))
+        self._end(record, zlib.crc32(data), offset, len(data))
 
     def add_copied(
         self, record: str, found: list[Run], size: int, crc: Callable[[], int],
@@ -381,19 +385,22 @@ class ZipWriter:
     ) -> None:  # fmt: skip
         """Append a record of the bytes of ``found`` (``size`` in all), copied from their
         files; ``crc`` gives their CRC32 once they are copied."""
-        name, offset = self._begin(record, size)
+        offset = self._begin(record, size)
         self._flush()
         copy_runs(found, self._f, files, progress)
         self._at += size
-        self._end(name, crc(), offset, size)
+        self._end(record, crc(), offset, size)
 
     def finish(self) -> None:
         """Append ``version`` and ``.data/serialization_id``, then the central directory."""
         self.add("version", _VERSION.encode())
-        names = [(n.decode().removeprefix(f"{ARCHIVE}/"), c) for n, c, _, _ in self._entries]
+        names = [(record, crc) for record, crc, _, _ in self._entries]
         self.add(".data/serialization_id", serialization_id(names).encode())
         directory = self._at
-        listing = b"".join(central_entry(*entry) for entry in self._entries)
+        listing = b"".join(
+            central_entry(_name(record), crc, offset, size)
+            for record, crc, offset, size in self._entries
+        )
         self._write(listing + end_records(len(self._entries), directory, len(listing)))
         self._flush()
 
